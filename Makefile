@@ -1,0 +1,47 @@
+# skipdit_fast: `make demo` and `make test` set everything up on a fresh machine
+# (project-local virtual environment, native build) and skip what is already done.
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+DEPS_STAMP := $(VENV)/.deps-stamp
+NATIVE_SOURCES := $(shell find csrc tools -type f) CMakeLists.txt setup.py pyproject.toml
+PYTEST_ARGS ?=
+
+.PHONY: all venv build demo test test-fast bench gpu-check info clean
+
+all: test
+
+$(DEPS_STAMP): requirements.txt requirements-test.txt
+	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --upgrade pip
+	$(PY) -m pip install -r requirements.txt -r requirements-test.txt
+	@touch $@
+
+venv: $(DEPS_STAMP)
+
+# The editable install builds skipdit_fast/_C.so through CMake (incremental).
+skipdit_fast/_C.so: $(DEPS_STAMP) $(NATIVE_SOURCES)
+	$(PY) -m pip install --no-build-isolation --no-deps -e .
+	@touch $@
+
+build: skipdit_fast/_C.so
+
+info: build
+	$(PY) -m skipdit_fast info
+
+demo: build
+	$(PY) -m skipdit_fast demo
+
+test: build
+	$(PY) -m pytest $(PYTEST_ARGS)
+
+bench: build
+	$(PY) -m skipdit_fast bench --json bench/results/cpu-latest.json
+
+# On a machine with an NVIDIA GPU and no network (DESIGN.md 5.5): build for the
+# device's arch with the Python that is there, GPU tests, sanitizer, benchmarks.
+gpu-check:
+	bash tools/gpu_check.sh
+
+clean:
+	rm -rf build skipdit_fast/_C.so skipdit_fast/_C.ptxas.txt

@@ -1,0 +1,155 @@
+// Autograd kernels of the native ops, in C++ so that a call that needs no gradient
+// pays no Python on its way to the device kernel. Each forward redispatches below
+// autograd (to the CPU or CUDA kernel); each backward calls the matching *_backward
+// op, which dispatches by device the same way.
+#include <ATen/core/dispatch/Dispatcher.h>
+#include <torch/csrc/autograd/custom_function.h>
+#include <torch/library.h>
+
+#include "ops.h"
+
+namespace skipdit {
+namespace {
+
+using torch::autograd::AutogradContext;
+using torch::autograd::variable_list;
+
+template <typename Sig>
+c10::TypedOperatorHandle<Sig> op_handle(const char* name) {
+  return c10::Dispatcher::singleton().findSchemaOrThrow(name, "").typed<Sig>();
+}
+
+using SkipFuseSig = at::Tensor(const at::Tensor&, const at::Tensor&, const at::Tensor&,
+                               const at::Tensor&, const at::Tensor&,
+                               const std::optional<at::Tensor>&, double);
+using SkipFuseBwdSig = std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor,
+                                  at::Tensor>(const at::Tensor&, const at::Tensor&,
+                                              const at::Tensor&, const at::Tensor&,
+                                              const at::Tensor&, const at::Tensor&,
+                                              const std::optional<at::Tensor>&, double);
+
+class SkipFuseFunction : public torch::autograd::Function<SkipFuseFunction> {
+ public:
+  static at::Tensor forward(AutogradContext* ctx, const at::Tensor& x, const at::Tensor& skip,
+                            const at::Tensor& norm_weight, const at::Tensor& norm_bias,
+                            const at::Tensor& weight, const std::optional<at::Tensor>& bias,
+                            double eps) {
+    at::AutoDispatchBelowADInplaceOrView guard;
+    static auto fwd = op_handle<SkipFuseSig>("skipdit::skip_fuse");
+    auto y = fwd.call(x, skip, norm_weight, norm_bias, weight, bias, eps);
+    ctx->save_for_backward({x, skip, norm_weight, norm_bias, weight,
+                            bias.has_value() ? *bias : at::Tensor()});
+    ctx->saved_data["eps"] = eps;
+    return y;
+  }
+
+  static variable_list backward(AutogradContext* ctx, variable_list grads) {
+    static auto bwd = op_handle<SkipFuseBwdSig>("skipdit::skip_fuse_backward");
+    auto s = ctx->get_saved_variables();
+    std::optional<at::Tensor> bias;
+    if (s[5].defined()) bias = s[5];
+    auto g = grads[0].defined() ? grads[0]
+                                : at::zeros(skip_fuse_out_shape(s[0], s[4].size(0)), s[0].options());
+    auto [dx, dskip, dnw, dnb, dw, db] =
+        bwd.call(g, s[0], s[1], s[2], s[3], s[4], bias, ctx->saved_data["eps"].toDouble());
+    return {dx, dskip, dnw, dnb, dw, bias.has_value() ? db : at::Tensor(), at::Tensor()};
+  }
+};
+
+at::Tensor skip_fuse_autograd(const at::Tensor& x, const at::Tensor& skip,
+                              const at::Tensor& norm_weight, const at::Tensor& norm_bias,
+                              const at::Tensor& weight, const std::optional<at::Tensor>& bias,
+                              double eps) {
+  return SkipFuseFunction::apply(x, skip, norm_weight, norm_bias, weight, bias, eps);
+}
+
+using AttnFwdSig = std::tuple<at::Tensor, at::Tensor>(const at::Tensor&, const at::Tensor&,
+                                                      const at::Tensor&, double);
+using AttnBwdSig = std::tuple<at::Tensor, at::Tensor, at::Tensor>(
+    const at::Tensor&, const at::Tensor&, const at::Tensor&, const at::Tensor&,
+    const at::Tensor&, const at::Tensor&, double);
+
+class AttentionFunction : public torch::autograd::Function<AttentionFunction> {
+ public:
+  static variable_list forward(AutogradContext* ctx, const at::Tensor& q, const at::Tensor& k,
+                               const at::Tensor& v, double scale) {
+    at::AutoDispatchBelowADInplaceOrView guard;
+    static auto fwd = op_handle<AttnFwdSig>("skipdit::attention_forward");
+    auto [out, lse] = fwd.call(q, k, v, scale);
+    ctx->save_for_backward({q, k, v, out, lse});
+    ctx->saved_data["scale"] = scale;
+    ctx->mark_non_differentiable({lse});
+    return {out, lse};
+  }
+
+  static variable_list backward(AutogradContext* ctx, variable_list grads) {
+    static auto bwd = op_handle<AttnBwdSig>("skipdit::attention_backward");
+    auto s = ctx->get_saved_variables();
+    auto g = grads[0].defined() ? grads[0] : at::zeros_like(s[3]);
+    auto [dq, dk, dv] = bwd.call(g, s[0], s[1], s[2], s[3], s[4],
+                                 ctx->saved_data["scale"].toDouble());
+    return {dq, dk, dv, at::Tensor()};
+  }
+};
+
+std::tuple<at::Tensor, at::Tensor> attention_forward_autograd(const at::Tensor& q,
+                                                              const at::Tensor& k,
+                                                              const at::Tensor& v, double scale) {
+  auto r = AttentionFunction::apply(q, k, v, scale);
+  return {r[0], r[1]};
+}
+
+// attention() is composite: it resolves the default scale, then calls
+// attention_forward (which carries the autograd) and drops the log-sum-exp.
+at::Tensor attention_composite(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+                               std::optional<double> scale) {
+  static auto fwd = op_handle<AttnFwdSig>("skipdit::attention_forward");
+  // The head dim fixes the default scale; under symbolic shapes this specializes it.
+  const int64_t dh = q.dim() == 4 ? q.sym_size(3).guard_int(__FILE__, __LINE__) : 0;
+  const double s = scale.has_value() ? *scale : 1.0 / std::sqrt(static_cast<double>(dh > 0 ? dh : 1));
+  return std::get<0>(fwd.call(q, k, v, s));
+}
+
+using CacheDeltaSig = at::Tensor(const at::Tensor&, const at::Tensor&);
+
+class CacheDeltaFunction : public torch::autograd::Function<CacheDeltaFunction> {
+ public:
+  static at::Tensor forward(AutogradContext* ctx, const at::Tensor& a, const at::Tensor& b) {
+    at::AutoDispatchBelowADInplaceOrView guard;
+    static auto op = op_handle<CacheDeltaSig>("skipdit::cache_delta");
+    ctx->save_for_backward({a, b});
+    return op.call(a, b);
+  }
+
+  // r = A / S with A = sum|a - b|, S = sum|b|:
+  // dr/da = sign(a - b) / S;  dr/db = -sign(a - b) / S - A / S^2 * sign(b).
+  static variable_list backward(AutogradContext* ctx, variable_list grads) {
+    auto s = ctx->get_saved_variables();
+    const auto acc = s[0].scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
+    auto a = s[0].to(acc), b = s[1].to(acc);
+    auto diff_sign = (a - b).sign();
+    auto S = b.abs().sum();
+    auto A = (a - b).abs().sum();
+    auto g = grads[0].to(acc);
+    auto da = diff_sign * (g / S);
+    auto db = -da - b.sign() * (g * A / (S * S));
+    return {da.to(s[0].scalar_type()), db.to(s[1].scalar_type())};
+  }
+};
+
+at::Tensor cache_delta_autograd(const at::Tensor& a, const at::Tensor& b) {
+  return CacheDeltaFunction::apply(a, b);
+}
+
+}  // namespace
+}  // namespace skipdit
+
+TORCH_LIBRARY_IMPL(skipdit, Autograd, m) {
+  m.impl("skip_fuse", &skipdit::skip_fuse_autograd);
+  m.impl("attention_forward", &skipdit::attention_forward_autograd);
+  m.impl("cache_delta", &skipdit::cache_delta_autograd);
+}
+
+TORCH_LIBRARY_IMPL(skipdit, CompositeImplicitAutograd, m) {
+  m.impl("attention", &skipdit::attention_composite);
+}

@@ -1,0 +1,103 @@
+// Shared argument checks and helpers for the skipdit ops (CPU and CUDA).
+//
+// Checks raise c10 errors that reach Python as ValueError / TypeError /
+// RuntimeError with a message naming the op and the argument, never a crash.
+#pragma once
+
+#include <ATen/ATen.h>
+#include <c10/util/Exception.h>
+
+#include <cmath>
+#include <optional>
+#include <string>
+
+namespace skipdit {
+
+// Testing aid (DESIGN.md section 4): when on, every output a kernel allocates is
+// filled with NaN first, so elements a kernel fails to write show up in tests.
+// Set through torch.ops.skipdit._set_poison_outputs.
+bool& poison_outputs_flag();
+
+inline at::Tensor new_output(at::IntArrayRef sizes, const at::TensorOptions& options) {
+  auto t = at::empty(sizes, options);
+  if (poison_outputs_flag() && at::isFloatingType(t.scalar_type())) t.fill_(NAN);
+  return t;
+}
+
+inline bool is_16bit(at::ScalarType t) {
+  return t == at::kHalf || t == at::kBFloat16;
+}
+
+// Accumulation dtype of DESIGN.md: fp32 for 16-bit inputs, else the input dtype.
+inline at::ScalarType acc_type(at::ScalarType t) {
+  return is_16bit(t) ? at::kFloat : t;
+}
+
+inline void check_float_dtype(const char* op, const char* name, const at::Tensor& t) {
+  auto s = t.scalar_type();
+  TORCH_CHECK_TYPE(s == at::kFloat || s == at::kHalf || s == at::kBFloat16 || s == at::kDouble,
+                   op, ": ", name, " must be float16, bfloat16, float32 or float64, got ", s);
+}
+
+inline void check_last_dim_contiguous(const char* op, const char* name, const at::Tensor& t) {
+  TORCH_CHECK_VALUE(t.dim() >= 1, op, ": ", name, " must have at least one dimension");
+  TORCH_CHECK_VALUE(t.stride(-1) == 1 || t.size(-1) == 1, op, ": ", name,
+                    " must have a contiguous last dimension (stride 1), got stride ", t.stride(-1));
+}
+
+inline void check_nonempty(const char* op, const char* name, const at::Tensor& t) {
+  TORCH_CHECK_VALUE(t.numel() > 0, op, ": ", name, " is empty (shape ", t.sizes(), ")");
+}
+
+inline void check_same_device(const char* op, const at::Tensor& ref, const char* name,
+                              const at::Tensor& t) {
+  TORCH_CHECK_VALUE(t.device() == ref.device(), op, ": all tensors must be on one device; ",
+                    name, " is on ", t.device(), " but the first input is on ", ref.device());
+}
+
+// Row view of a tensor whose last dim is contiguous and whose leading dims have
+// arbitrary strides: row r starts at data + offset(r). Leading dims that can be
+// collapsed into one stride take the fast path.
+struct RowIndexer {
+  int64_t rows = 0;
+  int ndim = 0;              // number of leading dims after collapsing
+  int64_t sizes[8] = {0};    // leading sizes, innermost last
+  int64_t strides[8] = {0};  // element strides
+
+  explicit RowIndexer(const at::Tensor& t) {
+    const int lead = static_cast<int>(t.dim()) - 1;
+    rows = 1;
+    int64_t cs[16], cst[16];
+    int n = 0;
+    for (int d = 0; d < lead; ++d) {
+      rows *= t.size(d);
+      if (t.size(d) == 1) continue;
+      if (n > 0 && cst[n - 1] == t.stride(d) * t.size(d)) {
+        cs[n - 1] *= t.size(d);
+        cst[n - 1] = t.stride(d);
+      } else {
+        cs[n] = t.size(d);
+        cst[n] = t.stride(d);
+        ++n;
+      }
+    }
+    TORCH_CHECK_VALUE(n <= 8, "tensor with more than 8 non-collapsible leading dims");
+    ndim = n;
+    for (int i = 0; i < n; ++i) {
+      sizes[i] = cs[i];
+      strides[i] = cst[i];
+    }
+  }
+  inline int64_t offset(int64_t r) const {
+    if (ndim == 0) return 0;
+    if (ndim == 1) return r * strides[0];
+    int64_t off = 0;
+    for (int i = ndim - 1; i >= 0; --i) {
+      off += (r % sizes[i]) * strides[i];
+      r /= sizes[i];
+    }
+    return off;
+  }
+};
+
+}  // namespace skipdit

@@ -1,0 +1,60 @@
+// cache_delta on the CPU: sum|a - b| / sum|b| in one parallel pass over the rows of
+// a and b (last dim contiguous, leading dims strided), accumulated in double.
+#include <ATen/ATen.h>
+#include <ATen/Parallel.h>
+#include <torch/library.h>
+
+#include "common.h"
+#include "ops.h"
+
+namespace skipdit {
+namespace {
+
+struct Sums {
+  double diff = 0;
+  double ref = 0;
+};
+
+template <typename scalar_t>
+Sums cache_delta_sums(const at::Tensor& a, const at::Tensor& b) {
+  RowIndexer ai(a), bi(b);
+  const int64_t D = a.size(-1);
+  const scalar_t* ap = a.const_data_ptr<scalar_t>();
+  const scalar_t* bp = b.const_data_ptr<scalar_t>();
+  return at::parallel_reduce(
+      int64_t{0}, ai.rows, std::max<int64_t>(1, 32768 / D), Sums{},
+      [&](int64_t r0, int64_t r1, Sums acc) {
+        for (int64_t r = r0; r < r1; ++r) {
+          const scalar_t* ar = ap + ai.offset(r);
+          const scalar_t* br = bp + bi.offset(r);
+          double d = 0, s = 0;
+          for (int64_t j = 0; j < D; ++j) {
+            const double bv = static_cast<double>(br[j]);
+            d += std::abs(static_cast<double>(ar[j]) - bv);
+            s += std::abs(bv);
+          }
+          acc.diff += d;
+          acc.ref += s;
+        }
+        return acc;
+      },
+      [](Sums x, Sums y) { return Sums{x.diff + y.diff, x.ref + y.ref}; });
+}
+
+at::Tensor cache_delta_cpu(const at::Tensor& a, const at::Tensor& b) {
+  check_cache_delta("skipdit::cache_delta", a, b);
+  Sums s;
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, a.scalar_type(), "cache_delta_cpu",
+                                  [&] { s = cache_delta_sums<scalar_t>(a, b); });
+  const auto out_t = a.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
+  auto out = new_output({}, a.options().dtype(out_t));
+  out.fill_(s.diff / s.ref);
+  return out;
+}
+
+}  // namespace
+}  // namespace skipdit
+
+TORCH_LIBRARY_IMPL(skipdit, CPU, m) {
+  m.impl("cache_delta", &skipdit::cache_delta_cpu);
+}

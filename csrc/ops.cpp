@@ -1,0 +1,176 @@
+// Op schemas of the skipdit library: one definition per op, here only.
+//
+// Each native op has kernels for CPU (csrc/cpu) and, when built with CUDA,
+// CUDA (csrc/cuda); autograd kernels live in autograd.cpp, fake (meta) kernels in
+// skipdit_fast/_fake.py. The *_triton ops share the native schemas and get their
+// implementations from skipdit_fast/kernels (Triton) at import time.
+#include "ops.h"
+
+#include <torch/library.h>
+
+#include "common.h"
+
+namespace skipdit {
+
+bool& poison_outputs_flag() {
+  static bool flag = false;
+  return flag;
+}
+
+SkipFuseShape check_skip_fuse(const char* op, const at::Tensor& x, const at::Tensor& skip,
+                              const at::Tensor& norm_weight, const at::Tensor& norm_bias,
+                              const at::Tensor& weight, const std::optional<at::Tensor>& bias,
+                              double eps) {
+  TORCH_CHECK_VALUE(std::isfinite(eps) && eps >= 0, op, ": eps must be finite and >= 0, got ", eps);
+  check_float_dtype(op, "x", x);
+  check_last_dim_contiguous(op, "x", x);
+  check_last_dim_contiguous(op, "skip", skip);
+  check_nonempty(op, "x", x);
+  TORCH_CHECK_VALUE(skip.sizes() == x.sizes(), op, ": skip must have the shape of x ", x.sizes(),
+                    ", got ", skip.sizes());
+  TORCH_CHECK_TYPE(skip.scalar_type() == x.scalar_type(), op, ": skip dtype ", skip.scalar_type(),
+                   " differs from x dtype ", x.scalar_type());
+  const int64_t D = x.size(-1);
+  TORCH_CHECK_VALUE(norm_weight.dim() == 1 && norm_weight.size(0) == 2 * D, op,
+                    ": norm_weight must have shape [2*D] = [", 2 * D, "], got ", norm_weight.sizes());
+  TORCH_CHECK_VALUE(norm_bias.dim() == 1 && norm_bias.size(0) == 2 * D, op,
+                    ": norm_bias must have shape [2*D] = [", 2 * D, "], got ", norm_bias.sizes());
+  for (const auto* p : {&norm_weight, &norm_bias}) {
+    TORCH_CHECK_TYPE(p->scalar_type() == x.scalar_type() || p->scalar_type() == at::kFloat, op,
+                     ": norm parameters must be float32 or the dtype of x (", x.scalar_type(),
+                     "), got ", p->scalar_type());
+  }
+  TORCH_CHECK_TYPE(norm_weight.scalar_type() == norm_bias.scalar_type(), op,
+                   ": norm_weight and norm_bias must share a dtype, got ",
+                   norm_weight.scalar_type(), " and ", norm_bias.scalar_type());
+  TORCH_CHECK_VALUE(weight.dim() == 2 && weight.size(1) == 2 * D, op,
+                    ": weight must have shape [D_out, 2*D] = [D_out, ", 2 * D, "], got ",
+                    weight.sizes());
+  TORCH_CHECK_TYPE(weight.scalar_type() == x.scalar_type(), op, ": weight dtype ",
+                   weight.scalar_type(), " differs from x dtype ", x.scalar_type());
+  TORCH_CHECK_VALUE(weight.numel() > 0, op, ": weight is empty (shape ", weight.sizes(), ")");
+  check_last_dim_contiguous(op, "weight", weight);
+  check_same_device(op, x, "skip", skip);
+  check_same_device(op, x, "norm_weight", norm_weight);
+  check_same_device(op, x, "norm_bias", norm_bias);
+  check_same_device(op, x, "weight", weight);
+  const int64_t D_out = weight.size(0);
+  if (bias.has_value()) {
+    const auto& b = *bias;
+    TORCH_CHECK_VALUE(b.dim() == 1 && b.size(0) == D_out, op, ": bias must have shape [D_out] = [",
+                      D_out, "], got ", b.sizes());
+    TORCH_CHECK_TYPE(b.scalar_type() == weight.scalar_type(), op, ": bias dtype ", b.scalar_type(),
+                     " differs from weight dtype ", weight.scalar_type());
+    check_same_device(op, x, "bias", b);
+  }
+  return {x.numel() / D, D, D_out};
+}
+
+double check_attention(const char* op, const at::Tensor& q, const at::Tensor& k,
+                       const at::Tensor& v, std::optional<double> scale) {
+  check_float_dtype(op, "q", q);
+  for (const auto& [name, t] : {std::pair<const char*, const at::Tensor*>{"q", &q}, {"k", &k}, {"v", &v}}) {
+    TORCH_CHECK_VALUE(t->dim() == 4, op, ": ", name, " must be 4-D [B, N, H, Dh] (BSHD), got shape ",
+                      t->sizes());
+    check_last_dim_contiguous(op, name, *t);
+    check_nonempty(op, name, *t);
+    TORCH_CHECK_TYPE(t->scalar_type() == q.scalar_type(), op, ": ", name, " dtype ",
+                     t->scalar_type(), " differs from q dtype ", q.scalar_type());
+    check_same_device(op, q, name, *t);
+  }
+  TORCH_CHECK_VALUE(k.sizes() == v.sizes(), op, ": k and v must have one shape, got ", k.sizes(),
+                    " and ", v.sizes());
+  TORCH_CHECK_VALUE(q.size(0) == k.size(0) && q.size(2) == k.size(2) && q.size(3) == k.size(3), op,
+                    ": q ", q.sizes(), " and k ", k.sizes(), " must agree in batch, heads and head dim");
+  const int64_t dh = q.size(3);
+  TORCH_CHECK_VALUE(dh % 8 == 0 && dh <= 256, op,
+                    ": head dim must be a multiple of 8 up to 256, got ", dh);
+  double s = scale.has_value() ? *scale : 1.0 / std::sqrt(static_cast<double>(dh));
+  TORCH_CHECK_VALUE(std::isfinite(s), op, ": scale must be finite, got ", s);
+  return s;
+}
+
+void check_cache_delta(const char* op, const at::Tensor& a, const at::Tensor& b) {
+  check_float_dtype(op, "a", a);
+  check_last_dim_contiguous(op, "a", a);
+  check_last_dim_contiguous(op, "b", b);
+  check_nonempty(op, "a", a);
+  TORCH_CHECK_VALUE(a.sizes() == b.sizes(), op, ": a and b must have one shape, got ", a.sizes(),
+                    " and ", b.sizes());
+  TORCH_CHECK_TYPE(a.scalar_type() == b.scalar_type(), op, ": a dtype ", a.scalar_type(),
+                   " differs from b dtype ", b.scalar_type());
+  check_same_device(op, a, "b", b);
+}
+
+namespace {
+
+std::string build_info() {
+  std::string s = "{\"torch\": \"" SKIPDIT_TORCH_VERSION "\"";
+#ifdef SKIPDIT_WITH_CUDA
+  s += ", \"cuda\": \"" SKIPDIT_CUDA_COMPILER_VERSION "\", \"cuda_archs\": \"" SKIPDIT_CUDA_ARCHS "\"";
+#else
+  s += ", \"cuda\": null, \"cuda_archs\": \"\"";
+#endif
+#if defined(__clang__)
+  s += ", \"cxx\": \"clang " __clang_version__ "\"";
+#elif defined(__GNUC__)
+  s += ", \"cxx\": \"gcc " __VERSION__ "\"";
+#endif
+#ifdef _OPENMP
+  s += ", \"openmp\": true";
+#else
+  s += ", \"openmp\": false";
+#endif
+  s += "}";
+  return s;
+}
+
+}  // namespace
+}  // namespace skipdit
+
+#define SKIPDIT_SKIP_FUSE_ARGS \
+  "(Tensor x, Tensor skip, Tensor norm_weight, Tensor norm_bias, Tensor weight, Tensor? bias, float eps=1e-06)"
+#define SKIPDIT_SKIP_FUSE_BWD_ARGS                                                                 \
+  "(Tensor grad_out, Tensor x, Tensor skip, Tensor norm_weight, Tensor norm_bias, Tensor weight, " \
+  "Tensor? bias, float eps) -> (Tensor grad_x, Tensor grad_skip, Tensor grad_norm_weight, "        \
+  "Tensor grad_norm_bias, Tensor grad_weight, Tensor grad_bias)"
+#define SKIPDIT_ATTN_FWD_ARGS "(Tensor q, Tensor k, Tensor v, float scale) -> (Tensor out, Tensor lse)"
+#define SKIPDIT_ATTN_BWD_ARGS                                                                 \
+  "(Tensor grad_out, Tensor q, Tensor k, Tensor v, Tensor out, Tensor lse, float scale) -> " \
+  "(Tensor grad_q, Tensor grad_k, Tensor grad_v)"
+
+TORCH_LIBRARY(skipdit, m) {
+  // Fake kernels for torch.compile are registered from this Python module.
+  m.set_python_module("skipdit_fast._fake");
+  // Native ops: CPU (and CUDA) kernels in C++, autograd in autograd.cpp.
+  // y = linear(layer_norm(cat([x, skip], -1)), weight, bias); see DESIGN.md section 2.
+  m.def("skip_fuse" SKIPDIT_SKIP_FUSE_ARGS " -> Tensor");
+  // Gradients of skip_fuse. grad_bias is empty when bias is None.
+  m.def("skip_fuse_backward" SKIPDIT_SKIP_FUSE_BWD_ARGS);
+  // o = softmax(q @ k^T * scale) @ v per (batch, head); BSHD layout.
+  m.def("attention(Tensor q, Tensor k, Tensor v, float? scale=None) -> Tensor");
+  // Forward that also returns the row log-sum-exp (natural log, [B, H, Nq], fp32
+  // or fp64) for the backward.
+  m.def("attention_forward" SKIPDIT_ATTN_FWD_ARGS);
+  m.def("attention_backward" SKIPDIT_ATTN_BWD_ARGS);
+  // sum|a - b| / sum|b| as a 0-d fp32 tensor (fp64 for fp64 inputs).
+  m.def("cache_delta(Tensor a, Tensor b) -> Tensor");
+  // JSON: what this library was built against and for.
+  m.def("build_info() -> str");
+  m.impl("build_info", [] { return skipdit::build_info(); });
+  // Testing aid: fill every kernel output with NaN before the kernel writes it.
+  m.def("_set_poison_outputs(bool on) -> bool");
+  m.impl("_set_poison_outputs", [](bool on) {
+    bool prev = skipdit::poison_outputs_flag();
+    skipdit::poison_outputs_flag() = on;
+    return prev;
+  });
+
+  // Triton backend: the same contracts, implemented in skipdit_fast/kernels.
+  m.def("skip_fuse_triton" SKIPDIT_SKIP_FUSE_ARGS " -> Tensor");
+  m.def("skip_fuse_backward_triton" SKIPDIT_SKIP_FUSE_BWD_ARGS);
+  m.def("attention_triton(Tensor q, Tensor k, Tensor v, float? scale=None) -> Tensor");
+  m.def("attention_forward_triton" SKIPDIT_ATTN_FWD_ARGS);
+  m.def("attention_backward_triton" SKIPDIT_ATTN_BWD_ARGS);
+  m.def("cache_delta_triton(Tensor a, Tensor b) -> Tensor");
+}

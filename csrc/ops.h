@@ -1,0 +1,38 @@
+// Declarations shared by the op schemas (ops.cpp), the autograd kernels
+// (autograd.cpp) and the device kernels (cpu/, cuda/).
+#pragma once
+
+#include <ATen/ATen.h>
+
+#include <optional>
+#include <tuple>
+
+namespace skipdit {
+
+// Sizes of a skip_fuse call: M rows of width D (x and skip each), D_out outputs.
+struct SkipFuseShape {
+  int64_t M;
+  int64_t D;
+  int64_t D_out;
+};
+
+// Validates skip_fuse arguments (DESIGN.md section 2) and returns the sizes.
+SkipFuseShape check_skip_fuse(const char* op, const at::Tensor& x, const at::Tensor& skip,
+                              const at::Tensor& norm_weight, const at::Tensor& norm_bias,
+                              const at::Tensor& weight, const std::optional<at::Tensor>& bias,
+                              double eps);
+
+// Validates attention arguments; returns the softmax scale to use.
+double check_attention(const char* op, const at::Tensor& q, const at::Tensor& k,
+                       const at::Tensor& v, std::optional<double> scale);
+
+void check_cache_delta(const char* op, const at::Tensor& a, const at::Tensor& b);
+
+// Output shape of skip_fuse: x's leading dims + D_out.
+inline std::vector<int64_t> skip_fuse_out_shape(const at::Tensor& x, int64_t d_out) {
+  std::vector<int64_t> s(x.sizes().begin(), x.sizes().end());
+  s.back() = d_out;
+  return s;
+}
+
+}  // namespace skipdit

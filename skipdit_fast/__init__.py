@@ -1,0 +1,27 @@
+"""skipdit_fast: fast kernels, Skip-DiT models and Skip-Cache for Diffusion
+Transformers with long-skip connections (Skip-DiT, arXiv 2411.17616)."""
+
+from __future__ import annotations
+
+__version__ = "0.1.0"
+
+from . import _lib
+
+_lib._load()
+if _lib.available():
+    from . import _fake, _triton_ops
+
+    _fake.register()
+    _triton_ops.register()
+
+from . import ops, reference  # noqa: E402
+from .backends import BackendError, get_backend, set_backend, use_backend  # noqa: E402
+
+__all__ = [
+    "BackendError",
+    "get_backend",
+    "ops",
+    "reference",
+    "set_backend",
+    "use_backend",
+]

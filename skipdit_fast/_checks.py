@@ -1,0 +1,114 @@
+"""Argument checks shared by the Python-side implementations (reference, Triton
+launchers, fake kernels). They mirror csrc/ops.cpp so that every backend rejects bad
+input with the same ValueError / TypeError."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+
+
+def acc_dtype(dtype: torch.dtype) -> torch.dtype:
+    """DESIGN.md: fp32 for 16-bit inputs, else the input dtype."""
+    return torch.float32 if dtype in (torch.float16, torch.bfloat16) else dtype
+
+
+def _float(op, name, t):
+    if t.dtype not in FLOAT_DTYPES:
+        raise TypeError(f"{op}: {name} must be float16, bfloat16, float32 or float64, got {t.dtype}")
+
+
+def _last_contig(op, name, t):
+    if t.dim() < 1:
+        raise ValueError(f"{op}: {name} must have at least one dimension")
+    if t.stride(-1) != 1 and t.size(-1) != 1:
+        raise ValueError(f"{op}: {name} must have a contiguous last dimension (stride 1), got stride {t.stride(-1)}")
+
+
+def _nonempty(op, name, t):
+    if t.numel() == 0:
+        raise ValueError(f"{op}: {name} is empty (shape {list(t.shape)})")
+
+
+def _same_device(op, ref, name, t):
+    if t.device != ref.device:
+        raise ValueError(f"{op}: all tensors must be on one device; {name} is on {t.device} "
+                         f"but the first input is on {ref.device}")
+
+
+def check_skip_fuse(op, x, skip, norm_weight, norm_bias, weight, bias, eps):
+    """Returns (M, D, D_out)."""
+    if not (math.isfinite(eps) and eps >= 0):
+        raise ValueError(f"{op}: eps must be finite and >= 0, got {eps}")
+    _float(op, "x", x)
+    _last_contig(op, "x", x)
+    _last_contig(op, "skip", skip)
+    _nonempty(op, "x", x)
+    if skip.shape != x.shape:
+        raise ValueError(f"{op}: skip must have the shape of x {list(x.shape)}, got {list(skip.shape)}")
+    if skip.dtype != x.dtype:
+        raise TypeError(f"{op}: skip dtype {skip.dtype} differs from x dtype {x.dtype}")
+    D = x.shape[-1]
+    for name, p in (("norm_weight", norm_weight), ("norm_bias", norm_bias)):
+        if p.dim() != 1 or p.shape[0] != 2 * D:
+            raise ValueError(f"{op}: {name} must have shape [2*D] = [{2 * D}], got {list(p.shape)}")
+        if p.dtype not in (x.dtype, torch.float32):
+            raise TypeError(f"{op}: norm parameters must be float32 or the dtype of x ({x.dtype}), got {p.dtype}")
+    if norm_weight.dtype != norm_bias.dtype:
+        raise TypeError(f"{op}: norm_weight and norm_bias must share a dtype, got "
+                        f"{norm_weight.dtype} and {norm_bias.dtype}")
+    if weight.dim() != 2 or weight.shape[1] != 2 * D:
+        raise ValueError(f"{op}: weight must have shape [D_out, 2*D] = [D_out, {2 * D}], got {list(weight.shape)}")
+    if weight.dtype != x.dtype:
+        raise TypeError(f"{op}: weight dtype {weight.dtype} differs from x dtype {x.dtype}")
+    _nonempty(op, "weight", weight)
+    _last_contig(op, "weight", weight)
+    for name, t in (("skip", skip), ("norm_weight", norm_weight), ("norm_bias", norm_bias), ("weight", weight)):
+        _same_device(op, x, name, t)
+    D_out = weight.shape[0]
+    if bias is not None:
+        if bias.dim() != 1 or bias.shape[0] != D_out:
+            raise ValueError(f"{op}: bias must have shape [D_out] = [{D_out}], got {list(bias.shape)}")
+        if bias.dtype != weight.dtype:
+            raise TypeError(f"{op}: bias dtype {bias.dtype} differs from weight dtype {weight.dtype}")
+        _same_device(op, x, "bias", bias)
+    return x.numel() // D, D, D_out
+
+
+def check_attention(op, q, k, v, scale):
+    """Returns the softmax scale to use."""
+    _float(op, "q", q)
+    for name, t in (("q", q), ("k", k), ("v", v)):
+        if t.dim() != 4:
+            raise ValueError(f"{op}: {name} must be 4-D [B, N, H, Dh] (BSHD), got shape {list(t.shape)}")
+        _last_contig(op, name, t)
+        _nonempty(op, name, t)
+        if t.dtype != q.dtype:
+            raise TypeError(f"{op}: {name} dtype {t.dtype} differs from q dtype {q.dtype}")
+        _same_device(op, q, name, t)
+    if k.shape != v.shape:
+        raise ValueError(f"{op}: k and v must have one shape, got {list(k.shape)} and {list(v.shape)}")
+    if q.shape[0] != k.shape[0] or q.shape[2] != k.shape[2] or q.shape[3] != k.shape[3]:
+        raise ValueError(f"{op}: q {list(q.shape)} and k {list(k.shape)} must agree in batch, heads and head dim")
+    dh = q.shape[3]
+    if dh % 8 != 0 or dh > 256:
+        raise ValueError(f"{op}: head dim must be a multiple of 8 up to 256, got {dh}")
+    s = dh ** -0.5 if scale is None else float(scale)
+    if not math.isfinite(s):
+        raise ValueError(f"{op}: scale must be finite, got {s}")
+    return s
+
+
+def check_cache_delta(op, a, b):
+    _float(op, "a", a)
+    _last_contig(op, "a", a)
+    _last_contig(op, "b", b)
+    _nonempty(op, "a", a)
+    if a.shape != b.shape:
+        raise ValueError(f"{op}: a and b must have one shape, got {list(a.shape)} and {list(b.shape)}")
+    if a.dtype != b.dtype:
+        raise TypeError(f"{op}: a dtype {a.dtype} differs from b dtype {b.dtype}")
+    _same_device(op, a, "b", b)

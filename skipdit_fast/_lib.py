@@ -1,0 +1,128 @@
+"""Loads the native library skipdit_fast/_C.so and says why when it cannot.
+
+The library registers the torch.ops.skipdit.* schemas and the C++ CPU (and CUDA)
+kernels. It is a plain libtorch shared library, loaded with torch.ops.load_library.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from functools import lru_cache
+
+import torch
+
+_HERE = os.path.dirname(os.path.abspath(__file__))
+LIBRARY_PATH = os.path.join(_HERE, "_C.so")
+PTXAS_REPORT_PATH = os.path.join(_HERE, "_C.ptxas.txt")
+
+_load_error: str | None = None
+_loaded = False
+
+
+def _load() -> None:
+    global _load_error, _loaded
+    if _loaded or _load_error is not None:
+        return
+    if hasattr(torch.ops, "skipdit") and hasattr(torch.ops.skipdit, "build_info"):
+        _loaded = True  # loaded by someone else (e.g. torch.ops.load_library by hand)
+        return
+    if not os.path.exists(LIBRARY_PATH):
+        _load_error = (
+            f"{LIBRARY_PATH} does not exist: the native library was not built. Install with "
+            "`pip install --no-build-isolation .` (or `make build` in a checkout)."
+        )
+        return
+    try:
+        torch.ops.load_library(LIBRARY_PATH)
+    except (OSError, RuntimeError) as e:  # undefined symbols, wrong torch, ...
+        _load_error = f"loading {LIBRARY_PATH} failed: {e}"
+        info = _read_build_info_from_file()
+        if info and info.get("torch") and info["torch"] != torch.__version__:
+            _load_error += (
+                f" (it was built against torch {info['torch']}, this is torch "
+                f"{torch.__version__}: rebuild it)"
+            )
+        return
+    _loaded = True
+    info = build_info()
+    if info.get("torch") and info["torch"].split("+")[0] != torch.__version__.split("+")[0]:
+        _load_error = (
+            f"{LIBRARY_PATH} was built against torch {info['torch']} but this is torch "
+            f"{torch.__version__}: rebuild it (`pip install --no-build-isolation .`)."
+        )
+        _loaded = False
+
+
+def _read_build_info_from_file() -> dict | None:
+    try:
+        with open(LIBRARY_PATH, "rb") as f:
+            data = f.read()
+    except OSError:
+        return None
+    i = data.find(b'{"torch": "')
+    if i < 0:
+        return None
+    j = data.find(b"}", i)
+    try:
+        return json.loads(data[i : j + 1].decode())
+    except (ValueError, UnicodeDecodeError):
+        return None
+
+
+def available() -> bool:
+    _load()
+    return _loaded
+
+
+def load_error() -> str | None:
+    _load()
+    return _load_error
+
+
+@lru_cache(maxsize=None)
+def build_info() -> dict:
+    """What the library was built against and for: torch, CUDA, archs, compiler."""
+    if not _loaded:
+        return {}
+    return json.loads(torch.ops.skipdit.build_info())
+
+
+def has_kernel(op: str, dispatch_key: str) -> bool:
+    """Whether the library registered a kernel for skipdit::<op> under dispatch_key."""
+    if not available():
+        return False
+    return torch._C._dispatch_has_kernel_for_dispatch_key(f"skipdit::{op}", dispatch_key)
+
+
+def ptxas_report() -> list[dict]:
+    """Per-kernel resource usage from ptxas (registers, spills), as built."""
+    if not os.path.exists(PTXAS_REPORT_PATH):
+        return []
+    with open(PTXAS_REPORT_PATH) as f:
+        return parse_ptxas(f.read())
+
+
+def parse_ptxas(text: str) -> list[dict]:
+    """Parses `ptxas -v` output into one record per (kernel, arch)."""
+    import re
+
+    out: list[dict] = []
+    cur: dict | None = None
+    for line in text.splitlines():
+        m = re.search(r"Compiling entry function '([^']+)' for '(sm_\w+)'", line)
+        if m:
+            cur = {"kernel": m.group(1), "arch": m.group(2), "registers": None,
+                   "spill_stores": None, "spill_loads": None, "stack": None}
+            out.append(cur)
+            continue
+        if cur is None:
+            continue
+        m = re.search(r"(\d+) bytes stack frame, (\d+) bytes spill stores, (\d+) bytes spill loads", line)
+        if m:
+            cur["stack"], cur["spill_stores"], cur["spill_loads"] = map(int, m.groups())
+            continue
+        m = re.search(r"Used (\d+) registers", line)
+        if m:
+            cur["registers"] = int(m.group(1))
+    return out

@@ -1,0 +1,37 @@
+"""Testing aids used by the test suite and the GPU check."""
+
+from __future__ import annotations
+
+import contextlib
+from typing import Iterator
+
+import torch
+
+_POISON = [False]
+
+
+def poisoning() -> bool:
+    return _POISON[0]
+
+
+def new_output(shape, *, dtype, device) -> torch.Tensor:
+    """torch.empty, filled with NaN while poison_outputs() is active: Python-side
+    launchers (Triton) allocate their outputs through this."""
+    t = torch.empty(shape, dtype=dtype, device=device)
+    if _POISON[0] and t.is_floating_point():
+        t.fill_(float("nan"))
+    return t
+
+
+@contextlib.contextmanager
+def poison_outputs(on: bool = True) -> Iterator[None]:
+    """Fill every kernel output with NaN before the kernel writes it (C++, CUDA and
+    Triton kernels), so that unwritten elements show up as NaN."""
+    prev_py = _POISON[0]
+    _POISON[0] = on
+    prev_c = torch.ops.skipdit._set_poison_outputs(on)
+    try:
+        yield
+    finally:
+        _POISON[0] = prev_py
+        torch.ops.skipdit._set_poison_outputs(prev_c)

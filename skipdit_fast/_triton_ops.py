@@ -1,0 +1,140 @@
+"""Registers the Triton kernels (skipdit_fast.kernels) as the implementations of the
+torch.ops.skipdit.*_triton ops, whose schemas csrc/ops.cpp defines, and their autograd.
+
+Registration is cheap: triton and the kernel modules are imported on the first call.
+The ops get a CUDA kernel; when TRITON_INTERPRET=1 (tests without a GPU) they also get
+a CPU kernel that runs the same Triton code in Triton's interpreter.
+"""
+
+from __future__ import annotations
+
+import importlib
+import importlib.util
+import os
+
+import torch
+
+# registered op (without the _triton suffix) -> (kernel module, launcher function).
+# An op missing here has no Triton kernel yet.
+TRITON_KERNELS: dict[str, tuple[str, str]] = {
+    "cache_delta": ("skipdit_fast.kernels.cache_delta", "cache_delta"),
+}
+
+# public op -> (forward op, backward op or None)
+OP_PARTS = {
+    "skip_fuse": ("skip_fuse", "skip_fuse_backward"),
+    "attention": ("attention_forward", "attention_backward"),
+    "cache_delta": ("cache_delta", None),
+}
+
+
+def interpreting() -> bool:
+    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+def triton_missing_reason() -> str | None:
+    if importlib.util.find_spec("triton") is None:
+        return "triton is not installed"
+    return None
+
+
+def implemented(op: str) -> bool:
+    """Whether the public op has a Triton forward kernel."""
+    return OP_PARTS[op][0] in TRITON_KERNELS
+
+
+def backward_implemented(op: str) -> bool:
+    bwd = OP_PARTS[op][1]
+    return op == "cache_delta" or (bwd is not None and bwd in TRITON_KERNELS)
+
+
+def _lazy(name: str):
+    mod, fn = TRITON_KERNELS[name]
+    cache = {}
+
+    def impl(*args):
+        f = cache.get("f")
+        if f is None:
+            f = cache["f"] = getattr(importlib.import_module(mod), fn)
+        return f(*args)
+
+    impl.__name__ = f"{name}_triton"
+    return impl
+
+
+# --- autograd of the Triton ops -------------------------------------------------
+
+def _skip_fuse_setup(ctx, inputs, output):
+    x, skip, nw, nb, w, bias, eps = inputs
+    ctx.save_for_backward(x, skip, nw, nb, w, bias)
+    ctx.eps = eps
+
+
+def _skip_fuse_backward(ctx, grad):
+    x, skip, nw, nb, w, bias = ctx.saved_tensors
+    dx, dskip, dnw, dnb, dw, db = torch.ops.skipdit.skip_fuse_backward_triton(
+        grad, x, skip, nw, nb, w, bias, ctx.eps)
+    return dx, dskip, dnw, dnb, dw, (db if bias is not None else None), None
+
+
+def _attention_setup(ctx, inputs, output):
+    q, k, v, scale = inputs
+    out, lse = output
+    ctx.save_for_backward(q, k, v, out, lse)
+    ctx.scale = scale
+    ctx.mark_non_differentiable(lse)
+
+
+def _attention_backward(ctx, grad_out, grad_lse):
+    q, k, v, out, lse = ctx.saved_tensors
+    dq, dk, dv = torch.ops.skipdit.attention_backward_triton(grad_out, q, k, v, out, lse, ctx.scale)
+    return dq, dk, dv, None
+
+
+def _cache_delta_setup(ctx, inputs, output):
+    ctx.save_for_backward(*inputs)
+
+
+def _cache_delta_backward(ctx, grad):
+    # r = A / S: dr/da = sign(a - b) / S; dr/db = -sign(a - b) / S - A / S^2 sign(b)
+    a, b = ctx.saved_tensors
+    acc = torch.float64 if a.dtype == torch.float64 else torch.float32
+    af, bf = a.to(acc), b.to(acc)
+    S = bf.abs().sum()
+    A = (af - bf).abs().sum()
+    g = grad.to(acc)
+    da = (af - bf).sign() * (g / S)
+    db = -da - bf.sign() * (g * A / (S * S))
+    return da.to(a.dtype), db.to(b.dtype)
+
+
+_AUTOGRAD = {
+    "skip_fuse": (_skip_fuse_backward, _skip_fuse_setup),
+    "attention_forward": (_attention_backward, _attention_setup),
+    "cache_delta": (_cache_delta_backward, _cache_delta_setup),
+}
+
+
+def _attention_composite(q, k, v, scale=None):
+    s = q.shape[-1] ** -0.5 if scale is None else scale
+    return torch.ops.skipdit.attention_forward_triton(q, k, v, s)[0]
+
+
+_lib: torch.library.Library | None = None
+
+
+def register() -> None:
+    """Attach the Triton kernels that exist to their ops (idempotent)."""
+    global _lib
+    if _lib is not None or triton_missing_reason() is not None:
+        return
+    _lib = torch.library.Library("skipdit", "IMPL")
+    keys = ["CUDA"] + (["CPU"] if interpreting() else [])
+    for name in TRITON_KERNELS:
+        for key in keys:
+            _lib.impl(f"{name}_triton", _lazy(name), key)
+    for name, (bwd, setup) in _AUTOGRAD.items():
+        if name in TRITON_KERNELS:
+            torch.library.register_autograd(f"skipdit::{name}_triton", bwd, setup_context=setup)
+    if "attention_forward" in TRITON_KERNELS:
+        _lib.impl("attention_triton", _attention_composite, "CompositeImplicitAutograd")

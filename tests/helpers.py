@@ -1,0 +1,58 @@
+"""Shared test utilities: DESIGN.md section 4 input families and error budget."""
+
+from __future__ import annotations
+
+import torch
+
+from skipdit_fast import _triton_ops
+
+# DESIGN.md section 4: every op test draws fresh inputs from these families.
+FAMILIES = ("normal", "offset10", "offset1000", "outlier")
+
+
+def rows(shape, family: str, dtype=torch.float32, device="cpu", scale: float = 1.0) -> torch.Tensor:
+    """Random activations of `shape` (last dim = channels) from one input family:
+    normal: N(0, 1); offset10 / offset1000: each row shifted by 10 / 1000 std;
+    outlier: one channel (fixed per tensor) at 500 std. Drawn in fp64, then cast."""
+    t = torch.randn(shape, dtype=torch.float64) * scale
+    if family == "offset10":
+        t += 10 * scale * (1 + 0.1 * torch.randn(*shape[:-1], 1, dtype=torch.float64))
+    elif family == "offset1000":
+        t += 1000 * scale * (1 + 0.1 * torch.randn(*shape[:-1], 1, dtype=torch.float64))
+    elif family == "outlier":
+        c = int(torch.randint(0, shape[-1], ()).item())
+        t[..., c] = 500 * scale * torch.sign(torch.randn(shape[:-1], dtype=torch.float64))
+    elif family != "normal":
+        raise ValueError(family)
+    return t.to(dtype=dtype, device=device)
+
+
+def strided_like(t: torch.Tensor, pad: int = 24) -> torch.Tensor:
+    """The same values as t, as a view whose leading stride is padded (last dim
+    contiguous, leading dims not), e.g. a slice of a fused projection output."""
+    D = t.shape[-1]
+    big = torch.full((*t.shape[:-1], D + pad), float("nan"), dtype=t.dtype, device=t.device)
+    big[..., :D] = t
+    return big[..., :D]
+
+
+def max_err(a: torch.Tensor, b: torch.Tensor) -> float:
+    return (a.double() - b.double()).abs().max().item()
+
+
+def assert_budget(out: torch.Tensor, ref_lowp: torch.Tensor, truth: torch.Tensor, *,
+                  atol: float, factor: float = 2.0, what: str = "") -> None:
+    """The flash-attn rule (DESIGN.md section 4): the kernel's error against fp64
+    truth is at most `factor` x the error of the reference run in the same dtype,
+    plus atol. NaN anywhere fails."""
+    assert out.shape == truth.shape, f"{what}: shape {tuple(out.shape)} != {tuple(truth.shape)}"
+    assert not torch.isnan(out).any(), f"{what}: NaN in output (unwritten elements?)"
+    err = max_err(out, truth)
+    ref_err = max_err(ref_lowp, truth)
+    assert err <= factor * ref_err + atol, (
+        f"{what}: max error {err:.3e} > {factor} x reference error {ref_err:.3e} + atol {atol:.1e}")
+
+
+def interpreter_dot_ok(dtype: torch.dtype) -> bool:
+    """Triton 3.8's interpreter computes tl.dot wrongly on bf16 (DESIGN.md 5.4)."""
+    return not (_triton_ops.interpreting() and dtype == torch.bfloat16)
