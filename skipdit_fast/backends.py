@@ -162,6 +162,22 @@ def _both(*fs):
     return avail
 
 
+# Per-(op, backend) input limits beyond device/dtype/backward: Query -> reason or
+# None. Kernel authors add their shape limits here (e.g. head dims a kernel serves).
+LIMITS: dict[tuple[str, str], Callable[[Query], str | None]] = {}
+
+
+def _with_limits(op: str, backend: str, check: Callable[[Query], str | None] | None):
+    def combined(q: Query) -> str | None:
+        why = check(q) if check is not None else None
+        if why:
+            return why
+        lim = LIMITS.get((op, backend))
+        return lim(q) if lim is not None else None
+
+    return combined
+
+
 def _build_registry() -> dict[str, dict[str, Impl]]:
     ops = torch.ops.skipdit if _lib.available() else None
 
@@ -181,10 +197,10 @@ def _build_registry() -> dict[str, dict[str, Impl]]:
                 op, backend, native(fwd), (backend,), _FLOAT if backend == "cpu" else _GPU_DTYPES,
                 available=_native(kernel_op[op], key) if backend == "cpu"
                 else _both(_cuda_device_available, _native(kernel_op[op], key)),
-                check=_native_backward_check(bwd, key) if bwd else None)
+                check=_with_limits(op, backend, _native_backward_check(bwd, key) if bwd else None))
         reg[op]["triton"] = Impl(
             op, "triton", native(f"{fwd}_triton"), _triton_devices(), _GPU_DTYPES,
-            min_cc=(8, 0), available=_triton_available(op), check=_triton_check)
+            min_cc=(8, 0), available=_triton_available(op), check=_with_limits(op, "triton", _triton_check))
     return reg
 
 
@@ -196,18 +212,6 @@ def registry() -> dict[str, dict[str, Impl]]:
     if _REGISTRY is None:
         _REGISTRY = _build_registry()
     return _REGISTRY
-
-
-def register_check(op: str, backend: str, check: Callable[[Query], str | None]) -> None:
-    """Adds an input check to a backend (kernel modules use it for shape limits)."""
-    impl = registry()[op][backend]
-    prev = impl.check
-
-    def both(q: Query) -> str | None:
-        return (prev(q) if prev else None) or check(q)
-
-    impl.check = both
-    _CACHE.clear()
 
 
 # ---------------------------------------------------------------------------

@@ -1,0 +1,36 @@
+"""`skipdit-fast` (also `python -m skipdit_fast`): one entry point, one module per
+subcommand. Each module provides add_arguments(parser) and main(args) -> int, and is
+imported only when its subcommand runs."""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+
+# subcommand -> (module, one-line help)
+COMMANDS = {
+    "info": ("skipdit_fast.info", "versions, build, and which backends run here (and why not)"),
+    "bench": ("skipdit_fast.benchmark", "kernel and end-to-end benchmarks"),
+    "sample": ("skipdit_fast.sample", "sample images from a DiT / Skip-DiT, with or without Skip-Cache"),
+    "demo": ("skipdit_fast.demo", "the package doing its job on the shipped model"),
+}
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="skipdit-fast", description=__doc__.split("\n")[0])
+    sub = parser.add_subparsers(dest="command", required=True)
+    argv = sys.argv[1:] if argv is None else argv
+    wanted = argv[0] if argv and argv[0] in COMMANDS else None
+    modules = {}
+    for name, (mod, help_) in COMMANDS.items():
+        p = sub.add_parser(name, help=help_)
+        if name == wanted:
+            modules[name] = importlib.import_module(mod)
+            modules[name].add_arguments(p)
+    args = parser.parse_args(argv)
+    return int(modules[args.command].main(args) or 0)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
