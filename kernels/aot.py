@@ -66,3 +66,95 @@ def compile_spec(spec: AotSpec, arch: int) -> dict:
     rec.update(name=spec.name or spec.fn.__name__, arch=gpu_name, ptx=ptx,
                cubin=compiled.asm.get("cubin"), shared=compiled.metadata.shared)
     return rec
+
+
+def tensor_core_kind(ptx: str) -> str | None:
+    """'wgmma' or 'mma' when the PTX issues tensor-core instructions, else None."""
+    if "wgmma.mma_async" in ptx:
+        return "wgmma"
+    if "mma.sync" in ptx:
+        return "mma"
+    return None
+
+
+def all_specs() -> list[tuple[str, AotSpec]]:
+    """(module name, spec) for every kernel module in this package."""
+    import importlib
+    import pkgutil
+
+    import skipdit_fast.kernels as pkg
+
+    out = []
+    for m in sorted(pkgutil.iter_modules(pkg.__path__), key=lambda m: m.name):
+        if m.name == "aot" or m.name.startswith("_"):
+            continue
+        mod = importlib.import_module(f"skipdit_fast.kernels.{m.name}")
+        specs = getattr(mod, "AOT_SPECS", None)
+        if specs is None:
+            raise RuntimeError(f"kernels/{m.name}.py has no AOT_SPECS")
+        out += [(m.name, s) for s in specs()]
+    return out
+
+
+def _compile_one(job):
+    module, idx, arch = job
+    spec = [s for name, s in all_specs() if name == module][idx]
+    try:
+        r = compile_spec(spec, arch)
+    except Exception as e:  # report, don't hide: the caller fails on "error"
+        return {"module": module, "name": spec.name, "arch": f"sm_{arch}", "error": f"{type(e).__name__}: {e}"}
+    return {"module": module, "name": r["name"], "arch": r["arch"], "registers": r["registers"],
+            "spill_stores": r["spill_stores"], "spill_loads": r["spill_loads"], "stack": r["stack"],
+            "shared": r["shared"], "tensor_cores": tensor_core_kind(r["ptx"]),
+            "num_warps": spec.num_warps, "num_stages": spec.num_stages}
+
+
+def compile_all(archs=(80, 90), jobs: int = 2) -> list[dict]:
+    """Compiles every AOT spec for every arch (in `jobs` processes)."""
+    import multiprocessing as mp
+
+    specs = all_specs()
+    counters: dict[str, int] = {}
+    work = []
+    for module, _ in specs:
+        i = counters.get(module, 0)
+        counters[module] = i + 1
+        for arch in archs:
+            work.append((module, i, arch))
+    if jobs <= 1:
+        return [_compile_one(w) for w in work]
+    with mp.get_context("spawn").Pool(jobs) as pool:
+        return pool.map(_compile_one, work)
+
+
+def main(argv=None) -> int:
+    """python -m skipdit_fast.kernels.aot [--arch 80 --arch 90] [--jobs N] [--json PATH]"""
+    import argparse
+    import json
+
+    if os.environ.get("TRITON_INTERPRET") == "1":
+        raise SystemExit("AOT compilation needs TRITON_INTERPRET unset (the interpreter replaces @triton.jit)")
+    p = argparse.ArgumentParser(prog="python -m skipdit_fast.kernels.aot")
+    p.add_argument("--arch", type=int, action="append")
+    p.add_argument("--jobs", type=int, default=2)
+    p.add_argument("--json")
+    a = p.parse_args(argv)
+    recs = compile_all(tuple(a.arch or (80, 90)), a.jobs)
+    bad = 0
+    for r in recs:
+        if "error" in r:
+            bad += 1
+            print(f"{r['module']:12s} {r['name']:40s} {r['arch']:7s} ERROR {r['error']}")
+            continue
+        spill = r["spill_stores"] + r["spill_loads"]
+        bad += spill > 0
+        print(f"{r['module']:12s} {r['name']:40s} {r['arch']:7s} regs {r['registers']:3d} "
+              f"spill {spill:4d} B  smem {r['shared']:6d} B  tc {r['tensor_cores'] or '-'}")
+    if a.json:
+        with open(a.json, "w") as f:
+            json.dump(recs, f, indent=1)
+    return 1 if bad else 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -305,6 +305,8 @@ def _describe(q: Query) -> str:
 
 
 def _select_uncached(q: Query) -> Impl:
+    if q.dtype not in _FLOAT:  # bad input for every backend: the op's own error
+        raise TypeError(f"{q.op}: inputs must be float16, bfloat16, float32 or float64, got {q.dtype}")
     reg = registry()[q.op]
     requested = get_backend(q.op)
     if requested != "auto":

@@ -1,0 +1,158 @@
+"""The C++ CPU kernels (and the reference backend) against fp64 truth, DESIGN.md
+section 4: every input family, odd sizes, strided views, NaN-poisoned outputs."""
+
+import pytest
+import torch
+
+import skipdit_fast as sf
+from helpers import FAMILIES, assert_budget, rows, strided_like
+from skipdit_fast import reference
+from skipdit_fast._testing import poison_outputs
+
+DTYPES = [torch.float32, torch.bfloat16, torch.float16]
+ATOL = {torch.float32: 1e-5, torch.bfloat16: 1e-3, torch.float16: 1e-4, torch.float64: 1e-12}
+
+
+def _skip_fuse_inputs(M, D, D_out, family, dtype, norm_f32=True, bias=True, strided=False):
+    lead = (M,) if M % 2 else (2, M // 2)
+    x = rows((*lead, D), family, dtype)
+    skip = rows((*lead, D), "normal" if family == "outlier" else family, dtype)
+    if strided:
+        x, skip = strided_like(x), strided_like(skip, pad=8)
+    pdt = torch.float32 if norm_f32 else dtype
+    nw = (1 + 0.1 * torch.randn(2 * D)).to(pdt)
+    nb = (0.1 * torch.randn(2 * D)).to(pdt)
+    w = (torch.randn(D_out, 2 * D) / (2 * D) ** 0.5).to(dtype)
+    b = (0.1 * torch.randn(D_out)).to(dtype) if bias else None
+    return x, skip, nw, nb, w, b
+
+
+def _f64(args):
+    return [a.double() if isinstance(a, torch.Tensor) else a for a in args]
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("M,D,D_out", [(1, 72, 72), (37, 88, 88), (1030, 72, 144), (64, 1152, 1152)])
+def test_skip_fuse_forward(family, dtype, M, D, D_out):
+    args = _skip_fuse_inputs(M, D, D_out, family, dtype, norm_f32=(M % 2 == 1), bias=(D != 88))
+    truth = reference.skip_fuse(*_f64(args))
+    ref_lowp = reference.skip_fuse(*args)
+    with sf.use_backend("cpu"), poison_outputs():
+        out = sf.ops.skip_fuse(*args)
+    assert out.dtype == dtype and out.is_contiguous()
+    assert_budget(out, ref_lowp, truth, atol=ATOL[dtype], what=f"skip_fuse {family} {dtype}")
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_skip_fuse_strided_views(dtype):
+    args = _skip_fuse_inputs(40, 72, 72, "offset10", dtype, strided=True)
+    assert not args[0].is_contiguous()
+    with sf.use_backend("cpu"), poison_outputs():
+        out = sf.ops.skip_fuse(*args)
+    contig = [a.contiguous() if isinstance(a, torch.Tensor) else a for a in args]
+    with sf.use_backend("cpu"):
+        torch.testing.assert_close(out, sf.ops.skip_fuse(*contig), rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("bias", [True, False])
+def test_skip_fuse_backward(family, dtype, bias):
+    M, D, D_out = 37, 72, 88
+    args = _skip_fuse_inputs(M, D, D_out, family, dtype, norm_f32=True, bias=bias)
+    # the incoming gradient is representable in the low dtype, so truth sees the same one
+    gy = torch.randn(M, D_out, dtype=torch.float64).to(dtype).double()
+
+    def grads(fn, a, g):
+        a = [t.detach().clone().requires_grad_() if isinstance(t, torch.Tensor) else t for t in a]
+        fn(*a).backward(g.to(a[0].dtype))
+        return [t.grad for t in a if isinstance(t, torch.Tensor)]
+
+    truth = grads(reference.skip_fuse, _f64(args), gy)
+    ref_lowp = grads(reference.skip_fuse, args, gy)
+    with sf.use_backend("cpu"), poison_outputs():
+        out = grads(sf.ops.skip_fuse, args, gy)
+    names = ["x", "skip", "norm_weight", "norm_bias", "weight", "bias"]
+    for name, o, r, t in zip(names, out, ref_lowp, truth):
+        assert o.dtype == r.dtype, name
+        # gradients sum over rows: scale atol with the magnitude
+        atol = ATOL[dtype] * max(1.0, t.abs().max().item())
+        assert_budget(o, r, t, atol=atol, what=f"grad {name} {family} {dtype}")
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("Dh", [72, 88, 64])
+@pytest.mark.parametrize("Nq,Nk", [(1, 1), (77, 77), (16, 40), (256, 256)])
+def test_attention_forward(dtype, Dh, Nq, Nk):
+    B, H = 2, 3
+    qkv = torch.randn(B, Nq, 3, H, Dh, dtype=torch.float64)
+    q = qkv[:, :, 0].to(dtype)
+    k = torch.randn(B, Nk, H, Dh, dtype=torch.float64).to(dtype)
+    v = torch.randn(B, Nk, H, Dh, dtype=torch.float64).to(dtype)
+    truth = reference.attention(q.double(), k.double(), v.double())
+    ref_lowp = reference.attention(q, k, v)
+    with sf.use_backend("cpu"), poison_outputs():
+        out = sf.ops.attention(q, k, v)
+    assert out.is_contiguous() and out.shape == q.shape
+    assert_budget(out, ref_lowp, truth, atol=ATOL[dtype], what=f"attention {dtype} {Dh} {Nq}x{Nk}")
+
+
+def test_attention_fused_qkv_views_and_scale():
+    B, N, H, Dh = 2, 50, 4, 72
+    qkv = torch.randn(B, N, 3 * H * Dh)
+    q, k, v = qkv.view(B, N, 3, H, Dh).unbind(2)
+    assert not q.is_contiguous()
+    with sf.use_backend("cpu"):
+        out = sf.ops.attention(q, k, v, scale=0.05)
+    truth = reference.attention(q.double(), k.double(), v.double(), scale=0.05)
+    assert_budget(out, reference.attention(q, k, v, scale=0.05), truth, atol=1e-5)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_attention_backward(dtype):
+    B, Nq, Nk, H, Dh = 2, 33, 20, 2, 72
+    base = [torch.randn(B, n, H, Dh, dtype=torch.float64) for n in (Nq, Nk, Nk)]
+    g = torch.randn(B, Nq, H, Dh, dtype=torch.float64).to(dtype).double()
+
+    def grads(fn, ts):
+        ts = [t.detach().clone().requires_grad_() for t in ts]
+        fn(*ts).backward(g.to(ts[0].dtype))
+        return [t.grad for t in ts]
+
+    low = [t.to(dtype) for t in base]
+    truth = grads(reference.attention, [t.double() for t in low])
+    ref_lowp = grads(reference.attention, low)
+    with sf.use_backend("cpu"):
+        out = grads(sf.ops.attention, low)
+    for name, o, r, t in zip("qkv", out, ref_lowp, truth):
+        assert_budget(o, r, t, atol=ATOL[dtype], what=f"grad {name} {dtype}")
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16, torch.float64])
+@pytest.mark.parametrize("shape", [(1, 1, 72), (3, 37, 88), (2, 256, 1152)])
+def test_cache_delta(family, dtype, shape):
+    a = rows(shape, family, dtype)
+    b = (a.double() + 0.05 * torch.randn(shape, dtype=torch.float64)).to(dtype)
+    truth = reference.cache_delta(a.double(), b.double())
+    with sf.use_backend("cpu"), poison_outputs():
+        out = sf.ops.cache_delta(a, b)
+    assert out.shape == () and out.dtype == (torch.float64 if dtype == torch.float64 else torch.float32)
+    # accumulated in double from the exact inputs: only the final rounding differs
+    assert abs(out.item() - truth.item()) <= 1e-6 * abs(truth.item()) + 1e-12
+
+
+def test_cache_delta_strided():
+    a = strided_like(torch.randn(4, 30, 72))
+    b = strided_like(torch.randn(4, 30, 72), pad=5)
+    with sf.use_backend("cpu"):
+        out = sf.ops.cache_delta(a, b)
+    assert abs(out.item() - reference.cache_delta(a.double(), b.double()).item()) < 1e-6
+
+
+def test_reference_backend_matches_reference_module():
+    args = _skip_fuse_inputs(9, 72, 72, "normal", torch.float32)
+    with sf.use_backend("reference"):
+        out = sf.ops.skip_fuse(*args)
+    torch.testing.assert_close(out, reference.skip_fuse(*args), rtol=0, atol=0)
