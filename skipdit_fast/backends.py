@@ -43,6 +43,13 @@ AUTO_PRIORITY: dict[tuple[str, str], tuple[str, ...]] = {
 }
 
 
+# public op -> the torch.ops.skipdit op called by the native backends, the op whose
+# device kernel does the forward work, and the backward op (None: ATen formula).
+PUBLIC_OP = {"skip_fuse": "skip_fuse", "attention": "attention", "cache_delta": "cache_delta"}
+FORWARD_OP = {"skip_fuse": "skip_fuse", "attention": "attention_forward", "cache_delta": "cache_delta"}
+BACKWARD_OP = {"skip_fuse": "skip_fuse_backward", "attention": "attention_backward", "cache_delta": None}
+
+
 class BackendError(RuntimeError):
     """No backend (or not the requested one) can run an op on the given inputs."""
 
@@ -185,18 +192,14 @@ def _build_registry() -> dict[str, dict[str, Impl]]:
         return (lambda *a: getattr(torch.ops.skipdit, name)(*a)) if ops is None else getattr(ops, name).default
 
     reg: dict[str, dict[str, Impl]] = {op: {} for op in OPS}
-    fwd_names = {"skip_fuse": ("skip_fuse", "skip_fuse_backward"),
-                 "attention": ("attention", "attention_backward"),
-                 "cache_delta": ("cache_delta", None)}
-    kernel_op = {"skip_fuse": "skip_fuse", "attention": "attention_forward", "cache_delta": "cache_delta"}
     for op in OPS:
-        fwd, bwd = fwd_names[op]
+        fwd, bwd = PUBLIC_OP[op], BACKWARD_OP[op]
         reg[op]["reference"] = Impl(op, "reference", getattr(reference, op), ("cpu", "cuda"), _FLOAT)
         for backend, key in (("cpu", "CPU"), ("cuda", "CUDA")):
             reg[op][backend] = Impl(
                 op, backend, native(fwd), (backend,), _FLOAT if backend == "cpu" else _GPU_DTYPES,
-                available=_native(kernel_op[op], key) if backend == "cpu"
-                else _both(_cuda_device_available, _native(kernel_op[op], key)),
+                available=_native(FORWARD_OP[op], key) if backend == "cpu"
+                else _both(_cuda_device_available, _native(FORWARD_OP[op], key)),
                 check=_with_limits(op, backend, _native_backward_check(bwd, key) if bwd else None))
         reg[op]["triton"] = Impl(
             op, "triton", native(f"{fwd}_triton"), _triton_devices(), _GPU_DTYPES,
