@@ -288,12 +288,17 @@ def use_backend(name: str | None = None, **per_op: str) -> Iterator[None]:
 
 def select(q: Query) -> Impl:
     """The implementation that runs q under the current choice, or BackendError."""
-    key = (q, _STATE.default, _STATE.per_op.get(q.op))
+    return pick(q.op, q.device, q.dtype, q.needs_grad, q.features)
+
+
+def pick(op: str, device: torch.device, dtype: torch.dtype, needs_grad: bool, features: tuple = ()) -> Impl:
+    """select() without building a Query on the hot path: decisions are cached per
+    (op, device, dtype, needs_grad, features); the cache is cleared whenever the
+    backend choice changes."""
+    key = (op, device, dtype, needs_grad, features)
     impl = _CACHE.get(key)
-    if impl is not None:
-        return impl
-    impl = _select_uncached(q)
-    _CACHE[key] = impl
+    if impl is None:
+        impl = _CACHE[key] = _select_uncached(Query(op, device, dtype, needs_grad, features))
     return impl
 
 

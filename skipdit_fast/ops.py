@@ -10,16 +10,11 @@ from __future__ import annotations
 
 import torch
 
-from .backends import Query, select
+from .backends import pick
 
 
 def _needs_grad(*tensors) -> bool:
-    if not torch.is_grad_enabled():
-        return False
-    for t in tensors:
-        if t is not None and t.requires_grad:
-            return True
-    return False
+    return torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
 
 
 def skip_fuse(x: torch.Tensor, skip: torch.Tensor, norm_weight: torch.Tensor,
@@ -31,10 +26,9 @@ def skip_fuse(x: torch.Tensor, skip: torch.Tensor, norm_weight: torch.Tensor,
     with a contiguous last dim; norm_weight/norm_bias [2D] (fp32 or x's dtype);
     weight [D_out, 2D]; bias [D_out] or None. Returns [..., D_out].
     """
-    q = Query("skip_fuse", x.device, x.dtype,
-              _needs_grad(x, skip, norm_weight, norm_bias, weight, bias),
-              (x.shape[-1], weight.shape[0]))
-    return select(q).fn(x, skip, norm_weight, norm_bias, weight, bias, eps)
+    impl = pick("skip_fuse", x.device, x.dtype, _needs_grad(x, skip, norm_weight, norm_bias, weight, bias),
+                (x.shape[-1], weight.shape[0]))
+    return impl.fn(x, skip, norm_weight, norm_bias, weight, bias, eps)
 
 
 def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
@@ -42,12 +36,10 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
     """Non-causal multi-head attention, BSHD layout: q [B, Nq, H, Dh], k and v
     [B, Nk, H, Dh] (strided views of a fused qkv tensor are fine). Returns a
     contiguous [B, Nq, H, Dh]. scale defaults to Dh**-0.5."""
-    query = Query("attention", q.device, q.dtype, _needs_grad(q, k, v), (q.shape[-1],))
-    return select(query).fn(q, k, v, scale)
+    return pick("attention", q.device, q.dtype, _needs_grad(q, k, v), (q.shape[-1],)).fn(q, k, v, scale)
 
 
 def cache_delta(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     """sum|a - b| / sum|b| as a 0-d fp32 tensor on a's device (fp64 for fp64 inputs),
     computed in one pass with no host synchronization."""
-    q = Query("cache_delta", a.device, a.dtype, _needs_grad(a, b))
-    return select(q).fn(a, b)
+    return pick("cache_delta", a.device, a.dtype, _needs_grad(a, b)).fn(a, b)
