@@ -19,8 +19,9 @@ Backward (grad_out dy [M, D_out]):
      grad_norm_weight / grad_norm_bias ([P, 2D] fp32).
   3. _dw_kernel: grad_weight = dy^T @ h with h normalized in the GEMM prologue from x
      and skip (h is never materialized), optionally split over rows into fp32
-     partials; grad_bias = column sums of dy, accumulated by the same programs.
-  4. _sum_partials: fixed-order (deterministic) sums of the partials, cast to the
+     partials.
+  4. _sum_rows_kernel: fixed-order (deterministic) column sums: the partials of
+     steps 2 and 3, and grad_bias from dy (row chunks, then the chunks), cast to the
      parameters' dtypes.
 
 Leading dims of x and skip may be strided (last dim contiguous): rows are addressed
@@ -76,21 +77,20 @@ def _row_stats(x, s, cmask, D, eps):
 @triton.jit(do_not_specialize=["M"])
 def _stats_kernel(x_ptr, s_ptr, mean_ptr, rstd_ptr, M, D, n1, n2, sx0, sx1, sx2, ss0, ss1, ss2, eps,
                   BLOCK_R: tl.constexpr, BLOCK_D: tl.constexpr, ALIGNED: tl.constexpr):
+    D = (D // 8) * 8  # D % 8 == 0 (backends.LIMITS): lets the column masks vectorize
     pid = tl.program_id(0)
     rr = pid * BLOCK_R + tl.arange(0, BLOCK_R)
     rmask = rr < M
     rows = tl.where(rmask, rr, 0)
-    offx = _row_offsets(rows, n1, n2, sx0, sx1, sx2)
-    offs = _row_offsets(rows, n1, n2, ss0, ss1, ss2)
-    if ALIGNED:
-        x_ptr = tl.multiple_of(x_ptr, 16)
-        s_ptr = tl.multiple_of(s_ptr, 16)
-        offx = tl.multiple_of(offx, 8)
-        offs = tl.multiple_of(offs, 8)
+    x_rows = x_ptr + _row_offsets(rows, n1, n2, sx0, sx1, sx2)
+    s_rows = s_ptr + _row_offsets(rows, n1, n2, ss0, ss1, ss2)
+    if ALIGNED:  # see _fwd_kernel
+        x_rows = tl.multiple_of(x_rows, [16])
+        s_rows = tl.multiple_of(s_rows, [16])
     cols = tl.arange(0, BLOCK_D)
     cmask = cols < D
-    x = tl.load(x_ptr + offx[:, None] + cols[None, :], mask=cmask[None, :], other=0.0).to(tl.float32)
-    s = tl.load(s_ptr + offs[:, None] + cols[None, :], mask=cmask[None, :], other=0.0).to(tl.float32)
+    x = tl.load(x_rows[:, None] + cols[None, :], mask=cmask[None, :], other=0.0).to(tl.float32)
+    s = tl.load(s_rows[:, None] + cols[None, :], mask=cmask[None, :], other=0.0).to(tl.float32)
     mean, rstd = _row_stats(x, s, cmask, D, eps)
     tl.store(mean_ptr + rr, mean, mask=rmask)
     tl.store(rstd_ptr + rr, rstd, mask=rmask)
@@ -103,6 +103,7 @@ def _fwd_kernel(x_ptr, s_ptr, mean_ptr, rstd_ptr, g_ptr, b_ptr, w_ptr, bias_ptr,
                 BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr):
     # Grouped ("swizzled") program order: GROUP_M row tiles share each W column tile
     # while it is in L2, and the x/skip rows of a group stay in L2 across columns.
+    D = (D // 8) * 8  # D % 8 == 0 (backends.LIMITS): aligned K masks and W[:, D:]
     pid = tl.program_id(0)
     num_m = tl.cdiv(M, BLOCK_M)
     num_n = tl.cdiv(N, BLOCK_N)
@@ -119,17 +120,20 @@ def _fwd_kernel(x_ptr, s_ptr, mean_ptr, rstd_ptr, g_ptr, b_ptr, w_ptr, bias_ptr,
     mean = tl.load(mean_ptr + rows)
     rstd = tl.load(rstd_ptr + rows)
     rk = tl.arange(0, BLOCK_K)
-    # Row base pointers, hinted 16-byte aligned when the launcher checked it (hints on
-    # scalar arguments are ignored by Triton, so they go on the pointer tensors).
-    x_rows = x_ptr + _row_offsets(rows, n1, n2, sx0, sx1, sx2)[:, None]
-    s_rows = s_ptr + _row_offsets(rows, n1, n2, ss0, ss1, ss2)[:, None]
-    wx_rows = w_ptr + cols_n.to(tl.int64)[None, :] * stride_w  # W[:, :D]
+    # Row base pointers ([rows] tensors), hinted 16-byte aligned when the launcher
+    # checked it: without the hint the loads are not vectorized and not pipelined
+    # (cp.async needs >= 4 aligned bytes) unless Triton happened to specialize every
+    # stride as divisible by 16. Hints on scalar arguments are ignored by Triton, so
+    # they go on the pointer tensors.
+    x_rows = x_ptr + _row_offsets(rows, n1, n2, sx0, sx1, sx2)
+    s_rows = s_ptr + _row_offsets(rows, n1, n2, ss0, ss1, ss2)
+    wx_rows = w_ptr + cols_n.to(tl.int64) * stride_w  # W[:, :D]
     ws_rows = wx_rows + D  # W[:, D:]
     if ALIGNED:
-        x_rows = tl.multiple_of(x_rows, [16, 16])
-        s_rows = tl.multiple_of(s_rows, [16, 16])
-        wx_rows = tl.multiple_of(wx_rows, [16, 16])
-        ws_rows = tl.multiple_of(ws_rows, [16, 16])
+        x_rows = tl.multiple_of(x_rows, [16])
+        s_rows = tl.multiple_of(s_rows, [16])
+        wx_rows = tl.multiple_of(wx_rows, [16])
+        ws_rows = tl.multiple_of(ws_rows, [16])
 
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     for half in tl.static_range(2):
@@ -143,14 +147,14 @@ def _fwd_kernel(x_ptr, s_ptr, mean_ptr, rstd_ptr, g_ptr, b_ptr, w_ptr, bias_ptr,
             kk = k0 + rk
             kw = half * D + kk
             if EVEN_K:
-                a = tl.load(a_rows + kk[None, :])
-                w = tl.load(w_rows + kk[:, None])
+                a = tl.load(a_rows[:, None] + kk[None, :])
+                w = tl.load(w_rows[None, :] + kk[:, None])
                 gam = tl.load(g_ptr + kw).to(tl.float32)
                 bet = tl.load(b_ptr + kw).to(tl.float32)
             else:
                 km = kk < D
-                a = tl.load(a_rows + kk[None, :], mask=km[None, :], other=0.0)
-                w = tl.load(w_rows + kk[:, None], mask=km[:, None], other=0.0)
+                a = tl.load(a_rows[:, None] + kk[None, :], mask=km[None, :], other=0.0)
+                w = tl.load(w_rows[None, :] + kk[:, None], mask=km[:, None], other=0.0)
                 gam = tl.load(g_ptr + kw, mask=km, other=0.0).to(tl.float32)
                 bet = tl.load(b_ptr + kw, mask=km, other=0.0).to(tl.float32)
             h = (a.to(tl.float32) - mean[:, None]) * rstd[:, None] * gam[None, :] + bet[None, :]
@@ -174,6 +178,7 @@ def _ln_bwd_kernel(dh_ptr, x_ptr, s_ptr, g_ptr, dx_ptr, ds_ptr, mean_ptr, rstd_p
     grad_skip. dh is the gradient of the LayerNorm output ([M, 2D], contiguous).
     Each program walks row tiles pid, pid + P, ... and keeps its grad_norm_weight /
     grad_norm_bias partial sums in registers until the end."""
+    D = (D // 8) * 8  # D % 8 == 0 (backends.LIMITS): lets the column masks vectorize
     pid = tl.program_id(0)
     nprog = tl.num_programs(0)
     cols = tl.arange(0, BLOCK_D)
@@ -190,17 +195,17 @@ def _ln_bwd_kernel(dh_ptr, x_ptr, s_ptr, g_ptr, dx_ptr, ds_ptr, mean_ptr, rstd_p
         rmask = rr < M
         rows = tl.where(rmask, rr, 0)
         r64 = rows.to(tl.int64)
-        x_rows = x_ptr + _row_offsets(rows, n1, n2, sx0, sx1, sx2)[:, None]
-        s_rows = s_ptr + _row_offsets(rows, n1, n2, ss0, ss1, ss2)[:, None]
+        x_rows = x_ptr + _row_offsets(rows, n1, n2, sx0, sx1, sx2)
+        s_rows = s_ptr + _row_offsets(rows, n1, n2, ss0, ss1, ss2)
         # dh, grad_x, grad_skip are this launcher's contiguous buffers; D % 8 == 0
-        dh_rows = tl.multiple_of(dh_ptr + r64[:, None] * two_d, [16, 16])
-        dx_rows = tl.multiple_of(dx_ptr + r64[:, None] * D, [16, 16])
-        ds_rows = tl.multiple_of(ds_ptr + r64[:, None] * D, [16, 16])
-        if ALIGNED:
-            x_rows = tl.multiple_of(x_rows, [16, 16])
-            s_rows = tl.multiple_of(s_rows, [16, 16])
-        x = tl.load(x_rows + cols[None, :], mask=cmask[None, :], other=0.0).to(tl.float32)
-        s = tl.load(s_rows + cols[None, :], mask=cmask[None, :], other=0.0).to(tl.float32)
+        dh_rows = tl.multiple_of(dh_ptr + r64 * two_d, [16])[:, None]
+        dx_rows = tl.multiple_of(dx_ptr + r64 * D, [16])[:, None]
+        ds_rows = tl.multiple_of(ds_ptr + r64 * D, [16])[:, None]
+        if ALIGNED:  # see _fwd_kernel
+            x_rows = tl.multiple_of(x_rows, [16])
+            s_rows = tl.multiple_of(s_rows, [16])
+        x = tl.load(x_rows[:, None] + cols[None, :], mask=cmask[None, :], other=0.0).to(tl.float32)
+        s = tl.load(s_rows[:, None] + cols[None, :], mask=cmask[None, :], other=0.0).to(tl.float32)
         mean, rstd = _row_stats(x, s, cmask, D, eps)
         tl.store(mean_ptr + rr, mean, mask=rmask)
         tl.store(rstd_ptr + rr, rstd, mask=rmask)
@@ -229,16 +234,15 @@ def _ln_bwd_kernel(dh_ptr, x_ptr, s_ptr, g_ptr, dx_ptr, ds_ptr, mean_ptr, rstd_p
 
 
 @triton.jit(do_not_specialize=["M", "M_BUCKET"])
-def _dw_kernel(dy_ptr, x_ptr, s_ptr, mean_ptr, rstd_ptr, g_ptr, b_ptr, dw_ptr, db_ptr,
+def _dw_kernel(dy_ptr, x_ptr, s_ptr, mean_ptr, rstd_ptr, g_ptr, b_ptr, dw_ptr,
                M, D, N, n1, n2, sx0, sx1, sx2, ss0, ss1, ss2, stride_dy, SPLITS, M_BUCKET,
-               HAS_BIAS: tl.constexpr, ALIGNED: tl.constexpr, PREC: tl.constexpr, EVEN_K: tl.constexpr,
+               ALIGNED: tl.constexpr, PREC: tl.constexpr, EVEN_K: tl.constexpr,
                BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_M: tl.constexpr):
     """grad_weight[:, cols] = dy^T @ h[:, cols] for one [BLOCK_N, BLOCK_K] tile, the
     reduction over rows split into SPLITS slices (program_id(1)); h is normalized in
-    the prologue from x or skip (the tile lies in one half). With HAS_BIAS, the
-    programs of the first column tile also write the column sums of dy (grad_bias).
-    dw_ptr / db_ptr are [SPLITS, N, 2D] / [SPLITS, N] (fp32 partials, or the final
-    tensors when SPLITS == 1)."""
+    the prologue from x or skip (the tile lies in one half). dw_ptr is [SPLITS, N, 2D]
+    (fp32 partials, or grad_weight itself when SPLITS == 1)."""
+    D = (D // 8) * 8  # D % 8 == 0 (backends.LIMITS): aligned K masks
     pid = tl.program_id(0)
     pid_s = tl.program_id(1)
     num_n = tl.cdiv(N, BLOCK_N)
@@ -264,51 +268,50 @@ def _dw_kernel(dy_ptr, x_ptr, s_ptr, mean_ptr, rstd_ptr, g_ptr, b_ptr, dw_ptr, d
     m_lo = pid_s * rows_per
     m_hi = tl.minimum(M, m_lo + rows_per)
     acc = tl.zeros((BLOCK_N, BLOCK_K), dtype=tl.float32)
-    db_acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     rb = tl.arange(0, BLOCK_M)
     for m0 in range(m_lo, m_hi, BLOCK_M):
         rm = m0 + rb
         rmask = rm < m_hi
         rows = tl.where(rmask, rm, 0)
         r64 = rows.to(tl.int64)
-        dy_rows = dy_ptr + r64[:, None] * stride_dy
+        dy_rows = dy_ptr + r64 * stride_dy
         # _row_offsets, inlined (nested jit calls are slow in the interpreter)
-        a_off = (r64 // (n1 * n2)) * t0 + ((r64 // n2) % n1) * t1 + (r64 % n2) * t2
-        a_rows = a_ptr + a_off[:, None]
-        if ALIGNED:
-            dy_rows = tl.multiple_of(dy_rows, [16, 16])
-            a_rows = tl.multiple_of(a_rows, [16, 16])
-        dy = tl.load(dy_rows + rn[None, :], mask=rmask[:, None] & nmask[None, :], other=0.0)
+        a_rows = a_ptr + ((r64 // (n1 * n2)) * t0 + ((r64 // n2) % n1) * t1 + (r64 % n2) * t2)
+        if ALIGNED:  # see _fwd_kernel
+            dy_rows = tl.multiple_of(dy_rows, [16])
+            a_rows = tl.multiple_of(a_rows, [16])
+        dy = tl.load(dy_rows[:, None] + rn[None, :], mask=rmask[:, None] & nmask[None, :], other=0.0)
         if EVEN_K:
-            a = tl.load(a_rows + kcol[None, :])
+            a = tl.load(a_rows[:, None] + kcol[None, :])
         else:
-            a = tl.load(a_rows + kcol[None, :], mask=kmask[None, :], other=0.0)
+            a = tl.load(a_rows[:, None] + kcol[None, :], mask=kmask[None, :], other=0.0)
         mean = tl.load(mean_ptr + rows)
         rstd = tl.load(rstd_ptr + rows)
         h = (a.to(tl.float32) - mean[:, None]) * rstd[:, None] * gam[None, :] + bet[None, :]
         acc = tl.dot(tl.trans(dy), h.to(dy.dtype), acc, input_precision=PREC)
-        if HAS_BIAS:
-            db_acc += dy.to(tl.float32)
 
-    base = pid_s.to(tl.int64) * N
-    dw_ptrs = dw_ptr + (base + rn)[:, None] * (2 * D) + (half_off + kcol)[None, :]
+    dw_ptrs = dw_ptr + (pid_s.to(tl.int64) * N + rn)[:, None] * (2 * D) + (half_off + kcol)[None, :]
     tl.store(dw_ptrs, acc.to(dw_ptr.dtype.element_ty), mask=nmask[:, None] & kmask[None, :])
-    if HAS_BIAS:
-        if pid_k == 0:
-            tl.store(db_ptr + base + rn, tl.sum(db_acc, axis=0).to(db_ptr.dtype.element_ty), mask=nmask)
 
 
-@triton.jit
-def _sum_partials_kernel(part_ptr, out_ptr, S, L, BLOCK: tl.constexpr):
-    """out[j] = sum_s part[s, j] in a fixed order (deterministic), cast to out's dtype."""
+@triton.jit(do_not_specialize=["R", "ROWS_PER"])
+def _sum_rows_kernel(in_ptr, out_ptr, R, L, stride, ROWS_PER, BLOCK_R: tl.constexpr, BLOCK: tl.constexpr):
+    """out[c, j] = sum of in[r, j] over rows r in [c * ROWS_PER, (c + 1) * ROWS_PER) ∩ [0, R),
+    c = program_id(1), in fp32, cast to out's dtype. The order of the additions is
+    fixed (deterministic). Reduces the per-program partials, and gives grad_bias
+    from dy."""
     offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+    c = tl.program_id(1)
     mask = offs < L
-    acc = tl.zeros((BLOCK,), dtype=tl.float32)
-    ptrs = part_ptr + offs
-    for _ in range(0, S):
-        acc += tl.load(ptrs, mask=mask, other=0.0)
-        ptrs += L
-    tl.store(out_ptr + offs, acc.to(out_ptr.dtype.element_ty), mask=mask)
+    r0 = c * ROWS_PER
+    r1 = tl.minimum(R, r0 + ROWS_PER)
+    rr = tl.arange(0, BLOCK_R)
+    acc = tl.zeros((BLOCK_R, BLOCK), dtype=tl.float32)
+    for t in range(r0, r1, BLOCK_R):
+        r = t + rr
+        ptrs = in_ptr + r.to(tl.int64)[:, None] * stride + offs[None, :]
+        acc += tl.load(ptrs, mask=(r < r1)[:, None] & mask[None, :], other=0.0).to(tl.float32)
+    tl.store(out_ptr + c.to(tl.int64) * L + offs, tl.sum(acc, axis=0).to(out_ptr.dtype.element_ty), mask=mask)
 
 
 # ---------------------------------------------------------------------------
@@ -343,7 +346,7 @@ def _dw_cfg(bn, bk, bm, warps, stages):
 DW_CONFIGS = {
     "16bit": [_dw_cfg(128, 128, 64, 8, 3), _dw_cfg(64, 128, 64, 4, 3), _dw_cfg(128, 64, 32, 4, 3)],
     "tf32": [_dw_cfg(128, 128, 32, 8, 2), _dw_cfg(64, 64, 32, 4, 3)],
-    "ieee": [_dw_cfg(64, 64, 32, 4, 2), _dw_cfg(32, 64, 32, 4, 2)],
+    "ieee": [_dw_cfg(64, 64, 32, 8, 2), _dw_cfg(32, 64, 32, 4, 2)],
 }
 
 # Configs used when the kernels run in Triton's interpreter (CPU tensors): large tiles
@@ -541,11 +544,17 @@ def _dw_splits(device, M: int, D: int, N: int) -> int:
     return max(1, min(triton.cdiv(2 * _num_sms(device), tiles), M // 512, 16))
 
 
-def _sum_partials(part: torch.Tensor, out: torch.Tensor) -> None:
-    S = part.shape[0]
-    L = out.numel()
-    BLOCK = 1024
-    _sum_partials_kernel[(triton.cdiv(L, BLOCK),)](part, out, S, L, BLOCK=BLOCK, num_warps=4)
+_SUM_R, _SUM_BLOCK = 16, 256
+
+
+def _sum_rows(inp: torch.Tensor, out: torch.Tensor, chunks: int = 1) -> None:
+    """out[c] = column sums of chunk c of inp's rows (inp 2-D, last dim contiguous;
+    out [chunks, L] or [L] when chunks == 1)."""
+    R, L = inp.shape
+    rows_per = triton.cdiv(R, chunks)
+    block = _SUM_BLOCK if inp.device.type == "cuda" else 4096  # interpreter: fewer programs
+    _sum_rows_kernel[(triton.cdiv(L, block), chunks)](inp, out, R, L, inp.stride(0), rows_per,
+                                                      BLOCK_R=_SUM_R, BLOCK=block, num_warps=4)
 
 
 def skip_fuse_backward(grad_out: torch.Tensor, x: torch.Tensor, skip: torch.Tensor, norm_weight: torch.Tensor,
@@ -585,30 +594,110 @@ def skip_fuse_backward(grad_out: torch.Tensor, x: torch.Tensor, skip: torch.Tens
                          BLOCK_R=block_r, BLOCK_D=block_d, ALIGNED=aligned, num_warps=warps)
     dnw = new_output(norm_weight.shape, dtype=norm_weight.dtype, device=dev)
     dnb = new_output(norm_bias.shape, dtype=norm_bias.dtype, device=dev)
-    _sum_partials(part_g, dnw)
-    _sum_partials(part_b, dnb)
+    _sum_rows(part_g, dnw)
+    _sum_rows(part_b, dnb)
 
-    # 3. grad_weight = dy^T @ h (h normalized in the GEMM prologue), grad_bias
+    # 3. grad_weight = dy^T @ h (h normalized in the GEMM prologue)
     S = _dw_splits(dev, M, D, N)
     dw = new_output(weight.shape, dtype=weight.dtype, device=dev)
-    has_bias = bias is not None
-    db = new_output(bias.shape, dtype=bias.dtype, device=dev) if has_bias else weight.new_empty((0,))
-    if S == 1:
-        dw_out, db_out = dw, (db if has_bias else dw)
-    else:
-        dw_out = new_output((S, N, 2 * D), dtype=torch.float32, device=dev)
-        db_out = new_output((S, N), dtype=torch.float32, device=dev) if has_bias else dw_out
+    dw_out = dw if S == 1 else new_output((S, N, 2 * D), dtype=torch.float32, device=dev)
     family, prec = _prec_kind(x.dtype)
-    args = (dy, x, skip, mean, rstd, nw, nb, dw_out, db_out, M, D, N, n1, n2, *sx, *ss, dy.stride(0), S,
-            _m_bucket(M))
-    meta = dict(HAS_BIAS=has_bias, ALIGNED=aligned and _aligned(dy), PREC=prec)
+    args = (dy, x, skip, mean, rstd, nw, nb, dw_out, M, D, N, n1, n2, *sx, *ss, dy.stride(0), S, _m_bucket(M))
+    meta = dict(ALIGNED=aligned and _aligned(dy), PREC=prec)
 
     def grid(m):
         return (triton.cdiv(N, m["BLOCK_N"]) * 2 * triton.cdiv(D, m["BLOCK_K"]), S)
 
     _launch(_DW_TUNED[family], _dw_heur, "dw", _INTERP_DW, grid, args, meta, dev)
     if S > 1:
-        _sum_partials(dw_out, dw)
-        if has_bias:
-            _sum_partials(db_out, db)
+        _sum_rows(dw_out.view(S, N * 2 * D), dw.view(N * 2 * D))
+
+    # 4. grad_bias: column sums of dy, over row chunks then over the chunks
+    if bias is None:
+        db = weight.new_empty((0,))
+    else:
+        db = new_output(bias.shape, dtype=bias.dtype, device=dev)
+        chunks = min(triton.cdiv(M, 256), max(1, 2 * _num_sms(dev) // triton.cdiv(N, _SUM_BLOCK)))
+        if chunks == 1:
+            _sum_rows(dy, db)
+        else:
+            part = new_output((chunks, N), dtype=torch.float32, device=dev)
+            _sum_rows(dy, part, chunks)
+            _sum_rows(part, db)
     return dx, dskip, dnw, dnb, dw, db
+
+
+# ---------------------------------------------------------------------------
+# ahead-of-time compilation specs (kernels/aot.py): every autotune config of the GEMM
+# kernels for each dtype it serves, and the row-wise kernels at small, DiT-XL and
+# maximum widths. Strides and lengths are runtime arguments as in real launches; n1 and
+# n2 are 1 (what Triton specializes them to for layouts that collapse into one row
+# stride), plus one spec per GEMM kernel with the general three-group row layout.
+
+_ROW_SIG = {"M": "i32", "D": "i32", "n1": "i32", "n2": "i32", "sx0": "i64", "sx1": "i64", "sx2": "i64",
+            "ss0": "i64", "ss1": "i64", "ss2": "i64"}
+
+
+def _fwd_sig(dt: str, norm_dt: str) -> dict:
+    return {"x_ptr": f"*{dt}", "s_ptr": f"*{dt}", "mean_ptr": "*fp32", "rstd_ptr": "*fp32", "g_ptr": f"*{norm_dt}",
+            "b_ptr": f"*{norm_dt}", "w_ptr": f"*{dt}", "bias_ptr": f"*{dt}", "y_ptr": f"*{dt}", **_ROW_SIG,
+            "N": "i32", "stride_w": "i64", "M_BUCKET": "i32"}
+
+
+def _dw_sig(dt: str, out_dt: str) -> dict:
+    return {"dy_ptr": f"*{dt}", "x_ptr": f"*{dt}", "s_ptr": f"*{dt}", "mean_ptr": "*fp32", "rstd_ptr": "*fp32",
+            "g_ptr": "*fp32", "b_ptr": "*fp32", "dw_ptr": f"*{out_dt}", **_ROW_SIG,
+            "N": "i32", "stride_dy": "i64", "SPLITS": "i32", "M_BUCKET": "i32"}
+
+
+def _specs():
+    from .aot import AotSpec
+
+    def gemm_specs(kernel, sig_fn, configs_by_family, tag, out_dt):
+        specs = []
+        for family, configs in configs_by_family.items():
+            dtypes = ("fp16", "bf16") if family == "16bit" else ("fp32",)
+            prec = "ieee" if family == "ieee" else "tf32"
+            for dt in dtypes:
+                for i, cfg in enumerate(configs):
+                    general = family == "16bit" and dt == "bf16" and i == 0
+                    for layout in ("rows", "general") if general else ("rows",):
+                        sig = sig_fn(dt, out_dt or dt)
+                        ce = dict(cfg.kwargs, ALIGNED=True, PREC=prec, EVEN_K=True)
+                        if kernel is _fwd_kernel:
+                            ce["HAS_BIAS"] = True
+                        if layout == "rows":
+                            ce.update(n1=1, n2=1)
+                        kw = cfg.kwargs
+                        shape = "x".join(str(v) for k, v in kw.items() if k.startswith("BLOCK"))
+                        specs.append(AotSpec(kernel, sig, ce, num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+                                             name=f"skip_fuse_{tag}_{dt}_{family}_{shape}_w{cfg.num_warps}"
+                                                  f"s{cfg.num_stages}_{layout}"))
+        return specs
+
+    specs = gemm_specs(_fwd_kernel, lambda dt, _: _fwd_sig(dt, "fp32"), FWD_CONFIGS, "fwd", None)
+    specs += gemm_specs(_dw_kernel, _dw_sig, DW_CONFIGS, "dw", "fp32")
+    for dt in ("fp16", "bf16", "fp32"):
+        for D in (72, 1152, 4096):
+            dev = torch.device("cuda")
+            br, bd, warps = _rowwise_meta(D, 2048, dev)
+            sig = {"x_ptr": f"*{dt}", "s_ptr": f"*{dt}", "mean_ptr": "*fp32", "rstd_ptr": "*fp32", **_ROW_SIG,
+                   "eps": "fp32"}
+            specs.append(AotSpec(_stats_kernel, sig, dict(BLOCK_R=br, BLOCK_D=bd, ALIGNED=True, n1=1, n2=1),
+                                 num_warps=warps, name=f"skip_fuse_stats_{dt}_d{D}"))
+            br, bd, warps = _rowwise_meta(D, 1024, dev)
+            sig = {"dh_ptr": f"*{dt}", "x_ptr": f"*{dt}", "s_ptr": f"*{dt}", "g_ptr": "*fp32", "dx_ptr": f"*{dt}",
+                   "ds_ptr": f"*{dt}", "mean_ptr": "*fp32", "rstd_ptr": "*fp32", "pg_ptr": "*fp32",
+                   "pb_ptr": "*fp32", **_ROW_SIG, "eps": "fp32"}
+            specs.append(AotSpec(_ln_bwd_kernel, sig, dict(BLOCK_R=br, BLOCK_D=bd, ALIGNED=True, n1=1, n2=1),
+                                 num_warps=warps, name=f"skip_fuse_ln_bwd_{dt}_d{D}"))
+        for src in ("fp32", dt):  # partials -> parameter dtype; dy -> fp32 (grad_bias)
+            dst = dt if src == "fp32" else "fp32"
+            specs.append(AotSpec(_sum_rows_kernel, {"in_ptr": f"*{src}", "out_ptr": f"*{dst}", "R": "i32", "L": "i32",
+                                                    "stride": "i64", "ROWS_PER": "i32"},
+                                 {"BLOCK_R": _SUM_R, "BLOCK": _SUM_BLOCK}, num_warps=4,
+                                 name=f"skip_fuse_sum_rows_{src}_to_{dst}"))
+    return specs
+
+
+AOT_SPECS = _specs
