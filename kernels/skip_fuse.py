@@ -103,7 +103,8 @@ def _fwd_kernel(x_ptr, s_ptr, mean_ptr, rstd_ptr, g_ptr, b_ptr, w_ptr, bias_ptr,
                 BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr):
     # Grouped ("swizzled") program order: GROUP_M row tiles share each W column tile
     # while it is in L2, and the x/skip rows of a group stay in L2 across columns.
-    D = (D // 8) * 8  # D % 8 == 0 (backends.LIMITS): aligned K masks and W[:, D:]
+    D = (D // 8) * 8  # D, N % 8 == 0 (backends.LIMITS): aligned masks and W[:, D:]
+    N = (N // 8) * 8
     pid = tl.program_id(0)
     num_m = tl.cdiv(M, BLOCK_M)
     num_n = tl.cdiv(N, BLOCK_N)
@@ -242,7 +243,8 @@ def _dw_kernel(dy_ptr, x_ptr, s_ptr, mean_ptr, rstd_ptr, g_ptr, b_ptr, dw_ptr,
     reduction over rows split into SPLITS slices (program_id(1)); h is normalized in
     the prologue from x or skip (the tile lies in one half). dw_ptr is [SPLITS, N, 2D]
     (fp32 partials, or grad_weight itself when SPLITS == 1)."""
-    D = (D // 8) * 8  # D % 8 == 0 (backends.LIMITS): aligned K masks
+    D = (D // 8) * 8  # D, N % 8 == 0 (backends.LIMITS): aligned masks
+    N = (N // 8) * 8
     pid = tl.program_id(0)
     pid_s = tl.program_id(1)
     num_n = tl.cdiv(N, BLOCK_N)
@@ -335,7 +337,7 @@ FWD_CONFIGS = {
     "16bit": [_cfg(128, 256, 32, 8, 4), _cfg(128, 128, 64, 8, 3), _cfg(64, 128, 64, 4, 4),
               _cfg(64, 64, 64, 4, 4), _cfg(32, 64, 128, 4, 3)],
     "tf32": [_cfg(128, 128, 32, 8, 3), _cfg(64, 64, 32, 4, 3), _cfg(32, 64, 32, 4, 2)],
-    "ieee": [_cfg(64, 64, 32, 4, 3), _cfg(32, 64, 32, 4, 2)],
+    "ieee": [_cfg(64, 64, 32, 4, 3), _cfg(32, 64, 32, 4, 3)],
 }
 
 
@@ -691,8 +693,7 @@ def _specs():
                    "pb_ptr": "*fp32", **_ROW_SIG, "eps": "fp32"}
             specs.append(AotSpec(_ln_bwd_kernel, sig, dict(BLOCK_R=br, BLOCK_D=bd, ALIGNED=True, n1=1, n2=1),
                                  num_warps=warps, name=f"skip_fuse_ln_bwd_{dt}_d{D}"))
-        for src in ("fp32", dt):  # partials -> parameter dtype; dy -> fp32 (grad_bias)
-            dst = dt if src == "fp32" else "fp32"
+        for src, dst in {("fp32", dt), (dt, "fp32")}:  # partials -> parameter dtype; dy -> fp32
             specs.append(AotSpec(_sum_rows_kernel, {"in_ptr": f"*{src}", "out_ptr": f"*{dst}", "R": "i32", "L": "i32",
                                                     "stride": "i64", "ROWS_PER": "i32"},
                                  {"BLOCK_R": _SUM_R, "BLOCK": _SUM_BLOCK}, num_warps=4,
