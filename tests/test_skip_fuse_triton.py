@@ -375,7 +375,7 @@ def gpu_configs(dtype: torch.dtype, M: int):
 @pytest.mark.gpu
 @needs_triton
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
-@pytest.mark.parametrize("M,D", [(1, 72), (37, 384), (4096, 1152)])
+@pytest.mark.parametrize("M,D", [(1, 72), (37, 384), (4096, 72), (4096, 1152)])
 def test_gpu_fwd_bwd(dtype, M, D):
     family = FAMILIES[(M + D) % len(FAMILIES)]
     layout = "strided" if M == 37 else "contiguous"
