@@ -18,6 +18,8 @@ import torch
 # An op missing here has no Triton kernel yet.
 TRITON_KERNELS: dict[str, tuple[str, str]] = {
     "cache_delta": ("skipdit_fast.kernels.cache_delta", "cache_delta"),
+    "skip_fuse": ("skipdit_fast.kernels.skip_fuse", "skip_fuse"),
+    "skip_fuse_backward": ("skipdit_fast.kernels.skip_fuse", "skip_fuse_backward"),
 }
 
 # public op -> (forward op, backward op or None)

@@ -174,6 +174,20 @@ def _both(*fs):
 LIMITS: dict[tuple[str, str], Callable[[Query], str | None]] = {}
 
 
+def _skip_fuse_triton_limits(q: Query) -> str | None:
+    # features = (D, D_out); mirrors kernels/skip_fuse.py limits_reason (not imported
+    # here: that module imports triton).
+    D, D_out = q.features
+    if D % 8 != 0 or not (64 <= D <= 4096):
+        return f"triton skip_fuse needs D a multiple of 8 in [64, 4096], got D = {D}"
+    if D_out % 8 != 0:
+        return f"triton skip_fuse needs D_out a multiple of 8, got D_out = {D_out}"
+    return None
+
+
+LIMITS[("skip_fuse", "triton")] = _skip_fuse_triton_limits
+
+
 def _with_limits(op: str, backend: str, check: Callable[[Query], str | None] | None):
     def combined(q: Query) -> str | None:
         why = check(q) if check is not None else None
