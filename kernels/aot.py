@@ -9,6 +9,7 @@ Triton on the PTX with -v to read registers and spill bytes.
 from __future__ import annotations
 
 import os
+import re
 import subprocess
 import tempfile
 from dataclasses import dataclass, field
@@ -106,6 +107,7 @@ def _compile_one(job):
     return {"module": module, "name": r["name"], "arch": r["arch"], "registers": r["registers"],
             "spill_stores": r["spill_stores"], "spill_loads": r["spill_loads"], "stack": r["stack"],
             "shared": r["shared"], "tensor_cores": tensor_core_kind(r["ptx"]),
+            "cp_async_16": len(re.findall(r"cp\.async\.c[ag]\.shared\.global[^;]*, 0x10", r["ptx"])),
             "num_warps": spec.num_warps, "num_stages": spec.num_stages}
 
 

@@ -5,56 +5,27 @@ and grad_weight GEMMs for every dtype it serves, the row-wise kernels at small,
 DiT-XL and maximum widths) is compiled for sm_80 and sm_90 with the ptxas bundled with
 Triton: 0 bytes spilled, tensor-core MMAs where expected (wgmma for the sm_90 16-bit
 GEMMs with >= 64-row tiles), pipelined 16-byte cp.async loads in the forward GEMM.
-The compilations run in a small process pool (about a minute on 2 cores).
+The compilation itself is shared with tests/test_triton_aot.py (conftest.aot_results).
 """
 
 from __future__ import annotations
-
-import multiprocessing as mp
-import os
-import re
-from concurrent.futures import ProcessPoolExecutor
 
 import pytest
 
 triton = pytest.importorskip("triton")
 
-ARCHS = (80, 90)
-
-
-def _compile(job):
-    """(spec index, arch) -> the facts the tests need (runs in a worker process)."""
-    from skipdit_fast.kernels.aot import compile_spec
-    from skipdit_fast.kernels.skip_fuse import AOT_SPECS
-
-    index, arch = job
-    spec = AOT_SPECS()[index]
-    rec = compile_spec(spec, arch)
-    ptx = rec["ptx"]
-    return {
-        "name": spec.name, "arch": arch, "registers": rec["registers"],
-        "spill_stores": rec["spill_stores"], "spill_loads": rec["spill_loads"], "shared": rec["shared"],
-        "wgmma": "wgmma.mma_async" in ptx, "mma_sync": "mma.sync.aligned" in ptx,
-        "cp_async_16": len(re.findall(r"cp\.async\.c[ag]\.shared\.global[^;]*, 0x10", ptx)),
-    }
-
 
 @pytest.fixture(scope="module")
-def compiled():
-    from skipdit_fast.kernels.skip_fuse import AOT_SPECS
-
-    jobs = [(i, a) for i in range(len(AOT_SPECS())) for a in ARCHS]
-    workers = max(1, min(len(os.sched_getaffinity(0)), 4))
-    # conftest sets TRITON_INTERPRET=1 without a GPU; the workers must start without it
-    # (triton and @triton.jit read it at import), as AOT compilation needs real kernels
-    saved = os.environ.pop("TRITON_INTERPRET", None)
-    try:
-        with ProcessPoolExecutor(workers, mp_context=mp.get_context("spawn")) as pool:
-            recs = list(pool.map(_compile, jobs))
-    finally:
-        if saved is not None:
-            os.environ["TRITON_INTERPRET"] = saved
-    return {(r["name"], r["arch"]): r for r in recs}
+def compiled(aot_results):
+    """{(spec name, 80 | 90): record} for the skip_fuse kernels, from the session's
+    AOT compilation of every kernel module (conftest.aot_results)."""
+    out = {}
+    for (module, name, arch), r in aot_results.items():
+        if module == "skip_fuse":
+            assert "error" not in r, (name, arch, r.get("error"))
+            out[(name, 80 if arch == "sm_80" else 90)] = {
+                **r, "wgmma": r["tensor_cores"] == "wgmma", "mma_sync": r["tensor_cores"] == "mma"}
+    return out
 
 
 def test_specs_cover_every_config():

@@ -1,32 +1,12 @@
 """Every Triton kernel compiles ahead of time for sm_80 and sm_90 with its real
 launch configurations (AOT_SPECS in each kernels/ module), with 0 spill bytes.
 
-The compilation runs once, in a subprocess without TRITON_INTERPRET (the
-interpreter replaces @triton.jit functions), and each (kernel, arch) is a test."""
-
-import json
-import os
-import subprocess
-import sys
+The compilation runs once per session (the aot_results fixture in conftest.py) and
+each (kernel, arch) is a test."""
 
 import pytest
 
 pytest.importorskip("triton")
-
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-
-
-@pytest.fixture(scope="module")
-def aot_results(tmp_path_factory):
-    out = tmp_path_factory.mktemp("aot") / "aot.json"
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    env["PYTHONPATH"] = ROOT + os.pathsep + env.get("PYTHONPATH", "")
-    r = subprocess.run([sys.executable, "-m", "skipdit_fast.kernels.aot", "--json", str(out), "--jobs", "2"],
-                       env=env, capture_output=True, text=True, timeout=1500)
-    if not out.exists():
-        pytest.fail(f"AOT compilation did not run:\n{r.stdout}\n{r.stderr}")
-    return {(x["module"], x["name"], x["arch"]): x for x in json.loads(out.read_text())}
-
 
 def _spec_ids():
     from skipdit_fast.kernels.aot import all_specs
