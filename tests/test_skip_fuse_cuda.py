@@ -348,3 +348,43 @@ def test_compute_sanitizer_memcheck():
     assert r.returncode == 0 and "done" in r.stdout, out[-4000:]
     m = re.search(r"ERROR SUMMARY: (\d+) error", out)
     assert m is not None and m.group(1) == "0", out[-4000:]
+
+
+def _median_ms(fn, iters=20, warmup=5):
+    for _ in range(warmup):
+        fn()
+    torch.cuda.synchronize()
+    times = []
+    for _ in range(iters):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        fn()
+        end.record()
+        end.synchronize()
+        times.append(start.elapsed_time(end))
+    return sorted(times)[len(times) // 2]
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("M, D", [(4096, 1152), (16384, 1152), (4096, 1408)])
+def test_forward_speed(cuda_backend, M, D, capsys):
+    """bf16 forward against eager, torch.compile of the eager code and the bare cuBLAS
+    GEMM (M, 2D) x (2D, D): prints the ratios of DESIGN.md section 6 (targets: >= 2x
+    eager, >= 1.3x compile, <= 1.15x GEMM) and asserts only that fusion beats eager."""
+    x, skip, nw, nb, w, b = _make((M,), D, D, torch.bfloat16, "normal")
+    h = torch.randn(M, 2 * D, device="cuda", dtype=torch.bfloat16)
+    op = torch.ops.skipdit.skip_fuse.default
+    compiled = torch.compile(reference.skip_fuse, dynamic=False)
+    t = {
+        "cuda": _median_ms(lambda: op(x, skip, nw, nb, w, b, 1e-6)),
+        "eager": _median_ms(lambda: reference.skip_fuse(x, skip, nw, nb, w, b)),
+        "compile": _median_ms(lambda: compiled(x, skip, nw, nb, w, b)),
+        "gemm": _median_ms(lambda: torch.nn.functional.linear(h, w, b)),
+    }
+    tflops = 2 * M * 2 * D * D / (t["cuda"] * 1e-3) / 1e12
+    with capsys.disabled():
+        print(f"\nskip_fuse cuda bf16 M={M} D={D} on {torch.cuda.get_device_name()}: "
+              + ", ".join(f"{k} {v * 1e3:.1f} us" for k, v in t.items())
+              + f"; {tflops:.0f} TFLOP/s; vs eager {t['eager'] / t['cuda']:.2f}x, "
+              f"vs compile {t['compile'] / t['cuda']:.2f}x, vs GEMM {t['cuda'] / t['gemm']:.2f}x time")
+    assert t["cuda"] < t["eager"], t

@@ -107,19 +107,6 @@ int64_t chunk_rows(int64_t M, int64_t K, int64_t elem_size) {
 }
 
 template <typename T>
-struct CudaType {
-  using type = T;
-};
-template <>
-struct CudaType<at::BFloat16> {
-  using type = __nv_bfloat16;
-};
-template <>
-struct CudaType<at::Half> {
-  using type = __half;
-};
-
-template <typename T>
 const T* cptr(const at::Tensor& t) {
   return reinterpret_cast<const T*>(t.const_data_ptr());
 }
