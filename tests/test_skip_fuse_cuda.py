@@ -366,7 +366,7 @@ def _median_ms(fn, iters=20, warmup=5):
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("M, D", [(4096, 1152), (16384, 1152), (4096, 1408)])
+@pytest.mark.parametrize("M, D", [(4096, 1152), (16384, 1152)])
 def test_forward_speed(cuda_backend, M, D, capsys):
     """bf16 forward against eager, torch.compile of the eager code and the bare cuBLAS
     GEMM (M, 2D) x (2D, D): prints the ratios of DESIGN.md section 6 (targets: >= 2x

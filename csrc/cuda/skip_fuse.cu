@@ -73,6 +73,10 @@ void set_smem(Kernel kernel, int bytes, int device, bool (&done)[64]) {
   TORCH_CHECK(optin >= bytes, "skipdit::skip_fuse (cuda): needs ", bytes,
               " bytes of shared memory per block, the device allows ", optin);
   C10_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, bytes));
+  // Ask for the largest shared-memory carveout, so that the occupancy the kernel was
+  // sized for (two forward CTAs per SM on sm_90) is not capped by the L1 split.
+  C10_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributePreferredSharedMemoryCarveout,
+                                      cudaSharedmemCarveoutMaxShared));
   if (device >= 0 && device < 64) done[device] = true;
 }
 
