@@ -188,6 +188,33 @@ def _skip_fuse_triton_limits(q: Query) -> str | None:
 LIMITS[("skip_fuse", "triton")] = _skip_fuse_triton_limits
 
 
+# csrc/cuda/skip_fuse.cu: rows move in 16-byte chunks (x / skip and weight rows), the
+# epilogue stores column pairs, the backward keeps 2*D fp32 column sums per CTA in shared
+# memory, and the forward GEMM needs sm_80+ (cp.async, bf16 mma.sync) and 108 KiB of
+# shared memory per block (3 stages of 2 x 128 x 144-byte tiles).
+_SKIP_FUSE_CUDA_SMEM = 3 * 2 * 128 * 144
+
+
+def _skip_fuse_cuda_limits(q: Query) -> str | None:
+    D, D_out = q.features[:2]
+    if D % 8 != 0 or D > 8192:
+        return f"D={D}: the CUDA kernel needs D to be a multiple of 8 and at most 8192"
+    if D_out % 8 != 0:
+        return f"D_out={D_out}: the CUDA kernel needs D_out to be a multiple of 8"
+    if q.device.type == "cuda":
+        cc = torch.cuda.get_device_capability(q.device)
+        if cc < (8, 0):
+            return f"the CUDA kernel needs compute capability >= 8.0, device has {cc[0]}.{cc[1]}"
+        optin = getattr(torch.cuda.get_device_properties(q.device), "shared_memory_per_block_optin", None)
+        if optin is not None and optin < _SKIP_FUSE_CUDA_SMEM:
+            return (f"the CUDA kernel needs {_SKIP_FUSE_CUDA_SMEM} bytes of shared memory per block, "
+                    f"the device allows {optin}")
+    return None
+
+
+LIMITS[("skip_fuse", "cuda")] = _skip_fuse_cuda_limits
+
+
 def _with_limits(op: str, backend: str, check: Callable[[Query], str | None] | None):
     def combined(q: Query) -> str | None:
         why = check(q) if check is not None else None
