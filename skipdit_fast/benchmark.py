@@ -860,10 +860,17 @@ def sampling_configs() -> list[tuple[str, str, dict | None]]:
             ("ours", "auto", {"interval": 3, "branch": 4})]
 
 
+def sampling_model(device: torch.device) -> tuple[str, int]:
+    """(model name, image size): DiT-XL/2-skip at 256 px on a GPU (the DESIGN.md section
+    6 row); on the CPU a DiT-S/4-skip at 128 px (16 tokens per image), small enough
+    for 2 cores."""
+    return ("DiT-XL/2-skip", 256) if device.type == "cuda" else ("DiT-S/4-skip", 128)
+
+
 def sampling_benchmark(device: torch.device, dtype: torch.dtype, quick: bool,
-                       model_name: str | None = None, steps: int | None = None,
-                       batch: int | None = None, repeats: int | None = None,
-                       configs: list | None = None) -> dict:
+                       model_name: str | None = None, image_size: int | None = None,
+                       steps: int | None = None, batch: int | None = None,
+                       repeats: int | None = None, configs: list | None = None) -> dict:
     """Times whole sampling runs (skipdit_fast.diffusion.sample, DDPM, classifier-free
     guidance: a doubled batch) of a Skip-DiT with random weights, with and without
     Skip-Cache, with our kernels (backend auto) and with the eager reference ops
@@ -873,13 +880,13 @@ def sampling_benchmark(device: torch.device, dtype: torch.dtype, quick: bool,
     from_name, sample, why = _resolve_sampling_api()
     if why:
         return {"skipped": why}
-    if model_name is None:
-        model_name = "DiT-XL/2-skip" if device.type == "cuda" else "DiT-S/2-skip"
+    if model_name is None or image_size is None:
+        model_name, image_size = sampling_model(device)
     steps = steps or (50 if device.type == "cuda" else (5 if quick else 20))
     batch = batch or (8 if device.type == "cuda" else 2)
-    repeats = repeats or (3 if device.type == "cuda" or not quick else 1)
+    repeats = repeats or (1 if quick else 2 if device.type == "cuda" else 3)
     try:
-        model = from_name(model_name).to(device=device, dtype=dtype).eval()
+        model = from_name(model_name, image_size=image_size).to(device=device, dtype=dtype).eval()
     except Exception as e:
         return {"skipped": f"cannot build {model_name}: {_short(f'{type(e).__name__}: {e}', 200)}"}
     labels = list(range(batch))
@@ -910,7 +917,7 @@ def sampling_benchmark(device: torch.device, dtype: torch.dtype, quick: bool,
     for r in rows:
         if base and "median_ms" in r:
             r["vs_eager_nocache"] = base["median_ms"] / r["median_ms"]
-    return {"model": model_name, "steps": steps, "batch": f"{batch} x 2 (CFG)", "sampler": "ddpm",
+    return {"model": model_name, "image_size": image_size, "steps": steps, "batch": f"{batch} x 2 (CFG)", "sampler": "ddpm",
             "dtype": str(dtype).replace("torch.", ""), "rows": rows}
 
 
@@ -1100,7 +1107,8 @@ def format_report(result: dict) -> str:
         if "skipped" in samp:
             out.append(f"skipped: {samp['skipped']}")
         else:
-            out.append(f"{samp['model']}, {samp['steps']} steps, batch {samp['batch']}, {samp['dtype']}")
+            out.append(f"{samp['model']} at {samp.get('image_size')} px, random weights, {samp['steps']} DDPM steps, "
+                       f"batch {samp['batch']}, {samp['dtype']}; ideal = blocks total / blocks run")
             out.append("")
             out.append("| config | median | IQR | vs eager, no cache | blocks run / total | ideal |")
             out.append("|---|---|---|---|---|---|")
@@ -1229,8 +1237,13 @@ def _resolve_device(name: str) -> torch.device:
 
 def run(args) -> dict:
     t_start = time.monotonic()
-    deadline = t_start + args.budget if args.budget else None
-    compile_deadline = t_start + 0.7 * args.budget if args.budget else None
+    wanted = args.op or list(OPS) + ["dispatch"] + ([] if args.quick else ["sampling"])
+    deadline = compile_deadline = None
+    if args.budget:
+        # end-to-end sampling comes last: keep a share of the budget for it
+        ops_budget = args.budget - (min(60.0, 0.3 * args.budget) if "sampling" in wanted else 0.0)
+        deadline = t_start + ops_budget
+        compile_deadline = t_start + 0.7 * ops_budget
     if args.threads:
         torch.set_num_threads(args.threads)
     device = _resolve_device(args.device)
@@ -1238,7 +1251,6 @@ def run(args) -> dict:
         dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
     else:
         dtype = DTYPES[args.dtype]
-    wanted = args.op or list(OPS) + ["dispatch"] + ([] if args.quick else ["sampling"])
     ops_ = [o for o in OPS if o in wanted]
     torch.manual_seed(0)
     log = (lambda *a, **k: print(*a, **k, file=sys.stderr, flush=True))
@@ -1272,7 +1284,7 @@ def run(args) -> dict:
         result["dispatch"] = dispatch_overhead(args.quick)
         _write_partial(result, args)
     if "sampling" in wanted:
-        if deadline is not None and deadline - time.monotonic() < 0:
+        if args.budget and t_start + args.budget - time.monotonic() < 20:
             result["sampling"] = {"skipped": "time budget (--budget) used up"}
         else:
             log("  end-to-end sampling ...")
