@@ -566,12 +566,13 @@ class Runner:
                            "shapes, forward, only (--compile all for every row)")
         out = []
         for name, mode in modes:
-            key = (spec.op, direction, mode)
+            # One compiled function per (op, direction, mode, widths): in a model the
+            # widths (D, D_out; head dim) are fixed and token counts vary. Default mode
+            # keeps dynamo's automatic dynamic shapes within that (what a user gets:
+            # after the first shape, one dynamic-shape graph); max-autotune is static.
+            key = (spec.op, direction, mode, spec.query_features(case.params))
             fn = self._compiled.get(key)
             if fn is None:
-                # One compiled function per (op, direction, mode). Default mode keeps
-                # dynamo's automatic dynamic shapes (what a user gets: after the
-                # first shape a dynamic-shape graph); max-autotune is static per shape.
                 fn = torch.compile(spec.eager, mode=None if mode == "default" else mode,
                                    dynamic=None if mode == "default" else False, fullgraph=True)
                 self._compiled[key] = fn
@@ -1071,8 +1072,10 @@ def format_report(result: dict) -> str:
               if dev["type"] == "cpu" and env.get("load_average") else ""),
            ""]
     if peaks:
+        mm = peaks["matmul_TFLOPs"]
+        mm_s = f"{mm:.1f} TFLOP/s" if mm >= 1 else f"{mm * 1000:.1f} GFLOP/s"
         out.append(f"Measured peaks (this run): copy {peaks['copy_GBps']:.0f} GB/s (read + write), "
-                   f"{peaks['matmul_dtype']} matmul {peaks['matmul_TFLOPs']:.1f} TFLOP/s "
+                   f"{peaks['matmul_dtype']} matmul {mm_s} "
                    f"({'x'.join(map(str, peaks['matmul_shape']))}).")
         out.append("")
     rows = result["rows"]
@@ -1160,6 +1163,10 @@ def write_plot(result: dict, path: str) -> str | None:
     if not panels:
         return "no rows to plot"
     fig, axes = plt.subplots(len(panels), 1, figsize=(11, 3.6 * len(panels)), squeeze=False)
+    all_impls = [i for i in dict.fromkeys(r["impl"] for r in result["rows"]) if i != "eager"]
+    palette = plt.get_cmap("tab10").colors
+    color = {impl: palette[k % len(palette)] for k, impl in enumerate(all_impls)}
+    kinds = {r["impl"]: r["kind"] for r in result["rows"]}
     for ax, (op, d, sel) in zip(axes[:, 0], panels):
         shapes = list(dict.fromkeys(r["shape"] for r in sel))
         impls = [i for i in dict.fromkeys(r["impl"] for r in sel) if i != "eager"]
@@ -1170,7 +1177,9 @@ def write_plot(result: dict, path: str) -> str | None:
                 r = next((r for r in sel if r["shape"] == s and r["impl"] == impl), None)
                 ys.append(r["vs_eager"] if r and r.get("vs_eager") else 0.0)
             xs = [i + (j - (len(impls) - 1) / 2) * width for i in range(len(shapes))]
-            ax.bar(xs, ys, width, label=impl)
+            ours = kinds.get(impl) == "ours"
+            ax.bar(xs, ys, width, label=impl + (" (ours)" if ours else ""), color=color[impl],
+                   hatch="//" if ours else None, edgecolor="black" if ours else None)
         ax.axhline(1.0, color="black", linewidth=0.8)
         ax.set_xticks(range(len(shapes)))
         ax.set_xticklabels(shapes, fontsize=8)
@@ -1271,7 +1280,7 @@ def run(args) -> dict:
     log(f"skipdit-fast bench on {env['device']['name']} ({device.type}), {result['settings']['dtype']}")
     result["peaks"] = measure_peaks(device, dtype, args.quick)
     pk = result["peaks"]
-    log(f"  peaks: copy {pk['copy_GBps']:.0f} GB/s, {pk['matmul_dtype']} matmul {pk['matmul_TFLOPs']:.1f} TFLOP/s")
+    log(f"  peaks: copy {pk['copy_GBps']:.0f} GB/s, {pk['matmul_dtype']} matmul {pk['matmul_TFLOPs'] * 1000:.0f} GFLOP/s")
     runner = Runner(device, dtype, args.quick, compile_mode=args.compile_mode, deadline=deadline,
                     compile_deadline=compile_deadline, log=log)
     result["settings"]["compile"] = runner.compile_mode
