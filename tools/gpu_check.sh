@@ -79,7 +79,9 @@ finish() {  # finish NAME [NOTE]: PASS / FAIL from LAST_RC (after run_stage retu
   if ((LAST_RC == 0)); then
     record "$1" PASS "$LAST_DT" "${2:-}"
   else
-    record "$1" FAIL "$LAST_DT" "exit $LAST_RC${2:+; $2} (log: build/gpu-check/$1.log)"
+    local last
+    last=$(grep -v '^[[:space:]]*$' "$LOGDIR/$1.log" | tail -n 1 | cut -c1-160)
+    record "$1" FAIL "$LAST_DT" "exit $LAST_RC: ${last} (log: build/gpu-check/$1.log)"
   fi
 }
 
@@ -142,15 +144,18 @@ else:
     print("skipdit_fast.info not present: `skipdit-fast info` skipped")
 sys.exit(1 if spills else 0)
 EOF
-  finish load "library loads, CUDA built, 0 ptxas spills"
+  finish load "library loads, built with CUDA, 0 ptxas spills"
 fi
 
 # 3. GPU tests
 if run_stage tests 150 170 "$PY" -m pytest tests -q -p no:cacheprovider -rfE \
   -k "(gpu or cuda or triton) and not aot" --junitxml="$LOGDIR/tests.xml"; then
-  line=$(grep -E "(passed|failed|error|no tests ran)" "$LOGDIR/tests.log" | tail -n 1)
-  ((LAST_RC == 5)) && line="no tests selected"
-  finish tests "$line"
+  line=$(grep -E "(passed|failed|error|no tests ran|deselected)" "$LOGDIR/tests.log" | tail -n 1)
+  if ((LAST_RC == 5)); then
+    record tests FAIL "$LAST_DT" "no GPU tests selected: $line"
+  else
+    finish tests "$line"
+  fi
 fi
 
 # 4. every CUDA/Triton op once, then under compute-sanitizer memcheck
@@ -177,9 +182,11 @@ elif run_stage sanitizer 120 110 env PYTORCH_NO_CUDA_MEMORY_CACHING=1 "$SAN" --t
   fi
 fi
 
-# 5. benchmarks (the budget leaves time for the summary)
-left=$((DEADLINE - $(now) - 20))
-BENCH_BUDGET=$((left - 50))
+# 5. benchmarks: --budget inside the stage's limit (start-up, peaks, dispatch and
+# writing the files take the rest)
+left=$((DEADLINE - $(now) - 15))
+((left > 330)) && left=330
+BENCH_BUDGET=$((left - 40))
 ((BENCH_BUDGET < 30)) && BENCH_BUDGET=30
 if run_stage bench 330 15 "$PY" -m skipdit_fast bench --budget "$BENCH_BUDGET" \
   --json "$RESULTS/bench.json" --markdown "$RESULTS/bench.md" --plot "$RESULTS/speedup.png"; then
