@@ -149,6 +149,7 @@ class Timer:
             self.target_ms = 100.0 if quick else 400.0
         self.min_samples = 3 if quick else 10
         self.max_samples = 200 if quick else 1000
+        self.last_host_ms: float | None = None  # CUDA: host time to launch one call, last row
 
     def sync(self) -> None:
         if self.device.type == "cuda":
@@ -161,21 +162,34 @@ class Timer:
 
     def _time_cuda(self, step, sets) -> list[float]:
         n = len(sets)
-        # rough per-call estimate (the first call, with compilation, already happened)
+        # rough per-call estimate (the first call, with compilation, already happened),
+        # and the host's time to launch one call
+        torch.cuda.synchronize(self.device)
         est_start = torch.cuda.Event(enable_timing=True)
         est_end = torch.cuda.Event(enable_timing=True)
         est_start.record()
+        h0 = time.perf_counter()
         for i in range(5):
             step(sets[i % n])
+        host_ms = (time.perf_counter() - h0) * 1e3 / 5
         est_end.record()
         torch.cuda.synchronize(self.device)
         est = max(est_start.elapsed_time(est_end) / 5, 1e-4)
+        self.last_host_ms = host_ms
         n_warm = max(2, min(200, int(25.0 / est)))
         n_rep = max(self.min_samples, min(self.max_samples, int(self.target_ms / est)))
         for i in range(n_warm):
             step(sets[i % n])
         starts = [torch.cuda.Event(enable_timing=True) for _ in range(n_rep)]
         ends = [torch.cuda.Event(enable_timing=True) for _ in range(n_rep)]
+        torch.cuda.synchronize(self.device)
+        # Keep the GPU's queue ahead of the host: a sleep kernel long enough for the host
+        # to enqueue every timed call, so launch overhead stays out of the event times
+        # (do_bench gets the same effect from its L2-flush memset before each call).
+        # Rows whose host time exceeds the GPU time are flagged host-bound.
+        sleep_ms = min(300.0, 1.25 * n_rep * (host_ms + 0.02) + 1.0)
+        if hasattr(torch.cuda, "_sleep"):
+            torch.cuda._sleep(int(sleep_ms * 1e-3 * 2.0e9))  # cycles at ~2 GHz
         for i in range(n_rep):
             s = sets[(n_warm + i) % n]
             starts[i].record()
@@ -185,6 +199,7 @@ class Timer:
         return [a.elapsed_time(b) for a, b in zip(starts, ends)]
 
     def _time_cpu(self, step, sets) -> list[float]:
+        self.last_host_ms = None
         n = len(sets)
         t0 = time.perf_counter()
         step(sets[0])
@@ -736,6 +751,10 @@ class Runner:
                 except Exception:  # reported by the row itself / the next one
                     pass
         row = {**base, "impl": impl.name, "kind": impl.kind, **summarize(samples), "n_sets": len(sets)}
+        host = getattr(self.timer, "last_host_ms", None)
+        if host is not None:
+            row["host_ms"] = host  # the CPU's time to launch one call
+            row["host_bound"] = host > row["median_ms"]
         if impl.backend:
             row["backend"] = impl.backend
         if impl.note:
@@ -1047,7 +1066,7 @@ def format_table(rows: list[dict], floor_col: bool = False) -> str:
             name += " MISMATCH"
         if r.get("impl") == r.get("best_competitor"):
             name += " *"
-        cells = [r["shape"], name, _fmt_time(med), iqr, spread, rate, pct,
+        cells = [r["shape"], name, _fmt_time(med) + (" (h)" if r.get("host_bound") else ""), iqr, spread, rate, pct,
                  _fmt_ratio(r.get("vs_eager")), _fmt_ratio(r.get("vs_best"))]
         if floor_col:
             cells.append(_fmt_ratio(r.get("vs_floor")))
