@@ -197,3 +197,37 @@ def test_save_results_updates_readme(quick_run, tmp_path):
     text = (root / "README.md").read_text()
     assert "old" not in text and text.endswith("tail\n")
     assert os.path.basename(folder) in text and "#### skip_fuse forward" in text
+
+
+def test_cuda_timer_logic_with_fake_events(monkeypatch):
+    """The CUDA-event timer's bookkeeping (estimate, warm-up, rotation over the input
+    sets, one sample per call, host time), with host-clock stand-ins for the events."""
+    import time
+
+    class FakeEvent:
+        def __init__(self, enable_timing=False):
+            self.t = None
+
+        def record(self):
+            self.t = time.perf_counter()
+
+        def elapsed_time(self, other):
+            return (other.t - self.t) * 1e3
+
+    slept = []
+    monkeypatch.setattr(torch.cuda, "Event", FakeEvent)
+    monkeypatch.setattr(torch.cuda, "synchronize", lambda *a, **k: None)
+    monkeypatch.setattr(torch.cuda, "_sleep", lambda cycles: slept.append(cycles), raising=False)
+    timer = benchmark.Timer(torch.device("cuda"), quick=True)
+    seen = []
+
+    def step(s):
+        seen.append(s)
+        time.sleep(0.002)
+
+    samples = timer._time_cuda(step, ["a", "b", "c"])
+    assert timer.min_samples <= len(samples) <= timer.max_samples
+    assert all(1.5 < x < 50 for x in samples)
+    assert set(seen) == {"a", "b", "c"}
+    assert timer.last_host_ms >= 1.5
+    assert len(slept) == 1 and slept[0] > 0
