@@ -775,7 +775,8 @@ class Runner:
 def add_ratios(case_rows: list[dict]) -> None:
     """Ratios within one (op, shape, direction), from times of the same run.
 
-    vs_eager = t_eager / t_row; vs_best = t_best_competitor / t_row, where the
+    vs_eager = t_eager / t_row; vs_compile / vs_sdpa = time of the fastest
+    torch.compile / SDPA row / t_row; vs_best = t_best_competitor / t_row, where the
     competitors are the rows that compute the op and are not ours (eager, compile,
     sdpa); vs_floor = t_row / t_gemm_floor (skip_fuse; lower is better, 1.0 = the GEMM)."""
     by = {r["impl"]: r for r in case_rows}
@@ -783,8 +784,15 @@ def add_ratios(case_rows: list[dict]) -> None:
     comp = [r for r in case_rows if r["kind"] in ("eager", "compile", "sdpa")]
     best = min(comp, key=lambda r: r["median_ms"]) if comp else None
     floor = by.get("gemm-floor")
+    fastest = {}
+    for kind in ("compile", "sdpa"):
+        rows = [r for r in case_rows if r["kind"] == kind]
+        if rows:
+            fastest[kind] = min(r["median_ms"] for r in rows)
     for r in case_rows:
         r["vs_eager"] = eager["median_ms"] / r["median_ms"] if eager else None
+        for kind, t in fastest.items():
+            r[f"vs_{kind}"] = t / r["median_ms"]
         r["vs_best"] = best["median_ms"] / r["median_ms"] if best else None
         r["best_competitor"] = best["impl"] if best else None
         if floor is not None:
@@ -1048,7 +1056,9 @@ def backend_status(device: torch.device, dtype: torch.dtype, ops_: list[str]) ->
 
 def format_table(rows: list[dict], floor_col: bool = False) -> str:
     """A markdown table of benchmark rows (one op and direction)."""
-    head = ["shape", "impl", "median", "IQR", "p10-p90", "rate", "% roofline", "vs eager", "vs best"]
+    extra = [k for k in ("vs_compile", "vs_sdpa") if any(k in r for r in rows)]
+    head = ["shape", "impl", "median", "IQR", "p10-p90", "rate", "% roofline", "vs eager"]
+    head += [k.replace("_", " ") for k in extra] + ["vs best"]
     if floor_col:
         head.append("/ gemm")
     lines = ["| " + " | ".join(head) + " |", "|" + "|".join(["---"] * len(head)) + "|"]
@@ -1067,7 +1077,7 @@ def format_table(rows: list[dict], floor_col: bool = False) -> str:
         if r.get("impl") == r.get("best_competitor"):
             name += " *"
         cells = [r["shape"], name, _fmt_time(med) + (" (h)" if r.get("host_bound") else ""), iqr, spread, rate, pct,
-                 _fmt_ratio(r.get("vs_eager")), _fmt_ratio(r.get("vs_best"))]
+                 _fmt_ratio(r.get("vs_eager"))] + [_fmt_ratio(r.get(k)) for k in extra] + [_fmt_ratio(r.get("vs_best"))]
         if floor_col:
             cells.append(_fmt_ratio(r.get("vs_floor")))
         lines.append("| " + " | ".join(cells) + " |")

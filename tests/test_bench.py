@@ -118,6 +118,11 @@ def test_ratios_consistent_with_times(quick_run):
             assert r["best_competitor"] == best["impl"]
             if "gemm-floor" in by:
                 assert math.isclose(r["vs_floor"], r["median_ms"] / by["gemm-floor"]["median_ms"], rel_tol=1e-9)
+            sdpa = [x["median_ms"] for x in rows if x["kind"] == "sdpa"]
+            if sdpa:
+                assert math.isclose(r["vs_sdpa"], min(sdpa) / r["median_ms"], rel_tol=1e-9)
+            else:
+                assert "vs_sdpa" not in r
         assert by["eager"]["vs_eager"] == 1.0
 
 
@@ -162,7 +167,7 @@ def test_format_table():
     assert len(lines) == 2 + len(rows)
     header = [c.strip() for c in lines[0].strip("|").split("|")]
     assert header == ["shape", "impl", "median", "IQR", "p10-p90", "rate", "% roofline",
-                      "vs eager", "vs best", "/ gemm"]
+                      "vs eager", "vs compile", "vs best", "/ gemm"]
     assert all(line.count("|") == len(header) + 1 for line in lines)
     cells = {line.split("|")[2].strip(): [c.strip() for c in line.strip("|").split("|")] for line in lines[2:]}
     assert cells["compile *"][2] == "1.000 ms"  # the best competitor is starred
@@ -171,7 +176,7 @@ def test_format_table():
     assert cuda[2] == "12.5 us"
     assert cuda[3] == "10.0%"  # IQR / median
     assert cuda[5] == "160.0 TFLOP/s"  # 2 GFLOP in 12.5 us
-    assert cuda[7] == "160.00x" and cuda[8] == "80.00x" and cuda[9] == "0.05x"
+    assert cuda[7] == "160.00x" and cuda[8] == "80.00x" and cuda[9] == "80.00x" and cuda[10] == "0.05x"
     # a memory-bound row shows GB/s and its share of the copy bandwidth
     mem = [_row("eager", "eager", 1.0, flops=1e3, bytes=5e8)]
     benchmark.add_ratios(mem)
