@@ -1084,6 +1084,61 @@ def format_table(rows: list[dict], floor_col: bool = False) -> str:
     return "\n".join(lines)
 
 
+def check_targets(result: dict) -> list[dict]:
+    """The DESIGN.md section 6 (and issue 3/4) targets this run can judge, per backend of
+    ours: {"target", "backend", "value", "ok"} (value is the worst case over the shapes)."""
+    rows, out = result["rows"], []
+    gpu = result["env"]["device"]["type"] == "cuda"
+    bf16 = result["settings"]["dtype"] == "bfloat16"
+    ours = sorted({r["impl"] for r in rows if r["kind"] == "ours"})
+
+    def add(target, backend, sel, key, worst, bound, ge=True):
+        vals = [r[key] for r in sel if r.get(key) is not None]
+        if not vals:
+            return
+        v = worst(vals)
+        out.append({"target": target, "backend": backend, "value": v, "ok": v >= bound if ge else v <= bound,
+                    "shapes": len(vals)})
+
+    for b in ours:
+        if gpu and bf16:
+            sf = [r for r in rows if r["op"] == "skip_fuse" and r["direction"] == "fwd" and r["impl"] == b
+                  and r["params"]["D"] == 1152 and r["params"]["M"] >= 4096]
+            add("skip_fuse fwd, M >= 4096, D 1152: >= 2x eager", b, sf, "vs_eager", min, 2.0)
+            add("skip_fuse fwd, M >= 4096, D 1152: >= 1.3x torch.compile", b, sf, "vs_compile", min, 1.3)
+            add("skip_fuse fwd, M >= 4096, D 1152: <= 1.15x the bare GEMM", b, sf, "vs_floor", max, 1.15, ge=False)
+            at = [r for r in rows if r["op"] == "attention" and r["direction"] == "fwd" and r["impl"] == b
+                  and r["params"]["Dh"] == 72]
+            add("attention fwd, Dh 72, N 256/1024/4096: >= 1.3x best SDPA", b,
+                [r for r in at if r["params"]["N"] >= 256], "vs_sdpa", min, 1.3)
+            add("attention fwd, temporal N 16: >= 1.5x best SDPA", b,
+                [r for r in at if r["params"]["N"] == 16], "vs_sdpa", min, 1.5)
+        if not gpu:
+            sf = [r for r in rows if r["op"] == "skip_fuse" and r["direction"] == "fwd" and r["impl"] == b]
+            add("skip_fuse fwd on the CPU: no slower than eager", b, sf, "vs_eager", min, 1.0)
+    for d in result.get("dispatch") or []:
+        if "extra_vs_direct_us" in d:
+            out.append({"target": f"dispatch overhead of ops.{d['op']}: <= 5 us", "backend": "auto",
+                        "value": d["extra_vs_direct_us"], "ok": d["extra_vs_direct_us"] <= 5.0, "shapes": 1})
+    samp = result.get("sampling") or {}
+    if gpu and bf16 and samp.get("rows"):
+        by = {r["config"]: r for r in samp["rows"] if "vs_eager_nocache" in r}
+        for cfg, bound in (("ours ops, no cache", 1.4), ("ours ops, Skip-Cache N=2 K=4", 2.2)):
+            if cfg in by:
+                out.append({"target": f"sampling, {cfg}: >= {bound}x eager", "backend": "auto",
+                            "value": by[cfg]["vs_eager_nocache"], "ok": by[cfg]["vs_eager_nocache"] >= bound,
+                            "shapes": 1})
+    return out
+
+
+def format_targets(items: list[dict]) -> str:
+    lines = ["| target | backend | worst over the shapes | met |", "|---|---|---|---|"]
+    for t in items:
+        v = f"{t['value']:+.1f} us" if t["target"].startswith("dispatch") else f"{t['value']:.2f}x"
+        lines.append(f"| {t['target']} | {t['backend']} | {v} | {'yes' if t['ok'] else 'NO'} |")
+    return "\n".join(lines)
+
+
 def format_dispatch(rows: list[dict]) -> str:
     lines = ["| op | skipdit_fast.ops | torch.ops.skipdit (direct) | extra (target <= 5 us) | ATen call of similar cost | ops - ATen |",
              "|---|---|---|---|---|---|"]
@@ -1138,6 +1193,12 @@ def format_report(result: dict) -> str:
             out.append(f"Errors for {op}:")
             out.extend(f"- {e.get('impl')} {e.get('shape', '')} {e.get('direction', '')}: {e['error']}" for e in errs)
             out.append("")
+    tg = check_targets(result)
+    if tg:
+        out.append("### targets (DESIGN.md section 6, issues 3-4)")
+        out.append("")
+        out.append(format_targets(tg))
+        out.append("")
     if result.get("dispatch"):
         out.append("### dispatch overhead (CPU, tiny tensors, per call)")
         out.append("")

@@ -236,3 +236,25 @@ def test_cuda_timer_logic_with_fake_events(monkeypatch):
     assert set(seen) == {"a", "b", "c"}
     assert timer.last_host_ms >= 1.5
     assert len(slept) == 1 and slept[0] > 0
+
+
+def test_targets_judged_on_the_worst_shape():
+    rows = []
+    for M, speed in ((4096, 2.5), (32768, 1.9)):
+        case = [_row("eager", "eager", 2.0), _row("compile", "compile", 1.4), _row("gemm-floor", "floor", 0.85),
+                _row("cuda", "ours", 2.0 / speed)]
+        for r in case:
+            r.update(shape=f"M={M} D=1152", params={"M": M, "D": 1152, "D_out": 1152})
+        benchmark.add_ratios(case)
+        rows += case
+    result = {"rows": rows, "env": {"device": {"type": "cuda"}}, "settings": {"dtype": "bfloat16"},
+              "dispatch": [{"op": "cache_delta", "extra_vs_direct_us": 3.0}]}
+    got = {t["target"]: t for t in benchmark.check_targets(result)}
+    eager = got["skip_fuse fwd, M >= 4096, D 1152: >= 2x eager"]
+    assert eager["backend"] == "cuda" and math.isclose(eager["value"], 1.9) and not eager["ok"]
+    comp = got["skip_fuse fwd, M >= 4096, D 1152: >= 1.3x torch.compile"]
+    assert math.isclose(comp["value"], 1.4 / (2.0 / 1.9)) and comp["ok"]
+    floor = got["skip_fuse fwd, M >= 4096, D 1152: <= 1.15x the bare GEMM"]
+    assert math.isclose(floor["value"], (2.0 / 1.9) / 0.85) and not floor["ok"]
+    assert got["dispatch overhead of ops.cache_delta: <= 5 us"]["ok"]
+    assert "| NO |" in benchmark.format_targets(list(got.values()))
