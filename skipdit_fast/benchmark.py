@@ -37,6 +37,7 @@ import statistics
 import subprocess
 import sys
 import time
+import types
 import warnings
 from dataclasses import dataclass, field
 from typing import Any, Callable
@@ -474,6 +475,15 @@ class Impl:
     compile_s: float | None = None
 
 
+def _fresh_function(fn, tag: int):
+    """A copy of fn with its own code object. Dynamo keeps its graph cache and its
+    automatic-dynamic shape history per code object: without this, shapes seen by one
+    compiled variant (another head dim, another direction) would make the next one's
+    dims symbolic."""
+    code = fn.__code__.replace(co_name=f"{fn.__name__}_{tag}")
+    return types.FunctionType(code, fn.__globals__, code.co_name, fn.__defaults__, fn.__closure__)
+
+
 def _sdpa_backends():
     try:
         from torch.nn.attention import SDPBackend
@@ -588,7 +598,8 @@ class Runner:
             key = (spec.op, direction, mode, spec.query_features(case.params))
             fn = self._compiled.get(key)
             if fn is None:
-                fn = torch.compile(spec.eager, mode=None if mode == "default" else mode,
+                fn = torch.compile(_fresh_function(spec.eager, len(self._compiled)),
+                                   mode=None if mode == "default" else mode,
                                    dynamic=None if mode == "default" else False, fullgraph=True)
                 self._compiled[key] = fn
             out.append(Impl(name, "compile", fn))
