@@ -35,13 +35,19 @@ demo: build
 test: build
 	$(PY) -m pytest $(PYTEST_ARGS)
 
+# The benchmark suite on this machine (CPU here; the GPU when there is one): tables on
+# stdout, bench/results/<date>-<device>/{bench.json,bench.md,speedup.png}, the
+# latest-results section of bench/results/README.md refreshed; then the
+# pytest-benchmark microbenchmarks (bench/). Under 10 minutes on 2 CPU cores.
 bench: build
-	$(PY) -m skipdit_fast bench --json bench/results/cpu-latest.json
+	$(PY) -m skipdit_fast bench --save bench/results
+	$(PY) -m pytest bench -q -p no:cacheprovider --benchmark-columns=median,iqr,rounds --benchmark-sort=name
 
 # On a machine with an NVIDIA GPU and no network (DESIGN.md 5.5): build for the
-# device's arch with the Python that is there, GPU tests, sanitizer, benchmarks.
+# device's arch with the Python that is there (python3, or PYTHON=...), GPU tests,
+# compute-sanitizer, benchmarks; results in bench/results/<date>-<gpu>/. < 8 min on an H100.
 gpu-check:
-	bash tools/gpu_check.sh
+	PYTHON=$(PYTHON) bash tools/gpu_check.sh
 
 clean:
 	rm -rf build skipdit_fast/_C.so skipdit_fast/_C.ptxas.txt

@@ -1,0 +1,24 @@
+"""pytest-benchmark microbenchmarks (not part of the default `pytest` run, whose
+testpaths is tests/): `pytest bench` or `make bench`. They time real kernels only:
+no Triton interpreter here (a Triton backend on CPU tensors is skipped)."""
+
+import pytest
+import torch
+
+import skipdit_fast  # noqa: F401
+
+
+@pytest.fixture(autouse=True)
+def _seed_and_backend():
+    torch.manual_seed(0)
+    with skipdit_fast.use_backend("auto"):
+        yield
+
+
+def pytest_collection_modifyitems(config, items):
+    if torch.cuda.is_available():
+        return
+    skip = pytest.mark.skip(reason="needs a CUDA device")
+    for item in items:
+        if "gpu" in item.keywords:
+            item.add_marker(skip)
