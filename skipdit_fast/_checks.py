@@ -96,7 +96,9 @@ def check_attention(op, q, k, v, scale):
     dh = q.shape[3]
     if dh % 8 != 0 or dh > 256:
         raise ValueError(f"{op}: head dim must be a multiple of 8 up to 256, got {dh}")
-    s = dh ** -0.5 if scale is None else float(scale)
+    if scale is None:  # always finite; may be symbolic under torch.compile
+        return dh ** -0.5
+    s = float(scale)
     if not math.isfinite(s):
         raise ValueError(f"{op}: scale must be finite, got {s}")
     return s
