@@ -4,7 +4,8 @@
 // from x and skip into a chunk-sized buffer (stable two-pass statistics, accumulated
 // in double for 32-bit inputs), rounds it to the operand dtype, and one GEMM per chunk
 // (ATen's BLAS) writes the output rows. The (M, 2D) concatenation or normalized tensor
-// never exists; the buffer is at most kChunkBytes.
+// never exists; the buffer is at most kFwdChunkBytes (kBwdChunkBytes per buffer in the
+// backward, whose weight-gradient GEMM needs tall chunks to run at BLAS speed).
 //
 // The backward recomputes the statistics per chunk, so nothing but the inputs is
 // saved, and writes the LayerNorm input gradient directly into grad_x and grad_skip.
@@ -22,10 +23,11 @@
 namespace skipdit {
 namespace {
 
-constexpr int64_t kChunkBytes = 4 << 20;
+constexpr int64_t kFwdChunkBytes = 8 << 20;
+constexpr int64_t kBwdChunkBytes = 24 << 20;
 
-int64_t chunk_rows(int64_t M, int64_t width, int64_t elem_size) {
-  int64_t r = kChunkBytes / std::max<int64_t>(1, width * elem_size);
+int64_t chunk_rows(int64_t bytes, int64_t M, int64_t width, int64_t elem_size) {
+  int64_t r = bytes / std::max<int64_t>(1, width * elem_size);
   return std::clamp<int64_t>(r, 16, std::max<int64_t>(M, 1));
 }
 
@@ -88,7 +90,7 @@ void skip_fuse_fwd_impl(const at::Tensor& x, const at::Tensor& skip, const at::T
                         at::Tensor& y) {
   using acc_t = at::opmath_type<scalar_t>;
   const int64_t W = 2 * s.D;
-  const int64_t chunk = chunk_rows(s.M, W, sizeof(scalar_t));
+  const int64_t chunk = chunk_rows(kFwdChunkBytes, s.M, W, sizeof(scalar_t));
   RowIndexer xi(x), si(skip);
   auto nwc = nw.contiguous(), nbc = nb.contiguous();
   auto h = at::empty({std::min(chunk, s.M), W}, x.options());
@@ -136,7 +138,7 @@ void skip_fuse_bwd_impl(const at::Tensor& g, const at::Tensor& x, const at::Tens
   using acc_t = at::opmath_type<scalar_t>;
   const at::ScalarType acc = c10::CppTypeToScalarType<acc_t>::value;
   const int64_t D = s.D, W = 2 * D;
-  const int64_t chunk = chunk_rows(s.M, W, sizeof(acc_t) * 3);
+  const int64_t chunk = chunk_rows(kBwdChunkBytes, s.M, W, sizeof(acc_t));
   RowIndexer xi(x), si(skip);
   auto nwc = nw.contiguous(), nbc = nb.contiguous();
   at::Tensor gamma_acc = nwc.to(acc);
