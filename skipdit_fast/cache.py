@@ -153,6 +153,7 @@ class SkipCache:
         self._buf: torch.Tensor | None = None   # input of block depth-K at the last full step
         self._ref: torch.Tensor | None = None   # adaptive: shallow output at the last full step
         self._forced: str | None = None
+        self._t = 0.0
         self.reset()
 
     @property
@@ -275,32 +276,48 @@ class SkipCache:
         """Runs the blocks of one forward call (the model's forward calls this between
         its embedding and its output head) and returns the last block's output."""
         depth, K = model.depth, self.branch
-        if self._forced is not None:  # capture: a fixed path, no state change
-            if self._forced == CACHED and self._buf is None:
-                raise RuntimeError("SkipCache.capture('cached'): nothing cached; run a full step first")
-            return self._full(model, h, state, K, depth) if self._forced == FULL \
-                else self._cached(model, h, state, K, depth)
-        self._check_model(model, h)
-        tv = self._timestep(t)
-        kind = self._plan(tv)
+        kind = self._begin(model, h, t)
         if kind == FULL:
             out = self._full(model, h, state, K, depth)
         elif kind == CACHED:
+            if self._buf is None:
+                raise RuntimeError("SkipCache: a cached step with nothing cached (capture a full step first)")
             out = self._cached(model, h, state, K, depth)
-        else:  # adaptive check after the shallow blocks
+        else:  # adaptive: decide after the shallow blocks
             s = model.run_blocks(h, 0, K, state)
-            delta = float(ops.cache_delta(s, self._ref))  # the step's one host sync
-            self._report.checks += 1
-            self._report.deltas.append(delta)
-            if delta > self.threshold:
+            delta = ops.cache_delta(s, self._ref)
+            if self._decide_adaptive(delta) == FULL:
                 kind = FULL
                 out = self._rest_full(model, s, state, K, depth)
             else:
                 kind = CACHED
                 out = model.run_blocks(self._buf, depth - K, depth, state)
-        flops_fn = getattr(model, "block_flops", None)
-        self._commit(kind, tv, depth, flops_fn(h) if flops_fn is not None else None)
+        self._end(kind, model, h)
         return out
+
+    # The host-side bookkeeping stays out of torch.compile's graphs: a compiled forward
+    # breaks the graph there and specializes only on the step kind.
+    @torch._dynamo.disable
+    def _begin(self, model, h, t) -> str:
+        if self._forced is not None:  # capture: a fixed path, no state change
+            return self._forced
+        self._check_model(model, h)
+        self._t = self._timestep(t)
+        return self._plan(self._t)
+
+    @torch._dynamo.disable
+    def _decide_adaptive(self, delta: torch.Tensor) -> str:
+        d = float(delta)  # the step's one host sync
+        self._report.checks += 1
+        self._report.deltas.append(d)
+        return FULL if d > self.threshold else CACHED
+
+    @torch._dynamo.disable
+    def _end(self, kind: str, model, h) -> None:
+        if self._forced is not None:
+            return
+        flops_fn = getattr(model, "block_flops", None)
+        self._commit(kind, self._t, model.depth, flops_fn(h) if flops_fn is not None else None)
 
     def _full(self, model, h, state, K, depth):
         s = model.run_blocks(h, 0, K, state)
