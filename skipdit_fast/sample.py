@@ -133,6 +133,7 @@ def main(args: argparse.Namespace) -> int:
 
     device = _device(args.device)
     dtype = DTYPES[args.dtype] if args.dtype else (torch.bfloat16 if device.type == "cuda" else torch.float32)
+    torch.manual_seed(args.seed)  # random weights (no --ckpt) are reproducible too
     try:
         model = DiT.from_name(args.model, image_size=args.image_size)
     except ValueError as e:
