@@ -33,7 +33,7 @@ Beyond the official code:
   buffers allocated once and overwritten in place, reused across steps and runs of
   the same shape, so a full step and a cached step can each be captured as a CUDA
   graph: capture them under `with cache.capture("full")` / `capture("cached")`, then
-  per step call `kind = cache.step(t)` and replay graphs[kind];
+  per step call `kind = cache.step(t, model)` and replay graphs[kind];
 - a per-run report(): steps full / cached, blocks run, estimated FLOPs saved.
 
 The engine works for any model with the skip structure (protocol SkipModel below):
@@ -76,9 +76,20 @@ class SkipModel(Protocol):
     blocks of which 19 and 20 neither push nor pop: 19). `block_flops(h)` (optional)
     gives the estimated FLOPs of each block for the report.
 
-    An adapter for a model whose forward is not split this way (diffusers'
-    HunyuanDiT2DModel) wraps it: embed the inputs, call cache.run(adapter, h, state, t)
-    where the model loops over its blocks, then the output head.
+    An adapter for a model whose forward is not split this way wraps it: embed the
+    inputs, call cache.run(adapter, h, state, t) where the model loops over its
+    blocks, then the output head. For diffusers' HunyuanDiT2DModel (merges inside the
+    block, `skip=` argument; 40 layers: 0..18 push, 21..39 pop) the loop would be
+
+        def run_blocks(self, h, start, stop, st):          # depth 40, max_branch 19
+            for i in range(start, stop):
+                kw = dict(temb=st.temb, encoder_hidden_states=st.text, image_rotary_emb=st.rope)
+                if i > self.depth // 2:
+                    kw["skip"] = st.skips.pop()
+                h = self.model.blocks[i](h, **kw)
+                if i < self.depth // 2 - 1:
+                    st.skips.append(h)
+            return h
     """
 
     depth: int
@@ -352,8 +363,8 @@ class SkipCache:
         finally:
             self._forced = prev
 
-    def step(self, t: float, depth: int, block_flops: Sequence[float] | None = None) -> str:
-        """For graph replay: decides the next step at timestep t (host value),
+    def step(self, t: float, model: SkipModel) -> str:
+        """For graph replay: decides the next step at timestep t (a host value),
         records it as if it ran, and returns FULL or CACHED: replay that graph."""
         if self.adaptive:
             raise RuntimeError("step() serves the interval mode; adaptive decisions need the device")
@@ -361,5 +372,7 @@ class SkipCache:
             raise RuntimeError("step() replays captured graphs: needs static=True and captured buffers")
         t = float(t)
         kind = self._plan(t)
-        self._commit(kind, t, depth, block_flops)
+        flops_fn = getattr(model, "block_flops", None)
+        flops = flops_fn(torch.empty(self._buf.shape, device="meta")) if flops_fn is not None else None
+        self._commit(kind, t, model.depth, flops)
         return kind

@@ -109,12 +109,20 @@ def latents_as_images(latents: torch.Tensor, scale: int = 8) -> torch.Tensor:
     return z.repeat_interleave(scale, dim=2).repeat_interleave(scale, dim=3)
 
 
-def decode_with_vae(latents: torch.Tensor, vae_path: str, device: torch.device) -> torch.Tensor:
+def _autoencoder_class():
     try:
         from diffusers.models import AutoencoderKL
     except ImportError as e:
-        raise SystemExit(f"--vae needs the diffusers package ({e}); without --vae the latents are shown") from None
-    vae = AutoencoderKL.from_pretrained(vae_path).to(device)
+        return None, str(e)
+    return AutoencoderKL, None
+
+
+def decode_with_vae(latents: torch.Tensor, vae_path: str, device: torch.device) -> torch.Tensor:
+    """SD's VAE decode as DiT does it: vae.decode(z / 0.18215), to [0, 1]."""
+    cls, why = _autoencoder_class()
+    if cls is None:
+        raise ImportError(f"--vae needs the diffusers package ({why})")
+    vae = cls.from_pretrained(vae_path).to(device)
     with torch.no_grad():
         imgs = vae.decode(latents.to(device) / 0.18215).sample
     return ((imgs.float().cpu() + 1) / 2).clamp(0, 1)
@@ -131,6 +139,10 @@ def main(args: argparse.Namespace) -> int:
     from .diffusion import sample
     from .models import CheckpointError, DiT
 
+    if args.vae and _autoencoder_class()[0] is None:
+        print(f"skipdit-fast sample: --vae needs the diffusers package ({_autoencoder_class()[1]}); "
+              "without --vae the grid shows the latents", file=sys.stderr)
+        return 2
     device = _device(args.device)
     dtype = DTYPES[args.dtype] if args.dtype else (torch.bfloat16 if device.type == "cuda" else torch.float32)
     torch.manual_seed(args.seed)  # random weights (no --ckpt) are reproducible too

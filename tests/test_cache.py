@@ -366,16 +366,17 @@ def test_capture_and_step_protocol_on_cpu(model):
         buf = cache.buffers()["cached"].data_ptr()
         cache.reset()
         for x, tv, w in zip(xs, timesteps, want):
-            kind = cache.step(tv, model.depth)
+            kind = cache.step(tv, model)
             x_s.copy_(x)
             t_s.fill_(tv)
             with cache.capture(kind):
                 out = model(x_s, t_s, y, cache=cache)
             assert rel_err(out, w) <= 1e-5
     assert cache.report().kinds == eager.report().kinds
+    assert cache.report().flops_run == pytest.approx(eager.report().flops_run)
     assert cache.buffers()["cached"].data_ptr() == buf
     with pytest.raises(RuntimeError, match="adaptive"):
-        SkipCache(threshold=0.1, static=True).step(500, 12)
+        SkipCache(threshold=0.1, static=True).step(500, model)
 
 
 @pytest.mark.gpu
@@ -410,7 +411,7 @@ def test_cuda_graphs_full_and_cached_steps():
     for x, tv, w in zip(xs, timesteps, want):
         x_s.copy_(x)
         t_s.fill_(tv)
-        kind = cache.step(tv, model.depth)
+        kind = cache.step(tv, model)
         graphs[kind].replay()
         torch.testing.assert_close(outs[kind], w, rtol=1e-4, atol=1e-4)
     assert cache.report().kinds == eager.report().kinds

@@ -231,4 +231,10 @@ def test_cli_errors(tmp_path, capsys):
                      "--out", str(tmp_path / "x.png")]) == 2
     assert "'-skip' model" in capsys.readouterr().err
     assert cli.main(["sample", "--model", "DiT-Q/8", "--out", str(tmp_path / "x.png")]) == 2
+    capsys.readouterr()
+    try:
+        import diffusers  # noqa: F401
+    except ImportError:
+        assert cli.main(["sample", "--model", "DiT-S/8", "--vae", "some/vae", "--out", str(tmp_path / "x.png")]) == 2
+        assert "--vae needs the diffusers package" in capsys.readouterr().err
     assert not (tmp_path / "x.png").exists()

@@ -281,25 +281,29 @@ def test_strict_loading_names_the_key(golden):
     assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())
 
 
-def test_pt_and_safetensors_round_trip(golden, tmp_path):
+def _golden_model_and_output(golden):
     cfg = golden_config(golden, True)
-    sd = golden["skip_state_dict"]
-    ref = model_with(sd, cfg)
-    x, t, y = golden["x"], golden["t_single"], golden["y"]
+    model = model_with(golden["skip_state_dict"], cfg)
     with torch.no_grad():
-        want = ref(x, t, y)
+        want = model(golden["x"], golden["t_single"], golden["y"])
+    return cfg, model, want
+
+
+def _load_and_run(cfg, path, golden):
+    with torch.no_grad():
+        return DiT(cfg).load_checkpoint(path).eval()(golden["x"], golden["t_single"], golden["y"])
+
+
+def test_pt_round_trip(golden, tmp_path):
+    cfg, _, want = _golden_model_and_output(golden)
+    sd = golden["skip_state_dict"]
     pt = tmp_path / "w.pt"
     torch.save(sd, pt)
-    st = tmp_path / "w.safetensors"
-    save_safetensors(ref, st)
     ema = tmp_path / "train.pt"  # a DiT training checkpoint: {"model", "ema", ...}
     torch.save({"model": {k: v * 0 for k, v in sd.items()}, "ema": sd}, ema)
-    for path in (pt, st, ema):
-        loaded = load_checkpoint(path)
-        assert set(loaded) == set(sd)
-        with torch.no_grad():
-            got = DiT(cfg).load_checkpoint(path).eval()(x, t, y)
-        assert torch.equal(got, want), path.name
+    for path in (pt, ema):
+        assert set(load_checkpoint(path)) == set(sd)
+        assert torch.equal(_load_and_run(cfg, path, golden), want), path.name
     bad = tmp_path / "bad.pt"
     torch.save([torch.zeros(1)], bad)
     with pytest.raises(CheckpointError, match="not a state dict"):
@@ -308,6 +312,19 @@ def test_pt_and_safetensors_round_trip(golden, tmp_path):
     torch.save({"args": _NotATensor()}, evil)
     with pytest.raises(Exception, match="[Ww]eights only"):
         load_checkpoint(evil)
+
+
+def test_safetensors_round_trip(golden, tmp_path):
+    pytest.importorskip("safetensors", reason="safetensors (requirements.txt) is not installed")
+    cfg, model, want = _golden_model_and_output(golden)
+    st = tmp_path / "w.safetensors"
+    save_safetensors(model, st)
+    assert set(load_checkpoint(st)) == set(golden["skip_state_dict"])
+    assert torch.equal(_load_and_run(cfg, st, golden), want)
+    wrong = tmp_path / "wrong.safetensors"
+    save_safetensors({k: v for k, v in golden["skip_state_dict"].items() if k != "pos_embed"}, wrong)
+    with pytest.raises(CheckpointError, match=r"missing keys \(1\): pos_embed"):
+        DiT(cfg).load_checkpoint(wrong)
 
 
 class _NotATensor:  # what weights_only=True must refuse to unpickle
