@@ -16,10 +16,17 @@ if _lib.available():
 
 from . import ops, reference  # noqa: E402
 from .backends import BackendError, get_backend, set_backend, use_backend  # noqa: E402
+from . import models  # noqa: E402
+from .cache import SkipCache  # noqa: E402
+from .models import DiT, DiTConfig  # noqa: E402
 
 __all__ = [
     "BackendError",
+    "DiT",
+    "DiTConfig",
+    "SkipCache",
     "get_backend",
+    "models",
     "ops",
     "reference",
     "set_backend",

@@ -1,0 +1,378 @@
+"""Skip-Cache: reuse the deep features of a Skip-DiT across sampling steps.
+
+    cache = SkipCache(interval=2, branch=4)        # official DiT_cache semantics
+    for t in timesteps:                            # one sampling run
+        out = model(x, t, y, cache=cache)
+    print(cache.report())
+    cache.reset()                                  # before the next run
+
+Semantics (DESIGN.md section 3; the official `DiT_cache` by default). A counter runs
+over the forward calls of a run. A step is *full* when counter % interval == 0, or
+nothing is cached, or t >= start; it runs every block and keeps the input of block
+depth-K (K = branch), taken before that block's long-skip merge. Any other step is
+*cached*: it runs blocks 0..K-1 (which push their skips) and depth-K..depth-1 (whose
+merges pop them), block depth-K taking the kept tensor as its input: 2K blocks instead
+of depth. After a step with t <= stop the cache is dropped and the counter restarts,
+so later steps (t decreasing) are full.
+
+Beyond the official code:
+- state per run: reset() (the samplers call it) starts a run; the first forward of a
+  run fixes the model and the hidden-state shape (batch, tokens, width), dtype and
+  device, and a different one inside the run is an error, not a silently wrong reuse;
+- classifier-free guidance: the cond and uncond halves go through one forward (the
+  model's forward_with_cfg), so each half keeps its own cached features and one step
+  advances the counter once. A pipeline that calls the model twice per step (cond,
+  then uncond) uses one SkipCache per branch;
+- adaptive mode (threshold=...): a step that would be cached first runs the shallow
+  blocks 0..K-1, then compares their output with the one of the last full step,
+  ops.cache_delta(now, then) = sum|now - then| / sum|then|; above the threshold the
+  step continues as a full step (the shallow blocks are not run twice). That decision
+  is the only host synchronization of a step. `interval` caps the refresh period: at
+  most interval-1 cached steps in a row;
+- static buffers (static=True): the kept tensor (and the adaptive reference) live in
+  buffers allocated once and overwritten in place, reused across steps and runs of
+  the same shape, so a full step and a cached step can each be captured as a CUDA
+  graph: capture them under `with cache.capture("full")` / `capture("cached")`, then
+  per step call `kind = cache.step(t, model)` and replay graphs[kind];
+- a per-run report(): steps full / cached, blocks run, estimated FLOPs saved.
+
+The engine works for any model with the skip structure (protocol SkipModel below):
+ours (models.DiT with config.skip) and, through an adapter, e.g. diffusers'
+HunyuanDiT2DModel.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from dataclasses import dataclass, field
+from typing import Any, Iterator, Protocol, Sequence, runtime_checkable
+
+import torch
+
+from . import ops
+
+FULL, CACHED = "full", "cached"
+
+
+@runtime_checkable
+class SkipModel(Protocol):
+    """What SkipCache needs from a model with long-skip connections.
+
+    The blocks 0..depth-1 form a U: each block of the shallow range [0, K) pushes its
+    output on a stack kept in `state`, each block of the last range [depth-K, depth)
+    first merges (pops) the top of the stack, so that block depth-1-i pairs with
+    block i. SkipCache runs blocks in three ranges, always in order:
+
+        shallow  run_blocks(h, 0, K, state)
+        deep     run_blocks(h, K, depth - K, state)       (full steps only)
+        last     run_blocks(h, depth - K, depth, state)   (h: the cached tensor on
+                                                           cached steps)
+
+    run_blocks must do the pushes/pops of the blocks it runs and nothing else; the
+    input of block depth-K is its input before its merge. For DiT-style models all
+    of this is `for i in range(start, stop)` over the model's own block loop.
+    `max_branch` (optional, default depth // 2) is the largest K for which the
+    shallow range only pushes and the last range only pops (HunyuanDiT, with 40
+    blocks of which 19 and 20 neither push nor pop: 19). `block_flops(h)` (optional)
+    gives the estimated FLOPs of each block for the report.
+
+    An adapter for a model whose forward is not split this way wraps it: embed the
+    inputs, call cache.run(adapter, h, state, t) where the model loops over its
+    blocks, then the output head. For diffusers' HunyuanDiT2DModel (merges inside the
+    block, `skip=` argument; 40 layers: 0..18 push, 21..39 pop) the loop would be
+
+        def run_blocks(self, h, start, stop, st):          # depth 40, max_branch 19
+            for i in range(start, stop):
+                kw = dict(temb=st.temb, encoder_hidden_states=st.text, image_rotary_emb=st.rope)
+                if i > self.depth // 2:
+                    kw["skip"] = st.skips.pop()
+                h = self.model.blocks[i](h, **kw)
+                if i < self.depth // 2 - 1:
+                    st.skips.append(h)
+            return h
+    """
+
+    depth: int
+
+    def run_blocks(self, h: torch.Tensor, start: int, stop: int, state: Any) -> torch.Tensor: ...
+
+
+@dataclass
+class SkipCacheReport:
+    """What one sampling run did (SkipCache.report())."""
+
+    steps: int = 0
+    full_steps: int = 0
+    cached_steps: int = 0
+    blocks_run: int = 0
+    blocks_total: int = 0        # blocks an uncached run would have run
+    flops_run: float = 0.0       # estimated, when the model gives block_flops
+    flops_total: float = 0.0
+    checks: int = 0              # adaptive mode: cache_delta decisions (host syncs)
+    deltas: list[float] = field(default_factory=list)
+    kinds: list[str] = field(default_factory=list)  # per step: "full" / "cached"
+
+    @property
+    def flops_saved(self) -> float:
+        return self.flops_total - self.flops_run
+
+    @property
+    def ideal_speedup(self) -> float:
+        """Uncached / cached block count: the speedup if blocks were all the cost."""
+        return self.blocks_total / self.blocks_run if self.blocks_run else 1.0
+
+    def __str__(self) -> str:
+        s = (f"{self.steps} steps: {self.full_steps} full, {self.cached_steps} cached; "
+             f"blocks {self.blocks_run}/{self.blocks_total} run (ideal {self.ideal_speedup:.2f}x)")
+        if self.flops_total:
+            s += f"; ~{_flop_str(self.flops_saved)} saved ({100 * self.flops_saved / self.flops_total:.0f}%)"
+        if self.checks:
+            s += f"; {self.checks} adaptive checks"
+        return s
+
+
+def _flop_str(f: float) -> str:
+    for unit, scale in (("PFLOP", 1e15), ("TFLOP", 1e12), ("GFLOP", 1e9), ("MFLOP", 1e6)):
+        if abs(f) >= scale:
+            return f"{f / scale:.3g} {unit}"
+    return f"{f:.3g} FLOP"
+
+
+class SkipCache:
+    """Skip-Cache for one sampling run at a time; see the module docstring.
+
+    interval: N, a full step every N forward calls (adaptive mode: at the latest).
+    branch:   K, the cached step runs blocks 0..K-1 and depth-K..depth-1.
+    start:    steps with t >= start are full (official 1000: never for t < 1000).
+    stop:     after a step with t <= stop the cache is dropped (official 20).
+    threshold: adaptive mode when set (see the module docstring).
+    static:   keep the cached tensors in static buffers (CUDA graphs).
+    """
+
+    def __init__(self, interval: int = 2, branch: int = 4, start: float = 1000, stop: float = 20, *,
+                 threshold: float | None = None, static: bool = False):
+        if int(interval) != interval or interval < 1:
+            raise ValueError(f"interval must be an integer >= 1, got {interval}")
+        if int(branch) != branch or branch < 1:
+            raise ValueError(f"branch must be an integer >= 1, got {branch}")
+        if threshold is not None and not threshold >= 0:
+            raise ValueError(f"threshold must be >= 0, got {threshold}")
+        self.interval, self.branch = int(interval), int(branch)
+        self.start, self.stop = start, stop
+        self.threshold = threshold
+        self.static = static
+        self._buf: torch.Tensor | None = None   # input of block depth-K at the last full step
+        self._ref: torch.Tensor | None = None   # adaptive: shallow output at the last full step
+        self._forced: str | None = None
+        self._t = 0.0
+        self.reset()
+
+    @property
+    def adaptive(self) -> bool:
+        return self.threshold is not None
+
+    def __repr__(self) -> str:
+        extra = f", threshold={self.threshold}" if self.adaptive else ""
+        extra += ", static=True" if self.static else ""
+        return (f"SkipCache(interval={self.interval}, branch={self.branch}, start={self.start}, "
+                f"stop={self.stop}{extra})")
+
+    # ---- per-run state ---------------------------------------------------------------
+    def reset(self) -> None:
+        """Starts a new sampling run: counter 0, nothing cached, a fresh report.
+        Static buffers are kept for reuse (they are overwritten before being read)."""
+        self._counter = 0
+        self._valid = False
+        self._cached_in_row = 0
+        self._run_key: tuple | None = None
+        self._next_t: float | None = None
+        self._report = SkipCacheReport()
+        if not self.static:
+            self._buf = self._ref = None
+
+    def report(self) -> SkipCacheReport:
+        return self._report
+
+    def next_timestep(self, t: float) -> None:
+        """The timestep of the next forward, known on the host (the samplers call
+        this); saves reading t from the device."""
+        self._next_t = float(t)
+
+    # ---- decisions (host only) -----------------------------------------------------------
+    def _timestep(self, t) -> float:
+        if self._next_t is not None:
+            value, self._next_t = self._next_t, None
+            return value
+        if isinstance(t, torch.Tensor):
+            return float(t.reshape(-1)[0].item())  # the official code reads t[0]
+        return float(t)
+
+    def _plan(self, t: float) -> str:
+        """FULL, CACHED, or (adaptive) 'check': run the shallow blocks, then decide."""
+        if not self._valid or t >= self.start:
+            return FULL
+        if self.adaptive:
+            return FULL if self._cached_in_row >= self.interval - 1 else "check"
+        return FULL if self._counter % self.interval == 0 else CACHED
+
+    def _commit(self, kind: str, t: float, depth: int, flops: Sequence[float] | None) -> None:
+        r, K = self._report, self.branch
+        r.steps += 1
+        r.kinds.append(kind)
+        r.blocks_total += depth
+        if flops is not None:
+            r.flops_total += sum(flops)
+        if kind == FULL:
+            r.full_steps += 1
+            r.blocks_run += depth
+            if flops is not None:
+                r.flops_run += sum(flops)
+            self._valid = True
+            self._cached_in_row = 0
+        else:
+            r.cached_steps += 1
+            r.blocks_run += 2 * K
+            if flops is not None:
+                r.flops_run += sum(flops[:K]) + sum(flops[depth - K:])
+            self._cached_in_row += 1
+        self._counter += 1
+        if t <= self.stop:  # official: drop the cache after a step at t <= stop
+            self._counter = 0
+            self._valid = False
+            self._cached_in_row = 0
+            if not self.static:
+                self._buf = self._ref = None
+
+    def _check_model(self, model, h: torch.Tensor) -> None:
+        depth = model.depth
+        max_k = getattr(model, "max_branch", depth // 2)
+        if self.branch > max_k:
+            raise ValueError(f"SkipCache branch {self.branch} too large for this model "
+                             f"(depth {depth}: at most {max_k})")
+        key = (id(model), tuple(h.shape), h.dtype, h.device)
+        if self._run_key is None:
+            self._run_key = key
+        elif key != self._run_key:
+            _, shape, dtype, device = self._run_key
+            if key[0] != self._run_key[0]:
+                what = "another model"
+            else:
+                what = f"hidden states {tuple(h.shape)} {h.dtype} on {h.device}"
+            raise ValueError(
+                f"SkipCache: this sampling run started with hidden states {shape} {dtype} on {device} "
+                f"and now gets {what} (a batch-size or resolution change inside one run); "
+                "call cache.reset() (or use a new SkipCache) for each run")
+
+    # ---- storage ------------------------------------------------------------------------
+    def _keep(self, name: str, h: torch.Tensor) -> torch.Tensor:
+        if not self.static:
+            setattr(self, name, h)
+            return h
+        buf = getattr(self, name)
+        if buf is None or buf.shape != h.shape or buf.dtype != h.dtype or buf.device != h.device:
+            if self._forced is not None:
+                raise RuntimeError("SkipCache.capture: run one eager step of the same shape first, "
+                                   "so that the static buffers exist before capture")
+            buf = torch.empty_like(h, memory_format=torch.contiguous_format)
+            setattr(self, name, buf)
+        buf.copy_(h)
+        return buf
+
+    def buffers(self) -> dict[str, torch.Tensor]:
+        """The tensors the cache holds now (static mode: its static buffers)."""
+        return {k: v for k, v in (("cached", self._buf), ("reference", self._ref)) if v is not None}
+
+    # ---- the step --------------------------------------------------------------------------
+    def run(self, model: SkipModel, h: torch.Tensor, state: Any, t) -> torch.Tensor:
+        """Runs the blocks of one forward call (the model's forward calls this between
+        its embedding and its output head) and returns the last block's output."""
+        depth, K = model.depth, self.branch
+        kind = self._begin(model, h, t)
+        if kind == FULL:
+            out = self._full(model, h, state, K, depth)
+        elif kind == CACHED:
+            if self._buf is None:
+                raise RuntimeError("SkipCache: a cached step with nothing cached (capture a full step first)")
+            out = self._cached(model, h, state, K, depth)
+        else:  # adaptive: decide after the shallow blocks
+            s = model.run_blocks(h, 0, K, state)
+            delta = ops.cache_delta(s, self._ref)
+            if self._decide_adaptive(delta) == FULL:
+                kind = FULL
+                out = self._rest_full(model, s, state, K, depth)
+            else:
+                kind = CACHED
+                out = model.run_blocks(self._buf, depth - K, depth, state)
+        self._end(kind, model, h)
+        return out
+
+    # The host-side bookkeeping stays out of torch.compile's graphs: a compiled forward
+    # breaks the graph there and specializes only on the step kind.
+    @torch._dynamo.disable
+    def _begin(self, model, h, t) -> str:
+        if self._forced is not None:  # capture: a fixed path, no state change
+            return self._forced
+        self._check_model(model, h)
+        self._t = self._timestep(t)
+        return self._plan(self._t)
+
+    @torch._dynamo.disable
+    def _decide_adaptive(self, delta: torch.Tensor) -> str:
+        d = float(delta)  # the step's one host sync
+        self._report.checks += 1
+        self._report.deltas.append(d)
+        return FULL if d > self.threshold else CACHED
+
+    @torch._dynamo.disable
+    def _end(self, kind: str, model, h) -> None:
+        if self._forced is not None:
+            return
+        flops_fn = getattr(model, "block_flops", None)
+        self._commit(kind, self._t, model.depth, flops_fn(h) if flops_fn is not None else None)
+
+    def _full(self, model, h, state, K, depth):
+        s = model.run_blocks(h, 0, K, state)
+        return self._rest_full(model, s, state, K, depth)
+
+    def _rest_full(self, model, s, state, K, depth):
+        if self.adaptive:
+            self._keep("_ref", s)
+        h = model.run_blocks(s, K, depth - K, state)
+        h = self._keep("_buf", h)
+        return model.run_blocks(h, depth - K, depth, state)
+
+    def _cached(self, model, h, state, K, depth):
+        model.run_blocks(h, 0, K, state)  # pushes the fresh shallow skips
+        return model.run_blocks(self._buf, depth - K, depth, state)
+
+    # ---- CUDA graphs -------------------------------------------------------------------------
+    @contextlib.contextmanager
+    def capture(self, kind: str) -> Iterator[None]:
+        """Forward calls inside run the given path (FULL or CACHED) on the static
+        buffers without touching the run's state: for torch.cuda.graph capture.
+        Run one eager full step of the same shape first (it allocates the buffers)."""
+        if kind not in (FULL, CACHED):
+            raise ValueError(f"kind must be {FULL!r} or {CACHED!r}, got {kind!r}")
+        if not self.static:
+            raise RuntimeError("SkipCache.capture needs static=True")
+        if self.adaptive:
+            raise RuntimeError("adaptive mode decides inside the step; capture the interval mode")
+        prev, self._forced = self._forced, kind
+        try:
+            yield
+        finally:
+            self._forced = prev
+
+    def step(self, t: float, model: SkipModel) -> str:
+        """For graph replay: decides the next step at timestep t (a host value),
+        records it as if it ran, and returns FULL or CACHED: replay that graph."""
+        if self.adaptive:
+            raise RuntimeError("step() serves the interval mode; adaptive decisions need the device")
+        if not self.static or self._buf is None:
+            raise RuntimeError("step() replays captured graphs: needs static=True and captured buffers")
+        t = float(t)
+        kind = self._plan(t)
+        flops_fn = getattr(model, "block_flops", None)
+        flops = flops_fn(torch.empty(self._buf.shape, device="meta")) if flops_fn is not None else None
+        self._commit(kind, t, model.depth, flops)
+        return kind

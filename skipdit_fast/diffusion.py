@@ -1,0 +1,185 @@
+"""DiT's Gaussian diffusion for sampling: the linear beta schedule over 1000 training
+steps, respaced to the sampling steps the way DiT respaces it, with DDPM (learned-range
+variance, as DiT's p_mean_variance) and DDIM steps, classifier-free guidance with the
+official convention (model.forward_with_cfg), and a Skip-Cache per run.
+
+    result = sample(model, labels=[207, 360], steps=250, cfg_scale=4.0,
+                    cache=SkipCache(interval=2, branch=4), seed=0)
+    result.latents      # [2, 4, 32, 32]
+    result.report       # what the cache did in this run
+
+Coefficients are computed in float64 (numpy) and applied to float32 latents; the
+model runs in its own dtype. Everything random comes from one seeded generator, so a
+run on the CPU is deterministic.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from typing import Callable, Sequence
+
+import numpy as np
+import torch
+
+from .cache import SkipCache, SkipCacheReport
+
+
+def linear_betas(num_timesteps: int = 1000) -> np.ndarray:
+    """DiT / ADM linear schedule, scaled so that 1000 steps span 1e-4 .. 0.02."""
+    scale = 1000 / num_timesteps
+    return np.linspace(scale * 0.0001, scale * 0.02, num_timesteps, dtype=np.float64)
+
+
+def space_timesteps(num_timesteps: int, count: int) -> list[int]:
+    """The `count` training timesteps DiT keeps when respacing to `count` steps
+    (evenly strided, rounded with Python's round, first 0 and last num_timesteps-1)."""
+    if not 1 <= count <= num_timesteps:
+        raise ValueError(f"steps must be in 1..{num_timesteps}, got {count}")
+    stride = (num_timesteps - 1) / (count - 1) if count > 1 else 1
+    taken, cur = [], 0.0
+    for _ in range(count):
+        taken.append(round(cur))
+        cur += stride
+    return sorted(set(taken))
+
+
+class Diffusion:
+    """The respaced diffusion: index i = 0..steps-1 of the sampling schedule, where
+    `timesteps[i]` is the training timestep the model sees."""
+
+    def __init__(self, steps: int = 250, num_train_timesteps: int = 1000, learn_sigma: bool = True):
+        base = np.cumprod(1.0 - linear_betas(num_train_timesteps))
+        self.timesteps = space_timesteps(num_train_timesteps, steps)
+        betas, last = [], 1.0
+        for t in self.timesteps:
+            betas.append(1.0 - base[t] / last)
+            last = base[t]
+        b = np.array(betas, dtype=np.float64)
+        ac = np.cumprod(1.0 - b)
+        ac_prev = np.append(1.0, ac[:-1])
+        self.steps = len(b)
+        self.learn_sigma = learn_sigma
+        self.betas = b
+        self.alphas_cumprod, self.alphas_cumprod_prev = ac, ac_prev
+        self.sqrt_recip_ac = np.sqrt(1.0 / ac)
+        self.sqrt_recipm1_ac = np.sqrt(1.0 / ac - 1.0)
+        post_var = b * (1.0 - ac_prev) / (1.0 - ac)
+        self.post_log_var_clipped = np.log(np.append(post_var[1], post_var[1:])) if len(b) > 1 \
+            else np.log(np.maximum(post_var, 1e-20))
+        self.post_coef1 = b * np.sqrt(ac_prev) / (1.0 - ac)
+        self.post_coef2 = (1.0 - ac_prev) * np.sqrt(1.0 - b) / (1.0 - ac)
+        # fixed-large variance (DiT without learn_sigma)
+        self.fixed_log_var = np.log(np.append(post_var[1], b[1:])) if len(b) > 1 else np.log(b)
+
+    def p_mean_variance(self, out: torch.Tensor, x: torch.Tensor, i: int):
+        """(mean, log_variance, pred_x0, eps) of p(x_{i-1} | x_i) from the model output
+        (DiT: eps, then the variance interpolation values in [-1, 1] if learn_sigma)."""
+        C = x.shape[1]
+        if self.learn_sigma:
+            if out.shape[1] != 2 * C:
+                raise ValueError(f"learn_sigma model output must have {2 * C} channels, got {out.shape[1]}")
+            eps, v = out[:, :C], out[:, C:]
+            frac = (v + 1) / 2
+            max_log, min_log = float(np.log(self.betas[i])), float(self.post_log_var_clipped[i])
+            log_var = frac * max_log + (1 - frac) * min_log
+        else:
+            eps = out[:, :C]
+            log_var = torch.full_like(x, float(self.fixed_log_var[i]))
+        x0 = float(self.sqrt_recip_ac[i]) * x - float(self.sqrt_recipm1_ac[i]) * eps
+        mean = float(self.post_coef1[i]) * x0 + float(self.post_coef2[i]) * x
+        return mean, log_var, x0, eps
+
+    def ddpm_step(self, out, x, i: int, generator: torch.Generator | None):
+        mean, log_var, _, _ = self.p_mean_variance(out, x, i)
+        if i == 0:
+            return mean
+        noise = torch.randn(x.shape, generator=generator, device=x.device, dtype=x.dtype)
+        return mean + torch.exp(0.5 * log_var) * noise
+
+    def ddim_step(self, out, x, i: int, generator: torch.Generator | None, eta: float = 0.0):
+        _, _, x0, _ = self.p_mean_variance(out, x, i)
+        eps = (float(self.sqrt_recip_ac[i]) * x - x0) / float(self.sqrt_recipm1_ac[i])
+        ab, ab_prev = self.alphas_cumprod[i], self.alphas_cumprod_prev[i]
+        sigma = eta * np.sqrt((1 - ab_prev) / (1 - ab)) * np.sqrt(1 - ab / ab_prev)
+        x_next = float(np.sqrt(ab_prev)) * x0 + float(np.sqrt(1 - ab_prev - sigma ** 2)) * eps
+        if i == 0 or sigma == 0:
+            return x_next
+        noise = torch.randn(x.shape, generator=generator, device=x.device, dtype=x.dtype)
+        return x_next + float(sigma) * noise
+
+
+@dataclass
+class SampleResult:
+    latents: torch.Tensor                # [n, C, L, L], float32
+    seconds: float
+    report: SkipCacheReport | None       # the cache's report for this run, if any
+
+
+@torch.no_grad()
+def sample(model, labels: Sequence[int] | torch.Tensor, *, steps: int = 250, sampler: str = "ddpm",
+           cfg_scale: float = 1.0, cache: SkipCache | dict | None = None, seed: int = 0,
+           eta: float = 0.0, noise: torch.Tensor | None = None,
+           progress: Callable[[int, int], None] | None = None) -> SampleResult:
+    """Samples latents for `labels` with a DiT / Skip-DiT (models.DiT).
+
+    sampler: 'ddpm' (DiT's default) or 'ddim' (eta, default 0). cfg_scale > 1 uses
+    classifier-free guidance the official way: the latents are doubled, the second
+    half labelled with the null class, one forward_with_cfg per step. cache: a
+    SkipCache (reset here: its state is this run's) or a dict of SkipCache arguments
+    (a new one is made). noise: the initial latents [n, C, L, L] (else drawn from the
+    seeded generator). progress(done, total) is called after each step.
+    """
+    if sampler not in ("ddpm", "ddim"):
+        raise ValueError(f"sampler must be 'ddpm' or 'ddim', got {sampler!r}")
+    cfg = model.config
+    param = next(model.parameters())
+    device, dtype = param.device, param.dtype
+    y = torch.as_tensor(labels, dtype=torch.long, device=device).reshape(-1)
+    if ((y < 0) | (y > cfg.num_classes)).any():
+        raise ValueError(f"labels must be in 0..{cfg.num_classes} ({cfg.num_classes} = null label)")
+    n = y.numel()
+    gen = torch.Generator(device=device).manual_seed(seed)
+    shape = (n, cfg.in_channels, cfg.input_size, cfg.input_size)
+    if noise is None:
+        x = torch.randn(shape, generator=gen, device=device, dtype=torch.float32)
+    else:
+        if tuple(noise.shape) != shape:
+            raise ValueError(f"noise must have shape {shape}, got {tuple(noise.shape)}")
+        x = noise.to(device=device, dtype=torch.float32)
+    use_cfg = cfg_scale > 1.0
+    if use_cfg:
+        x = torch.cat([x, x])
+        y = torch.cat([y, torch.full_like(y, cfg.num_classes)])
+    if isinstance(cache, dict):
+        cache = SkipCache(**cache)
+    elif cache is not None:
+        cache.reset()
+    diffusion = Diffusion(steps, learn_sigma=cfg.learn_sigma)
+    was_training = model.training
+    model.eval()
+    t0 = time.perf_counter()
+    try:
+        for k, i in enumerate(reversed(range(diffusion.steps))):
+            tv = diffusion.timesteps[i]
+            t = torch.full((x.shape[0],), tv, dtype=torch.long, device=device)
+            if cache is not None:
+                cache.next_timestep(tv)
+            xin = x.to(dtype)
+            if use_cfg:
+                out = model.forward_with_cfg(xin, t, y, cfg_scale, cache=cache)
+            else:
+                out = model(xin, t, y, cache=cache)
+            out = out.float()
+            if sampler == "ddpm":
+                x = diffusion.ddpm_step(out, x, i, gen)
+            else:
+                x = diffusion.ddim_step(out, x, i, gen, eta)
+            if progress is not None:
+                progress(k + 1, diffusion.steps)
+    finally:
+        model.train(was_training)
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    seconds = time.perf_counter() - t0
+    return SampleResult(x[:n], seconds, cache.report() if cache is not None else None)
