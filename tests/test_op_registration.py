@@ -11,13 +11,13 @@ from skipdit_fast import _triton_ops
 ops = torch.ops.skipdit
 
 
-def _sf_args(requires_grad=False, bias=True, dtype=torch.float32, strided=False):
-    x = torch.randn(2, 5, 16, dtype=dtype)
+def _sf_args(requires_grad=False, bias=True, dtype=torch.float32, strided=False, D=16, D_out=24):
+    x = torch.randn(2, 5, D, dtype=dtype)
     if strided:
-        x = torch.randn(2, 5, 40, dtype=dtype)[..., 4:20]
-    s = torch.randn(2, 5, 16, dtype=dtype)
-    t = [x, s, torch.randn(32), torch.randn(32), torch.randn(24, 32, dtype=dtype),
-         torch.randn(24, dtype=dtype) if bias else None]
+        x = torch.randn(2, 5, D + 24, dtype=dtype)[..., 4:4 + D]
+    s = torch.randn(2, 5, D, dtype=dtype)
+    t = [x, s, torch.randn(2 * D), torch.randn(2 * D), torch.randn(D_out, 2 * D, dtype=dtype),
+         torch.randn(D_out, dtype=dtype) if bias else None]
     if requires_grad:
         t = [a.requires_grad_() if a is not None and a.is_floating_point() else a for a in t]
     return (*t, 1e-6)
@@ -63,8 +63,9 @@ def test_opcheck_native(case):
 def test_opcheck_triton(op):
     cases = {
         "cache_delta": lambda: (torch.randn(3, 8, requires_grad=True), torch.randn(3, 8)),
-        "skip_fuse": lambda: _sf_args(requires_grad=True),
-        "skip_fuse_backward": lambda: (torch.randn(2, 5, 24), *_sf_args()),
+        # the Triton kernels serve D >= 64 (backends.LIMITS)
+        "skip_fuse": lambda: _sf_args(requires_grad=True, D=64, D_out=72),
+        "skip_fuse_backward": lambda: (torch.randn(2, 5, 72), *_sf_args(D=64, D_out=72)),
         "attention_forward": lambda: (*_attn_args(True), 0.3),
         "attention_backward": _attn_bwd_args,
     }

@@ -1,8 +1,8 @@
 // skip_fuse on the CPU: y = linear(layer_norm(cat([x, skip])), weight, bias).
 //
 // Rows are processed in chunks: a parallel pass normalizes a chunk of rows straight
-// from x and skip into a chunk-sized buffer (stable two-pass statistics, accumulated
-// in double for 32-bit inputs), rounds it to the operand dtype, and one GEMM per chunk
+// from x and skip into a chunk-sized buffer (stable shifted two-pass statistics, see
+// normalize_row), rounds it to the operand dtype, and one GEMM per chunk
 // (ATen's BLAS) writes the output rows. The (M, 2D) concatenation or normalized tensor
 // never exists; the buffer is at most kFwdChunkBytes (kBwdChunkBytes per buffer in the
 // backward, whose weight-gradient GEMM needs tall chunks to run at BLAS speed).
@@ -31,56 +31,147 @@ int64_t chunk_rows(int64_t bytes, int64_t M, int64_t width, int64_t elem_size) {
   return std::clamp<int64_t>(r, 16, std::max<int64_t>(M, 1));
 }
 
-// Statistics of one row z = cat(xr, sr) of width 2D: mean and 1/sqrt(var + eps),
-// two passes (mean first, then the centered sum of squares).
-template <typename scalar_t>
-inline void row_stats(const scalar_t* xr, const scalar_t* sr, int64_t D, double eps, double& mean,
-                      double& rstd) {
-  double s = 0;
-  for (int64_t j = 0; j < D; ++j) s += static_cast<double>(xr[j]);
-  for (int64_t j = 0; j < D; ++j) s += static_cast<double>(sr[j]);
-  const double mu = s / static_cast<double>(2 * D);
-  double q = 0;
-  for (int64_t j = 0; j < D; ++j) {
-    const double d = static_cast<double>(xr[j]) - mu;
-    q += d * d;
+// The row loops below are compiled for several vector ISAs and picked at load time
+// (GCC function multiversioning), since the library is built for a generic x86-64.
+#if defined(__GNUC__) && !defined(__clang__) && defined(__x86_64__)
+#define SKIPDIT_VECTOR_CLONES __attribute__((target_clones("avx512f", "avx2", "default")))
+#else
+#define SKIPDIT_VECTOR_CLONES
+#endif
+
+// Reductions run in kLanes independent accumulators (so that they vectorize without
+// reassociation flags) and are combined in double.
+constexpr int kLanes = 16;
+
+// Normalizes one row z = cat(xr, sr) of width 2D. Statistics are two-pass and shifted:
+// every value is taken relative to the row's first value (exact for nearby values,
+// so rows with a large offset lose nothing), the mean of the shifted values comes from
+// a lane sum, the variance from the centered values. Writes h = round(xhat * gamma +
+// beta) (h_t = the operand dtype, or acc_t holding the rounded value) and, when given,
+// the row's statistics {shift, mean - shift, rstd} from which xhat is recomputed.
+template <typename scalar_t, typename acc_t, typename norm_t, typename h_t>
+SKIPDIT_VECTOR_CLONES void normalize_row(const scalar_t* xr, const scalar_t* sr, int64_t D,
+                                         double eps, const norm_t* gamma, const norm_t* beta,
+                                         h_t* h, acc_t* stats) {
+  const int64_t W = 2 * D;
+  const scalar_t* half[2] = {xr, sr};
+  const acc_t shift = static_cast<acc_t>(xr[0]);
+  acc_t lane[kLanes] = {};
+  for (int p = 0; p < 2; ++p) {
+    const scalar_t* v = half[p];
+    int64_t j = 0;
+    for (; j + kLanes <= D; j += kLanes)
+      for (int k = 0; k < kLanes; ++k) lane[k] += static_cast<acc_t>(v[j + k]) - shift;
+    for (; j < D; ++j) lane[j % kLanes] += static_cast<acc_t>(v[j]) - shift;
   }
-  for (int64_t j = 0; j < D; ++j) {
-    const double d = static_cast<double>(sr[j]) - mu;
-    q += d * d;
+  double sum = 0;
+  for (int k = 0; k < kLanes; ++k) sum += lane[k];
+  const acc_t dmu = static_cast<acc_t>(sum / static_cast<double>(W));  // mean - shift
+  acc_t sq[kLanes] = {};
+  for (int p = 0; p < 2; ++p) {
+    const scalar_t* v = half[p];
+    int64_t j = 0;
+    for (; j + kLanes <= D; j += kLanes)
+      for (int k = 0; k < kLanes; ++k) {
+        const acc_t d = (static_cast<acc_t>(v[j + k]) - shift) - dmu;
+        sq[k] += d * d;
+      }
+    for (; j < D; ++j) {
+      const acc_t d = (static_cast<acc_t>(v[j]) - shift) - dmu;
+      sq[j % kLanes] += d * d;
+    }
   }
-  mean = mu;
-  rstd = 1.0 / std::sqrt(q / static_cast<double>(2 * D) + eps);
+  double var = 0;
+  for (int k = 0; k < kLanes; ++k) var += sq[k];
+  const acc_t rstd = static_cast<acc_t>(1.0 / std::sqrt(var / static_cast<double>(W) + eps));
+  for (int p = 0; p < 2; ++p) {
+    const scalar_t* v = half[p];
+    const norm_t* g = gamma + p * D;
+    const norm_t* b = beta + p * D;
+    h_t* hp = h + p * D;
+    for (int64_t j = 0; j < D; ++j) {
+      const acc_t n = ((static_cast<acc_t>(v[j]) - shift) - dmu) * rstd;
+      hp[j] = static_cast<h_t>(static_cast<scalar_t>(n * static_cast<acc_t>(g[j]) + static_cast<acc_t>(b[j])));
+    }
+  }
+  if (stats) {
+    stats[0] = shift;
+    stats[1] = dmu;
+    stats[2] = rstd;
+  }
 }
 
-// Normalizes rows [r0, r0 + rows) into xhat (acc dtype, optional) and h (operand dtype,
-// h = round(xhat * gamma + beta)), both laid out [rows, 2D].
-template <typename scalar_t, typename acc_t, typename norm_t>
+// Normalizes rows [r0, r0 + rows) into h ([rows, 2D]) and, for the backward, their
+// statistics ([rows, 3]).
+template <typename scalar_t, typename acc_t, typename norm_t, typename h_t>
 void normalize_chunk(const scalar_t* x, const RowIndexer& xi, const scalar_t* skip,
                      const RowIndexer& si, int64_t r0, int64_t rows, int64_t D,
-                     const norm_t* gamma, const norm_t* beta, double eps, acc_t* xhat,
-                     scalar_t* h, acc_t* rstd_out) {
+                     const norm_t* gamma, const norm_t* beta, double eps, h_t* h, acc_t* stats) {
   const int64_t W = 2 * D;
   at::parallel_for(0, rows, std::max<int64_t>(1, 16384 / W), [&](int64_t b, int64_t e) {
     for (int64_t i = b; i < e; ++i) {
-      const scalar_t* xr = x + xi.offset(r0 + i);
-      const scalar_t* sr = skip + si.offset(r0 + i);
-      double mu, rs;
-      row_stats(xr, sr, D, eps, mu, rs);
-      const acc_t amu = static_cast<acc_t>(mu), ars = static_cast<acc_t>(rs);
-      for (int64_t half = 0; half < 2; ++half) {
-        const scalar_t* src = half == 0 ? xr : sr;
-        const int64_t o = half * D;
-        for (int64_t j = 0; j < D; ++j) {
-          const acc_t v = (static_cast<acc_t>(src[j]) - amu) * ars;
-          if (xhat) xhat[i * W + o + j] = v;
-          h[i * W + o + j] = static_cast<scalar_t>(
-              v * static_cast<acc_t>(gamma[o + j]) + static_cast<acc_t>(beta[o + j]));
-        }
-      }
-      if (rstd_out) rstd_out[i] = ars;
+      normalize_row<scalar_t, acc_t, norm_t, h_t>(x + xi.offset(r0 + i), skip + si.offset(r0 + i), D,
+                                                  eps, gamma, beta, h + i * W,
+                                                  stats ? stats + 3 * i : nullptr);
     }
   });
+}
+
+// LayerNorm backward of one row, split into the x and skip halves on the way out:
+// dz = rstd * (dh*g - mean(dh*g) - xhat * mean(dh*g*xhat)), xhat recomputed from the
+// inputs and the row statistics; also accumulates the row's share of grad_gamma
+// (dh * xhat) and grad_beta (dh).
+template <typename scalar_t, typename acc_t>
+SKIPDIT_VECTOR_CLONES void ln_backward_row(const acc_t* dh, const scalar_t* xr, const scalar_t* sr,
+                                           const acc_t* stats, const acc_t* gamma, int64_t D,
+                                           scalar_t* dx, scalar_t* dskip, acc_t* dgamma,
+                                           acc_t* dbeta) {
+  const acc_t shift = stats[0], dmu = stats[1], rstd = stats[2];
+  const scalar_t* half[2] = {xr, sr};
+  scalar_t* out[2] = {dx, dskip};
+  acc_t l1[kLanes] = {}, l2[kLanes] = {};
+  for (int p = 0; p < 2; ++p) {
+    const scalar_t* v = half[p];
+    const acc_t* d = dh + p * D;
+    const acc_t* g = gamma + p * D;
+    acc_t* dg = dgamma + p * D;
+    acc_t* db = dbeta + p * D;
+    int64_t j = 0;
+    for (; j + kLanes <= D; j += kLanes)
+      for (int k = 0; k < kLanes; ++k) {
+        const acc_t xh = ((static_cast<acc_t>(v[j + k]) - shift) - dmu) * rstd;
+        const acc_t dg_ = d[j + k] * g[j + k];
+        l1[k] += dg_;
+        l2[k] += dg_ * xh;
+        dg[j + k] += d[j + k] * xh;
+        db[j + k] += d[j + k];
+      }
+    for (; j < D; ++j) {
+      const acc_t xh = ((static_cast<acc_t>(v[j]) - shift) - dmu) * rstd;
+      const acc_t dg_ = d[j] * g[j];
+      l1[j % kLanes] += dg_;
+      l2[j % kLanes] += dg_ * xh;
+      dg[j] += d[j] * xh;
+      db[j] += d[j];
+    }
+  }
+  double s1 = 0, s2 = 0;
+  for (int k = 0; k < kLanes; ++k) {
+    s1 += l1[k];
+    s2 += l2[k];
+  }
+  const acc_t c1 = static_cast<acc_t>(s1 / static_cast<double>(2 * D));
+  const acc_t c2 = static_cast<acc_t>(s2 / static_cast<double>(2 * D));
+  for (int p = 0; p < 2; ++p) {
+    const scalar_t* v = half[p];
+    const acc_t* d = dh + p * D;
+    const acc_t* g = gamma + p * D;
+    scalar_t* o = out[p];
+    for (int64_t j = 0; j < D; ++j) {
+      const acc_t xh = ((static_cast<acc_t>(v[j]) - shift) - dmu) * rstd;
+      o[j] = static_cast<scalar_t>(rstd * (d[j] * g[j] - c1 - xh * c2));
+    }
+  }
 }
 
 template <typename scalar_t, typename norm_t>
@@ -97,10 +188,10 @@ void skip_fuse_fwd_impl(const at::Tensor& x, const at::Tensor& skip, const at::T
   auto wt = w.t();
   for (int64_t r0 = 0; r0 < s.M; r0 += chunk) {
     const int64_t rows = std::min(chunk, s.M - r0);
-    normalize_chunk<scalar_t, acc_t, norm_t>(
+    normalize_chunk<scalar_t, acc_t, norm_t, scalar_t>(
         x.const_data_ptr<scalar_t>(), xi, skip.const_data_ptr<scalar_t>(), si, r0, rows, s.D,
-        nwc.const_data_ptr<norm_t>(), nbc.const_data_ptr<norm_t>(), eps, nullptr,
-        h.mutable_data_ptr<scalar_t>(), nullptr);
+        nwc.const_data_ptr<norm_t>(), nbc.const_data_ptr<norm_t>(), eps,
+        h.mutable_data_ptr<scalar_t>(), static_cast<acc_t*>(nullptr));
     auto hv = h.narrow(0, 0, rows);
     auto yv = y.narrow(0, r0, rows);
     if (bias.has_value()) {
@@ -145,59 +236,54 @@ void skip_fuse_bwd_impl(const at::Tensor& g, const at::Tensor& x, const at::Tens
   at::Tensor w_acc = w.to(acc);
   auto g2 = g.reshape({s.M, s.D_out});
   const int64_t cmax = std::min(chunk, s.M);
-  at::Tensor xhat = at::empty({cmax, W}, x.options().dtype(acc));
-  at::Tensor h = at::empty({cmax, W}, x.options());
-  at::Tensor rstd = at::empty({cmax}, x.options().dtype(acc));
-  at::Tensor dw_acc = at::zeros({s.D_out, W}, x.options().dtype(acc));
-  at::Tensor db_acc = at::zeros({s.D_out}, x.options().dtype(acc));
-  at::Tensor dg_acc = at::zeros({W}, x.options().dtype(acc));
-  at::Tensor dbn_acc = at::zeros({W}, x.options().dtype(acc));
+  at::Tensor h = at::empty({cmax, W}, x.options().dtype(acc));  // rounded to scalar_t
+  at::Tensor stats = at::empty({cmax, 3}, x.options().dtype(acc));
+  // weight / bias gradients accumulate straight into the outputs when those are in the
+  // accumulation dtype (fp32, fp64), else into an fp32 buffer.
+  const bool direct = w.scalar_type() == acc;
+  at::Tensor dw_acc = direct ? dw : at::empty({s.D_out, W}, x.options().dtype(acc));
+  at::Tensor db_acc = direct && db.numel() > 0 ? db : at::empty({s.D_out}, x.options().dtype(acc));
+  // per-thread partial sums of grad_gamma / grad_beta: [threads, 2, W]
+  const int64_t nthreads = at::get_num_threads();
+  at::Tensor dgb = at::zeros({nthreads, 2, W}, x.options().dtype(acc));
   scalar_t* dxp = dx.mutable_data_ptr<scalar_t>();
   scalar_t* dsp = dskip.mutable_data_ptr<scalar_t>();
   const acc_t* gam = gamma_acc.const_data_ptr<acc_t>();
+  acc_t* dgbp = dgb.mutable_data_ptr<acc_t>();
   for (int64_t r0 = 0; r0 < s.M; r0 += chunk) {
     const int64_t rows = std::min(chunk, s.M - r0);
-    normalize_chunk<scalar_t, acc_t, norm_t>(
+    normalize_chunk<scalar_t, acc_t, norm_t, acc_t>(
         x.const_data_ptr<scalar_t>(), xi, skip.const_data_ptr<scalar_t>(), si, r0, rows, D,
         nwc.const_data_ptr<norm_t>(), nbc.const_data_ptr<norm_t>(), eps,
-        xhat.mutable_data_ptr<acc_t>(), h.mutable_data_ptr<scalar_t>(),
-        rstd.mutable_data_ptr<acc_t>());
-    at::Tensor xh = xhat.narrow(0, 0, rows);
+        h.mutable_data_ptr<acc_t>(), stats.mutable_data_ptr<acc_t>());
     at::Tensor dy = g2.narrow(0, r0, rows).to(acc);
-    dw_acc.addmm_(dy.t(), h.narrow(0, 0, rows).to(acc));
-    db_acc.add_(dy.sum(0));
+    if (r0 == 0) {
+      at::mm_out(dw_acc, dy.t(), h.narrow(0, 0, rows));
+      at::sum_out(db_acc, dy, 0);
+    } else {
+      dw_acc.addmm_(dy.t(), h.narrow(0, 0, rows));
+      db_acc.add_(dy.sum(0));
+    }
     at::Tensor dh = dy.mm(w_acc).contiguous();  // [rows, 2D]
-    dg_acc.add_((dh * xh).sum(0));
-    dbn_acc.add_(dh.sum(0));
     const acc_t* dhp = dh.const_data_ptr<acc_t>();
-    const acc_t* xhp = xh.const_data_ptr<acc_t>();
-    const acc_t* rsp = rstd.const_data_ptr<acc_t>();
+    const acc_t* stp = stats.const_data_ptr<acc_t>();
+    const scalar_t* xp = x.const_data_ptr<scalar_t>();
+    const scalar_t* sp = skip.const_data_ptr<scalar_t>();
     at::parallel_for(0, rows, std::max<int64_t>(1, 8192 / W), [&](int64_t b, int64_t e) {
+      acc_t* mine = dgbp + at::get_thread_num() * 2 * W;
       for (int64_t i = b; i < e; ++i) {
-        const acc_t* dhr = dhp + i * W;
-        const acc_t* xhr = xhp + i * W;
-        acc_t c1 = 0, c2 = 0;
-        for (int64_t j = 0; j < W; ++j) {
-          const acc_t d = dhr[j] * gam[j];
-          c1 += d;
-          c2 += d * xhr[j];
-        }
-        c1 /= static_cast<acc_t>(W);
-        c2 /= static_cast<acc_t>(W);
-        const acc_t r = rsp[i];
-        scalar_t* out_x = dxp + (r0 + i) * D;
-        scalar_t* out_s = dsp + (r0 + i) * D;
-        for (int64_t j = 0; j < D; ++j)
-          out_x[j] = static_cast<scalar_t>(r * (dhr[j] * gam[j] - c1 - xhr[j] * c2));
-        for (int64_t j = 0; j < D; ++j)
-          out_s[j] = static_cast<scalar_t>(r * (dhr[D + j] * gam[D + j] - c1 - xhr[D + j] * c2));
+        ln_backward_row<scalar_t, acc_t>(dhp + i * W, xp + xi.offset(r0 + i), sp + si.offset(r0 + i),
+                                         stp + 3 * i, gam, D, dxp + (r0 + i) * D, dsp + (r0 + i) * D,
+                                         mine, mine + W);
       }
     });
   }
+  at::Tensor dg_acc = dgb.select(1, 0).sum(0);
+  at::Tensor dbn_acc = dgb.select(1, 1).sum(0);
   dnw.copy_(dg_acc);
   dnb.copy_(dbn_acc);
-  dw.copy_(dw_acc);
-  if (db.numel() > 0) db.copy_(db_acc);
+  if (!direct) dw.copy_(dw_acc);
+  if (db.numel() > 0 && !db.is_same(db_acc)) db.copy_(db_acc);
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor>
