@@ -10,8 +10,12 @@
 //     fragments with the PTX ISA's layouts (groupID = lane >> 2, threadID_in_group =
 //     lane % 4) and compute in fp32 from exact 16-bit products;
 //   - cp.async copies are queued per thread and performed at cp.async.wait_group time
-//     (mode 1, "deferred": reading shared memory before the wait shows up) or at issue
-//     (mode 0); shared memory starts as NaN bit patterns;
+//     (mode bit 0 set, "deferred": reading shared memory before the wait shows up) or
+//     at issue; shared memory starts as NaN bit patterns;
+//   - threads are scheduled round-robin (warps advance in near lockstep) or, with mode
+//     bit 1, warp by warp: each warp runs until it blocks at __syncthreads before the
+//     next one runs, so a warp that overwrites a buffer other warps still read (a
+//     missing barrier) shows up;
 //   - every shared-memory access is checked for bounds and alignment, every global read
 //     against the input tensors' storage, every global write against the outputs;
 //     ldmatrix / mma / shfl must be executed by all 32 lanes together.
@@ -150,6 +154,8 @@ struct Thread {
   ucontext_t ctx;
   std::vector<char> stack;
   bool done = false;
+  bool at_barrier = false;  // waiting in block_sync for generation barrier_gen to end
+  uint64_t barrier_gen = 0;
   int tid = 0;
   std::vector<Copy> open;               // issued since the last commit
   std::deque<std::vector<Copy>> groups;  // committed, not yet complete
@@ -171,7 +177,8 @@ enum Kind { kLdsmX4 = 1, kLdsmX2, kLdsmX4T, kLdsmX2T, kMmaK16F16, kMmaK16BF16, k
 
 struct Machine {
   // configuration of the current launch
-  int mode = 1;  // 0: cp.async performed at issue; 1: at wait_group
+  int mode = 1;  // bit 0: cp.async performed at wait_group (else at issue);
+                 // bit 1: warp-by-warp scheduling (else round-robin over threads)
   std::vector<Range> readable;
   std::vector<Range> writable;
   std::string error;
@@ -362,18 +369,39 @@ bool run_cta(int threads) {
     t.ctx.uc_link = &M.sched;
     makecontext(&t.ctx, fiber_entry, 0);
   }
+  auto runnable = [](const Thread& t) {
+    return !t.done && !(t.at_barrier && t.barrier_gen == M.bar_gen);
+  };
+  auto resume = [](int i) {
+    M.cur = i;
+    swapcontext(&M.sched, &M.threads[i].ctx);
+    // a barrier whose last missing threads have exited
+    if (M.bar_arrived > 0 && M.bar_arrived == M.live) {
+      M.bar_arrived = 0;
+      ++M.bar_gen;
+      ++M.progress;
+    }
+  };
+  const bool by_warp = (M.mode & 2) != 0;
   int idle_passes = 0;
   while (M.live > 0) {
     const uint64_t before = M.progress;
-    for (int i = 0; i < threads; ++i) {
-      if (M.threads[i].done) continue;
-      M.cur = i;
-      swapcontext(&M.sched, &M.threads[i].ctx);
-      // a barrier whose last missing threads have exited
-      if (M.bar_arrived > 0 && M.bar_arrived == M.live) {
-        M.bar_arrived = 0;
-        ++M.bar_gen;
-        ++M.progress;
+    if (by_warp) {
+      for (int w0 = 0; w0 < threads; w0 += 32) {
+        const int w1 = w0 + 32 < threads ? w0 + 32 : threads;
+        for (bool ran = true; ran;) {
+          ran = false;
+          for (int i = w0; i < w1; ++i) {
+            if (!runnable(M.threads[i])) continue;
+            const uint64_t p0 = M.progress;
+            resume(i);
+            ran = ran || M.progress != p0 || !runnable(M.threads[i]);
+          }
+        }
+      }
+    } else {
+      for (int i = 0; i < threads; ++i) {
+        if (!M.threads[i].done) resume(i);
       }
     }
     if (M.progress == before) {
@@ -407,7 +435,7 @@ void cp_async16(void* smem_dst, const void* gmem_src, bool valid) {
     valid = false;
   }
   emu::Copy c{static_cast<char*>(smem_dst), static_cast<const char*>(gmem_src), valid};
-  if (M.mode == 0) {
+  if ((M.mode & 1) == 0) {
     emu::perform(c);
   } else {
     emu::me().open.push_back(c);
@@ -488,7 +516,11 @@ void block_sync() {
     ++M.progress;
     return;
   }
+  auto& t = emu::me();
+  t.at_barrier = true;
+  t.barrier_gen = gen;
   while (M.bar_gen == gen) emu::yield_();
+  t.at_barrier = false;
 }
 
 void st_shared_u32(void* p, uint32_t v) {
@@ -561,7 +593,8 @@ void run_all(skipdit::attn::FwdParams p, int64_t cta_begin, int64_t cta_end, cha
 
 extern "C" {
 
-// Runs the attention forward kernels on the CPU. dtype: 0 fp16, 1 bf16. strides: q, k,
+// Runs the attention forward kernels on the CPU. dtype: 0 fp16, 1 bf16. mode: bits as
+// in Machine::mode. strides: q, k,
 // v element strides for B, N, H (9 values). ranges: [lo, hi) byte addresses of the
 // storage the kernel may read (q, k, v: 6 values) and write (out, lse: 4 values).
 // CTAs [cta_begin, cta_end) of the grid run (cta_end < 0: all). Returns 0, or 1 with
