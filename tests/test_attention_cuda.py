@@ -246,6 +246,20 @@ def test_emulated_scale_and_schedules(emu, mode, scale):
         check_against_truth(out, lse, q, k, v, scale, info)
 
 
+@pytest.mark.parametrize("dtype", [F16, BF16], ids=["fp16", "bf16"])
+def test_emulator_16bit_conversions_match_torch(emu, dtype):
+    x = torch.cat([torch.randn(20000) * 10.0 ** torch.randint(-9, 6, (20000,)),
+                   torch.tensor([0.0, -0.0, 65504.0, 65519.9, 65520.0, 1e9, float("inf"), -float("inf"),
+                                 2.0 ** -24, 2.0 ** -25, 3 * 2.0 ** -26, 2.0 ** -14 * 0.999])])
+    out = torch.empty(x.numel(), dtype=torch.int16)
+    back = torch.empty_like(x)
+    emu.lib.emu_convert(0 if dtype == F16 else 1, ctypes.c_void_p(x.data_ptr()),
+                        ctypes.c_void_p(out.data_ptr()), ctypes.c_void_p(back.data_ptr()),
+                        ctypes.c_int64(x.numel()))
+    assert torch.equal(out, x.to(dtype).view(torch.int16))  # bit for bit
+    assert torch.equal(back, x.to(dtype).float())
+
+
 def test_emulator_reports_out_of_range_reads(emu):
     """The emulator checks every global read against the inputs' storage: declare q's
     storage one row too short and the kernel's (correct) reads of that row are reported."""

@@ -407,7 +407,7 @@ SKIPDIT_DEV void fwd_main(const FwdParams& p, char* smem, int tid, int64_t block
     cp_async_commit();
   }
 
-  const uint16_t* sQw = sQ + warp * 16 * kMT * kLd;
+  uint16_t* sQw = sQ + warp * 16 * kMT * kLd;  // this warp's rows (Q, then the output)
   QFrags<kDh, kMT, C::kQRegs> qf;
   if constexpr (C::kQRegs) {
     cp_async_wait<kStages - 2>();
@@ -452,8 +452,7 @@ SKIPDIT_DEV void fwd_main(const FwdParams& p, char* smem, int tid, int64_t block
     pv<kDh, kMT, kN16, E>(o, s, sK + kBN * kLd, kN16, lane);
   }
 
-  store_rows<kDh, kMT, E>(o, m, l, const_cast<uint16_t*>(sQw), p, bh, b, h, q0 + warp * 16 * kMT,
-                          lane);
+  store_rows<kDh, kMT, E>(o, m, l, sQw, p, bh, b, h, q0 + warp * 16 * kMT, lane);
 }
 
 // ---------------------------------------------------------------------------------

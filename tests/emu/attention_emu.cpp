@@ -99,15 +99,27 @@ uint32_t float_to_bits(float f) {
   return u;
 }
 float f16_to_float(uint16_t h) {
-  _Float16 x;
-  std::memcpy(&x, &h, 2);
-  return static_cast<float>(x);
+  const uint32_t sign = static_cast<uint32_t>(h & 0x8000u) << 16;
+  const uint32_t exp = (h >> 10) & 0x1fu, man = h & 0x3ffu;
+  if (exp == 0) {  // zero or subnormal: man * 2^-24
+    const float f = std::ldexp(static_cast<float>(man), -24);
+    return sign ? -f : f;
+  }
+  if (exp == 31) return bits_to_float(sign | 0x7f800000u | (man << 13));  // inf, nan
+  return bits_to_float(sign | ((exp + 112) << 23) | (man << 13));
 }
 uint16_t float_to_f16(float f) {  // round to nearest even
-  _Float16 x = static_cast<_Float16>(f);
-  uint16_t h;
-  std::memcpy(&h, &x, 2);
-  return h;
+  const uint32_t u = float_to_bits(f);
+  const uint16_t sign = static_cast<uint16_t>((u >> 16) & 0x8000u);
+  const uint32_t a = u & 0x7fffffffu;
+  if (a >= 0x7f800000u) return sign | (a > 0x7f800000u ? 0x7e00 : 0x7c00);
+  if (a >= 0x477ff000u) return sign | 0x7c00;  // >= 65520 rounds to inf
+  if (a < 0x38800000u) {                        // below 2^-14: a multiple of 2^-24
+    return sign | static_cast<uint16_t>(std::nearbyint(bits_to_float(a) * 16777216.0f));
+  }
+  uint32_t r = a - 0x38000000u;  // rebias the exponent (127 -> 15)
+  r += 0xfffu + ((r >> 13) & 1u);
+  return sign | static_cast<uint16_t>(r >> 13);
 }
 float bf16_to_float(uint16_t h) { return bits_to_float(static_cast<uint32_t>(h) << 16); }
 uint16_t float_to_bf16(float f) {  // round to nearest even
@@ -592,6 +604,14 @@ void run_all(skipdit::attn::FwdParams p, int64_t cta_begin, int64_t cta_end, cha
 }  // namespace
 
 extern "C" {
+
+// The emulator's 16-bit conversions, exposed for a check against torch's.
+void emu_convert(int dtype, const float* in, uint16_t* out, float* back, int64_t n) {
+  for (int64_t i = 0; i < n; ++i) {
+    out[i] = dtype == 0 ? emu::float_to_f16(in[i]) : emu::float_to_bf16(in[i]);
+    back[i] = dtype == 0 ? emu::f16_to_float(out[i]) : emu::bf16_to_float(out[i]);
+  }
+}
 
 // Runs the attention forward kernels on the CPU. dtype: 0 fp16, 1 bf16. mode: bits as
 // in Machine::mode. strides: q, k,
