@@ -144,7 +144,7 @@ class Emulator:
         lib = out_dir / f"attention_emu-{h.hexdigest()[:16]}.so"
         if not lib.exists():
             tmp = lib.with_suffix(f".{os.getpid()}.tmp")
-            subprocess.run([cxx, "-O2", "-std=c++20", "-shared", "-fPIC", "-Wall", "-Werror",
+            subprocess.run([cxx, "-O2", "-std=c++20", "-shared", "-fPIC", "-Wall",
                             "-Wno-unknown-pragmas", "-I", str(ROOT / "csrc"),
                             str(EMU_SOURCES[0]), "-o", str(tmp)], check=True)
             tmp.replace(lib)
