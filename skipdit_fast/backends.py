@@ -215,6 +215,19 @@ def _skip_fuse_cuda_limits(q: Query) -> str | None:
 LIMITS[("skip_fuse", "cuda")] = _skip_fuse_cuda_limits
 
 
+def _cuda_attention_limits(q: Query) -> str | None:
+    # csrc/cuda/attention.cu: mma.sync / cp.async kernels for fp16 and bf16; every head
+    # dim the op accepts (multiples of 8 up to 256) is served.
+    if q.dtype not in (torch.float16, torch.bfloat16):
+        return f"the CUDA attention kernel runs float16 and bfloat16 only, got {q.dtype}"
+    if q.device.type == "cuda" and torch.cuda.get_device_capability(q.device) < (8, 0):
+        return "the CUDA attention kernel needs compute capability >= 8.0"
+    return None
+
+
+LIMITS[("attention", "cuda")] = _cuda_attention_limits
+
+
 def _with_limits(op: str, backend: str, check: Callable[[Query], str | None] | None):
     def combined(q: Query) -> str | None:
         why = check(q) if check is not None else None
