@@ -18,6 +18,8 @@ import torch
 # An op missing here has no Triton kernel yet.
 TRITON_KERNELS: dict[str, tuple[str, str]] = {
     "cache_delta": ("skipdit_fast.kernels.cache_delta", "cache_delta"),
+    "attention_forward": ("skipdit_fast.kernels.attention", "attention_forward"),
+    "attention_backward": ("skipdit_fast.kernels.attention", "attention_backward"),
 }
 
 # public op -> (forward op, backward op or None)
