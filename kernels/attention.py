@@ -296,17 +296,33 @@ def _attn_fwd_short(Q, K, V, O, LSE, qk_scale, Nq, Nk, H, BH,
     ko = b * skb + h * skh
     vo = b * svb + h * svh
 
-    q = _ld3(Q, qo, pmask, rm, sqn, Nq, 0, KD0, HEAD_DIM)
-    k = _ld3(K, ko, pmask, rn, skn, Nk, 0, KD0, HEAD_DIM)
-    s = tl.dot(q, tl.trans(k), input_precision=DOT_PREC)
+    # every load first (q, k, v: ~7 KB a pair at Dh 72), so the whole tile is in
+    # flight at once; this kernel is bound by memory bandwidth, not math
+    q0 = _ld3(Q, qo, pmask, rm, sqn, Nq, 0, KD0, HEAD_DIM)
+    k0 = _ld3(K, ko, pmask, rn, skn, Nk, 0, KD0, HEAD_DIM)
+    v0 = _ld3(V, vo, pmask, rn, svn, Nk, 0, VD0, HEAD_DIM)
+    q1 = q0
+    k1 = k0
+    v1 = v0
+    q2 = q0
+    k2 = k0
+    v2 = v0
     if KD1 > 0:
-        q = _ld3(Q, qo, pmask, rm, sqn, Nq, KD0, KD1, HEAD_DIM)
-        k = _ld3(K, ko, pmask, rn, skn, Nk, KD0, KD1, HEAD_DIM)
-        s = tl.dot(q, tl.trans(k), s, input_precision=DOT_PREC)
+        q1 = _ld3(Q, qo, pmask, rm, sqn, Nq, KD0, KD1, HEAD_DIM)
+        k1 = _ld3(K, ko, pmask, rn, skn, Nk, KD0, KD1, HEAD_DIM)
     if KD2 > 0:
-        q = _ld3(Q, qo, pmask, rm, sqn, Nq, KD0 + KD1, KD2, HEAD_DIM)
-        k = _ld3(K, ko, pmask, rn, skn, Nk, KD0 + KD1, KD2, HEAD_DIM)
-        s = tl.dot(q, tl.trans(k), s, input_precision=DOT_PREC)
+        q2 = _ld3(Q, qo, pmask, rm, sqn, Nq, KD0 + KD1, KD2, HEAD_DIM)
+        k2 = _ld3(K, ko, pmask, rn, skn, Nk, KD0 + KD1, KD2, HEAD_DIM)
+    if VD1 > 0:
+        v1 = _ld3(V, vo, pmask, rn, svn, Nk, VD0, VD1, HEAD_DIM)
+    if VD2 > 0:
+        v2 = _ld3(V, vo, pmask, rn, svn, Nk, VD0 + VD1, VD2, HEAD_DIM)
+
+    s = tl.dot(q0, tl.trans(k0), input_precision=DOT_PREC)
+    if KD1 > 0:
+        s = tl.dot(q1, tl.trans(k1), s, input_precision=DOT_PREC)
+    if KD2 > 0:
+        s = tl.dot(q2, tl.trans(k2), s, input_precision=DOT_PREC)
     s = tl.where((rn < Nk)[None, None, :], s * qk_scale, float("-inf"))
     m = tl.max(s, 2)
     p = tl.math.exp2(s - m[:, :, None])
@@ -316,16 +332,13 @@ def _attn_fwd_short(Q, K, V, O, LSE, qk_scale, Nq, Nk, H, BH,
 
     son = H * HEAD_DIM
     oo = b * Nq * son + h * HEAD_DIM
-    v = _ld3(V, vo, pmask, rn, svn, Nk, 0, VD0, HEAD_DIM)
-    o = tl.dot(p, v, input_precision=DOT_PREC) * l_rcp[:, :, None]
+    o = tl.dot(p, v0, input_precision=DOT_PREC) * l_rcp[:, :, None]
     _st3(O, oo, pmask, rm, son, Nq, o.to(O.dtype.element_ty), 0, VD0, HEAD_DIM)
     if VD1 > 0:
-        v = _ld3(V, vo, pmask, rn, svn, Nk, VD0, VD1, HEAD_DIM)
-        o = tl.dot(p, v, input_precision=DOT_PREC) * l_rcp[:, :, None]
+        o = tl.dot(p, v1, input_precision=DOT_PREC) * l_rcp[:, :, None]
         _st3(O, oo, pmask, rm, son, Nq, o.to(O.dtype.element_ty), VD0, VD1, HEAD_DIM)
     if VD2 > 0:
-        v = _ld3(V, vo, pmask, rn, svn, Nk, VD0 + VD1, VD2, HEAD_DIM)
-        o = tl.dot(p, v, input_precision=DOT_PREC) * l_rcp[:, :, None]
+        o = tl.dot(p, v2, input_precision=DOT_PREC) * l_rcp[:, :, None]
         _st3(O, oo, pmask, rm, son, Nq, o.to(O.dtype.element_ty), VD0 + VD1, VD2, HEAD_DIM)
     lse = (m + tl.math.log2(l_i)) * LN2
     lptr = LSE + pairs.to(tl.int64)[:, None] * Nq + rm[None, :]

@@ -167,6 +167,18 @@ def _both(*fs):
 LIMITS: dict[tuple[str, str], Callable[[Query], str | None]] = {}
 
 
+def _attention_triton_limits(q: Query) -> str | None:
+    # kernels/attention.py serves every head dim the op accepts (multiples of 8 up to
+    # 256) in fp16/bf16/fp32; the one gap is Triton's CPU interpreter, whose tl.dot
+    # returns wrong values for bf16 operands (DESIGN.md 5.4).
+    if q.device.type == "cpu" and q.dtype == torch.bfloat16:
+        return "Triton's interpreter computes bf16 tl.dot wrongly (CPU tensors run interpreted)"
+    return None
+
+
+LIMITS[("attention", "triton")] = _attention_triton_limits
+
+
 def _with_limits(op: str, backend: str, check: Callable[[Query], str | None] | None):
     def combined(q: Query) -> str | None:
         why = check(q) if check is not None else None
