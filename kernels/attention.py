@@ -56,6 +56,11 @@ LOG2E = tl.constexpr(1.4426950408889634)
 LN2 = tl.constexpr(0.6931471805599453)
 SHORT_MAX_N = 64  # both Nq and Nk at most this -> the short-sequence kernels
 
+# Sizes and strides are plain runtime ints: no recompile per sequence length, head
+# count or layout (Triton would otherwise specialize each on == 1 and on % 16, one
+# compile per pattern). Row alignment reaches the compiler through SU instead.
+_RUNTIME_INTS = ["Nq", "Nk", "H", "BH"] + [f"stride_{t}{d}" for t in "qkvod" for d in "bnh"]
+
 
 # ---------------------------------------------------------------------------
 # head-dim chunking
@@ -193,7 +198,7 @@ def _fwd_block(acc0, acc1, acc2, m_i, l_i, q0, q1, q2, kt, vt, start_n, Nk, skn,
     return acc0, acc1, acc2, m_new, l_i
 
 
-@triton.jit(do_not_specialize=["Nq", "Nk"])
+@triton.jit(do_not_specialize=_RUNTIME_INTS)
 def _attn_fwd(Q, K, V, O, LSE, qk_scale, Nq, Nk, H,
               stride_qb, stride_qn, stride_qh, stride_kb, stride_kn, stride_kh,
               stride_vb, stride_vn, stride_vh,
@@ -268,7 +273,7 @@ def _attn_fwd(Q, K, V, O, LSE, qk_scale, Nq, Nk, H,
     tl.store(LSE + bh.to(tl.int64) * Nq + start_m + rows_m, lse, mask=mmask)
 
 
-@triton.jit(do_not_specialize=["Nq", "Nk", "BH"])
+@triton.jit(do_not_specialize=_RUNTIME_INTS)
 def _attn_fwd_short(Q, K, V, O, LSE, qk_scale, Nq, Nk, H, BH,
                     stride_qb, stride_qn, stride_qh, stride_kb, stride_kn, stride_kh,
                     stride_vb, stride_vn, stride_vh,
@@ -348,7 +353,7 @@ def _attn_fwd_short(Q, K, V, O, LSE, qk_scale, Nq, Nk, H, BH,
 # ---------------------------------------------------------------------------
 # backward
 
-@triton.jit(do_not_specialize=["Nq"])
+@triton.jit(do_not_specialize=_RUNTIME_INTS)
 def _attn_bwd_delta(O, DO, DELTA, Nq, H, stride_ob, stride_on, stride_oh,
                     stride_db, stride_dn, stride_dh,
                     HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr,
@@ -375,7 +380,7 @@ def _attn_bwd_delta(O, DO, DELTA, Nq, H, stride_ob, stride_on, stride_oh,
     tl.store(DELTA + bh.to(tl.int64) * Nq + start_m + rows, tl.sum(o * do, 1), mask=rmask)
 
 
-@triton.jit(do_not_specialize=["Nq", "Nk"])
+@triton.jit(do_not_specialize=_RUNTIME_INTS)
 def _attn_bwd_dkdv(Q, K, V, DO, LSE, DELTA, DK, DV, qk_scale, sm_scale, Nq, Nk, H,
                    stride_qb, stride_qn, stride_qh, stride_kb, stride_kn, stride_kh,
                    stride_vb, stride_vn, stride_vh, stride_db, stride_dn, stride_dh,
@@ -486,7 +491,7 @@ def _attn_bwd_dkdv(Q, K, V, DO, LSE, DELTA, DK, DV, qk_scale, sm_scale, Nq, Nk, 
         _st(DV + off, rn, sn, nmask, dv2.to(dtype), D0 + D1, D2, HEAD_DIM)
 
 
-@triton.jit(do_not_specialize=["Nq", "Nk"])
+@triton.jit(do_not_specialize=_RUNTIME_INTS)
 def _attn_bwd_dq(Q, K, V, DO, LSE, DELTA, DQ, qk_scale, sm_scale, Nq, Nk, H,
                  stride_qb, stride_qn, stride_qh, stride_kb, stride_kn, stride_kh,
                  stride_vb, stride_vn, stride_vh, stride_db, stride_dn, stride_dh,
@@ -579,7 +584,7 @@ def _attn_bwd_dq(Q, K, V, DO, LSE, DELTA, DQ, qk_scale, sm_scale, Nq, Nk, H,
         _st(DQ + off, rm, sn, mmask, (dq2 * sm_scale).to(dtype), D0 + D1, D2, HEAD_DIM)
 
 
-@triton.jit(do_not_specialize=["Nq", "Nk", "BH"])
+@triton.jit(do_not_specialize=_RUNTIME_INTS)
 def _attn_bwd_short(Q, K, V, O, DO, LSE, DQ, DK, DV, qk_scale, sm_scale, Nq, Nk, H, BH,
                     stride_qb, stride_qn, stride_qh, stride_kb, stride_kn, stride_kh,
                     stride_vb, stride_vn, stride_vh, stride_ob, stride_on, stride_oh,
