@@ -1068,3 +1068,41 @@ def _specs(dtypes=("fp16", "bf16"), head_dims=FAST_HEAD_DIMS, archs=(80, 90), al
 
 
 AOT_SPECS = _specs
+
+
+def aot_compile(spec, arch: int) -> dict:
+    """kernels.aot.compile_spec plus what the JIT specializes at run time and an
+    AotSpec cannot carry yet: 16-byte pointer alignment (spec.divisibility). Without
+    it every load compiles to 2-byte scalar loads, not the code that runs. Returns
+    compile_spec's record (registers, spills, shared bytes, ptx)."""
+    import subprocess
+    import tempfile
+
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+
+    from skipdit_fast._lib import parse_ptxas
+
+    from .aot import ptxas_path
+
+    sig = dict(spec.signature)
+    for k in spec.constexprs:
+        sig[k] = "constexpr"
+    attrs = {(spec.fn.arg_names.index(a),): [["tt.divisibility", d]]
+             for a, d in getattr(spec, "divisibility", {}).items()}
+    src = ASTSource(fn=spec.fn, signature=sig, constexprs=dict(spec.constexprs), attrs=attrs)
+    compiled = triton.compile(src, target=GPUTarget("cuda", arch, 32),
+                              options={"num_warps": spec.num_warps, "num_stages": spec.num_stages})
+    ptx = compiled.asm["ptx"]
+    gpu_name = f"sm_{arch}a" if arch >= 90 else f"sm_{arch}"
+    with tempfile.TemporaryDirectory() as d:
+        p = os.path.join(d, "k.ptx")
+        with open(p, "w") as f:
+            f.write(ptx)
+        r = subprocess.run([ptxas_path(), "-v", f"--gpu-name={gpu_name}", p, "-o", os.path.join(d, "k.cubin")],
+                           capture_output=True, text=True)
+    if r.returncode != 0:
+        raise RuntimeError(f"ptxas failed for {spec.name} on {gpu_name}:\n{r.stderr}")
+    rec = dict(parse_ptxas(r.stdout + r.stderr)[0])
+    rec.update(name=spec.name, arch=gpu_name, ptx=ptx, shared=compiled.metadata.shared)
+    return rec

@@ -169,10 +169,13 @@ LIMITS: dict[tuple[str, str], Callable[[Query], str | None]] = {}
 
 def _attention_triton_limits(q: Query) -> str | None:
     # kernels/attention.py serves every head dim the op accepts (multiples of 8 up to
-    # 256) in fp16/bf16/fp32; the one gap is Triton's CPU interpreter, whose tl.dot
-    # returns wrong values for bf16 operands (DESIGN.md 5.4).
+    # 256). Gaps: Triton's CPU interpreter computes bf16 tl.dot wrongly (DESIGN.md
+    # 5.4); on the GPU, fp32 (IEEE) tl.dot lowers to FMA loops that spill registers
+    # at every tile size (ptxas: 300-20000 bytes), so fp32 is served elsewhere.
     if q.device.type == "cpu" and q.dtype == torch.bfloat16:
         return "Triton's interpreter computes bf16 tl.dot wrongly (CPU tensors run interpreted)"
+    if q.device.type == "cuda" and q.dtype == torch.float32:
+        return "fp32 attention in Triton runs IEEE fp32 dots on FMA units and spills registers; use fp16/bf16"
     return None
 
 

@@ -8,9 +8,10 @@ and sm_90; the @pytest.mark.gpu tests run the issue's full grid on a CUDA device
 from __future__ import annotations
 
 import os
+import json
 import re
 import subprocess
-import tempfile
+import sys
 
 import pytest
 import torch
@@ -252,55 +253,38 @@ def test_configs_cover_every_head_dim():
 # ---------------------------------------------------------------------------
 # ahead-of-time compilation for sm_80 / sm_90 (no GPU needed)
 
-def compile_aligned(spec, arch):
-    """kernels.aot.compile_spec plus the pointer alignment the JIT specializes at
-    run time (spec.divisibility): without it Triton assumes unaligned pointers and
-    emits 2-byte scalar loads, which is not the code that runs."""
-    import triton
-    from triton.backends.compiler import GPUTarget
-    from triton.compiler import ASTSource
-
-    from skipdit_fast._lib import parse_ptxas
-    from skipdit_fast.kernels.aot import ptxas_path
-
-    sig = dict(spec.signature)
-    for name in spec.constexprs:
-        sig[name] = "constexpr"
-    attrs = {(spec.fn.arg_names.index(a),): [["tt.divisibility", d]]
-             for a, d in getattr(spec, "divisibility", {}).items()}
-    src = ASTSource(fn=spec.fn, signature=sig, constexprs=dict(spec.constexprs), attrs=attrs)
-    compiled = triton.compile(src, target=GPUTarget("cuda", arch, 32),
-                              options={"num_warps": spec.num_warps, "num_stages": spec.num_stages})
-    ptx = compiled.asm["ptx"]
-    gpu = f"sm_{arch}a" if arch >= 90 else f"sm_{arch}"
-    with tempfile.TemporaryDirectory() as d:
-        p = os.path.join(d, "k.ptx")
-        with open(p, "w") as f:
-            f.write(ptx)
-        r = subprocess.run([ptxas_path(), "-v", f"--gpu-name={gpu}", p, "-o", os.path.join(d, "k.cubin")],
-                           capture_output=True, text=True)
-    assert r.returncode == 0, r.stderr
-    rec = parse_ptxas(r.stdout + r.stderr)[0]
-    return dict(rec, ptx=ptx, shared=compiled.metadata.shared)
+_AOT_WORKER = """
+import json, re, sys
+from skipdit_fast.kernels import attention as A
+want = set(json.loads(sys.argv[1]))
+out = {}
+for spec in A.AOT_SPECS():
+    if spec.name not in want:
+        continue
+    rec = A.aot_compile(spec, int(re.search(r"_sm(\\d+)", spec.name).group(1)))
+    ptx = rec.pop("ptx")
+    rec.update(wgmma="wgmma.mma_async" in ptx, mma_sync="mma.sync" in ptx,
+               vector_loads="ld.global.v4" in ptx or "cp.async.cg.shared.global" in ptx,
+               rows=spec.constexprs.get("BLOCK_N" if "dkdv" in spec.name else "BLOCK_M", 0))
+    out[spec.name] = rec
+print(json.dumps(out))
+"""
 
 
-def _check_compiled(spec, arch):
-    rec = compile_aligned(spec, arch)
-    ptx = rec["ptx"]
-    assert rec["spill_stores"] == 0 and rec["spill_loads"] == 0, (spec.name, rec)
-    if "delta" not in spec.name:
-        # tensor cores: wgmma for the blocked kernels on sm_90, mma.sync otherwise
-        blocked_sm90 = arch >= 90 and "short" not in spec.name and spec.constexprs.get("BLOCK_M", 0) >= 64
-        instr = "wgmma.mma_async" if blocked_sm90 else "mma.sync"
-        assert instr in ptx, (spec.name, instr)
-    # 16-byte vector loads: the SU stride trick and the alignment hints took effect
-    assert "ld.global.v4" in ptx or "cp.async.cg.shared.global" in ptx, spec.name
-    smem_max = 227 * 1024 if arch >= 90 else 163 * 1024
-    assert rec["shared"] <= smem_max, (spec.name, rec["shared"])
-
-
-def _arch_of(spec):
-    return int(re.search(r"_sm(\d+)", spec.name).group(1))
+@pytest.fixture(scope="module")
+def aot_records(request):
+    """Compiles the selected specs in one subprocess: the tests run Triton
+    interpreted (TRITON_INTERPRET=1), and interpreted functions cannot be compiled."""
+    pytest.importorskip("triton.backends.nvidia")
+    names = [item.callspec.params["spec"].name for item in request.session.items
+             if item.originalname == "test_aot_compiles_without_spills"]
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    env["PYTHONPATH"] = root + os.pathsep + env.get("PYTHONPATH", "")
+    r = subprocess.run([sys.executable, "-c", _AOT_WORKER, json.dumps(names)], cwd=root, env=env,
+                       capture_output=True, text=True, timeout=3600)
+    assert r.returncode == 0, r.stderr[-4000:]
+    return json.loads(r.stdout.strip().splitlines()[-1])
 
 
 # CI compiles the main kernels at Dh 72 (chunked q/k 64+16 and v/o 64+8) for both
@@ -315,9 +299,18 @@ _SPECS = attn.AOT_SPECS() if _FULL else (
 
 @pytest.mark.slow
 @pytest.mark.parametrize("spec", _SPECS, ids=lambda s: s.name)
-def test_aot_compiles_without_spills(spec):
-    pytest.importorskip("triton.backends.nvidia")
-    _check_compiled(spec, _arch_of(spec))
+def test_aot_compiles_without_spills(spec, aot_records):
+    rec = aot_records[spec.name]
+    arch = int(re.search(r"_sm(\d+)", spec.name).group(1))
+    assert rec["spill_stores"] == 0 and rec["spill_loads"] == 0, rec
+    # tensor cores: wgmma for the blocked kernels on sm_90 (their resident tile has the
+    # 64+ rows of a warpgroup MMA), mma.sync for the rest
+    if "delta" not in spec.name:
+        wants_wgmma = arch >= 90 and "short" not in spec.name and rec["rows"] >= 64
+        assert rec["wgmma" if wants_wgmma else "mma_sync"], rec
+    # 16-byte vector loads: the SU stride scaling and the pointer alignment took effect
+    assert rec["vector_loads"], rec
+    assert rec["shared"] <= (227 if arch >= 90 else 163) * 1024, rec
 
 
 def test_aot_specs_list_the_real_configs():
@@ -420,4 +413,12 @@ def test_backend_refuses_interpreted_bf16():
     q, k, v = (torch.randn(1, 8, 1, 16, dtype=torch.bfloat16) for _ in range(3))
     with skipdit_fast.use_backend(attention="triton"):
         with pytest.raises(skipdit_fast.BackendError, match="bf16 tl.dot"):
+            skipdit_fast.ops.attention(q, k, v)
+
+
+@pytest.mark.gpu
+def test_gpu_backend_refuses_fp32():
+    q, k, v = (torch.randn(1, 8, 1, 16, device="cuda") for _ in range(3))
+    with skipdit_fast.use_backend(attention="triton"):
+        with pytest.raises(skipdit_fast.BackendError, match="fp32"):
             skipdit_fast.ops.attention(q, k, v)
