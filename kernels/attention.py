@@ -42,12 +42,14 @@ strides are runtime ints (never constexpr); sequence lengths are not specialized
 
 from __future__ import annotations
 
+import functools
 import os
 from dataclasses import dataclass
 
 import torch
 import triton
 import triton.language as tl
+from triton.runtime.errors import OutOfResources
 
 from skipdit_fast._checks import acc_dtype, check_attention
 from skipdit_fast._testing import new_output
@@ -78,16 +80,19 @@ def _pow2_chunks(width: int, minimum: int) -> tuple[int, int, int]:
     return tuple(best[1] + [0] * (3 - len(best[1])))
 
 
+@functools.lru_cache(maxsize=None)
 def contraction_chunks(dh: int) -> tuple[int, int, int]:
     """Chunks of the head dim where it is the tl.dot contraction dim (>= 16 each)."""
     return _pow2_chunks(dh, 16)
 
 
+@functools.lru_cache(maxsize=None)
 def output_chunks(dh: int) -> tuple[int, int, int]:
     """Chunks of the head dim where it is a tl.dot output width (>= 8 each)."""
     return _pow2_chunks(dh, 8)
 
 
+@functools.lru_cache(maxsize=None)
 def backward_chunks(dh: int) -> tuple[int, int, int]:
     """Chunks of the head dim in the backward kernels: the contraction chunks up to
     128; above, one 256-wide chunk (several chunks there keep 4-6 fp32 accumulators
@@ -206,15 +211,15 @@ def _attn_fwd(Q, K, V, O, LSE, qk_scale, Nq, Nk, H,
               VD0: tl.constexpr, VD1: tl.constexpr, VD2: tl.constexpr,
               BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, SU: tl.constexpr,
               SCALE_NEG: tl.constexpr, DOT_PREC: tl.constexpr):
-    sqb = stride_qb * SU
-    sqn = stride_qn * SU
-    sqh = stride_qh * SU
-    skb = stride_kb * SU
-    skn = stride_kn * SU
-    skh = stride_kh * SU
-    svb = stride_vb * SU
-    svn = stride_vn * SU
-    svh = stride_vh * SU
+    sqb = stride_qb.to(tl.int64) * SU
+    sqn = stride_qn.to(tl.int64) * SU
+    sqh = stride_qh.to(tl.int64) * SU
+    skb = stride_kb.to(tl.int64) * SU
+    skn = stride_kn.to(tl.int64) * SU
+    skh = stride_kh.to(tl.int64) * SU
+    svb = stride_vb.to(tl.int64) * SU
+    svn = stride_vn.to(tl.int64) * SU
+    svh = stride_vh.to(tl.int64) * SU
 
     # programs of one (batch, head) are adjacent: they share its K/V in L2
     pid = tl.program_id(0)
@@ -281,15 +286,15 @@ def _attn_fwd_short(Q, K, V, O, LSE, qk_scale, Nq, Nk, H, BH,
                     VD0: tl.constexpr, VD1: tl.constexpr, VD2: tl.constexpr,
                     G: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, SU: tl.constexpr,
                     DOT_PREC: tl.constexpr):
-    sqb = stride_qb * SU
-    sqn = stride_qn * SU
-    sqh = stride_qh * SU
-    skb = stride_kb * SU
-    skn = stride_kn * SU
-    skh = stride_kh * SU
-    svb = stride_vb * SU
-    svn = stride_vn * SU
-    svh = stride_vh * SU
+    sqb = stride_qb.to(tl.int64) * SU
+    sqn = stride_qn.to(tl.int64) * SU
+    sqh = stride_qh.to(tl.int64) * SU
+    skb = stride_kb.to(tl.int64) * SU
+    skn = stride_kn.to(tl.int64) * SU
+    skh = stride_kh.to(tl.int64) * SU
+    svb = stride_vb.to(tl.int64) * SU
+    svn = stride_vn.to(tl.int64) * SU
+    svh = stride_vh.to(tl.int64) * SU
 
     pairs = tl.program_id(0) * G + tl.arange(0, G)  # (batch, head) pairs of this program
     pmask = pairs < BH
@@ -359,12 +364,12 @@ def _attn_bwd_delta(O, DO, DELTA, Nq, H, stride_ob, stride_on, stride_oh,
                     HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr,
                     SU: tl.constexpr):
     """delta[b, h, n] = sum_d dO[b, n, h, d] * O[b, n, h, d] in fp32."""
-    sob = stride_ob * SU
-    son = stride_on * SU
-    soh = stride_oh * SU
-    sdb = stride_db * SU
-    sdn = stride_dn * SU
-    sdh = stride_dh * SU
+    sob = stride_ob.to(tl.int64) * SU
+    son = stride_on.to(tl.int64) * SU
+    soh = stride_oh.to(tl.int64) * SU
+    sdb = stride_db.to(tl.int64) * SU
+    sdn = stride_dn.to(tl.int64) * SU
+    sdh = stride_dh.to(tl.int64) * SU
     pid = tl.program_id(0)
     n_mb = tl.cdiv(Nq, BLOCK_M)
     bh = pid // n_mb
@@ -390,18 +395,18 @@ def _attn_bwd_dkdv(Q, K, V, DO, LSE, DELTA, DK, DV, qk_scale, sm_scale, Nq, Nk, 
     """dK, dV of one block of BLOCK_N keys, looping over all query blocks:
     P^T = exp2(K Q^T * c - lse2), dV += P^T dO, dP^T = V dO^T,
     dS^T = P^T (dP^T - delta), dK += dS^T Q; dK *= scale at the end."""
-    sqb = stride_qb * SU
-    sqn = stride_qn * SU
-    sqh = stride_qh * SU
-    skb = stride_kb * SU
-    skn = stride_kn * SU
-    skh = stride_kh * SU
-    svb = stride_vb * SU
-    svn = stride_vn * SU
-    svh = stride_vh * SU
-    sdb = stride_db * SU
-    sdn = stride_dn * SU
-    sdh = stride_dh * SU
+    sqb = stride_qb.to(tl.int64) * SU
+    sqn = stride_qn.to(tl.int64) * SU
+    sqh = stride_qh.to(tl.int64) * SU
+    skb = stride_kb.to(tl.int64) * SU
+    skn = stride_kn.to(tl.int64) * SU
+    skh = stride_kh.to(tl.int64) * SU
+    svb = stride_vb.to(tl.int64) * SU
+    svn = stride_vn.to(tl.int64) * SU
+    svh = stride_vh.to(tl.int64) * SU
+    sdb = stride_db.to(tl.int64) * SU
+    sdn = stride_dn.to(tl.int64) * SU
+    sdh = stride_dh.to(tl.int64) * SU
 
     pid = tl.program_id(0)
     n_nb = tl.cdiv(Nk, BLOCK_N)
@@ -500,18 +505,18 @@ def _attn_bwd_dq(Q, K, V, DO, LSE, DELTA, DQ, qk_scale, sm_scale, Nq, Nk, H,
                  DOT_PREC: tl.constexpr):
     """dQ of one block of BLOCK_M queries, looping over all key blocks:
     P = exp2(Q K^T * c - lse2), dP = dO V^T, dS = P (dP - delta), dQ += dS K."""
-    sqb = stride_qb * SU
-    sqn = stride_qn * SU
-    sqh = stride_qh * SU
-    skb = stride_kb * SU
-    skn = stride_kn * SU
-    skh = stride_kh * SU
-    svb = stride_vb * SU
-    svn = stride_vn * SU
-    svh = stride_vh * SU
-    sdb = stride_db * SU
-    sdn = stride_dn * SU
-    sdh = stride_dh * SU
+    sqb = stride_qb.to(tl.int64) * SU
+    sqn = stride_qn.to(tl.int64) * SU
+    sqh = stride_qh.to(tl.int64) * SU
+    skb = stride_kb.to(tl.int64) * SU
+    skn = stride_kn.to(tl.int64) * SU
+    skh = stride_kh.to(tl.int64) * SU
+    svb = stride_vb.to(tl.int64) * SU
+    svn = stride_vn.to(tl.int64) * SU
+    svh = stride_vh.to(tl.int64) * SU
+    sdb = stride_db.to(tl.int64) * SU
+    sdn = stride_dn.to(tl.int64) * SU
+    sdh = stride_dh.to(tl.int64) * SU
 
     pid = tl.program_id(0)
     n_mb = tl.cdiv(Nq, BLOCK_M)
@@ -593,21 +598,21 @@ def _attn_bwd_short(Q, K, V, O, DO, LSE, DQ, DK, DV, qk_scale, sm_scale, Nq, Nk,
                     G: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, SU: tl.constexpr,
                     DOT_PREC: tl.constexpr):
     """N <= 64: dQ, dK, dV of G (batch, head) pairs, whole sequences in registers."""
-    sqb = stride_qb * SU
-    sqn = stride_qn * SU
-    sqh = stride_qh * SU
-    skb = stride_kb * SU
-    skn = stride_kn * SU
-    skh = stride_kh * SU
-    svb = stride_vb * SU
-    svn = stride_vn * SU
-    svh = stride_vh * SU
-    sob = stride_ob * SU
-    son = stride_on * SU
-    soh = stride_oh * SU
-    sdb = stride_db * SU
-    sdn = stride_dn * SU
-    sdh = stride_dh * SU
+    sqb = stride_qb.to(tl.int64) * SU
+    sqn = stride_qn.to(tl.int64) * SU
+    sqh = stride_qh.to(tl.int64) * SU
+    skb = stride_kb.to(tl.int64) * SU
+    skn = stride_kn.to(tl.int64) * SU
+    skh = stride_kh.to(tl.int64) * SU
+    svb = stride_vb.to(tl.int64) * SU
+    svn = stride_vn.to(tl.int64) * SU
+    svh = stride_vh.to(tl.int64) * SU
+    sob = stride_ob.to(tl.int64) * SU
+    son = stride_on.to(tl.int64) * SU
+    soh = stride_oh.to(tl.int64) * SU
+    sdb = stride_db.to(tl.int64) * SU
+    sdn = stride_dn.to(tl.int64) * SU
+    sdh = stride_dh.to(tl.int64) * SU
 
     pairs = tl.program_id(0) * G + tl.arange(0, G)
     pmask = pairs < BH
@@ -704,91 +709,111 @@ class Cfg:
     pairs: int = 1
 
 
+@functools.lru_cache(maxsize=None)
 def _arch(device: torch.device) -> int:
     """Compute capability as 80, 90, ...; 0 for the interpreter (CPU tensors)."""
     if device.type != "cuda":
         return 0
-    major, minor = torch.cuda.get_device_capability(device)
+    major, minor = torch.cuda.get_device_capability(device.index)
     return 10 * major + minor
 
 
+@functools.lru_cache(maxsize=None)
 def _sm_count(device: torch.device) -> int:
-    return torch.cuda.get_device_properties(device).multi_processor_count
+    return torch.cuda.get_device_properties(device.index).multi_processor_count
 
 
-def fwd_configs(arch: int, dtype: torch.dtype, kdim: int) -> list[Cfg]:
+@functools.lru_cache(maxsize=None)
+def fwd_configs(arch: int, dtype: torch.dtype, kdim: int) -> tuple[Cfg, ...]:
     """Forward tile candidates, best guess first, for head dims whose contraction
-    chunks sum to kdim (72 -> 80, 88 -> 96). The first is used unless autotuning.
+    chunks sum to kdim (72 -> 80, 88 -> 96). The first is used unless autotuning;
+    the launcher moves a 64-row candidate first when 128-row tiles would leave SMs
+    idle (B * H * Nq / 128 < #SMs, e.g. DiT-XL/2 at batch 1 + CFG: 2 x 16 x 2 tiles).
 
     Hopper (sm_90): 8 warps = two warpgroups, each a 64-row wgmma slice of a
-    128-row query tile, so BLOCK_M = 128; BLOCK_N = 128 for kdim <= 96 halves the
-    per-block softmax/rescale overhead (S is 128x128 fp32 = 64 registers a thread),
-    K+V stages of 128 x (80 + 72) x 2 B = 38 KB, 3 stages + Q = 134 KB of smem.
-    kdim 128 keeps BLOCK_N = 64 (3 x 32 KB stages + 32 KB Q). Ampere (sm_80):
-    mma.sync reads Q from registers, so 8 warps share the 128-row tile and
-    BLOCK_N = 64 keeps S + P + acc under ~170 registers."""
+    128-row query tile (Triton's own H100 tuning keeps 8-warp tiles at 128 x 128).
+    BLOCK_N = 128 for kdim <= 96 halves the per-block overhead of the online softmax
+    (row max/sum shuffles, the acc rescale: 72 FMAs a row per block): S is 128 x 128
+    fp32 = 64 registers a thread, 234 in all at Dh 72 (ptxas, 0 spills), and K + V
+    stages of 128 x (80 + 72) x 2 B = 38 KB, x 3 stages + Q 20 KB = 134 KB of smem:
+    one program an SM, 512 programs for each benchmark shape (Dh 72, N = 256 / 1024 /
+    4096 at B x H = 256 / 64 / 16), 3.9 waves on 132 SMs. kdim 128 takes
+    BLOCK_N = 64 (smem 3 x 32 KB + 32 KB). Ampere (sm_80): mma.sync reads both
+    operands from registers, 8 warps share the 128 x 64 tile (255 registers at
+    Dh 72-128, 0 spills)."""
     if arch == 0:  # interpreter: few large programs run fastest
-        return [Cfg(64, 64, 4, 1)]
-    if dtype == torch.float32:  # IEEE fp32 dots: 2x the smem and registers
-        return [Cfg(64, 32, 4, 2)] if kdim <= 128 else [Cfg(32, 32, 4, 2)]
+        return (Cfg(64, 64, 4, 1),)
+    if dtype == torch.float32:
+        # IEEE fp32 dots run on FMA units and spill at any tile size; correct, slow,
+        # and refused by the backend registry (backends.LIMITS) for CUDA tensors
+        return (Cfg(64, 32, 4, 2),) if kdim <= 128 else (Cfg(32, 32, 4, 2),)
     if arch >= 90:
         if kdim <= 64:
-            return [Cfg(128, 128, 8, 3), Cfg(128, 64, 4, 3), Cfg(64, 128, 4, 3)]
+            return (Cfg(128, 128, 8, 3), Cfg(128, 64, 4, 3), Cfg(64, 128, 4, 3))
         if kdim <= 96:
-            return [Cfg(128, 128, 8, 3), Cfg(128, 64, 8, 3), Cfg(64, 64, 4, 3), Cfg(128, 64, 4, 3)]
+            return (Cfg(128, 128, 8, 3), Cfg(128, 64, 8, 3), Cfg(64, 64, 4, 3), Cfg(128, 64, 4, 3))
         if kdim <= 128:
-            return [Cfg(128, 64, 8, 3), Cfg(128, 128, 8, 2), Cfg(64, 64, 4, 3)]
-        return [Cfg(128, 32, 8, 2), Cfg(64, 32, 4, 2)]
+            return (Cfg(128, 64, 8, 3), Cfg(128, 128, 8, 2), Cfg(64, 64, 4, 3))
+        return (Cfg(128, 32, 8, 2), Cfg(64, 32, 4, 2))
     if kdim <= 64:
-        return [Cfg(128, 64, 8, 3), Cfg(64, 64, 4, 3), Cfg(128, 64, 4, 3)]
+        return (Cfg(128, 64, 8, 3), Cfg(64, 64, 4, 3), Cfg(128, 64, 4, 3))
     if kdim <= 96:
-        return [Cfg(128, 64, 8, 3), Cfg(64, 32, 4, 3), Cfg(128, 32, 8, 3)]
+        return (Cfg(128, 64, 8, 3), Cfg(64, 32, 4, 3), Cfg(128, 32, 8, 3))
     if kdim <= 128:
-        return [Cfg(128, 64, 8, 3), Cfg(128, 32, 8, 3)]
-    return [Cfg(32, 32, 8, 2), Cfg(16, 32, 4, 1)]
+        return (Cfg(128, 64, 8, 3), Cfg(128, 32, 8, 3))
+    return (Cfg(32, 32, 8, 2), Cfg(16, 32, 4, 1))
 
 
-def fwd_short_configs(arch: int, dtype: torch.dtype, kdim: int, bm: int) -> list[Cfg]:
+@functools.lru_cache(maxsize=None)
+def fwd_short_configs(arch: int, dtype: torch.dtype, kdim: int, bm: int) -> tuple[Cfg, ...]:
     """Short-sequence forward: G pairs of bm rows per program. The temporal shape
-    (N = 16, Dh = 72) is memory bound (q, k, v, o = 4 x 16 x 72 x 2 B = 9 KB a pair,
-    151 MB for 16384 pairs; 1.2 GFLOP): G = 8 pairs = 128 rows per 8-warp program
-    puts 55 KB of loads in flight per program, ~110 registers a thread, 2 programs
-    an SM."""
+    (N = 16, Dh = 72, B x H = 16384) is memory bound: q, k, v, o = 4 x 16 x 72 x 2 B
+    = 9 KB a pair, 151 MB in all, ~50 us at 3 TB/s, against 1.2 GFLOP. G = 8 pairs
+    (128 rows) per 8-warp program is one pair per warp in each mma.sync; the program
+    issues all its q/k/v loads (55 KB) before any math, needs 64-80 registers a
+    thread (ptxas, Dh 64-96) and 40 KB of smem, so 3-4 programs share an SM and
+    ~200 KB of loads are in flight per SM. 2048 programs for the temporal shape."""
     if arch == 0:
-        return [Cfg(bm, bm, 4, 1, pairs=max(1, 256 // bm))]
+        return (Cfg(bm, bm, 4, 1, pairs=max(1, 256 // bm)),)
     rows = 128 if kdim <= 128 else 32
     if dtype == torch.float32:
         rows //= 2
     g = max(1, rows // bm)
-    return [Cfg(bm, bm, 8 if g * bm >= 128 else 4, 1, pairs=g),
+    return (Cfg(bm, bm, 8 if g * bm >= 128 else 4, 1, pairs=g),
             Cfg(bm, bm, 4, 1, pairs=max(1, g // 2)),
-            Cfg(bm, bm, 8, 1, pairs=2 * g)]
+            Cfg(bm, bm, 8, 1, pairs=2 * g))
 
 
-def bwd_configs(arch: int, dtype: torch.dtype, kdim: int) -> list[Cfg]:
+@functools.lru_cache(maxsize=None)
+def bwd_configs(arch: int, dtype: torch.dtype, kdim: int) -> tuple[Cfg, ...]:
     """Backward tiles, shared by the dK/dV kernel (block_n keys resident, loop over
     block_m queries) and the dQ kernel (block_m queries resident, loop over block_n
     keys). Each keeps two (dK, dV) or one (dQ) fp32 accumulator of kdim columns plus
     two score tiles live, hence smaller tiles than the forward."""
     if arch == 0:
-        return [Cfg(64, 64, 4, 1)]
+        return (Cfg(64, 64, 4, 1),)
     if dtype == torch.float32:
-        return [Cfg(32, 32, 4, 1)] if kdim > 128 else [Cfg(64, 32, 4, 2)]
+        return (Cfg(32, 32, 4, 1),) if kdim > 128 else (Cfg(64, 32, 4, 2),)
+    if kdim <= 128 and arch >= 90:
+        # wgmma wants the resident tile at 128 rows (two warpgroups); the streamed one small
+        return (Cfg(32, 128, 8, 2), Cfg(32, 64, 4, 2), Cfg(64, 64, 8, 2))
     if kdim <= 128:
-        return [Cfg(32, 128, 8, 2), Cfg(32, 64, 4, 2), Cfg(64, 64, 8, 2)]
-    return [Cfg(32, 32, 8, 1), Cfg(32, 32, 4, 1)]
+        # mma.sync keeps both operands in registers: 64 x 64 over 8 warps (170 registers)
+        return (Cfg(64, 64, 8, 2), Cfg(32, 64, 4, 2))
+    return (Cfg(32, 32, 8, 1), Cfg(32, 32, 4, 1))
 
 
-def bwd_short_configs(arch: int, dtype: torch.dtype, kdim: int, bm: int) -> list[Cfg]:
+@functools.lru_cache(maxsize=None)
+def bwd_short_configs(arch: int, dtype: torch.dtype, kdim: int, bm: int) -> tuple[Cfg, ...]:
     """Short-sequence backward: q, k, v, dO (+ O for delta) and three fp32 gradient
     tiles of G pairs live at once, so half the forward's rows per program."""
     if arch == 0:
-        return [Cfg(bm, bm, 4, 1, pairs=max(1, 256 // bm))]
+        return (Cfg(bm, bm, 4, 1, pairs=max(1, 256 // bm)),)
     rows = 64 if kdim <= 128 else 16
     if dtype == torch.float32:
         rows //= 2
     g = max(1, rows // bm)
-    return [Cfg(bm, bm, 4, 1, pairs=g), Cfg(bm, bm, 8, 1, pairs=2 * g)]
+    return (Cfg(bm, bm, 4, 1, pairs=g), Cfg(bm, bm, 8, 1, pairs=2 * g))
 
 
 # Set SKIPDIT_FAST_AUTOTUNE=1 to time every candidate of a (kernel, arch, dtype,
@@ -798,7 +823,7 @@ _AUTOTUNE = os.environ.get("SKIPDIT_FAST_AUTOTUNE", "0") == "1"
 _TUNED: dict[tuple, Cfg] = {}
 
 
-def _choose(key: tuple, candidates: list[Cfg], launch) -> Cfg:
+def _choose(key: tuple, candidates: tuple[Cfg, ...], launch) -> Cfg:
     """The first candidate, or with autotuning the fastest (timed by do_bench on
     the real arguments; every kernel here is a pure function of its inputs, so
     repeated launches are harmless)."""
@@ -810,7 +835,7 @@ def _choose(key: tuple, candidates: list[Cfg], launch) -> Cfg:
         for c in candidates:
             try:
                 times.append((triton.testing.do_bench(lambda: launch(c), warmup=5, rep=20), c))
-            except Exception:  # noqa: BLE001 - out of resources: skip the candidate
+            except OutOfResources:  # shared memory or registers: not a candidate here
                 continue
         cfg = _TUNED[key] = min(times, key=lambda x: x[0])[1] if times else candidates[0]
     return cfg
@@ -906,7 +931,7 @@ def attention_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: 
             cands = fwd_configs(arch, q.dtype, sum(kd))
             if arch and cands[0].block_m == 128 and n_prog < _sm_count(q.device):
                 # fewer 128-row tiles than SMs: halve the tile for parallelism
-                cands = [c for c in cands if c.block_m == 64] + [c for c in cands if c.block_m != 64]
+                cands = tuple(c for c in cands if c.block_m == 64) + tuple(c for c in cands if c.block_m != 64)
             cfg = _choose(("fwd", arch, q.dtype, Dh, _n_bucket(Nk), n_prog < 264), cands, launch)
         launch(cfg)
     return out, lse
@@ -1042,7 +1067,7 @@ def _specs(dtypes=("fp16", "bf16"), head_dims=FAST_HEAD_DIMS, archs=(80, 90), al
                 tag = f"{dt}_d{dh}_sm{arch}"
                 fwd = fwd_configs(arch, tdt, sum(kd))
                 # the small-grid variant (BLOCK_M = 64) the launcher may move first
-                fwd_used = fwd if all_candidates else [fwd[0]] + [c for c in fwd if c.block_m == 64][:1]
+                fwd_used = fwd if all_candidates else (fwd[0],) + tuple(c for c in fwd if c.block_m == 64)[:1]
                 for c in fwd_used:
                     specs.append(_spec(_attn_fwd, dt, dict(fwd_ce, BLOCK_M=c.block_m, BLOCK_N=c.block_n,
                                                            SCALE_NEG=False), c,
@@ -1061,7 +1086,7 @@ def _specs(dtypes=("fp16", "bf16"), head_dims=FAST_HEAD_DIMS, archs=(80, 90), al
                 for c in (bs if all_candidates else bs[:1]):
                     specs.append(_spec(_attn_bwd_short, dt, dict(bwd_ce, G=c.pairs, BM=16, BN=16), c,
                                        f"attn_bwd_short_{tag}_n16g{c.pairs}w{c.num_warps}"))
-                specs.append(_spec(_attn_bwd_delta, dt, dict(HEAD_DIM=dh, BLOCK_M=64, SU=8,
+                specs.append(_spec(_attn_bwd_delta, dt, dict(HEAD_DIM=dh, BLOCK_M=64 if dh <= 128 else 32, SU=8,
                                                              BLOCK_D=triton.next_power_of_2(dh)),
                                    Cfg(64, 0, 4, 1), f"attn_bwd_delta_{tag}"))
     return specs
