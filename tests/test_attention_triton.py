@@ -436,3 +436,31 @@ def test_gpu_backend_refuses_fp32():
     with skipdit_fast.use_backend(attention="triton"):
         with pytest.raises(skipdit_fast.BackendError, match="fp32"):
             skipdit_fast.ops.attention(q, k, v)
+
+
+def test_autotune_choice(monkeypatch):
+    """SKIPDIT_FAST_AUTOTUNE=1: every candidate is timed once per key, the fastest is
+    kept, and candidates that do not fit the device are skipped."""
+    import triton
+    from triton.runtime.errors import OutOfResources
+
+    cands = (attn.Cfg(128, 128, 8, 3), attn.Cfg(128, 64, 8, 3), attn.Cfg(64, 64, 4, 3))
+    launched = []
+
+    def launch(c):
+        launched.append(c)
+        if c.block_n == 128:
+            raise OutOfResources(300000, 232448, "shared memory")
+
+    def fake_bench(fn, warmup, rep):
+        fn()
+        return {64: 2.0}.get(launched[-1].block_m, 1.0)
+
+    monkeypatch.setattr(attn, "_AUTOTUNE", True)
+    monkeypatch.setattr(attn, "_TUNED", {})
+    monkeypatch.setattr(triton.testing, "do_bench", fake_bench)
+    assert attn._choose(("k",), cands, launch) == cands[1]
+    n = len(launched)
+    assert attn._choose(("k",), cands, launch) == cands[1] and len(launched) == n  # cached
+    monkeypatch.setattr(attn, "_AUTOTUNE", False)
+    assert attn._choose(("other",), cands, launch) == cands[0]
