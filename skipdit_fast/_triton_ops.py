@@ -20,6 +20,8 @@ TRITON_KERNELS: dict[str, tuple[str, str]] = {
     "cache_delta": ("skipdit_fast.kernels.cache_delta", "cache_delta"),
     "skip_fuse": ("skipdit_fast.kernels.skip_fuse", "skip_fuse"),
     "skip_fuse_backward": ("skipdit_fast.kernels.skip_fuse", "skip_fuse_backward"),
+    "attention_forward": ("skipdit_fast.kernels.attention", "attention_forward"),
+    "attention_backward": ("skipdit_fast.kernels.attention", "attention_backward"),
 }
 
 # public op -> (forward op, backward op or None)

@@ -228,6 +228,21 @@ def _cuda_attention_limits(q: Query) -> str | None:
 LIMITS[("attention", "cuda")] = _cuda_attention_limits
 
 
+def _attention_triton_limits(q: Query) -> str | None:
+    # kernels/attention.py serves every head dim the op accepts (multiples of 8 up to
+    # 256). Gaps: Triton's CPU interpreter computes bf16 tl.dot wrongly (DESIGN.md
+    # 5.4); on the GPU, fp32 (IEEE) tl.dot lowers to FMA loops that spill registers
+    # at every tile size (ptxas: 300-20000 bytes), so fp32 is served elsewhere.
+    if q.device.type == "cpu" and q.dtype == torch.bfloat16:
+        return "Triton's interpreter computes bf16 tl.dot wrongly (CPU tensors run interpreted)"
+    if q.device.type == "cuda" and q.dtype == torch.float32:
+        return "fp32 attention in Triton runs IEEE fp32 dots on FMA units and spills registers; use fp16/bf16"
+    return None
+
+
+LIMITS[("attention", "triton")] = _attention_triton_limits
+
+
 def _with_limits(op: str, backend: str, check: Callable[[Query], str | None] | None):
     def combined(q: Query) -> str | None:
         why = check(q) if check is not None else None

@@ -1,0 +1,1134 @@
+"""attention in Triton: flash-style forward and backward for DiT shapes (BSHD).
+
+    o = softmax(q @ k^T * scale) @ v per (batch, head), lse = row log-sum-exp (natural log)
+
+q [B, Nq, H, Dh], k/v [B, Nk, H, Dh] are read in place through their strides (views
+of a fused qkv projection output included); o is written contiguous BSHD, lse as
+[B, H, Nq] fp32. Contract: DESIGN.md section 2; shapes/dtypes: skipdit_fast/_fake.py.
+
+Head dims without power-of-two padding. Triton tiles must be powers of two and
+tl.dot needs a contraction (K) dim >= 16 for 16-bit operands, but accepts any output
+(N) width (the backend pads to the MMA's n = 8). So the head dim is split into at
+most three power-of-two chunks, each its own tl.dot and accumulator:
+  - q and k, where Dh is contracted (S = q k^T): chunks of >= 16, the last one
+    masked:  64 | 72 = 64+16 | 88 = 64+32 | 96 = 64+32 | 128
+  - v and o, where Dh is the output width (o = p v): chunks of >= 8, exact for every
+    multiple of 8 that is a sum of <= 3 powers of two:
+             64 | 72 = 64+8  | 88 = 64+16+8 | 96 = 64+32 | 128
+Work per score element, real Dh = 2 x Dh multiply-adds (q k and p v):
+  Dh 72: 80 + 72 = 152 vs 144, +5.6 %  (padded to 128: +78 %; to 96 as FA2/FA3: +33 %)
+  Dh 88: 96 + 88 = 184 vs 176, +4.5 %  (to 128: +45 %;  to 96: +9 %)
+  Dh 96, 64, 128: no padding.
+The backward uses the >= 16 chunking for every operand (each of q, k, v, dO is both
+contracted and an output width there): 72 -> 80, 88 -> 96.
+
+Kernels:
+  _attn_fwd          one program per (batch*head, BLOCK_M query rows); online softmax in
+                     the log2 domain (exp2, scale*log2(e) folded into one FMA); full
+                     key blocks run unmasked, the ragged last block once with masks.
+  _attn_fwd_short    N <= 64 (Latte temporal attention: N = 16, B*H = 16384): G
+                     (batch, head) pairs per program, whole sequences in registers,
+                     batched 3-D tl.dot, one pass softmax.
+  _attn_bwd_delta    delta = rowsum(dO * O) (fp32), the pre-pass of the backward.
+  _attn_bwd_dkdv     one program per key block: loops over query blocks, recomputes
+                     P^T from lse, accumulates dK and dV in registers.
+  _attn_bwd_dq       one program per query block: loops over key blocks, accumulates dQ.
+  _attn_bwd_short    N <= 64: dQ, dK, dV of G pairs in one program (delta computed inline).
+No atomics anywhere: results are bitwise deterministic run to run.
+
+Offsets: batch/head bases and row offsets are int64 (B*N*H*Dh can pass 2^31);
+strides are runtime ints (never constexpr); sequence lengths are not specialized.
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+from dataclasses import dataclass
+
+import torch
+import triton
+import triton.language as tl
+from triton.runtime.errors import OutOfResources
+
+from skipdit_fast._checks import acc_dtype, check_attention
+from skipdit_fast._testing import new_output
+
+LOG2E = tl.constexpr(1.4426950408889634)
+LN2 = tl.constexpr(0.6931471805599453)
+SHORT_MAX_N = 64  # both Nq and Nk at most this -> the short-sequence kernels
+
+# Sizes and strides are plain runtime ints: no recompile per sequence length, head
+# count or layout (Triton would otherwise specialize each on == 1 and on % 16, one
+# compile per pattern). Row alignment reaches the compiler through SU instead.
+_RUNTIME_INTS = ["Nq", "Nk", "H", "BH"] + [f"stride_{t}{d}" for t in "qkvod" for d in "bnh"]
+
+
+# ---------------------------------------------------------------------------
+# head-dim chunking
+
+def _pow2_chunks(width: int, minimum: int) -> tuple[int, int, int]:
+    """At most three powers of two, each >= minimum, largest first: the smallest
+    total >= width that such a split reaches, and among those the fewest chunks."""
+    best = None
+    t = -(-width // minimum) * minimum
+    while best is None or t <= best[0]:
+        bits = [1 << i for i in range(t.bit_length() - 1, -1, -1) if (t >> i) & 1]
+        if len(bits) <= 3 and (best is None or len(bits) < len(best[1])):
+            best = (t, bits)
+        t += minimum
+    return tuple(best[1] + [0] * (3 - len(best[1])))
+
+
+@functools.lru_cache(maxsize=None)
+def contraction_chunks(dh: int) -> tuple[int, int, int]:
+    """Chunks of the head dim where it is the tl.dot contraction dim (>= 16 each)."""
+    return _pow2_chunks(dh, 16)
+
+
+@functools.lru_cache(maxsize=None)
+def output_chunks(dh: int) -> tuple[int, int, int]:
+    """Chunks of the head dim where it is a tl.dot output width (>= 8 each)."""
+    return _pow2_chunks(dh, 8)
+
+
+@functools.lru_cache(maxsize=None)
+def backward_chunks(dh: int) -> tuple[int, int, int]:
+    """Chunks of the head dim in the backward kernels: the contraction chunks up to
+    128; above, one 256-wide chunk (several chunks there keep 4-6 fp32 accumulators
+    and their operands live at once and spill; Dh > 128 is not a fast path)."""
+    return contraction_chunks(dh) if dh <= 128 else (256, 0, 0)
+
+
+# ---------------------------------------------------------------------------
+# tile helpers
+
+@triton.jit
+def _ld(base, rows, stride, rmask, DOFF: tl.constexpr, DC: tl.constexpr, HEAD_DIM: tl.constexpr,
+        MASK_ROWS: tl.constexpr):
+    """[len(rows), DC] tile of columns DOFF.. of a row-major matrix at base (row
+    stride `stride`); columns >= HEAD_DIM, and rows where rmask is false when
+    MASK_ROWS, read as 0."""
+    cols = DOFF + tl.arange(0, DC)
+    ptrs = base + rows.to(tl.int64)[:, None] * stride + cols[None, :]
+    if DOFF + DC > HEAD_DIM:
+        if MASK_ROWS:
+            x = tl.load(ptrs, mask=rmask[:, None] & (cols < HEAD_DIM)[None, :], other=0.0)
+        else:
+            x = tl.load(ptrs, mask=(cols < HEAD_DIM)[None, :], other=0.0)
+    else:
+        if MASK_ROWS:
+            x = tl.load(ptrs, mask=rmask[:, None], other=0.0)
+        else:
+            x = tl.load(ptrs)
+    return x
+
+
+@triton.jit
+def _st(base, rows, stride, rmask, x, DOFF: tl.constexpr, DC: tl.constexpr, HEAD_DIM: tl.constexpr):
+    cols = DOFF + tl.arange(0, DC)
+    ptrs = base + rows.to(tl.int64)[:, None] * stride + cols[None, :]
+    if DOFF + DC > HEAD_DIM:
+        tl.store(ptrs, x, mask=rmask[:, None] & (cols < HEAD_DIM)[None, :])
+    else:
+        tl.store(ptrs, x, mask=rmask[:, None])
+
+
+@triton.jit
+def _ld3(base, pair_off, pmask, rows, stride, n_rows, DOFF: tl.constexpr, DC: tl.constexpr,
+         HEAD_DIM: tl.constexpr):
+    """[G, len(rows), DC] tile: per pair g the rows of a row-major matrix at
+    base + pair_off[g]; rows >= n_rows, masked pairs and columns >= HEAD_DIM read 0."""
+    cols = DOFF + tl.arange(0, DC)
+    ptrs = base + pair_off[:, None, None] + (rows.to(tl.int64) * stride)[None, :, None] + cols[None, None, :]
+    mask = pmask[:, None, None] & (rows < n_rows)[None, :, None]
+    if DOFF + DC > HEAD_DIM:
+        mask = mask & (cols < HEAD_DIM)[None, None, :]
+    return tl.load(ptrs, mask=mask, other=0.0)
+
+
+@triton.jit
+def _st3(base, pair_off, pmask, rows, stride, n_rows, x, DOFF: tl.constexpr, DC: tl.constexpr,
+         HEAD_DIM: tl.constexpr):
+    cols = DOFF + tl.arange(0, DC)
+    ptrs = base + pair_off[:, None, None] + (rows.to(tl.int64) * stride)[None, :, None] + cols[None, None, :]
+    mask = pmask[:, None, None] & (rows < n_rows)[None, :, None]
+    if DOFF + DC > HEAD_DIM:
+        mask = mask & (cols < HEAD_DIM)[None, None, :]
+    tl.store(ptrs, x, mask=mask)
+
+
+# ---------------------------------------------------------------------------
+# forward
+
+@triton.jit
+def _fwd_block(acc0, acc1, acc2, m_i, l_i, q0, q1, q2, kt, vt, start_n, Nk, skn, svn, qk_scale,
+               HEAD_DIM: tl.constexpr, KD0: tl.constexpr, KD1: tl.constexpr, KD2: tl.constexpr,
+               VD0: tl.constexpr, VD1: tl.constexpr, VD2: tl.constexpr, BLOCK_N: tl.constexpr,
+               MASKED: tl.constexpr, SCALE_NEG: tl.constexpr, DOT_PREC: tl.constexpr):
+    """One key/value block of the online softmax. kt/vt point at the block's first row."""
+    rows_n = tl.arange(0, BLOCK_N)
+    nmask = start_n + rows_n < Nk
+    k = _ld(kt, rows_n, skn, nmask, 0, KD0, HEAD_DIM, MASKED)
+    s = tl.dot(q0, tl.trans(k), input_precision=DOT_PREC)
+    if KD1 > 0:
+        k = _ld(kt, rows_n, skn, nmask, KD0, KD1, HEAD_DIM, MASKED)
+        s = tl.dot(q1, tl.trans(k), s, input_precision=DOT_PREC)
+    if KD2 > 0:
+        k = _ld(kt, rows_n, skn, nmask, KD0 + KD1, KD2, HEAD_DIM, MASKED)
+        s = tl.dot(q2, tl.trans(k), s, input_precision=DOT_PREC)
+    if MASKED:
+        s = tl.where(nmask[None, :], s * qk_scale, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(s, 1))
+        p = tl.math.exp2(s - m_new[:, None])
+    else:
+        # max(s) * c == max(s * c) for c >= 0 (rounding is monotonic): one FMA per score
+        if SCALE_NEG:
+            ext = tl.min(s, 1)
+        else:
+            ext = tl.max(s, 1)
+        m_new = tl.maximum(m_i, ext * qk_scale)
+        p = tl.math.exp2(s * qk_scale - m_new[:, None])
+    alpha = tl.math.exp2(m_i - m_new)
+    l_i = l_i * alpha + tl.sum(p, 1)
+    p = p.to(vt.dtype.element_ty)
+    v = _ld(vt, rows_n, svn, nmask, 0, VD0, HEAD_DIM, MASKED)
+    acc0 = tl.dot(p, v, acc0 * alpha[:, None], input_precision=DOT_PREC)
+    if VD1 > 0:
+        v = _ld(vt, rows_n, svn, nmask, VD0, VD1, HEAD_DIM, MASKED)
+        acc1 = tl.dot(p, v, acc1 * alpha[:, None], input_precision=DOT_PREC)
+    if VD2 > 0:
+        v = _ld(vt, rows_n, svn, nmask, VD0 + VD1, VD2, HEAD_DIM, MASKED)
+        acc2 = tl.dot(p, v, acc2 * alpha[:, None], input_precision=DOT_PREC)
+    return acc0, acc1, acc2, m_new, l_i
+
+
+@triton.jit(do_not_specialize=_RUNTIME_INTS)
+def _attn_fwd(Q, K, V, O, LSE, qk_scale, Nq, Nk, H,
+              stride_qb, stride_qn, stride_qh, stride_kb, stride_kn, stride_kh,
+              stride_vb, stride_vn, stride_vh,
+              HEAD_DIM: tl.constexpr, KD0: tl.constexpr, KD1: tl.constexpr, KD2: tl.constexpr,
+              VD0: tl.constexpr, VD1: tl.constexpr, VD2: tl.constexpr,
+              BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, SU: tl.constexpr,
+              SCALE_NEG: tl.constexpr, DOT_PREC: tl.constexpr):
+    sqb = stride_qb.to(tl.int64) * SU
+    sqn = stride_qn.to(tl.int64) * SU
+    sqh = stride_qh.to(tl.int64) * SU
+    skb = stride_kb.to(tl.int64) * SU
+    skn = stride_kn.to(tl.int64) * SU
+    skh = stride_kh.to(tl.int64) * SU
+    svb = stride_vb.to(tl.int64) * SU
+    svn = stride_vn.to(tl.int64) * SU
+    svh = stride_vh.to(tl.int64) * SU
+
+    # programs of one (batch, head) are adjacent: they share its K/V in L2
+    pid = tl.program_id(0)
+    n_mb = tl.cdiv(Nq, BLOCK_M)
+    bh = pid // n_mb
+    start_m = (pid - bh * n_mb) * BLOCK_M
+    b = (bh // H).to(tl.int64)
+    h = (bh % H).to(tl.int64)
+    rows_m = tl.arange(0, BLOCK_M)
+    mmask = start_m + rows_m < Nq
+
+    qt = Q + b * sqb + h * sqh + start_m.to(tl.int64) * sqn
+    q0 = _ld(qt, rows_m, sqn, mmask, 0, KD0, HEAD_DIM, True)
+    q1 = q0
+    q2 = q0
+    if KD1 > 0:
+        q1 = _ld(qt, rows_m, sqn, mmask, KD0, KD1, HEAD_DIM, True)
+    if KD2 > 0:
+        q2 = _ld(qt, rows_m, sqn, mmask, KD0 + KD1, KD2, HEAD_DIM, True)
+
+    m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
+    l_i = tl.zeros([BLOCK_M], tl.float32)
+    acc0 = tl.zeros([BLOCK_M, VD0], tl.float32)
+    acc1 = acc0
+    acc2 = acc0
+    if VD1 > 0:
+        acc1 = tl.zeros([BLOCK_M, VD1], tl.float32)
+    if VD2 > 0:
+        acc2 = tl.zeros([BLOCK_M, VD2], tl.float32)
+
+    kt = K + b * skb + h * skh
+    vt = V + b * svb + h * svh
+    n_full = (Nk // BLOCK_N) * BLOCK_N
+    for start_n in range(0, n_full, BLOCK_N):
+        acc0, acc1, acc2, m_i, l_i = _fwd_block(
+            acc0, acc1, acc2, m_i, l_i, q0, q1, q2, kt, vt, start_n, Nk, skn, svn, qk_scale,
+            HEAD_DIM, KD0, KD1, KD2, VD0, VD1, VD2, BLOCK_N, False, SCALE_NEG, DOT_PREC)
+        kt += BLOCK_N * skn
+        vt += BLOCK_N * svn
+    if n_full < Nk:
+        acc0, acc1, acc2, m_i, l_i = _fwd_block(
+            acc0, acc1, acc2, m_i, l_i, q0, q1, q2, kt, vt, n_full, Nk, skn, svn, qk_scale,
+            HEAD_DIM, KD0, KD1, KD2, VD0, VD1, VD2, BLOCK_N, True, SCALE_NEG, DOT_PREC)
+
+    # o: contiguous [B, Nq, H, Dh]; lse: contiguous [B, H, Nq]
+    son = H * HEAD_DIM
+    ot = O + (b * Nq + start_m) * son + h * HEAD_DIM
+    l_rcp = 1.0 / l_i
+    _st(ot, rows_m, son, mmask, (acc0 * l_rcp[:, None]).to(O.dtype.element_ty), 0, VD0, HEAD_DIM)
+    if VD1 > 0:
+        _st(ot, rows_m, son, mmask, (acc1 * l_rcp[:, None]).to(O.dtype.element_ty), VD0, VD1, HEAD_DIM)
+    if VD2 > 0:
+        _st(ot, rows_m, son, mmask, (acc2 * l_rcp[:, None]).to(O.dtype.element_ty), VD0 + VD1, VD2,
+            HEAD_DIM)
+    lse = (m_i + tl.math.log2(l_i)) * LN2
+    tl.store(LSE + bh.to(tl.int64) * Nq + start_m + rows_m, lse, mask=mmask)
+
+
+@triton.jit(do_not_specialize=_RUNTIME_INTS)
+def _attn_fwd_short(Q, K, V, O, LSE, qk_scale, Nq, Nk, H, BH,
+                    stride_qb, stride_qn, stride_qh, stride_kb, stride_kn, stride_kh,
+                    stride_vb, stride_vn, stride_vh,
+                    HEAD_DIM: tl.constexpr, KD0: tl.constexpr, KD1: tl.constexpr, KD2: tl.constexpr,
+                    VD0: tl.constexpr, VD1: tl.constexpr, VD2: tl.constexpr,
+                    G: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, SU: tl.constexpr,
+                    DOT_PREC: tl.constexpr):
+    sqb = stride_qb.to(tl.int64) * SU
+    sqn = stride_qn.to(tl.int64) * SU
+    sqh = stride_qh.to(tl.int64) * SU
+    skb = stride_kb.to(tl.int64) * SU
+    skn = stride_kn.to(tl.int64) * SU
+    skh = stride_kh.to(tl.int64) * SU
+    svb = stride_vb.to(tl.int64) * SU
+    svn = stride_vn.to(tl.int64) * SU
+    svh = stride_vh.to(tl.int64) * SU
+
+    pairs = tl.program_id(0) * G + tl.arange(0, G)  # (batch, head) pairs of this program
+    pmask = pairs < BH
+    b = (pairs // H).to(tl.int64)
+    h = (pairs % H).to(tl.int64)
+    rm = tl.arange(0, BM)
+    rn = tl.arange(0, BN)
+    qo = b * sqb + h * sqh
+    ko = b * skb + h * skh
+    vo = b * svb + h * svh
+
+    # every load first (q, k, v: ~7 KB a pair at Dh 72), so the whole tile is in
+    # flight at once; this kernel is bound by memory bandwidth, not math
+    q0 = _ld3(Q, qo, pmask, rm, sqn, Nq, 0, KD0, HEAD_DIM)
+    k0 = _ld3(K, ko, pmask, rn, skn, Nk, 0, KD0, HEAD_DIM)
+    v0 = _ld3(V, vo, pmask, rn, svn, Nk, 0, VD0, HEAD_DIM)
+    q1 = q0
+    k1 = k0
+    v1 = v0
+    q2 = q0
+    k2 = k0
+    v2 = v0
+    if KD1 > 0:
+        q1 = _ld3(Q, qo, pmask, rm, sqn, Nq, KD0, KD1, HEAD_DIM)
+        k1 = _ld3(K, ko, pmask, rn, skn, Nk, KD0, KD1, HEAD_DIM)
+    if KD2 > 0:
+        q2 = _ld3(Q, qo, pmask, rm, sqn, Nq, KD0 + KD1, KD2, HEAD_DIM)
+        k2 = _ld3(K, ko, pmask, rn, skn, Nk, KD0 + KD1, KD2, HEAD_DIM)
+    if VD1 > 0:
+        v1 = _ld3(V, vo, pmask, rn, svn, Nk, VD0, VD1, HEAD_DIM)
+    if VD2 > 0:
+        v2 = _ld3(V, vo, pmask, rn, svn, Nk, VD0 + VD1, VD2, HEAD_DIM)
+
+    s = tl.dot(q0, tl.trans(k0), input_precision=DOT_PREC)
+    if KD1 > 0:
+        s = tl.dot(q1, tl.trans(k1), s, input_precision=DOT_PREC)
+    if KD2 > 0:
+        s = tl.dot(q2, tl.trans(k2), s, input_precision=DOT_PREC)
+    s = tl.where((rn < Nk)[None, None, :], s * qk_scale, float("-inf"))
+    m = tl.max(s, 2)
+    p = tl.math.exp2(s - m[:, :, None])
+    l_i = tl.sum(p, 2)
+    l_rcp = 1.0 / l_i
+    p = p.to(V.dtype.element_ty)
+
+    son = H * HEAD_DIM
+    oo = b * Nq * son + h * HEAD_DIM
+    o = tl.dot(p, v0, input_precision=DOT_PREC) * l_rcp[:, :, None]
+    _st3(O, oo, pmask, rm, son, Nq, o.to(O.dtype.element_ty), 0, VD0, HEAD_DIM)
+    if VD1 > 0:
+        o = tl.dot(p, v1, input_precision=DOT_PREC) * l_rcp[:, :, None]
+        _st3(O, oo, pmask, rm, son, Nq, o.to(O.dtype.element_ty), VD0, VD1, HEAD_DIM)
+    if VD2 > 0:
+        o = tl.dot(p, v2, input_precision=DOT_PREC) * l_rcp[:, :, None]
+        _st3(O, oo, pmask, rm, son, Nq, o.to(O.dtype.element_ty), VD0 + VD1, VD2, HEAD_DIM)
+    lse = (m + tl.math.log2(l_i)) * LN2
+    lptr = LSE + pairs.to(tl.int64)[:, None] * Nq + rm[None, :]
+    tl.store(lptr, lse, mask=pmask[:, None] & (rm < Nq)[None, :])
+
+
+# ---------------------------------------------------------------------------
+# backward
+
+@triton.jit(do_not_specialize=_RUNTIME_INTS)
+def _attn_bwd_delta(O, DO, DELTA, Nq, H, stride_ob, stride_on, stride_oh,
+                    stride_db, stride_dn, stride_dh,
+                    HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr,
+                    SU: tl.constexpr):
+    """delta[b, h, n] = sum_d dO[b, n, h, d] * O[b, n, h, d] in fp32."""
+    sob = stride_ob.to(tl.int64) * SU
+    son = stride_on.to(tl.int64) * SU
+    soh = stride_oh.to(tl.int64) * SU
+    sdb = stride_db.to(tl.int64) * SU
+    sdn = stride_dn.to(tl.int64) * SU
+    sdh = stride_dh.to(tl.int64) * SU
+    pid = tl.program_id(0)
+    n_mb = tl.cdiv(Nq, BLOCK_M)
+    bh = pid // n_mb
+    start_m = (pid - bh * n_mb) * BLOCK_M
+    b = (bh // H).to(tl.int64)
+    h = (bh % H).to(tl.int64)
+    rows = tl.arange(0, BLOCK_M)
+    rmask = start_m + rows < Nq
+    ot = O + b * sob + h * soh + start_m.to(tl.int64) * son
+    dt = DO + b * sdb + h * sdh + start_m.to(tl.int64) * sdn
+    o = _ld(ot, rows, son, rmask, 0, BLOCK_D, HEAD_DIM, True).to(tl.float32)
+    do = _ld(dt, rows, sdn, rmask, 0, BLOCK_D, HEAD_DIM, True).to(tl.float32)
+    tl.store(DELTA + bh.to(tl.int64) * Nq + start_m + rows, tl.sum(o * do, 1), mask=rmask)
+
+
+@triton.jit(do_not_specialize=_RUNTIME_INTS)
+def _attn_bwd_dkdv(Q, K, V, DO, LSE, DELTA, DK, DV, qk_scale, sm_scale, Nq, Nk, H,
+                   stride_qb, stride_qn, stride_qh, stride_kb, stride_kn, stride_kh,
+                   stride_vb, stride_vn, stride_vh, stride_db, stride_dn, stride_dh,
+                   HEAD_DIM: tl.constexpr, D0: tl.constexpr, D1: tl.constexpr, D2: tl.constexpr,
+                   BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, SU: tl.constexpr,
+                   DOT_PREC: tl.constexpr):
+    """dK, dV of one block of BLOCK_N keys, looping over all query blocks:
+    P^T = exp2(K Q^T * c - lse2), dV += P^T dO, dP^T = V dO^T,
+    dS^T = P^T (dP^T - delta), dK += dS^T Q; dK *= scale at the end."""
+    sqb = stride_qb.to(tl.int64) * SU
+    sqn = stride_qn.to(tl.int64) * SU
+    sqh = stride_qh.to(tl.int64) * SU
+    skb = stride_kb.to(tl.int64) * SU
+    skn = stride_kn.to(tl.int64) * SU
+    skh = stride_kh.to(tl.int64) * SU
+    svb = stride_vb.to(tl.int64) * SU
+    svn = stride_vn.to(tl.int64) * SU
+    svh = stride_vh.to(tl.int64) * SU
+    sdb = stride_db.to(tl.int64) * SU
+    sdn = stride_dn.to(tl.int64) * SU
+    sdh = stride_dh.to(tl.int64) * SU
+
+    pid = tl.program_id(0)
+    n_nb = tl.cdiv(Nk, BLOCK_N)
+    bh = pid // n_nb
+    start_n = (pid - bh * n_nb) * BLOCK_N
+    b = (bh // H).to(tl.int64)
+    h = (bh % H).to(tl.int64)
+    rn = tl.arange(0, BLOCK_N)
+    rm = tl.arange(0, BLOCK_M)
+    nmask = start_n + rn < Nk
+    dtype = Q.dtype.element_ty
+
+    kt = K + b * skb + h * skh + start_n.to(tl.int64) * skn
+    vt = V + b * svb + h * svh + start_n.to(tl.int64) * svn
+    k0 = _ld(kt, rn, skn, nmask, 0, D0, HEAD_DIM, True)
+    v0 = _ld(vt, rn, svn, nmask, 0, D0, HEAD_DIM, True)
+    dk0 = tl.zeros([BLOCK_N, D0], tl.float32)
+    dv0 = tl.zeros([BLOCK_N, D0], tl.float32)
+    k1 = k0
+    v1 = v0
+    dk1 = dk0
+    dv1 = dv0
+    k2 = k0
+    v2 = v0
+    dk2 = dk0
+    dv2 = dv0
+    if D1 > 0:
+        k1 = _ld(kt, rn, skn, nmask, D0, D1, HEAD_DIM, True)
+        v1 = _ld(vt, rn, svn, nmask, D0, D1, HEAD_DIM, True)
+        dk1 = tl.zeros([BLOCK_N, D1], tl.float32)
+        dv1 = tl.zeros([BLOCK_N, D1], tl.float32)
+    if D2 > 0:
+        k2 = _ld(kt, rn, skn, nmask, D0 + D1, D2, HEAD_DIM, True)
+        v2 = _ld(vt, rn, svn, nmask, D0 + D1, D2, HEAD_DIM, True)
+        dk2 = tl.zeros([BLOCK_N, D2], tl.float32)
+        dv2 = tl.zeros([BLOCK_N, D2], tl.float32)
+
+    qt = Q + b * sqb + h * sqh
+    dt = DO + b * sdb + h * sdh
+    lt = LSE + bh.to(tl.int64) * Nq
+    deltat = DELTA + bh.to(tl.int64) * Nq
+    for start_m in range(0, Nq, BLOCK_M):
+        mmask = start_m + rm < Nq
+        # rows past Nq: lse = +inf makes their P^T column exactly 0
+        lse2 = tl.load(lt + rm, mask=mmask, other=float("inf")) * LOG2E
+        dl = tl.load(deltat + rm, mask=mmask, other=0.0)
+        q = _ld(qt, rm, sqn, mmask, 0, D0, HEAD_DIM, True)
+        do = _ld(dt, rm, sdn, mmask, 0, D0, HEAD_DIM, True)
+        st = tl.dot(k0, tl.trans(q), input_precision=DOT_PREC)
+        dpt = tl.dot(v0, tl.trans(do), input_precision=DOT_PREC)
+        if D1 > 0:
+            q1 = _ld(qt, rm, sqn, mmask, D0, D1, HEAD_DIM, True)
+            do1 = _ld(dt, rm, sdn, mmask, D0, D1, HEAD_DIM, True)
+            st = tl.dot(k1, tl.trans(q1), st, input_precision=DOT_PREC)
+            dpt = tl.dot(v1, tl.trans(do1), dpt, input_precision=DOT_PREC)
+        if D2 > 0:
+            q2 = _ld(qt, rm, sqn, mmask, D0 + D1, D2, HEAD_DIM, True)
+            do2 = _ld(dt, rm, sdn, mmask, D0 + D1, D2, HEAD_DIM, True)
+            st = tl.dot(k2, tl.trans(q2), st, input_precision=DOT_PREC)
+            dpt = tl.dot(v2, tl.trans(do2), dpt, input_precision=DOT_PREC)
+        pt = tl.math.exp2(st * qk_scale - lse2[None, :])
+        dst = (pt * (dpt - dl[None, :])).to(dtype)
+        pt = pt.to(dtype)
+        dv0 = tl.dot(pt, do, dv0, input_precision=DOT_PREC)
+        dk0 = tl.dot(dst, q, dk0, input_precision=DOT_PREC)
+        if D1 > 0:
+            dv1 = tl.dot(pt, do1, dv1, input_precision=DOT_PREC)
+            dk1 = tl.dot(dst, q1, dk1, input_precision=DOT_PREC)
+        if D2 > 0:
+            dv2 = tl.dot(pt, do2, dv2, input_precision=DOT_PREC)
+            dk2 = tl.dot(dst, q2, dk2, input_precision=DOT_PREC)
+        qt += BLOCK_M * sqn
+        dt += BLOCK_M * sdn
+        lt += BLOCK_M
+        deltat += BLOCK_M
+
+    # dk, dv: contiguous [B, Nk, H, Dh]
+    sn = H * HEAD_DIM
+    off = (b * Nk + start_n) * sn + h * HEAD_DIM
+    _st(DK + off, rn, sn, nmask, (dk0 * sm_scale).to(dtype), 0, D0, HEAD_DIM)
+    _st(DV + off, rn, sn, nmask, dv0.to(dtype), 0, D0, HEAD_DIM)
+    if D1 > 0:
+        _st(DK + off, rn, sn, nmask, (dk1 * sm_scale).to(dtype), D0, D1, HEAD_DIM)
+        _st(DV + off, rn, sn, nmask, dv1.to(dtype), D0, D1, HEAD_DIM)
+    if D2 > 0:
+        _st(DK + off, rn, sn, nmask, (dk2 * sm_scale).to(dtype), D0 + D1, D2, HEAD_DIM)
+        _st(DV + off, rn, sn, nmask, dv2.to(dtype), D0 + D1, D2, HEAD_DIM)
+
+
+@triton.jit(do_not_specialize=_RUNTIME_INTS)
+def _attn_bwd_dq(Q, K, V, DO, LSE, DELTA, DQ, qk_scale, sm_scale, Nq, Nk, H,
+                 stride_qb, stride_qn, stride_qh, stride_kb, stride_kn, stride_kh,
+                 stride_vb, stride_vn, stride_vh, stride_db, stride_dn, stride_dh,
+                 HEAD_DIM: tl.constexpr, D0: tl.constexpr, D1: tl.constexpr, D2: tl.constexpr,
+                 BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, SU: tl.constexpr,
+                 DOT_PREC: tl.constexpr):
+    """dQ of one block of BLOCK_M queries, looping over all key blocks:
+    P = exp2(Q K^T * c - lse2), dP = dO V^T, dS = P (dP - delta), dQ += dS K."""
+    sqb = stride_qb.to(tl.int64) * SU
+    sqn = stride_qn.to(tl.int64) * SU
+    sqh = stride_qh.to(tl.int64) * SU
+    skb = stride_kb.to(tl.int64) * SU
+    skn = stride_kn.to(tl.int64) * SU
+    skh = stride_kh.to(tl.int64) * SU
+    svb = stride_vb.to(tl.int64) * SU
+    svn = stride_vn.to(tl.int64) * SU
+    svh = stride_vh.to(tl.int64) * SU
+    sdb = stride_db.to(tl.int64) * SU
+    sdn = stride_dn.to(tl.int64) * SU
+    sdh = stride_dh.to(tl.int64) * SU
+
+    pid = tl.program_id(0)
+    n_mb = tl.cdiv(Nq, BLOCK_M)
+    bh = pid // n_mb
+    start_m = (pid - bh * n_mb) * BLOCK_M
+    b = (bh // H).to(tl.int64)
+    h = (bh % H).to(tl.int64)
+    rm = tl.arange(0, BLOCK_M)
+    rn = tl.arange(0, BLOCK_N)
+    mmask = start_m + rm < Nq
+    dtype = Q.dtype.element_ty
+
+    qt = Q + b * sqb + h * sqh + start_m.to(tl.int64) * sqn
+    dt = DO + b * sdb + h * sdh + start_m.to(tl.int64) * sdn
+    q0 = _ld(qt, rm, sqn, mmask, 0, D0, HEAD_DIM, True)
+    do0 = _ld(dt, rm, sdn, mmask, 0, D0, HEAD_DIM, True)
+    dq0 = tl.zeros([BLOCK_M, D0], tl.float32)
+    q1 = q0
+    do1 = do0
+    dq1 = dq0
+    q2 = q0
+    do2 = do0
+    dq2 = dq0
+    if D1 > 0:
+        q1 = _ld(qt, rm, sqn, mmask, D0, D1, HEAD_DIM, True)
+        do1 = _ld(dt, rm, sdn, mmask, D0, D1, HEAD_DIM, True)
+        dq1 = tl.zeros([BLOCK_M, D1], tl.float32)
+    if D2 > 0:
+        q2 = _ld(qt, rm, sqn, mmask, D0 + D1, D2, HEAD_DIM, True)
+        do2 = _ld(dt, rm, sdn, mmask, D0 + D1, D2, HEAD_DIM, True)
+        dq2 = tl.zeros([BLOCK_M, D2], tl.float32)
+    loff = bh.to(tl.int64) * Nq + start_m + rm
+    lse2 = tl.load(LSE + loff, mask=mmask, other=0.0) * LOG2E
+    dl = tl.load(DELTA + loff, mask=mmask, other=0.0)
+
+    kt = K + b * skb + h * skh
+    vt = V + b * svb + h * svh
+    for start_n in range(0, Nk, BLOCK_N):
+        nmask = start_n + rn < Nk
+        k = _ld(kt, rn, skn, nmask, 0, D0, HEAD_DIM, True)
+        v = _ld(vt, rn, svn, nmask, 0, D0, HEAD_DIM, True)
+        s = tl.dot(q0, tl.trans(k), input_precision=DOT_PREC)
+        dp = tl.dot(do0, tl.trans(v), input_precision=DOT_PREC)
+        if D1 > 0:
+            k1 = _ld(kt, rn, skn, nmask, D0, D1, HEAD_DIM, True)
+            v1 = _ld(vt, rn, svn, nmask, D0, D1, HEAD_DIM, True)
+            s = tl.dot(q1, tl.trans(k1), s, input_precision=DOT_PREC)
+            dp = tl.dot(do1, tl.trans(v1), dp, input_precision=DOT_PREC)
+        if D2 > 0:
+            k2 = _ld(kt, rn, skn, nmask, D0 + D1, D2, HEAD_DIM, True)
+            v2 = _ld(vt, rn, svn, nmask, D0 + D1, D2, HEAD_DIM, True)
+            s = tl.dot(q2, tl.trans(k2), s, input_precision=DOT_PREC)
+            dp = tl.dot(do2, tl.trans(v2), dp, input_precision=DOT_PREC)
+        p = tl.where(nmask[None, :], tl.math.exp2(s * qk_scale - lse2[:, None]), 0.0)
+        ds = (p * (dp - dl[:, None])).to(dtype)
+        dq0 = tl.dot(ds, k, dq0, input_precision=DOT_PREC)
+        if D1 > 0:
+            dq1 = tl.dot(ds, k1, dq1, input_precision=DOT_PREC)
+        if D2 > 0:
+            dq2 = tl.dot(ds, k2, dq2, input_precision=DOT_PREC)
+        kt += BLOCK_N * skn
+        vt += BLOCK_N * svn
+
+    sn = H * HEAD_DIM
+    off = (b * Nq + start_m) * sn + h * HEAD_DIM
+    _st(DQ + off, rm, sn, mmask, (dq0 * sm_scale).to(dtype), 0, D0, HEAD_DIM)
+    if D1 > 0:
+        _st(DQ + off, rm, sn, mmask, (dq1 * sm_scale).to(dtype), D0, D1, HEAD_DIM)
+    if D2 > 0:
+        _st(DQ + off, rm, sn, mmask, (dq2 * sm_scale).to(dtype), D0 + D1, D2, HEAD_DIM)
+
+
+@triton.jit(do_not_specialize=_RUNTIME_INTS)
+def _attn_bwd_short(Q, K, V, O, DO, LSE, DQ, DK, DV, qk_scale, sm_scale, Nq, Nk, H, BH,
+                    stride_qb, stride_qn, stride_qh, stride_kb, stride_kn, stride_kh,
+                    stride_vb, stride_vn, stride_vh, stride_ob, stride_on, stride_oh,
+                    stride_db, stride_dn, stride_dh,
+                    HEAD_DIM: tl.constexpr, D0: tl.constexpr, D1: tl.constexpr, D2: tl.constexpr,
+                    G: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, SU: tl.constexpr,
+                    DOT_PREC: tl.constexpr):
+    """N <= 64: dQ, dK, dV of G (batch, head) pairs, whole sequences in registers."""
+    sqb = stride_qb.to(tl.int64) * SU
+    sqn = stride_qn.to(tl.int64) * SU
+    sqh = stride_qh.to(tl.int64) * SU
+    skb = stride_kb.to(tl.int64) * SU
+    skn = stride_kn.to(tl.int64) * SU
+    skh = stride_kh.to(tl.int64) * SU
+    svb = stride_vb.to(tl.int64) * SU
+    svn = stride_vn.to(tl.int64) * SU
+    svh = stride_vh.to(tl.int64) * SU
+    sob = stride_ob.to(tl.int64) * SU
+    son = stride_on.to(tl.int64) * SU
+    soh = stride_oh.to(tl.int64) * SU
+    sdb = stride_db.to(tl.int64) * SU
+    sdn = stride_dn.to(tl.int64) * SU
+    sdh = stride_dh.to(tl.int64) * SU
+
+    pairs = tl.program_id(0) * G + tl.arange(0, G)
+    pmask = pairs < BH
+    b = (pairs // H).to(tl.int64)
+    h = (pairs % H).to(tl.int64)
+    rm = tl.arange(0, BM)
+    rn = tl.arange(0, BN)
+    qo = b * sqb + h * sqh
+    ko = b * skb + h * skh
+    vo = b * svb + h * svh
+    oo = b * sob + h * soh
+    do_o = b * sdb + h * sdh
+    dtype = Q.dtype.element_ty
+
+    q0 = _ld3(Q, qo, pmask, rm, sqn, Nq, 0, D0, HEAD_DIM)
+    k0 = _ld3(K, ko, pmask, rn, skn, Nk, 0, D0, HEAD_DIM)
+    v0 = _ld3(V, vo, pmask, rn, svn, Nk, 0, D0, HEAD_DIM)
+    do0 = _ld3(DO, do_o, pmask, rm, sdn, Nq, 0, D0, HEAD_DIM)
+    delta = tl.sum(_ld3(O, oo, pmask, rm, son, Nq, 0, D0, HEAD_DIM).to(tl.float32) * do0.to(tl.float32), 2)
+    s = tl.dot(q0, tl.trans(k0), input_precision=DOT_PREC)
+    dp = tl.dot(do0, tl.trans(v0), input_precision=DOT_PREC)
+    q1 = q0
+    k1 = k0
+    v1 = v0
+    do1 = do0
+    q2 = q0
+    k2 = k0
+    v2 = v0
+    do2 = do0
+    if D1 > 0:
+        q1 = _ld3(Q, qo, pmask, rm, sqn, Nq, D0, D1, HEAD_DIM)
+        k1 = _ld3(K, ko, pmask, rn, skn, Nk, D0, D1, HEAD_DIM)
+        v1 = _ld3(V, vo, pmask, rn, svn, Nk, D0, D1, HEAD_DIM)
+        do1 = _ld3(DO, do_o, pmask, rm, sdn, Nq, D0, D1, HEAD_DIM)
+        delta += tl.sum(_ld3(O, oo, pmask, rm, son, Nq, D0, D1, HEAD_DIM).to(tl.float32)
+                        * do1.to(tl.float32), 2)
+        s = tl.dot(q1, tl.trans(k1), s, input_precision=DOT_PREC)
+        dp = tl.dot(do1, tl.trans(v1), dp, input_precision=DOT_PREC)
+    if D2 > 0:
+        q2 = _ld3(Q, qo, pmask, rm, sqn, Nq, D0 + D1, D2, HEAD_DIM)
+        k2 = _ld3(K, ko, pmask, rn, skn, Nk, D0 + D1, D2, HEAD_DIM)
+        v2 = _ld3(V, vo, pmask, rn, svn, Nk, D0 + D1, D2, HEAD_DIM)
+        do2 = _ld3(DO, do_o, pmask, rm, sdn, Nq, D0 + D1, D2, HEAD_DIM)
+        delta += tl.sum(_ld3(O, oo, pmask, rm, son, Nq, D0 + D1, D2, HEAD_DIM).to(tl.float32)
+                        * do2.to(tl.float32), 2)
+        s = tl.dot(q2, tl.trans(k2), s, input_precision=DOT_PREC)
+        dp = tl.dot(do2, tl.trans(v2), dp, input_precision=DOT_PREC)
+
+    lmask = pmask[:, None] & (rm < Nq)[None, :]
+    lse2 = tl.load(LSE + pairs.to(tl.int64)[:, None] * Nq + rm[None, :], mask=lmask, other=0.0) * LOG2E
+    valid = lmask[:, :, None] & (rn < Nk)[None, None, :]
+    p = tl.where(valid, tl.math.exp2(s * qk_scale - lse2[:, :, None]), 0.0)
+    ds = (p * (dp - delta[:, :, None])).to(dtype)
+    pt = tl.trans(p.to(dtype))
+    dst = tl.trans(ds)
+
+    sn = H * HEAD_DIM
+    qout = b * Nq * sn + h * HEAD_DIM
+    kout = b * Nk * sn + h * HEAD_DIM
+    _st3(DQ, qout, pmask, rm, sn, Nq, (tl.dot(ds, k0, input_precision=DOT_PREC) * sm_scale).to(dtype),
+         0, D0, HEAD_DIM)
+    _st3(DK, kout, pmask, rn, sn, Nk, (tl.dot(dst, q0, input_precision=DOT_PREC) * sm_scale).to(dtype),
+         0, D0, HEAD_DIM)
+    _st3(DV, kout, pmask, rn, sn, Nk, tl.dot(pt, do0, input_precision=DOT_PREC).to(dtype), 0, D0, HEAD_DIM)
+    if D1 > 0:
+        _st3(DQ, qout, pmask, rm, sn, Nq, (tl.dot(ds, k1, input_precision=DOT_PREC) * sm_scale).to(dtype),
+             D0, D1, HEAD_DIM)
+        _st3(DK, kout, pmask, rn, sn, Nk, (tl.dot(dst, q1, input_precision=DOT_PREC) * sm_scale).to(dtype),
+             D0, D1, HEAD_DIM)
+        _st3(DV, kout, pmask, rn, sn, Nk, tl.dot(pt, do1, input_precision=DOT_PREC).to(dtype),
+             D0, D1, HEAD_DIM)
+    if D2 > 0:
+        _st3(DQ, qout, pmask, rm, sn, Nq, (tl.dot(ds, k2, input_precision=DOT_PREC) * sm_scale).to(dtype),
+             D0 + D1, D2, HEAD_DIM)
+        _st3(DK, kout, pmask, rn, sn, Nk, (tl.dot(dst, q2, input_precision=DOT_PREC) * sm_scale).to(dtype),
+             D0 + D1, D2, HEAD_DIM)
+        _st3(DV, kout, pmask, rn, sn, Nk, tl.dot(pt, do2, input_precision=DOT_PREC).to(dtype),
+             D0 + D1, D2, HEAD_DIM)
+
+
+# ---------------------------------------------------------------------------
+# launch configurations
+
+@dataclass(frozen=True)
+class Cfg:
+    """Tile shape and launch parameters of one kernel. For the blocked kernels
+    block_m/block_n are the query/key tile rows; for the short kernels block_m is
+    unused there and `pairs` is G, the (batch, head) pairs per program."""
+
+    block_m: int
+    block_n: int
+    num_warps: int
+    num_stages: int
+    pairs: int = 1
+
+
+@functools.lru_cache(maxsize=None)
+def _arch(device: torch.device) -> int:
+    """Compute capability as 80, 90, ...; 0 for the interpreter (CPU tensors)."""
+    if device.type != "cuda":
+        return 0
+    major, minor = torch.cuda.get_device_capability(device.index)
+    return 10 * major + minor
+
+
+@functools.lru_cache(maxsize=None)
+def _sm_count(device: torch.device) -> int:
+    return torch.cuda.get_device_properties(device.index).multi_processor_count
+
+
+@functools.lru_cache(maxsize=None)
+def fwd_configs(arch: int, dtype: torch.dtype, kdim: int) -> tuple[Cfg, ...]:
+    """Forward tile candidates, best guess first, for head dims whose contraction
+    chunks sum to kdim (72 -> 80, 88 -> 96). The first is used unless autotuning;
+    the launcher moves a 64-row candidate first when 128-row tiles would leave SMs
+    idle (B * H * Nq / 128 < #SMs, e.g. DiT-XL/2 at batch 1 + CFG: 2 x 16 x 2 tiles).
+
+    Hopper (sm_90): 8 warps = two warpgroups, each a 64-row wgmma slice of a
+    128-row query tile (Triton's own H100 tuning keeps 8-warp tiles at 128 x 128).
+    BLOCK_N = 128 for kdim <= 96 halves the per-block overhead of the online softmax
+    (row max/sum shuffles, the acc rescale: 72 FMAs a row per block): S is 128 x 128
+    fp32 = 64 registers a thread, 234 in all at Dh 72 (ptxas, 0 spills), and K + V
+    stages of 128 x (80 + 72) x 2 B = 38 KB, x 3 stages + Q 20 KB = 134 KB of smem:
+    one program an SM, 512 programs for each benchmark shape (Dh 72, N = 256 / 1024 /
+    4096 at B x H = 256 / 64 / 16), 3.9 waves on 132 SMs. kdim 128 takes
+    BLOCK_N = 64 (smem 3 x 32 KB + 32 KB). Ampere (sm_80): mma.sync reads both
+    operands from registers, 8 warps share the 128 x 64 tile (255 registers at
+    Dh 72-128, 0 spills)."""
+    if arch == 0:  # interpreter: few large programs run fastest
+        return (Cfg(64, 64, 4, 1),)
+    if dtype == torch.float32:
+        # IEEE fp32 dots run on FMA units and spill at any tile size; correct, slow,
+        # and refused by the backend registry (backends.LIMITS) for CUDA tensors
+        return (Cfg(64, 32, 4, 2),) if kdim <= 128 else (Cfg(32, 32, 4, 2),)
+    if arch >= 90:
+        if kdim <= 64:
+            return (Cfg(128, 128, 8, 3), Cfg(128, 64, 4, 3), Cfg(64, 128, 4, 3))
+        if kdim <= 96:
+            return (Cfg(128, 128, 8, 3), Cfg(128, 64, 8, 3), Cfg(64, 64, 4, 3), Cfg(128, 64, 4, 3))
+        if kdim <= 128:
+            return (Cfg(128, 64, 8, 3), Cfg(128, 128, 8, 2), Cfg(64, 64, 4, 3))
+        return (Cfg(128, 32, 8, 2), Cfg(64, 32, 4, 2))
+    if kdim <= 64:
+        return (Cfg(128, 64, 8, 3), Cfg(64, 64, 4, 3), Cfg(128, 64, 4, 3))
+    if kdim <= 96:
+        return (Cfg(128, 64, 8, 3), Cfg(64, 32, 4, 3), Cfg(128, 32, 8, 3))
+    if kdim <= 128:
+        return (Cfg(128, 64, 8, 3), Cfg(128, 32, 8, 3))
+    return (Cfg(32, 32, 8, 2), Cfg(16, 32, 4, 1))
+
+
+@functools.lru_cache(maxsize=None)
+def fwd_short_configs(arch: int, dtype: torch.dtype, kdim: int, bm: int) -> tuple[Cfg, ...]:
+    """Short-sequence forward: G pairs of bm rows per program. The temporal shape
+    (N = 16, Dh = 72, B x H = 16384) is memory bound: q, k, v, o = 4 x 16 x 72 x 2 B
+    = 9 KB a pair, 151 MB in all, ~50 us at 3 TB/s, against 1.2 GFLOP. G = 8 pairs
+    (128 rows) per 8-warp program is one pair per warp in each mma.sync; the program
+    issues all its q/k/v loads (55 KB) before any math, needs 64-80 registers a
+    thread (ptxas, Dh 64-96) and 40 KB of smem, so 3-4 programs share an SM and
+    ~200 KB of loads are in flight per SM. 2048 programs for the temporal shape."""
+    if arch == 0:
+        return (Cfg(bm, bm, 4, 1, pairs=max(1, 256 // bm)),)
+    rows = 128 if kdim <= 128 else 32
+    if dtype == torch.float32:
+        rows //= 2
+    g = max(1, rows // bm)
+    return (Cfg(bm, bm, 8 if g * bm >= 128 else 4, 1, pairs=g),
+            Cfg(bm, bm, 4, 1, pairs=max(1, g // 2)),
+            Cfg(bm, bm, 8, 1, pairs=2 * g))
+
+
+@functools.lru_cache(maxsize=None)
+def bwd_configs(arch: int, dtype: torch.dtype, kdim: int) -> tuple[Cfg, ...]:
+    """Backward tiles, shared by the dK/dV kernel (block_n keys resident, loop over
+    block_m queries) and the dQ kernel (block_m queries resident, loop over block_n
+    keys). Each keeps two (dK, dV) or one (dQ) fp32 accumulator of kdim columns plus
+    two score tiles live, hence smaller tiles than the forward."""
+    if arch == 0:
+        return (Cfg(64, 64, 4, 1),)
+    if dtype == torch.float32:
+        return (Cfg(32, 32, 4, 1),) if kdim > 128 else (Cfg(64, 32, 4, 2),)
+    if kdim <= 128 and arch >= 90:
+        # wgmma wants the resident tile at 128 rows (two warpgroups); the streamed one small
+        return (Cfg(32, 128, 8, 2), Cfg(32, 64, 4, 2), Cfg(64, 64, 8, 2))
+    if kdim <= 128:
+        # mma.sync keeps both operands in registers: 64 resident rows, 32 streamed, over
+        # 8 warps (ptxas: 160-244 registers; 64 x 64 spills at Dh 88)
+        return (Cfg(32, 64, 8, 2), Cfg(32, 64, 4, 2))
+    return (Cfg(32, 32, 8, 1), Cfg(32, 32, 4, 1))
+
+
+@functools.lru_cache(maxsize=None)
+def bwd_short_configs(arch: int, dtype: torch.dtype, kdim: int, bm: int) -> tuple[Cfg, ...]:
+    """Short-sequence backward: q, k, v, dO (+ O for delta) and three fp32 gradient
+    tiles of G pairs live at once, so half the forward's rows per program."""
+    if arch == 0:
+        return (Cfg(bm, bm, 4, 1, pairs=max(1, 256 // bm)),)
+    rows = 64 if kdim <= 128 else 16
+    if dtype == torch.float32:
+        rows //= 2
+    g = max(1, rows // bm)
+    return (Cfg(bm, bm, 4, 1, pairs=g), Cfg(bm, bm, 8, 1, pairs=2 * g))
+
+
+# Set SKIPDIT_FAST_AUTOTUNE=1 to time every candidate of a (kernel, arch, dtype,
+# head dim, N bucket) once on first use and keep the fastest; by default the first
+# candidate of each list runs (no timing runs during tests or the first call).
+_AUTOTUNE = os.environ.get("SKIPDIT_FAST_AUTOTUNE", "0") == "1"
+_TUNED: dict[tuple, Cfg] = {}
+
+
+def _choose(key: tuple, candidates: tuple[Cfg, ...], launch) -> Cfg:
+    """The first candidate, or with autotuning the fastest (timed by do_bench on
+    the real arguments; every kernel here is a pure function of its inputs, so
+    repeated launches are harmless)."""
+    if not _AUTOTUNE or len(candidates) == 1:
+        return candidates[0]
+    cfg = _TUNED.get(key)
+    if cfg is None:
+        times = []
+        for c in candidates:
+            try:
+                times.append((triton.testing.do_bench(lambda: launch(c), warmup=5, rep=20), c))
+            except OutOfResources:  # shared memory or registers: not a candidate here
+                continue
+        cfg = _TUNED[key] = min(times, key=lambda x: x[0])[1] if times else candidates[0]
+    return cfg
+
+
+def _n_bucket(n: int) -> int:
+    return min(triton.next_power_of_2(n), 8192)
+
+
+# ---------------------------------------------------------------------------
+# launchers
+
+def _bsh_strides(t: torch.Tensor) -> tuple[int, int, int]:
+    """(batch, seq, head) strides; a size-1 dim's stride is never used, it reads 0."""
+    return tuple(0 if t.shape[i] == 1 else t.stride(i) for i in range(3))
+
+
+def _stride_args(*tensors: torch.Tensor) -> tuple[int, tuple[int, ...]]:
+    """(SU, strides // SU) of the tensors' (batch, seq, head) dims. The kernels
+    multiply each stride by the constexpr SU, so with SU = 8 the compiler knows every
+    row start is 16-byte aligned (16-bit dtypes) and issues 16-byte vector loads /
+    cp.async; Triton's own specialization only marks multiples of 16 and misses head
+    strides such as Dh = 72, and tl.multiple_of hints on scalar arguments are dropped."""
+    strides = tuple(st for t in tensors for st in _bsh_strides(t))
+    su = 8 if all(st % 8 == 0 for st in strides) else 1
+    return su, tuple(st // su for st in strides)
+
+
+def _dot_precision(dtype: torch.dtype) -> str:
+    return "ieee" if dtype == torch.float32 else "tf32"  # ignored for 16-bit operands
+
+
+def _check_dtype(op: str, dtype: torch.dtype) -> None:
+    if dtype not in (torch.float16, torch.bfloat16, torch.float32):
+        raise TypeError(f"{op}: the Triton kernels take float16, bfloat16 or float32, got {dtype}")
+
+
+class _on_device:
+    """Makes t's CUDA device current for the launch (Triton launches on the current one)."""
+
+    def __init__(self, t: torch.Tensor):
+        self.ctx = torch.cuda.device(t.device) if t.is_cuda and t.device.index != torch.cuda.current_device() \
+            else None
+
+    def __enter__(self):
+        if self.ctx is not None:
+            self.ctx.__enter__()
+
+    def __exit__(self, *exc):
+        if self.ctx is not None:
+            self.ctx.__exit__(*exc)
+
+
+def is_short(nq: int, nk: int) -> bool:
+    return nq <= SHORT_MAX_N and nk <= SHORT_MAX_N
+
+
+def attention_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float):
+    """(out [B, Nq, H, Dh] contiguous, lse [B, H, Nq] fp32)."""
+    op = "skipdit::attention_forward_triton"
+    s = check_attention(op, q, k, v, scale)
+    _check_dtype(op, q.dtype)
+    B, Nq, H, Dh = q.shape
+    Nk = k.shape[1]
+    out = new_output(q.shape, dtype=q.dtype, device=q.device)
+    lse = new_output((B, H, Nq), dtype=acc_dtype(q.dtype), device=q.device)
+    kd, vd = contraction_chunks(Dh), output_chunks(Dh)
+    su, strides = _stride_args(q, k, v)
+    arch = _arch(q.device)
+    common = dict(HEAD_DIM=Dh, KD0=kd[0], KD1=kd[1], KD2=kd[2], VD0=vd[0], VD1=vd[1], VD2=vd[2],
+                  SU=su, DOT_PREC=_dot_precision(q.dtype))
+    qk_scale = s * LOG2E.value
+    with _on_device(q):
+        if is_short(Nq, Nk):
+            bm, bn = max(16, triton.next_power_of_2(Nq)), max(16, triton.next_power_of_2(Nk))
+
+            def launch(c: Cfg):
+                _attn_fwd_short[(triton.cdiv(B * H, c.pairs),)](
+                    q, k, v, out, lse, qk_scale, Nq, Nk, H, B * H, *strides, **common,
+                    G=c.pairs, BM=bm, BN=bn, num_warps=c.num_warps, num_stages=c.num_stages)
+
+            cands = fwd_short_configs(arch, q.dtype, sum(kd), max(bm, bn))
+            cfg = _choose(("fwd_short", arch, q.dtype, Dh, bm, bn), cands, launch)
+        else:
+            n_prog = B * H * triton.cdiv(Nq, 128)
+
+            def launch(c: Cfg):
+                _attn_fwd[(B * H * triton.cdiv(Nq, c.block_m),)](
+                    q, k, v, out, lse, qk_scale, Nq, Nk, H, *strides, **common,
+                    BLOCK_M=c.block_m, BLOCK_N=c.block_n, SCALE_NEG=s < 0,
+                    num_warps=c.num_warps, num_stages=c.num_stages)
+
+            cands = fwd_configs(arch, q.dtype, sum(kd))
+            if arch and cands[0].block_m == 128 and n_prog < _sm_count(q.device):
+                # fewer 128-row tiles than SMs: halve the tile for parallelism
+                cands = tuple(c for c in cands if c.block_m == 64) + tuple(c for c in cands if c.block_m != 64)
+            cfg = _choose(("fwd", arch, q.dtype, Dh, _n_bucket(Nk), n_prog < 264), cands, launch)
+        launch(cfg)
+    return out, lse
+
+
+def attention_backward(grad_out: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                       out: torch.Tensor, lse: torch.Tensor, scale: float):
+    """(grad_q, grad_k, grad_v), contiguous, with the shapes of q, k, v."""
+    op = "skipdit::attention_backward_triton"
+    s = check_attention(op, q, k, v, scale)
+    _check_dtype(op, q.dtype)
+    B, Nq, H, Dh = q.shape
+    Nk = k.shape[1]
+    if grad_out.shape != q.shape or out.shape != q.shape:
+        raise ValueError(f"{op}: grad_out and out must have the shape of q {list(q.shape)}, got "
+                         f"{list(grad_out.shape)} and {list(out.shape)}")
+    if grad_out.dtype != q.dtype or out.dtype != q.dtype:
+        raise TypeError(f"{op}: grad_out and out must have q's dtype {q.dtype}")
+    if tuple(lse.shape) != (B, H, Nq):
+        raise ValueError(f"{op}: lse must have shape [B, H, Nq] = {[B, H, Nq]}, got {list(lse.shape)}")
+    for name, t in (("grad_out", grad_out), ("out", out), ("lse", lse)):
+        if t.device != q.device:
+            raise ValueError(f"{op}: {name} is on {t.device}, q on {q.device}")
+    # autograd may hand in an expanded (stride-0) gradient: the kernels need stride-1 rows
+    if grad_out.stride(-1) != 1:
+        grad_out = grad_out.contiguous()
+    if out.stride(-1) != 1:
+        out = out.contiguous()
+    lse = lse.to(torch.float32).contiguous()
+    dq = new_output(q.shape, dtype=q.dtype, device=q.device)
+    dk = new_output(k.shape, dtype=k.dtype, device=k.device)
+    dv = new_output(v.shape, dtype=v.dtype, device=v.device)
+    d = backward_chunks(Dh)
+    arch = _arch(q.device)
+    common = dict(HEAD_DIM=Dh, D0=d[0], D1=d[1], D2=d[2], DOT_PREC=_dot_precision(q.dtype))
+    qk_scale = s * LOG2E.value
+    with _on_device(q):
+        if is_short(Nq, Nk):
+            bm, bn = max(16, triton.next_power_of_2(Nq)), max(16, triton.next_power_of_2(Nk))
+            su, strides = _stride_args(q, k, v, out, grad_out)
+
+            def launch(c: Cfg):
+                _attn_bwd_short[(triton.cdiv(B * H, c.pairs),)](
+                    q, k, v, out, grad_out, lse, dq, dk, dv, qk_scale, s, Nq, Nk, H, B * H,
+                    *strides, **common, SU=su, G=c.pairs, BM=bm, BN=bn,
+                    num_warps=c.num_warps, num_stages=c.num_stages)
+
+            cands = bwd_short_configs(arch, q.dtype, sum(d), max(bm, bn))
+            launch(_choose(("bwd_short", arch, q.dtype, Dh, bm, bn), cands, launch))
+            return dq, dk, dv
+
+        delta = torch.empty((B, H, Nq), dtype=torch.float32, device=q.device)
+        dm = 64 if Dh <= 128 else 32
+        su, strides = _stride_args(out, grad_out)
+        _attn_bwd_delta[(B * H * triton.cdiv(Nq, dm),)](
+            out, grad_out, delta, Nq, H, *strides, HEAD_DIM=Dh, BLOCK_M=dm, SU=su,
+            BLOCK_D=triton.next_power_of_2(Dh), num_warps=4)
+        su, strides = _stride_args(q, k, v, grad_out)
+        common["SU"] = su
+        args = (q, k, v, grad_out, lse, delta)
+
+        def launch_dkdv(c: Cfg):
+            _attn_bwd_dkdv[(B * H * triton.cdiv(Nk, c.block_n),)](
+                *args, dk, dv, qk_scale, s, Nq, Nk, H, *strides, **common,
+                BLOCK_M=c.block_m, BLOCK_N=c.block_n, num_warps=c.num_warps, num_stages=c.num_stages)
+
+        def launch_dq(c: Cfg):
+            # the dQ kernel loops over keys: its resident tile is the query block
+            _attn_bwd_dq[(B * H * triton.cdiv(Nq, c.block_n),)](
+                *args, dq, qk_scale, s, Nq, Nk, H, *strides, **common,
+                BLOCK_M=c.block_n, BLOCK_N=c.block_m, num_warps=c.num_warps, num_stages=c.num_stages)
+
+        cands = bwd_configs(arch, q.dtype, sum(d))
+        key = (arch, q.dtype, Dh, _n_bucket(max(Nq, Nk)))
+        launch_dkdv(_choose(("bwd_dkdv",) + key, cands, launch_dkdv))
+        launch_dq(_choose(("bwd_dq",) + key, cands, launch_dq))
+    return dq, dk, dv
+
+
+# ---------------------------------------------------------------------------
+# ahead-of-time compilation specs (kernels/aot.py)
+
+_PTR_ARGS = ("Q", "K", "V", "O", "DO", "LSE", "DELTA", "DQ", "DK", "DV")
+
+
+def _signature(fn, dt: str) -> dict:
+    sig = {}
+    for a in fn.arg_names:
+        if a in ("LSE", "DELTA"):
+            sig[a] = "*fp32"
+        elif a in _PTR_ARGS:
+            sig[a] = f"*{dt}"
+        elif a in ("qk_scale", "sm_scale"):
+            sig[a] = "fp32"
+        elif a.isupper() and a not in ("H", "BH"):
+            continue  # constexpr
+        else:
+            sig[a] = "i32"
+    return sig
+
+
+def _spec(fn, dt: str, constexprs: dict, cfg: Cfg, name: str):
+    from .aot import AotSpec
+
+    spec = AotSpec(fn, _signature(fn, dt), constexprs, num_warps=cfg.num_warps,
+                   num_stages=cfg.num_stages, name=name)
+    # What the JIT specializes at run time and AotSpec cannot say: torch allocations
+    # are 16-byte aligned (Triton marks such pointers tt.divisibility = 16). Without
+    # it every load compiles to 2-byte scalar loads and the report is not the real one.
+    spec.divisibility = {a: 16 for a in fn.arg_names if a in _PTR_ARGS}
+    return spec
+
+
+FAST_HEAD_DIMS = (64, 72, 88, 96, 128)
+_TORCH_DT = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}
+
+
+def _specs(dtypes=("fp16", "bf16"), head_dims=FAST_HEAD_DIMS, archs=(80, 90), all_candidates=False):
+    """The launch configurations the launchers pick on sm_80 / sm_90 for the given
+    head dims and dtypes: forward (blocked, short N = 16), backward (delta, dK/dV,
+    dQ, short N = 16). With all_candidates, every autotuning candidate too."""
+    specs = []
+    for arch in archs:
+        for dt in dtypes:
+            tdt = _TORCH_DT[dt]
+            prec = _dot_precision(tdt)
+            for dh in head_dims:
+                kd, vd = contraction_chunks(dh), output_chunks(dh)
+                fwd_ce = dict(HEAD_DIM=dh, KD0=kd[0], KD1=kd[1], KD2=kd[2], VD0=vd[0], VD1=vd[1],
+                              VD2=vd[2], SU=8, DOT_PREC=prec)
+                bd = backward_chunks(dh)
+                bwd_ce = dict(HEAD_DIM=dh, D0=bd[0], D1=bd[1], D2=bd[2], SU=8, DOT_PREC=prec)
+                tag = f"{dt}_d{dh}_sm{arch}"
+                fwd = fwd_configs(arch, tdt, sum(kd))
+                # the small-grid variant (BLOCK_M = 64) the launcher may move first
+                fwd_used = fwd if all_candidates else (fwd[0],) + tuple(c for c in fwd if c.block_m == 64)[:1]
+                for c in fwd_used:
+                    specs.append(_spec(_attn_fwd, dt, dict(fwd_ce, BLOCK_M=c.block_m, BLOCK_N=c.block_n,
+                                                           SCALE_NEG=False), c,
+                                       f"attn_fwd_{tag}_m{c.block_m}n{c.block_n}w{c.num_warps}s{c.num_stages}"))
+                sc = fwd_short_configs(arch, tdt, sum(kd), 16)
+                for c in (sc if all_candidates else sc[:1]):
+                    specs.append(_spec(_attn_fwd_short, dt, dict(fwd_ce, G=c.pairs, BM=16, BN=16), c,
+                                       f"attn_fwd_short_{tag}_n16g{c.pairs}w{c.num_warps}"))
+                bc = bwd_configs(arch, tdt, sum(bd))
+                for c in (bc if all_candidates else bc[:1]):
+                    specs.append(_spec(_attn_bwd_dkdv, dt, dict(bwd_ce, BLOCK_M=c.block_m, BLOCK_N=c.block_n), c,
+                                       f"attn_bwd_dkdv_{tag}_m{c.block_m}n{c.block_n}w{c.num_warps}"))
+                    specs.append(_spec(_attn_bwd_dq, dt, dict(bwd_ce, BLOCK_M=c.block_n, BLOCK_N=c.block_m), c,
+                                       f"attn_bwd_dq_{tag}_m{c.block_n}n{c.block_m}w{c.num_warps}"))
+                bs = bwd_short_configs(arch, tdt, sum(bd), 16)
+                for c in (bs if all_candidates else bs[:1]):
+                    specs.append(_spec(_attn_bwd_short, dt, dict(bwd_ce, G=c.pairs, BM=16, BN=16), c,
+                                       f"attn_bwd_short_{tag}_n16g{c.pairs}w{c.num_warps}"))
+                specs.append(_spec(_attn_bwd_delta, dt, dict(HEAD_DIM=dh, BLOCK_M=64 if dh <= 128 else 32, SU=8,
+                                                             BLOCK_D=triton.next_power_of_2(dh)),
+                                   Cfg(64, 0, 4, 1), f"attn_bwd_delta_{tag}"))
+    return specs
+
+
+AOT_SPECS = _specs
+
+
+def aot_compile(spec, arch: int) -> dict:
+    """kernels.aot.compile_spec plus what the JIT specializes at run time and an
+    AotSpec cannot carry yet: 16-byte pointer alignment (spec.divisibility). Without
+    it every load compiles to 2-byte scalar loads, not the code that runs. Returns
+    compile_spec's record (registers, spills, shared bytes, ptx)."""
+    import subprocess
+    import tempfile
+
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+
+    from skipdit_fast._lib import parse_ptxas
+
+    from .aot import ptxas_path
+
+    sig = dict(spec.signature)
+    for k in spec.constexprs:
+        sig[k] = "constexpr"
+    attrs = {(spec.fn.arg_names.index(a),): [["tt.divisibility", d]]
+             for a, d in getattr(spec, "divisibility", {}).items()}
+    src = ASTSource(fn=spec.fn, signature=sig, constexprs=dict(spec.constexprs), attrs=attrs)
+    compiled = triton.compile(src, target=GPUTarget("cuda", arch, 32),
+                              options={"num_warps": spec.num_warps, "num_stages": spec.num_stages})
+    ptx = compiled.asm["ptx"]
+    gpu_name = f"sm_{arch}a" if arch >= 90 else f"sm_{arch}"
+    with tempfile.TemporaryDirectory() as d:
+        p = os.path.join(d, "k.ptx")
+        with open(p, "w") as f:
+            f.write(ptx)
+        r = subprocess.run([ptxas_path(), "-v", f"--gpu-name={gpu_name}", p, "-o", os.path.join(d, "k.cubin")],
+                           capture_output=True, text=True)
+    if r.returncode != 0:
+        raise RuntimeError(f"ptxas failed for {spec.name} on {gpu_name}:\n{r.stderr}")
+    rec = dict(parse_ptxas(r.stdout + r.stderr)[0])
+    rec.update(name=spec.name, arch=gpu_name, ptx=ptx, shared=compiled.metadata.shared)
+    return rec
