@@ -23,6 +23,21 @@ class AotSpec:
     num_warps: int = 4
     num_stages: int = 3
     name: str = ""
+    # the archs this configuration is launched on (a per-arch config names one)
+    archs: tuple = (80, 90)
+    # argument -> known divisibility, what the JIT specializes at run time; None: 16 for
+    # every pointer (torch allocations and the launchers' views are 16-byte aligned).
+    # Without it every load compiles to scalar loads and the report is not the real code.
+    divisibility: dict | None = None
+    # compiled by the test suite in CI; the rest only in the full sweep
+    # (python -m skipdit_fast.kernels.aot --full, or SKIPDIT_FULL_AOT=1)
+    ci: bool = True
+
+    def attrs(self) -> dict:
+        div = self.divisibility
+        if div is None:
+            div = {a: 16 for a, t in self.signature.items() if isinstance(t, str) and t.startswith("*")}
+        return {(self.fn.arg_names.index(a),): [["tt.divisibility", d]] for a, d in div.items()}
 
 
 def ptxas_path() -> str:
@@ -47,7 +62,7 @@ def compile_spec(spec: AotSpec, arch: int) -> dict:
     missing = [a for a in spec.fn.arg_names if a not in sig]
     if missing:
         raise ValueError(f"{spec.name}: signature lacks {missing}")
-    src = ASTSource(fn=spec.fn, signature=sig, constexprs=dict(spec.constexprs))
+    src = ASTSource(fn=spec.fn, signature=sig, constexprs=dict(spec.constexprs), attrs=spec.attrs())
     compiled = triton.compile(src, target=GPUTarget("cuda", arch, 32),
                               options={"num_warps": spec.num_warps, "num_stages": spec.num_stages})
     ptx = compiled.asm["ptx"]
@@ -78,8 +93,15 @@ def tensor_core_kind(ptx: str) -> str | None:
     return None
 
 
-def all_specs() -> list[tuple[str, AotSpec]]:
-    """(module name, spec) for every kernel module in this package."""
+def full_sweep_requested() -> bool:
+    return os.environ.get("SKIPDIT_FULL_AOT") == "1"
+
+
+def all_specs(full: bool | None = None) -> list[tuple[str, AotSpec]]:
+    """(module name, spec) for every kernel module in this package: the CI subset, or
+    every spec with full=True (default: SKIPDIT_FULL_AOT=1)."""
+    if full is None:
+        full = full_sweep_requested()
     import importlib
     import pkgutil
 
@@ -93,13 +115,13 @@ def all_specs() -> list[tuple[str, AotSpec]]:
         specs = getattr(mod, "AOT_SPECS", None)
         if specs is None:
             raise RuntimeError(f"kernels/{m.name}.py has no AOT_SPECS")
-        out += [(m.name, s) for s in specs()]
+        out += [(m.name, s) for s in specs() if full or s.ci]
     return out
 
 
 def _compile_one(job):
-    module, idx, arch = job
-    spec = [s for name, s in all_specs() if name == module][idx]
+    module, idx, arch, full = job
+    spec = [s for name, s in all_specs(full) if name == module][idx]
     try:
         r = compile_spec(spec, arch)
     except Exception as e:  # report, don't hide: the caller fails on "error"
@@ -108,21 +130,25 @@ def _compile_one(job):
             "spill_stores": r["spill_stores"], "spill_loads": r["spill_loads"], "stack": r["stack"],
             "shared": r["shared"], "tensor_cores": tensor_core_kind(r["ptx"]),
             "cp_async_16": len(re.findall(r"cp\.async\.c[ag]\.shared\.global[^;]*, 0x10", r["ptx"])),
+            "vector_loads": "ld.global.v4" in r["ptx"] or "cp.async.cg.shared.global" in r["ptx"],
+            "constexprs": {k: v for k, v in spec.constexprs.items() if isinstance(v, (bool, int, float, str))},
             "num_warps": spec.num_warps, "num_stages": spec.num_stages}
 
 
-def compile_all(archs=(80, 90), jobs: int = 2) -> list[dict]:
-    """Compiles every AOT spec for every arch (in `jobs` processes)."""
+def compile_all(archs=(80, 90), jobs: int = 2, full: bool | None = None) -> list[dict]:
+    """Compiles every AOT spec for each of its archs among `archs` (in `jobs` processes)."""
     import multiprocessing as mp
 
-    specs = all_specs()
+    full = full_sweep_requested() if full is None else full
+    specs = all_specs(full)
     counters: dict[str, int] = {}
     work = []
-    for module, _ in specs:
+    for module, spec in specs:
         i = counters.get(module, 0)
         counters[module] = i + 1
-        for arch in archs:
-            work.append((module, i, arch))
+        for arch in spec.archs:
+            if arch in archs:
+                work.append((module, i, arch, full))
     if jobs <= 1:
         return [_compile_one(w) for w in work]
     with mp.get_context("spawn").Pool(jobs) as pool:
@@ -130,7 +156,7 @@ def compile_all(archs=(80, 90), jobs: int = 2) -> list[dict]:
 
 
 def main(argv=None) -> int:
-    """python -m skipdit_fast.kernels.aot [--arch 80 --arch 90] [--jobs N] [--json PATH]"""
+    """python -m skipdit_fast.kernels.aot [--arch 80 --arch 90] [--jobs N] [--json PATH] [--full]"""
     import argparse
     import json
 
@@ -140,8 +166,9 @@ def main(argv=None) -> int:
     p.add_argument("--arch", type=int, action="append")
     p.add_argument("--jobs", type=int, default=2)
     p.add_argument("--json")
+    p.add_argument("--full", action="store_true", help="every spec, not only the CI subset")
     a = p.parse_args(argv)
-    recs = compile_all(tuple(a.arch or (80, 90)), a.jobs)
+    recs = compile_all(tuple(a.arch or (80, 90)), a.jobs, full=a.full or None)
     bad = 0
     for r in recs:
         if "error" in r:

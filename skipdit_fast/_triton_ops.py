@@ -125,6 +125,8 @@ def _attention_composite(q, k, v, scale=None):
 
 
 _lib: torch.library.Library | None = None
+# native ops whose CUDA kernel is a Triton kernel registered here
+ROUTED_TO_TRITON: set[str] = set()
 
 
 def register() -> None:
@@ -142,3 +144,10 @@ def register() -> None:
             torch.library.register_autograd(f"skipdit::{name}_triton", bwd, setup_context=setup)
     if "attention_forward" in TRITON_KERNELS:
         _lib.impl("attention_triton", _attention_composite, "CompositeImplicitAutograd")
+    # The CUDA backend's attention backward is the Triton kernel (issue 4 allows it):
+    # it becomes the CUDA kernel of the native attention_backward op, which the C++
+    # autograd of attention_forward calls, unless the native library brings its own.
+    if "attention_backward" in TRITON_KERNELS and not torch._C._dispatch_has_kernel_for_dispatch_key(
+            "skipdit::attention_backward", "CUDA"):
+        _lib.impl("attention_backward", _lazy("attention_backward"), "CUDA")
+        ROUTED_TO_TRITON.add("attention_backward")

@@ -44,7 +44,8 @@ def _status_without_gpu(op: str, name: str) -> str:
             return why
         bwd = backends.BACKWARD_OP[op]
         has_bwd = bwd is None or _lib.has_kernel(bwd, "CUDA")
-        return "kernel built" + ("" if has_bwd else " (forward only)") + "; no GPU here"
+        via = " (backward: Triton kernel)" if bwd in _triton_ops.ROUTED_TO_TRITON else ""
+        return "kernel built" + ("" if has_bwd else " (forward only)") + via + "; no GPU here"
     why = backends._triton_available(op)()
     if why:
         return why

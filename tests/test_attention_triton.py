@@ -8,10 +8,6 @@ and sm_90; the @pytest.mark.gpu tests run the issue's full grid on a CUDA device
 from __future__ import annotations
 
 import os
-import json
-import re
-import subprocess
-import sys
 
 import pytest
 import torch
@@ -267,55 +263,19 @@ def test_configs_cover_every_head_dim():
 # ---------------------------------------------------------------------------
 # ahead-of-time compilation for sm_80 / sm_90 (no GPU needed)
 
-_AOT_WORKER = """
-import json, re, sys
-from skipdit_fast.kernels import attention as A
-want = set(json.loads(sys.argv[1]))
-out = {}
-for spec in A.AOT_SPECS():
-    if spec.name not in want:
-        continue
-    rec = A.aot_compile(spec, int(re.search(r"_sm(\\d+)", spec.name).group(1)))
-    ptx = rec.pop("ptx")
-    rec.update(wgmma="wgmma.mma_async" in ptx, mma_sync="mma.sync" in ptx,
-               vector_loads="ld.global.v4" in ptx or "cp.async.cg.shared.global" in ptx,
-               rows=spec.constexprs.get("BLOCK_N" if "dkdv" in spec.name else "BLOCK_M", 0))
-    out[spec.name] = rec
-print(json.dumps(out))
-"""
-
-
-@pytest.fixture(scope="module")
-def aot_records(request):
-    """Compiles the selected specs in one subprocess: the tests run Triton
-    interpreted (TRITON_INTERPRET=1), and interpreted functions cannot be compiled."""
-    pytest.importorskip("triton.backends.nvidia")
-    names = [item.callspec.params["spec"].name for item in request.session.items
-             if item.originalname == "test_aot_compiles_without_spills"]
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    env["PYTHONPATH"] = root + os.pathsep + env.get("PYTHONPATH", "")
-    r = subprocess.run([sys.executable, "-c", _AOT_WORKER, json.dumps(names)], cwd=root, env=env,
-                       capture_output=True, text=True, timeout=3600)
-    assert r.returncode == 0, r.stderr[-4000:]
-    return json.loads(r.stdout.strip().splitlines()[-1])
-
-
-# CI compiles the main kernels at Dh 72 (chunked q/k 64+16 and v/o 64+8) for both
-# archs, and the Dh 88 forward (64+32 / 64+16+8) for sm_90: 11 compiles, ~45 s on 2
-# cores. The full AOT_SPECS sweep (fp16 + bf16, Dh 64/72/88/96/128, every kernel:
-# 140 compiles, ~10 minutes) runs with SKIPDIT_FULL_AOT=1.
-_FULL = os.environ.get("SKIPDIT_FULL_AOT") == "1"
-_SPECS = attn.AOT_SPECS() if _FULL else (
-    [s for s in attn._specs(("bf16",), (72,), (80, 90)) if "delta" not in s.name and "m64" not in s.name]
-    + [s for s in attn._specs(("fp16",), (88,), (90,)) if s.name.startswith("attn_fwd_fp16") and "m64" not in s.name])
+# The CI subset of AOT_SPECS (AotSpec.ci; the full sweep with SKIPDIT_FULL_AOT=1),
+# compiled once per session by conftest.aot_results.
+_SPECS = [s for s in attn.AOT_SPECS() if s.ci or os.environ.get("SKIPDIT_FULL_AOT") == "1"]
 
 
 @pytest.mark.slow
 @pytest.mark.parametrize("spec", _SPECS, ids=lambda s: s.name)
-def test_aot_compiles_without_spills(spec, aot_records):
-    rec = aot_records[spec.name]
-    arch = int(re.search(r"_sm(\d+)", spec.name).group(1))
+def test_aot_compiles_without_spills(spec, aot_results):
+    (arch,) = spec.archs
+    rec = aot_results[("attention", spec.name, "sm_90a" if arch >= 90 else f"sm_{arch}")]
+    assert "error" not in rec, rec["error"]
+    rec = {**rec, "wgmma": rec["tensor_cores"] == "wgmma", "mma_sync": rec["tensor_cores"] == "mma",
+           "rows": spec.constexprs.get("BLOCK_N" if "dkdv" in spec.name else "BLOCK_M", 0)}
     assert rec["spill_stores"] == 0 and rec["spill_loads"] == 0, rec
     # tensor cores: wgmma for the blocked kernels on sm_90 (their resident tile has the
     # 64+ rows of a warpgroup MMA), mma.sync for the rest

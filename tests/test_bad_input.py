@@ -12,25 +12,27 @@ from skipdit_fast import _triton_ops
 BACKENDS = ["cpu", "reference"] + (["triton"] if _triton_ops.interpreting() else [])
 
 
-def _good():
-    return dict(x=torch.randn(4, 8), skip=torch.randn(4, 8), norm_weight=torch.ones(16),
-                norm_bias=torch.zeros(16), weight=torch.randn(8, 16), bias=torch.zeros(8), eps=1e-6)
+def _good(D=8):
+    return dict(x=torch.randn(4, D), skip=torch.randn(4, D), norm_weight=torch.ones(2 * D),
+                norm_bias=torch.zeros(2 * D), weight=torch.randn(D, 2 * D), bias=torch.zeros(D), eps=1e-6)
 
 
+# case -> (change to the good arguments for width D, exception, message)
 SKIP_FUSE_BAD = {
-    "dtype mix": (dict(skip=torch.randn(4, 8, dtype=torch.float64)), TypeError, "skip dtype"),
-    "weight dtype": (dict(weight=torch.randn(8, 16).half()), TypeError, "weight dtype"),
-    "int input": (dict(x=torch.ones(4, 8, dtype=torch.int32)), TypeError, "must be float16"),
-    "norm dtype": (dict(norm_weight=torch.ones(16, dtype=torch.float64)), TypeError, "norm parameters"),
-    "shape mismatch": (dict(skip=torch.randn(4, 9)), ValueError, "skip must have the shape"),
-    "norm shape": (dict(norm_bias=torch.zeros(15)), ValueError, "norm_bias must have shape"),
-    "weight shape": (dict(weight=torch.randn(8, 15)), ValueError, "weight must have shape"),
-    "bias shape": (dict(bias=torch.zeros(7)), ValueError, "bias must have shape"),
-    "last-dim stride": (dict(x=torch.randn(8, 4).t()), ValueError, "contiguous last dimension"),
-    "empty": (dict(x=torch.randn(0, 8), skip=torch.randn(0, 8)), ValueError, "empty"),
-    "nan eps": (dict(eps=math.nan), ValueError, "eps must be finite"),
-    "inf eps": (dict(eps=math.inf), ValueError, "eps must be finite"),
-    "device mix": (dict(skip=torch.randn(4, 8, device="meta")), ValueError, "one device"),
+    "dtype mix": (lambda D: dict(skip=torch.randn(4, D, dtype=torch.float64)), TypeError, "skip dtype"),
+    "weight dtype": (lambda D: dict(weight=torch.randn(D, 2 * D).half()), TypeError, "weight dtype"),
+    "int input": (lambda D: dict(x=torch.ones(4, D, dtype=torch.int32)), TypeError, "must be float16"),
+    "norm dtype": (lambda D: dict(norm_weight=torch.ones(2 * D, dtype=torch.float64)), TypeError,
+                   "norm parameters"),
+    "shape mismatch": (lambda D: dict(skip=torch.randn(4, D + 1)), ValueError, "skip must have the shape"),
+    "norm shape": (lambda D: dict(norm_bias=torch.zeros(2 * D - 1)), ValueError, "norm_bias must have shape"),
+    "weight shape": (lambda D: dict(weight=torch.randn(D, 2 * D - 1)), ValueError, "weight must have shape"),
+    "bias shape": (lambda D: dict(bias=torch.zeros(D - 1)), ValueError, "bias must have shape"),
+    "last-dim stride": (lambda D: dict(x=torch.randn(D, 4).t()), ValueError, "contiguous last dimension"),
+    "empty": (lambda D: dict(x=torch.randn(0, D), skip=torch.randn(0, D)), ValueError, "empty"),
+    "nan eps": (lambda D: dict(eps=math.nan), ValueError, "eps must be finite"),
+    "inf eps": (lambda D: dict(eps=math.inf), ValueError, "eps must be finite"),
+    "device mix": (lambda D: dict(skip=torch.randn(4, D, device="meta")), ValueError, "one device"),
 }
 
 
@@ -39,8 +41,9 @@ SKIP_FUSE_BAD = {
 def test_skip_fuse_bad_input(backend, case):
     if backend == "triton" and not _triton_ops.implemented("skip_fuse"):
         pytest.skip("no Triton skip_fuse kernel")
+    D = 64 if backend == "triton" else 8  # a width every tested backend serves
     change, exc, msg = SKIP_FUSE_BAD[case]
-    kw = {**_good(), **change}
+    kw = {**_good(D), **change(D)}
     with sf.use_backend(backend), pytest.raises(exc, match=msg):
         sf.ops.skip_fuse(**kw)
 
