@@ -109,8 +109,13 @@ def test_cuda_kernel_registered_forward_only():
     if not _lib.available() or not _lib.build_info().get("cuda"):
         pytest.skip("native library built without CUDA")
     assert _lib.has_kernel("attention_forward", "CUDA")
-    # The backward of the CUDA backend is routed elsewhere (issue 4), not a CUDA kernel here.
-    assert not _lib.has_kernel("attention_backward", "CUDA")
+    # The backward of the CUDA backend is the Triton kernel (issue 4), registered from
+    # Python as the CUDA kernel of the native attention_backward op.
+    from skipdit_fast import _triton_ops
+
+    if _triton_ops.triton_missing_reason() is None:
+        assert "attention_backward" in _triton_ops.ROUTED_TO_TRITON
+        assert _lib.has_kernel("attention_backward", "CUDA")
 
 
 def test_backend_limits_refuse_fp32():
