@@ -31,7 +31,7 @@ import ast
 import hashlib
 import inspect
 import textwrap
-import types
+import functools
 
 import diffusers
 import torch
@@ -485,4 +485,4 @@ def enable_cache(model: nn.Module, hook) -> None:
                          f"{adapter.max_branch} long skips: at most {adapter.max_branch})")
     hook.adapter = adapter
     model.__dict__[_CACHE] = hook
-    model.__dict__["forward"] = types.MethodType(_hunyuan_cached_forward, model)
+    model.__dict__["forward"] = functools.partial(_hunyuan_cached_forward, model)

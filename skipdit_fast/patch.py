@@ -45,9 +45,9 @@ bare model, when a forward's timestep is above the previous one's.
 
 from __future__ import annotations
 
+import functools
 import inspect
 import sys
-import types
 from dataclasses import asdict, dataclass, field
 from typing import Any, Callable
 
@@ -197,12 +197,24 @@ class Runner:
         return impl.fn(x, skip, norm_weight, norm_bias, weight, bias, eps)
 
     def describe(self, op: str, device, dtype, features: tuple) -> str:
-        """The backend that serves op for these inputs now (inference), for the report."""
+        """The backend that serves op for these inputs now (inference), for the report.
+        Also settles the choice for training (needs_grad) ahead of time: backend
+        selection is not traceable by torch.compile(fullgraph=True) the first time a
+        (device, dtype, shape) combination is seen, so patch() makes it seen."""
         if device.type == "meta":
             return f"{self.backend}, chosen per call"
         if self.backend == "auto":
-            return backends.pick(op, device, dtype, False, features).backend
+            name = backends.pick(op, device, dtype, False, features).backend
+            try:
+                backends.pick(op, device, dtype, True, features)
+            except backends.BackendError:  # inference-only inputs; training would say so
+                pass
+            return name
         _explicit(op, self.backend, device, dtype, False, features)
+        try:
+            _explicit(op, self.backend, device, dtype, True, features)
+        except backends.BackendError:
+            pass
         return self.backend
 
     def __repr__(self) -> str:
@@ -234,7 +246,7 @@ def attention_head_dim_reason(dh: int) -> str | None:
 
 
 def _set_forward(m: nn.Module, fn: Callable, **record) -> None:
-    m.__dict__["forward"] = types.MethodType(fn, m)
+    m.__dict__["forward"] = functools.partial(fn, m)  # pickles and deep-copies with m
     m.__dict__[_RECORD] = {"kind": "forward", **record}
 
 
@@ -243,10 +255,9 @@ def _scalar_attrs(m: nn.Module) -> tuple:
                         if not k.startswith("_") and isinstance(v, (bool, int, float, str, type(None)))))
 
 
-def _layout_key(*mods: nn.Module) -> tuple:
-    return tuple((type(m), _scalar_attrs(m),
-                  tuple((n, tuple(p.shape)) for n, p in m.named_parameters()),
-                  tuple((n, type(c), _scalar_attrs(c)) for n, c in m.named_modules())) for m in mods)
+def _layout_key(m: nn.Module) -> tuple:
+    return (type(m), _scalar_attrs(m), tuple((n, tuple(p.shape)) for n, p in m.named_parameters()),
+            tuple((n, type(c), _scalar_attrs(c)) for n, c in m.named_modules()))
 
 
 def _random_state(m: nn.Module, gen: torch.Generator) -> dict[str, torch.Tensor]:
@@ -284,11 +295,11 @@ class _Prober:
         self.runner = runner
         self.verdicts: dict[tuple, str | None] = {}
 
-    def check(self, mods: tuple[nn.Module, ...], run: Callable[[list[dict]], torch.Tensor],
+    def check(self, m: nn.Module, run: Callable[[dict], torch.Tensor],
               install: Callable[[], None], uninstall: Callable[[], None]) -> str | None:
-        """run(states) computes the output from the modules with the given random
-        states (torch.func.functional_call); it runs before install() and after."""
-        key = _layout_key(*mods)
+        """run(state) computes the output of m with the random state given to
+        torch.func.functional_call; it runs before install() and after."""
+        key = _layout_key(m)
         if key in self.verdicts:
             why = self.verdicts[key]
             if why is None:
@@ -297,13 +308,12 @@ class _Prober:
         why = None
         backend, self.runner.backend = self.runner.backend, "reference"
         try:
-            gen = torch.Generator().manual_seed(1234)
-            states = [_random_state(m, gen) for m in mods]
+            state = _random_state(m, torch.Generator().manual_seed(1234))
             with torch.no_grad():
-                want = run(states)
+                want = run(state)
                 install()
                 try:
-                    got = run(states)
+                    got = run(state)
                 except Exception:
                     uninstall()
                     raise
@@ -317,6 +327,18 @@ class _Prober:
             self.runner.backend = backend
         self.verdicts[key] = why
         return why
+
+
+class _MergePair(nn.Module):
+    """skip_linears[j](skip_norms[j](cat), [x]) as one module, for the probe."""
+
+    def __init__(self, norm: nn.Module, lin: nn.Module, nargs: int):
+        super().__init__()
+        self.norm, self.lin, self.nargs = norm, lin, nargs
+
+    def forward(self, cat, x):
+        h = self.norm(cat)
+        return self.lin(h, x) if self.nargs == 2 else self.lin(h)
 
 
 def _call(m: nn.Module, state: dict, *args):
@@ -396,7 +418,7 @@ def _fused_qkv_attention(name, m, runner, prober, report) -> bool:
                   qk_norm=q_norm is not None and not isinstance(q_norm, nn.Identity),
                   out_norm=out_norm is not None and not isinstance(out_norm, nn.Identity))
     x = torch.randn(2, 5, D, generator=torch.Generator().manual_seed(7), dtype=torch.float64)
-    why = prober.check((m,), lambda st: _call(m, st[0], x),
+    why = prober.check(m, lambda st: _call(m, st, x),
                        lambda: _set_forward(m, _fused_qkv_forward, **record), lambda: _undo(m))
     if why:
         return skip(why)
@@ -468,10 +490,7 @@ def _official_skip_merges(name, m, runner, prober, report) -> bool:
         x, s = (torch.randn(2, 5, D, generator=g, dtype=torch.float64) for _ in range(2))
         cat = torch.cat([x, s], dim=-1)
         lin_name = "" if lin is wrap else "linear."
-
-        def run(st, norm=norm, wrap=wrap, nargs=nargs, x=x, cat=cat):
-            h = _call(norm, st[0], cat)
-            return _call(wrap, st[1], h, x) if nargs == 2 else _call(wrap, st[1], h)
+        pair = _MergePair(norm, wrap, nargs)
 
         def install(norm=norm, wrap=wrap, lin=lin):
             _set_forward(norm, _deferred_norm_forward, partner=wrap)
@@ -481,7 +500,7 @@ def _official_skip_merges(name, m, runner, prober, report) -> bool:
             _undo(norm)
             _undo(wrap)
 
-        why = prober.check((norm, wrap), run, install, uninstall)
+        why = prober.check(pair, lambda st, pair=pair, cat=cat, x=x: _call(pair, st, cat, x), install, uninstall)
         if why:
             skip(why)
             continue
@@ -709,7 +728,7 @@ def enable_skip_cache(target, interval: int = 2, branch: int = 4, *, start: floa
                              f"(depth {model.depth}: at most {model.depth // 2})")
         hook = _CacheHook(cache, auto_reset, "DiT")
         model.__dict__[_CACHE] = hook
-        model.__dict__["forward"] = types.MethodType(_dit_cached_forward, model)
+        model.__dict__["forward"] = functools.partial(_dit_cached_forward, model)
     elif _uses_diffusers(model):
         from . import _diffusers as diff
 
