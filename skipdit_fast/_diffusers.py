@@ -28,10 +28,10 @@ refused (Skip-Cache) with a message that says so, never run with the wrong seman
 from __future__ import annotations
 
 import ast
+import functools
 import hashlib
 import inspect
 import textwrap
-import functools
 
 import diffusers
 import torch
@@ -44,13 +44,13 @@ TARGET_VERSION = "0.42.1"
 
 # name -> fingerprint of that method in diffusers 0.42.1 (fingerprint() below)
 MIRRORED = {
-    "AttnProcessor.__call__": "a237b49b0b2e9d31",
-    "AttnProcessor2_0.__call__": "73bcee10cd643f04",
-    "FusedAttnProcessor2_0.__call__": "64722134a1a537cd",
-    "HunyuanAttnProcessor2_0.__call__": "67b0a46259e63ee3",
-    "FusedHunyuanAttnProcessor2_0.__call__": "e60a7d47b96205eb",
-    "HunyuanDiTBlock.forward": "a84d715abcb8b24d",
-    "HunyuanDiT2DModel.forward": "7672e59d42719130",
+    "AttnProcessor.__call__": "163252e6b6139fcb",
+    "AttnProcessor2_0.__call__": "de5b13d70ef535c3",
+    "FusedAttnProcessor2_0.__call__": "fc988485cb8c2903",
+    "HunyuanAttnProcessor2_0.__call__": "e3b6c2d3deeb2974",
+    "FusedHunyuanAttnProcessor2_0.__call__": "1b7b8458bc5bc283",
+    "HunyuanDiTBlock.forward": "f852d87fdc9bc90a",
+    "HunyuanDiT2DModel.forward": "014daff031caa22b",
 }
 
 
@@ -59,13 +59,15 @@ def version() -> str:
 
 
 def fingerprint(fn) -> str | None:
-    """sha256 (16 hex digits) of fn's source AST without docstrings, annotations,
-    comments or formatting; None when the source is not available."""
+    """sha256 (16 hex digits) of fn's source AST without its name, docstrings,
+    annotations, comments or formatting; None when the source is not available."""
     try:
         src = textwrap.dedent(inspect.getsource(fn))
     except (OSError, TypeError):
         return None
     tree = ast.parse(src)
+    if tree.body and isinstance(tree.body[0], (ast.FunctionDef, ast.AsyncFunctionDef)):
+        tree.body[0].name = "_"
     for node in ast.walk(tree):
         if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)):
             node.returns = None
