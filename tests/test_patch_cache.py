@@ -138,6 +138,19 @@ def test_hunyuan_run_boundaries_and_disable():
         assert cache.report().steps == 5  # one run: the caller resets
 
 
+def test_hunyuan_adaptive_mode():
+    model = M.hunyuan(num_layers=10)
+    inputs = M.hunyuan_inputs()
+    with torch.no_grad():
+        cache = enable_skip_cache(model, interval=3, branch=2, threshold=1e9)  # always similar enough
+        [hy(model, t, inputs) for t in TIMES]
+        assert cache.report().kinds == ["full", "cached", "cached"] * 2 + ["full"]
+        cache = enable_skip_cache(model, interval=3, branch=2, threshold=0.0)  # never
+        [hy(model, t, inputs) for t in TIMES]
+        r = cache.report()
+        assert r.kinds == ["full"] * 7 and r.checks == 6 and all(d > 0 for d in r.deltas)
+
+
 def test_hunyuan_enable_refusals():
     from diffusers.models.transformers.hunyuan_transformer_2d import HunyuanDiT2DModel
 
