@@ -446,7 +446,10 @@ def _hunyuan_cached_forward(self, hidden_states, timestep, encoder_hidden_states
     hook = self.__dict__[_CACHE]
     adapter = hook.adapter
     height, width = hidden_states.shape[-2:]
-    h = self.pos_embed(hidden_states)
+    # PatchEmbed returns a transposed view that the native forward carries through every
+    # residual add; the same values with a contiguous last dim, as the ops want them
+    # (the adaptive check's cache_delta, the skip merges)
+    h = self.pos_embed(hidden_states).contiguous()
     temb = self.time_extra_emb(timestep, encoder_hidden_states_t5, image_meta_size, style, hidden_dtype=timestep.dtype)
     B, S, _ = encoder_hidden_states_t5.shape
     t5 = self.text_embedder(encoder_hidden_states_t5.view(-1, encoder_hidden_states_t5.shape[-1])).view(B, S, -1)
