@@ -235,7 +235,7 @@ def _has_hooks(m: nn.Module) -> str | None:
     if "forward" in m.__dict__ and _RECORD not in m.__dict__:
         return "its forward was already replaced (by another library's hooks, e.g. accelerate offloading)"
     if m._forward_pre_hooks or m._forward_hooks or getattr(m, "_backward_hooks", None):
-        return "it has forward hooks (e.g. layerwise casting or offloading) that reading its weights directly would bypass"
+        return "it has hooks (e.g. layerwise casting or offloading) that reading its weights directly would bypass"
     return None
 
 
@@ -307,6 +307,10 @@ class _Prober:
             return why
         why = None
         backend, self.runner.backend = self.runner.backend, "reference"
+        # dropout (proj_drop in train mode) would make the two runs differ at random
+        drops = [d for d in m.modules() if isinstance(d, nn.modules.dropout._DropoutNd) and d.training]
+        for d in drops:
+            d.training = False
         try:
             state = _random_state(m, torch.Generator().manual_seed(1234))
             with torch.no_grad():
@@ -325,6 +329,8 @@ class _Prober:
             why = f"probe failed: {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
         finally:
             self.runner.backend = backend
+            for d in drops:
+                d.training = True
         self.verdicts[key] = why
         return why
 

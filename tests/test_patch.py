@@ -228,6 +228,19 @@ def test_skip_linear_with_a_residual_is_left_alone():
     assert report.left_alone[0].module == "skip_linears.1" and "probe" in report.left_alone[0].reason
 
 
+def test_patch_in_train_mode_with_projection_dropout():
+    model = official_skip_dit(attn_cls=OL.TimmAttention, proj_drop=0.5).train()
+    x = OL.dit_inputs()
+    report = patch(model)
+    assert report.counts() == {"attention": 4, "skip merge": 2}, str(report)
+    assert all(m.training for m in model.modules())
+    model.eval()
+    with torch.no_grad():
+        got = model(*x)
+        unpatch(model)
+        assert rel_err(got, model(*x)) <= 1e-5
+
+
 def test_attn_mask_runs_the_original_forward():
     m = OL.TimmAttention(64, 4).eval()
     x = torch.randn(2, 6, 64)
