@@ -210,18 +210,34 @@ def test_pipeline_with_cfg():
     assert (M.run_pipeline(pipe, steps=20) == ref).all()
 
 
-@pytest.mark.gpu
-def test_hunyuan_cache_gpu_bf16():
-    model = M.hunyuan(num_layers=10).cuda().bfloat16()
-    inputs = M.hunyuan_inputs(dtype=torch.bfloat16, device="cuda")
+def cache_bf16_check(device):
+    """Patch + Skip-Cache in bf16: cached steps run 2K blocks; every step stays within
+    bf16 rounding (5%) of the unpatched fp32 model under the same Skip-Cache."""
+    base = M.hunyuan(num_layers=10)
+    ref = copy.deepcopy(base).to(device)
+    model = base.bfloat16().to(device)
+    inputs = M.hunyuan_inputs(dtype=torch.bfloat16, device=device)
+    inputs32 = M.hunyuan_inputs(device=device)
     ran = []
     for i, blk in enumerate(model.blocks):
         blk.register_forward_pre_hook(lambda m, a, i=i: ran.append(i))
     patch(model)
     cache = enable_skip_cache(model, interval=2, branch=2)
+    enable_skip_cache(ref, interval=2, branch=2)
     with torch.no_grad():
         for step, t in enumerate(TIMES):
             ran.clear()
-            out = hy(model, t, inputs)
+            out = hy(model, t, inputs).float()
+            want = hy(ref, t, inputs32)
             assert len(ran) == (4 if step % 2 else 10) and torch.isfinite(out).all()
+            assert ((out - want).abs().max() / want.abs().max()).item() < 0.05, step
     assert cache.report().cached_steps == 3
+
+
+def test_hunyuan_cache_bf16_cpu():
+    cache_bf16_check("cpu")
+
+
+@pytest.mark.gpu
+def test_hunyuan_cache_bf16_gpu():
+    cache_bf16_check("cuda")
