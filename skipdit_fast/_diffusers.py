@@ -432,7 +432,10 @@ class HunyuanSkipModel:
                 f = 4.0 * B * T * T * D + 4.0 * B * T * L * D
                 for n, lin in blk.named_modules():
                     if isinstance(lin, nn.Linear):
-                        rows = L if n in ("attn2.to_k", "attn2.to_v", "attn2.to_kv") else 1 if n.startswith("norm1.") else T
+                        if n in ("attn2.to_k", "attn2.to_v", "attn2.to_kv"):
+                            rows = L
+                        else:
+                            rows = 1 if n.startswith("norm1.") else T
                         f += 2.0 * B * rows * lin.in_features * lin.out_features
                 out.append(f)
             self._flops[key] = out

@@ -15,7 +15,6 @@ import torch
 
 pytest.importorskip("diffusers")
 
-import skipdit_fast  # noqa: E402
 from skipdit_fast import _diffusers, patch, unpatch  # noqa: E402
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
