@@ -225,6 +225,25 @@ def test_latte_spatial_and_temporal():
         assert torch.equal(model(**kw)[0], want)
 
 
+def test_vae_attention_4d_input_group_norm_residual():
+    """The processor's other paths: 4-D input, group norm, residual connection, output rescale."""
+    from diffusers import AutoencoderKL
+
+    torch.manual_seed(0)
+    vae = AutoencoderKL(in_channels=3, out_channels=3, down_block_types=["DownEncoderBlock2D"] * 2,
+                        up_block_types=["UpDecoderBlock2D"] * 2, block_out_channels=[8, 16], layers_per_block=1,
+                        latent_channels=4, norm_num_groups=4, sample_size=32).eval()
+    vae.decoder.mid_block.attentions[0].rescale_output_factor = 2.0
+    x = torch.randn(1, 3, 32, 32)
+    with torch.no_grad():
+        want = vae(x).sample
+        report = patch(vae)
+        got = vae(x).sample
+    assert report.counts() == {"attention": 2, "skip merge": 0}
+    assert all(v == (1, 0) for v in report.calls().values())
+    assert rel_err(got, want) <= 1e-5
+
+
 def test_other_processors_and_changed_code_are_left_alone():
     from diffusers.models.attention_processor import AttnProcessor2_0
     from diffusers.models.transformers.hunyuan_transformer_2d import HunyuanDiTBlock
