@@ -19,16 +19,22 @@ from .backends import BackendError, get_backend, set_backend, use_backend  # noq
 from . import models  # noqa: E402
 from .cache import SkipCache  # noqa: E402
 from .models import DiT, DiTConfig  # noqa: E402
+from .patch import PatchReport, disable_skip_cache, enable_skip_cache, patch, unpatch  # noqa: E402
 
 __all__ = [
     "BackendError",
     "DiT",
     "DiTConfig",
+    "PatchReport",
     "SkipCache",
+    "disable_skip_cache",
+    "enable_skip_cache",
     "get_backend",
     "models",
     "ops",
+    "patch",
     "reference",
     "set_backend",
+    "unpatch",
     "use_backend",
 ]

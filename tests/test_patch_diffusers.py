@@ -1,0 +1,364 @@
+"""skipdit_fast.patch on diffusers models (tiny, random weights, built locally):
+HunyuanDiT2DModel (self / cross attention with QK-norm and the rotary embedding, the
+native long-skip merges), DiTTransformer2DModel, PixArtTransformer2DModel (processor
+API, cross-attention, masks), LatteTransformer3DModel (spatial + temporal attention);
+and the fingerprints that pin the diffusers code skipdit_fast mirrors."""
+
+from __future__ import annotations
+
+import copy
+import os
+import sys
+
+import pytest
+import torch
+
+pytest.importorskip("diffusers")
+
+from skipdit_fast import _diffusers, patch, unpatch  # noqa: E402
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import diffusers_models as M  # noqa: E402
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    """Tiny models: one intra-op thread is faster than two contending ones, and steadier
+    on a loaded 2-core CI machine."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+def rel_err(got, want):
+    return ((got.double() - want.double()).abs().max() / want.double().abs().max()).item()
+
+
+def hy_forward(model, inputs):
+    x, t, kw = inputs
+    return model(x, t, **kw)[0]
+
+
+def test_installed_diffusers_is_the_mirrored_code():
+    """The pin: every method skipdit_fast/_diffusers.py mirrors has the 0.42.1 fingerprint."""
+    from diffusers.models import attention_processor as ap
+    from diffusers.models.transformers.hunyuan_transformer_2d import HunyuanDiT2DModel, HunyuanDiTBlock
+
+    owners = {"HunyuanDiTBlock": HunyuanDiTBlock, "HunyuanDiT2DModel": HunyuanDiT2DModel}
+    for name, fp in _diffusers.MIRRORED.items():
+        cls, meth = name.split(".")
+        assert _diffusers.fingerprint(getattr(owners.get(cls) or getattr(ap, cls), meth)) == fp, name
+
+
+def test_fingerprint_ignores_docstrings_annotations_and_comments():
+    def a(x: int, y=2) -> int:
+        """doc"""
+        return x + y  # comment
+
+    def b(x, y=2):
+        return x + y
+
+    def c(x, y=3):
+        return x + y
+
+    fa, fb, fc = (_diffusers.fingerprint(f) for f in (a, b, c))
+    assert fa is not None and fa == fb and fa != fc
+
+
+@pytest.mark.parametrize("layers", [6, 10])
+def test_hunyuan_patched_close_counts_and_unpatch_bitwise(layers):
+    model = M.hunyuan(num_layers=layers)
+    inputs = M.hunyuan_inputs()
+    with torch.no_grad():
+        want = hy_forward(model, inputs)
+        report = patch(model)
+        got = hy_forward(model, inputs)
+    merges = layers // 2 - 1  # blocks layer > num_layers // 2 merge a skip
+    assert report.counts() == {"attention": 2 * layers, "skip merge": merges}, str(report)
+    assert not report.left_alone
+    assert [c.module for c in report.changed if c.what == "skip merge"] == \
+        [f"blocks.{i}" for i in range(layers - merges, layers)]
+    details = {c.module: c.detail for c in report.changed}
+    assert details["blocks.0.attn1"] == "self, rotary on q and k, qk-norm"
+    assert details["blocks.0.attn2"] == "cross, rotary on q, qk-norm"
+    assert rel_err(got, want) <= 1e-5
+    assert all(served == 1 and delegated == 0 for served, delegated in report.calls().values())
+    assert unpatch(model) == 2 * layers + merges
+    with torch.no_grad():
+        assert torch.equal(hy_forward(model, inputs), want)
+    assert all(type(m.processor).__name__ == "HunyuanAttnProcessor2_0"
+               for m in model.modules() if hasattr(m, "set_processor"))
+
+
+def test_hunyuan_with_text_padding_and_reference_backend():
+    model = M.hunyuan()
+    inputs = M.hunyuan_inputs(padded=True)
+    with torch.no_grad():
+        want = hy_forward(model, inputs)
+        report = patch(model, backend="reference")
+        assert {c.backend for c in report.changed} == {"reference"}
+        assert rel_err(hy_forward(model, inputs), want) <= 1e-5
+
+
+def test_hunyuan_fused_projections():
+    model = M.hunyuan()
+    model.fuse_qkv_projections()
+    inputs = M.hunyuan_inputs()
+    with torch.no_grad():
+        want = hy_forward(model, inputs)
+        report = patch(model)
+        assert report.counts()["attention"] == 12
+        assert all("FusedHunyuanAttnProcessor2_0" in c.how and "fused projections" in c.detail
+                   for c in report.changed if c.what == "attention")
+        assert rel_err(hy_forward(model, inputs), want) <= 1e-5
+    unpatch(model)
+    with torch.no_grad():
+        assert torch.equal(hy_forward(model, inputs), want)
+
+
+def test_hunyuan_switches():
+    model = M.hunyuan()
+    assert patch(model, attention=False).counts() == {"attention": 0, "skip merge": 2}
+    unpatch(model)
+    assert patch(model, skip_fuse=False).counts() == {"attention": 12, "skip merge": 0}
+
+
+def test_hunyuan_train_mode_gradients():
+    ref = M.hunyuan().train()
+    model = copy.deepcopy(ref)
+    patch(model)
+    x, t, kw = M.hunyuan_inputs()
+    ref(x, t, **kw)[0].square().mean().backward()
+    model(x, t, **kw)[0].square().mean().backward()
+    grads = dict(ref.named_parameters())
+    scale = max(p.grad.abs().max().item() for p in ref.parameters() if p.grad is not None)
+    for name, p in model.named_parameters():
+        g = grads[name].grad
+        if g is None:
+            assert p.grad is None, name
+            continue
+        err = (p.grad - g).abs().max().item()
+        assert err <= 1e-4 * g.abs().max().item() + 1e-7 * scale, (name, err)
+    assert model.blocks[5].skip_norm.weight.grad.abs().sum() > 0
+
+
+def test_hunyuan_to_dtype_after_patch():
+    model = M.hunyuan()
+    truth_model = copy.deepcopy(model).double()
+    x, t, kw = M.hunyuan_inputs(dtype=torch.float64)
+    with torch.no_grad():
+        truth = truth_model(x, t, **kw)[0]
+        patch(model)
+        model.double()  # the ops in fp64; the original's FP32LayerNorm skip_norm rounds through fp32
+        assert rel_err(model(x, t, **kw)[0], truth) <= 1e-6
+        low = copy.deepcopy(truth_model).bfloat16()
+        xl, tl, kwl = M.hunyuan_inputs(dtype=torch.bfloat16)
+        err_ref = (low(xl, tl, **kwl)[0].double() - truth).abs().max()
+        model.bfloat16()
+        err = (model(xl, tl, **kwl)[0].double() - truth).abs().max()
+        assert err <= 2 * err_ref + 1e-2 * truth.abs().max(), (err, err_ref)
+
+
+def test_hunyuan_torch_compile():
+    model = M.hunyuan(num_layers=4)
+    inputs = M.hunyuan_inputs()
+    with torch.no_grad():
+        want = hy_forward(model, inputs)
+        patch(model)
+        torch._dynamo.reset()
+        compiled = torch.compile(model, backend="aot_eager")
+        assert rel_err(hy_forward(compiled, inputs), want) <= 1e-5
+
+
+def test_dit_transformer_2d():
+    model = M.dit(num_layers=3)
+    kw = M.dit_inputs()
+    with torch.no_grad():
+        want = model(**kw)[0]
+        report = patch(model)
+        got = model(**kw)[0]
+    assert report.counts() == {"attention": 3, "skip merge": 0}
+    assert all(c.detail == "self" and "AttnProcessor2_0 -> SkipditAttnProcessor" in c.how for c in report.changed)
+    assert rel_err(got, want) <= 1e-5 and all(v == (1, 0) for v in report.calls().values())
+    unpatch(model)
+    with torch.no_grad():
+        assert torch.equal(model(**kw)[0], want)
+
+
+def test_pixart_self_and_cross_through_set_attn_processor(monkeypatch):
+    model = M.pixart()
+    calls = []
+    real = type(model).set_attn_processor
+    monkeypatch.setattr(type(model), "set_attn_processor", lambda self, p: (calls.append(len(p)), real(self, p)))
+    kw, kw_masked = M.pixart_inputs(), M.pixart_inputs(masked=True)
+    with torch.no_grad():
+        want, want_masked = model(**kw)[0], model(**kw_masked)[0]
+        report = patch(model)
+        assert calls == [4]  # one dict with every processor, through diffusers' AttentionMixin
+        assert sorted(c.detail for c in report.changed) == ["cross", "cross", "self", "self"]
+        assert rel_err(model(**kw)[0], want) <= 1e-5
+        assert rel_err(model(**kw_masked)[0], want_masked) <= 1e-5
+    served = report.calls()
+    assert served["transformer_blocks.0.attn1"] == (2, 0)
+    assert served["transformer_blocks.0.attn2"] == (1, 1)  # the masked call ran the original processor
+    unpatch(model)
+    with torch.no_grad():
+        assert torch.equal(model(**kw_masked)[0], want_masked)
+
+
+def test_latte_spatial_and_temporal():
+    model = M.latte(num_layers=2)
+    kw = M.latte_inputs()
+    with torch.no_grad():
+        want = model(**kw)[0]
+        report = patch(model)
+        got = model(**kw)[0]
+    names = {c.module: c.detail for c in report.changed}
+    assert report.counts() == {"attention": 6, "skip merge": 0}
+    assert names["transformer_blocks.1.attn2"] == "cross"
+    assert names["temporal_transformer_blocks.1.attn1"] == "self"
+    assert rel_err(got, want) <= 1e-5
+    assert all(v == (1, 0) for v in report.calls().values())
+    unpatch(model)
+    with torch.no_grad():
+        assert torch.equal(model(**kw)[0], want)
+
+
+def test_vae_attention_4d_input_group_norm_residual():
+    """The processor's other paths: 4-D input, group norm, residual connection, output rescale."""
+    from diffusers import AutoencoderKL
+
+    torch.manual_seed(0)
+    vae = AutoencoderKL(in_channels=3, out_channels=3, down_block_types=["DownEncoderBlock2D"] * 2,
+                        up_block_types=["UpDecoderBlock2D"] * 2, block_out_channels=[8, 16], layers_per_block=1,
+                        latent_channels=4, norm_num_groups=4, sample_size=32).eval()
+    vae.decoder.mid_block.attentions[0].rescale_output_factor = 2.0
+    x = torch.randn(1, 3, 32, 32)
+    with torch.no_grad():
+        want = vae(x).sample
+        report = patch(vae)
+        got = vae(x).sample
+    assert report.counts() == {"attention": 2, "skip merge": 0}
+    assert all(v == (1, 0) for v in report.calls().values())
+    assert rel_err(got, want) <= 1e-5
+
+
+def test_other_processors_and_changed_code_are_left_alone():
+    from diffusers.models.attention_processor import AttnProcessor2_0
+    from diffusers.models.transformers.hunyuan_transformer_2d import HunyuanDiTBlock
+
+    class MyProcessor(AttnProcessor2_0):
+        def __call__(self, attn, hidden_states, *args, **kwargs):
+            return 2 * super().__call__(attn, hidden_states, *args, **kwargs)
+
+    class HunyuanAttnProcessor2_0:  # same name, other code
+        def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, temb=None,
+                     image_rotary_emb=None):
+            return hidden_states
+
+    class GatedBlock(HunyuanDiTBlock):
+        def forward(self, hidden_states, encoder_hidden_states=None, temb=None, image_rotary_emb=None, skip=None):
+            return 0.5 * super().forward(hidden_states, encoder_hidden_states, temb, image_rotary_emb, skip)
+
+    model = M.hunyuan()
+    model.blocks[0].attn1.set_processor(MyProcessor())
+    model.blocks[0].attn2.set_processor(HunyuanAttnProcessor2_0())
+    model.blocks[5].__class__ = GatedBlock
+    inputs = M.hunyuan_inputs()
+    with torch.no_grad():
+        want = hy_forward(model, inputs)
+        report = patch(model)
+        assert rel_err(hy_forward(model, inputs), want) <= 1e-5
+    why = {a.module: a.reason for a in report.left_alone}
+    assert set(why) == {"blocks.0.attn1", "blocks.0.attn2", "blocks.5"}
+    assert "MyProcessor: not one skipdit_fast stands in for" in why["blocks.0.attn1"]
+    assert "differs from the 0.42.1 code" in why["blocks.0.attn2"]
+    assert "GatedBlock.forward" in why["blocks.5"] and "differs" in why["blocks.5"]
+    assert report.counts() == {"attention": 10, "skip merge": 1}
+
+
+def test_head_dim_the_op_cannot_serve_is_left_alone():
+    model = M.hunyuan(num_attention_heads=2, attention_head_dim=12, hidden_size=24)
+    from diffusers.models.embeddings import get_2d_rotary_pos_embed
+
+    x, t, kw = M.hunyuan_inputs()
+    kw["image_rotary_emb"] = get_2d_rotary_pos_embed(12, ((0, 0), (4, 4)), (4, 4), output_type="pt")
+    with torch.no_grad():
+        want = model(x, t, **kw)[0]
+        report = patch(model)
+        assert torch.allclose(model(x, t, **kw)[0], want, rtol=1e-5, atol=1e-6)
+    assert report.counts() == {"attention": 0, "skip merge": 2}
+    assert len(report.left_alone) == 12 and all("head dim 12" in a.reason for a in report.left_alone)
+
+
+def test_hooked_skip_linear_is_left_alone():
+    model = M.hunyuan()
+    model.blocks[4].skip_linear.register_forward_pre_hook(lambda m, a: None)
+    report = patch(model)
+    assert report.counts()["skip merge"] == 1
+    assert report.left_alone[0].module == "blocks.4" and "hooks" in report.left_alone[0].reason
+
+
+def hunyuan_bf16_check(device):
+    """bf16, DESIGN.md rule: the patched model's error against fp64 truth is at most 2x
+    the unpatched model's bf16 error plus a small atol; head dim 88 as in HunyuanDiT."""
+    from diffusers.models.embeddings import get_2d_rotary_pos_embed
+    from skipdit_fast import backends
+
+    model = M.hunyuan(num_layers=6, num_attention_heads=4, attention_head_dim=88, hidden_size=352, sample_size=16)
+    x, t, kw = M.hunyuan_inputs(size=16, dtype=torch.float64, device=device)
+    xl, tl, kwl = M.hunyuan_inputs(size=16, dtype=torch.bfloat16, device=device)
+    rope = get_2d_rotary_pos_embed(88, ((0, 0), (8, 8)), (8, 8), output_type="pt")
+    kw["image_rotary_emb"] = tuple(r.to(device).double() for r in rope)
+    kwl["image_rotary_emb"] = tuple(r.to(device) for r in rope)
+    with torch.no_grad():
+        truth = copy.deepcopy(model).double().to(device)(x, t, **kw)[0]
+        low = model.bfloat16().to(device)
+        err_ref = (low(xl, tl, **kwl)[0].double() - truth).abs().max()
+        report = patch(low)
+        assert report.counts() == {"attention": 12, "skip merge": 2}
+        dev = torch.device(device)
+        for c in report.changed:
+            feats = (88,) if c.op == "attention" else (352, 352)
+            assert c.backend == backends.pick(c.op, dev, torch.bfloat16, False, feats).backend, c
+        err = (low(xl, tl, **kwl)[0].double() - truth).abs().max()
+    assert err <= 2 * err_ref + 1e-3 * truth.abs().max(), (err, err_ref)
+
+
+def test_hunyuan_bf16_cpu():
+    hunyuan_bf16_check("cpu")
+
+
+@pytest.mark.gpu
+def test_hunyuan_bf16_gpu():
+    hunyuan_bf16_check("cuda")
+
+
+def processor_bf16_check(make, inputs, device):
+    model = make()
+    kw = {k: (v.to(device) if isinstance(v, torch.Tensor) else v) for k, v in inputs().items()}
+    kw64 = {k: (v.double() if isinstance(v, torch.Tensor) and v.is_floating_point() else v) for k, v in kw.items()}
+    kw16 = {k: (v.bfloat16() if isinstance(v, torch.Tensor) and v.is_floating_point() else v) for k, v in kw.items()}
+    with torch.no_grad():
+        truth = copy.deepcopy(model).double().to(device)(**kw64)[0]
+        low = model.bfloat16().to(device)
+        err_ref = (low(**kw16)[0].double() - truth).abs().max()
+        report = patch(low)
+        err = (low(**kw16)[0].double() - truth).abs().max()
+    assert report.counts()["attention"] >= 2 and all(v[0] == 1 for v in report.calls().values())
+    assert err <= 2 * err_ref + 1e-3 * truth.abs().max(), (err, err_ref)
+
+
+BF16_MODELS = [(M.pixart, M.pixart_inputs), (M.latte, M.latte_inputs), (M.dit, M.dit_inputs)]
+
+
+@pytest.mark.parametrize("make, inputs", BF16_MODELS)
+def test_processor_models_bf16_cpu(make, inputs):
+    processor_bf16_check(make, inputs, "cpu")
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("make, inputs", BF16_MODELS)
+def test_processor_models_bf16_gpu(make, inputs):
+    processor_bf16_check(make, inputs, "cuda")
