@@ -364,11 +364,24 @@ def pick(op: str, device: torch.device, dtype: torch.dtype, needs_grad: bool, fe
     """select() without building a Query on the hot path: decisions are cached per
     (op, device, dtype, needs_grad, features); the cache is cleared whenever the
     backend choice changes."""
+    if torch.compiler.is_compiling():
+        # decided once at trace time, a constant of the graph (guarded by the inputs'
+        # device, dtype and shapes like everything else the graph specializes on)
+        # (the requested backend is read here, in traced code, so that a change of it
+        # recompiles)
+        name = _decide(op, device, dtype, needs_grad, features, get_backend(op))
+        return registry()[op][name]
     key = (op, device, dtype, needs_grad, features)
     impl = _CACHE.get(key)
     if impl is None:
-        impl = _CACHE[key] = _select_uncached(Query(op, device, dtype, needs_grad, features))
+        impl = _CACHE[key] = _select_uncached(Query(*key))
     return impl
+
+
+@torch.compiler.assume_constant_result
+def _decide(op: str, device: torch.device, dtype: torch.dtype, needs_grad: bool, features: tuple,
+            requested: str) -> str:
+    return _select_uncached(Query(op, device, dtype, needs_grad, features)).backend
 
 
 def explain(q: Query) -> dict[str, list[str]]:

@@ -138,3 +138,33 @@ def test_triton_cache_delta_gradcheck():
         gr = torch.autograd.grad(sf.ops.cache_delta(a, b), [a, b])
     for x, y in zip(ga, gr):
         torch.testing.assert_close(x, y)
+
+
+def test_compile_first_call_and_backend_change():
+    """Backend choice inside a compiled function: decided at trace time even for a
+    query never seen eagerly, and a change of the requested backend recompiles."""
+    from skipdit_fast import backends
+
+    torch._dynamo.reset()
+    backends._CACHE.clear()
+    D = 24
+    args = (torch.randn(2, 8, D), torch.randn(2, 8, D), torch.randn(2 * D), torch.randn(2 * D),
+            torch.randn(D, 2 * D))
+
+    def f(x, s, nw, nb, w):
+        return sf.ops.skip_fuse(x, s, nw, nb, w) + sf.ops.cache_delta(x, s)
+
+    cf = torch.compile(f, fullgraph=True, backend="aot_eager")
+    torch.testing.assert_close(cf(*args), f(*args))
+    impl = backends.registry()["skip_fuse"]["reference"]
+    calls = []
+    orig = impl.fn
+    impl.fn = lambda *a: calls.append(1) or orig(*a)
+    try:
+        cf(*args)
+        assert not calls
+        with sf.use_backend("reference"):
+            cf(*args)
+        assert calls, "the compiled function kept the old backend after use_backend()"
+    finally:
+        impl.fn = orig
