@@ -106,7 +106,7 @@ def run(args: argparse.Namespace, log=print) -> dict:
     a, b = to_unit(base.latents.cpu()), to_unit(fast.latents.cpu())
     res = {"seconds_nocache": min(base_t), "seconds_cache": min(fast_t),
            "speedup": min(base_t) / min(fast_t), "ideal_speedup": fast.report.ideal_speedup,
-           "psnr": psnr(a, b), "ssim": ssim(a, b)}
+           "psnr": psnr(a, b), "ssim": ssim(a, b), "device": str(device), "backends": used}
     if default_classifier_path().exists():
         clf = DigitClassifier.load()
         res["accuracy_nocache"] = clf.accuracy(a * 2 - 1, labels)

@@ -52,3 +52,11 @@ def test_digit_grid_layout():
     assert g.shape == (2 * 9 + 1, 10 * 9 + 1, 3) and g.dtype == torch.uint8
     assert int(g[1, 1 + 3 * 9, 0]) == 255 and int(g[1, 1 + 2 * 9, 0]) == 0
     assert int(g[1 + 9, 1 + 9, 0]) == 128
+
+
+@pytest.mark.gpu
+def test_demo_on_the_gpu_uses_our_kernels(tmp_path):
+    res = demo.run(_args(tmp_path, device="cuda"), log=lambda *a: None)
+    assert res["device"].startswith("cuda")
+    assert res["backends"]["skip_fuse"] in ("cuda", "triton"), res["backends"]
+    assert 5.0 < res["psnr"] and res["accuracy_cache"] >= 0.0
