@@ -18,8 +18,13 @@ probability 0.1, as DiT does, so that the null label is trained.
 Deviations from DiT's recipe, for models that train in minutes on 2 CPU cores:
 learning rate 1e-3 (DiT: 1e-4) with a linear warm-up and a cosine decay to 10%,
 gradient-norm clipping at 1, EMA decay 0.999 (DiT: 0.9999, which would not move in a
-few thousand steps) with the usual min(decay, (1 + step) / (10 + step)) warm-up, and
-the exact normal CDF in the decoder NLL (DiT uses a tanh approximation).
+few thousand steps) with the usual min(decay, (1 + step) / (10 + step)) warm-up, the
+exact normal CDF in the decoder NLL (DiT uses a tanh approximation), and the label
+embedding initialized with std 1 (DiT: 0.02). The last one matters: with DiT's 0.02 the
+label's share of the conditioning c = t_emb + y_emb is ~2% of the timestep's, and after
+1200 steps the models ignored the class (the eps-MSE with a wrong label was 0.1% above
+the right label's; samples were digits of random classes); with std 1 the same gap is
+~60% after 200 steps.
 
 Everything random in step s (the batch, t, the noise, the label drop) comes from a
 generator seeded with (seed, s), and the data order from a permutation seeded with
@@ -173,6 +178,7 @@ class TrainConfig:
     ema_decay: float = 0.999
     class_dropout: float = 0.1
     seed: int = 0
+    label_embed_std: float = 1.0  # init std of the label embedding table (DiT: 0.02)
     eval_every: int = 50          # a fixed-batch loss of the raw weights (0: never)
     eval_size: int = 256
 
@@ -225,6 +231,8 @@ class Trainer:
         with torch.random.fork_rng():
             torch.manual_seed(cfg.seed)
             self.model = DiT(self.model_cfg).initialize_weights()
+            if cfg.label_embed_std != 0.02:
+                torch.nn.init.normal_(self.model.y_embedder.embedding_table.weight, std=cfg.label_embed_std)
         self.model.train()
         self.ema = copy.deepcopy(self.model).eval().requires_grad_(False)
         self.loss_fn = DiffusionLoss(learn_sigma=self.model_cfg.learn_sigma)
