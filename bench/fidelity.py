@@ -36,7 +36,6 @@ import argparse
 import csv
 import json
 import math
-import os
 import sys
 import time
 from datetime import date

@@ -54,7 +54,6 @@ from pathlib import Path
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 
 from .diffusion import Diffusion
 from .models import DiT, DiTConfig
