@@ -1,0 +1,616 @@
+"""A small trainer for our DiT / Skip-DiT, and the shipped tiny models.
+
+    python -m skipdit_fast.train --model tiny-skipdit --steps 1200 --out runs/skip
+    python -m skipdit_fast.train --default            # what `make train-default` runs
+
+Training is DiT's: AdamW, an EMA of the weights, and the diffusion loss of DiT's
+GaussianDiffusion on the same linear 1000-step schedule the samplers use
+(skipdit_fast.diffusion.Diffusion): for x_t = sqrt(ab_t) x_0 + sqrt(1 - ab_t) eps at a
+uniform t, the MSE of the predicted eps, plus, with learn_sigma, DiT's variational
+bound term (RESCALED_MSE, which is 1x for 1000 steps): the KL between the true
+posterior q(x_{t-1} | x_t, x_0) and the model's p(x_{t-1} | x_t) whose mean is built
+from the *frozen* eps prediction (so the VB term trains only the variance output),
+and at t = 0 the discretized-Gaussian decoder NLL (bits per dimension). The model's
+ops (skipdit_fast.ops attention and skip_fuse) run forward and backward on our
+kernels (the CPU backend here). Labels are dropped to the null class with
+probability 0.1, as DiT does, so that the null label is trained.
+
+Deviations from DiT's recipe, for models that train in minutes on 2 CPU cores:
+learning rate 1e-3 (DiT: 1e-4) with a linear warm-up and a cosine decay to 10%,
+gradient-norm clipping at 1, EMA decay 0.999 (DiT: 0.9999, which would not move in a
+few thousand steps) with the usual min(decay, (1 + step) / (10 + step)) warm-up, the
+exact normal CDF in the decoder NLL (DiT uses a tanh approximation), and the label
+embedding initialized with std 1 (DiT: 0.02). The last one matters: with DiT's 0.02 the
+label's share of the conditioning c = t_emb + y_emb is ~2% of the timestep's, and after
+1200 steps the models ignored the class (the eps-MSE with a wrong label was 0.1% above
+the right label's; samples were digits of random classes); with std 1 the same gap is
+~60% after 200 steps.
+
+Everything random in step s (the batch, t, the noise, the label drop) comes from a
+generator seeded with (seed, s), and the data order from a permutation seeded with
+(seed, epoch), so a run resumed from its checkpoint (model, EMA, optimizer, step,
+log) continues exactly as the uninterrupted run would.
+
+The shipped models (`--default`): a vanilla DiT and a Skip-DiT of the same width and
+depth (TINY: depth 12, width 64, 4 heads of 16, patch 2, 16x16x1 "latents", 10 classes,
+learn_sigma) trained on scikit-learn's digits with the same seed, steps and batch
+size; EMA weights in fp16 safetensors under skipdit_fast/weights/ with the model
+config in the metadata, and their training logs (CSV per step, JSON summary).
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import csv
+import json
+import math
+import os
+import platform
+import sys
+import time
+from dataclasses import asdict, dataclass, fields
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from .diffusion import Diffusion
+from .models import DiT, DiTConfig
+
+WEIGHTS_DIR = Path(__file__).resolve().parent / "weights"
+
+# The shipped tiny models: same everything but the long skips.
+TINY = dict(depth=12, hidden_size=64, num_heads=4, patch_size=2, input_size=16, in_channels=1,
+            num_classes=10, learn_sigma=True, mlp_ratio=4.0)
+MODELS = {"tiny-dit": DiTConfig(**TINY, skip=False), "tiny-skipdit": DiTConfig(**TINY, skip=True)}
+
+
+def model_config(name: str) -> DiTConfig:
+    try:
+        return MODELS[name]
+    except KeyError:
+        raise ValueError(f"unknown model {name!r}; known: {', '.join(MODELS)}") from None
+
+
+# ---------------------------------------------------------------------------------
+# the loss
+
+class DiffusionLoss:
+    """DiT's training loss on the samplers' schedule (Diffusion with 1000 steps is
+    the unrespaced schedule). Coefficients in float64, gathered per sample and
+    applied in float32."""
+
+    def __init__(self, num_timesteps: int = 1000, learn_sigma: bool = True):
+        d = Diffusion(num_timesteps, num_timesteps, learn_sigma=learn_sigma)
+        ac = d.alphas_cumprod
+
+        def t64(a):
+            return torch.from_numpy(np.asarray(a, dtype=np.float64))
+
+        self.num_timesteps = d.steps
+        self.learn_sigma = learn_sigma
+        self.sqrt_ac = t64(np.sqrt(ac))
+        self.sqrt_1m_ac = t64(np.sqrt(1.0 - ac))
+        self.sqrt_recip_ac = t64(d.sqrt_recip_ac)
+        self.sqrt_recipm1_ac = t64(d.sqrt_recipm1_ac)
+        self.post_coef1 = t64(d.post_coef1)
+        self.post_coef2 = t64(d.post_coef2)
+        self.post_log_var = t64(d.post_log_var_clipped)
+        self.log_betas = t64(np.log(d.betas))
+
+    @staticmethod
+    def _at(coef: torch.Tensor, t: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+        return coef.to(t.device)[t].to(like.dtype).view(-1, *([1] * (like.dim() - 1)))
+
+    def q_sample(self, x0, t, noise):
+        return self._at(self.sqrt_ac, t, x0) * x0 + self._at(self.sqrt_1m_ac, t, x0) * noise
+
+    def q_posterior(self, x0, xt, t):
+        mean = self._at(self.post_coef1, t, x0) * x0 + self._at(self.post_coef2, t, x0) * xt
+        return mean, self._at(self.post_log_var, t, x0)
+
+    def p_mean_logvar(self, eps, v, xt, t):
+        """The model's p(x_{t-1} | x_t): eps prediction and variance values v in [-1, 1]
+        (diffusion.Diffusion.p_mean_variance, per sample)."""
+        frac = (v + 1) / 2
+        log_var = frac * self._at(self.log_betas, t, xt) + (1 - frac) * self._at(self.post_log_var, t, xt)
+        x0 = self._at(self.sqrt_recip_ac, t, xt) * xt - self._at(self.sqrt_recipm1_ac, t, xt) * eps
+        mean = self._at(self.post_coef1, t, xt) * x0 + self._at(self.post_coef2, t, xt) * xt
+        return mean, log_var
+
+    def __call__(self, model, x0, t, y, noise) -> dict[str, torch.Tensor]:
+        """Per-sample terms [B]: 'loss', 'mse' and (learn_sigma) 'vb' in bits/dim."""
+        xt = self.q_sample(x0, t, noise)
+        out = model(xt, t, y)
+        C = x0.shape[1]
+        eps = out[:, :C]
+        dims = tuple(range(1, x0.dim()))
+        mse = (eps.float() - noise).square().mean(dims)
+        terms = {"mse": mse}
+        if self.learn_sigma:
+            v = out[:, C:2 * C].float()
+            mean, log_var = self.p_mean_logvar(eps.detach().float(), v, xt, t)
+            true_mean, true_log_var = self.q_posterior(x0, xt, t)
+            kl = normal_kl(true_mean, true_log_var, mean, log_var).mean(dims) / math.log(2.0)
+            nll = -discretized_gaussian_log_likelihood(x0, mean, 0.5 * log_var).mean(dims) / math.log(2.0)
+            terms["vb"] = torch.where(t == 0, nll, kl) * (self.num_timesteps / 1000.0)
+            terms["loss"] = mse + terms["vb"]
+        else:
+            terms["loss"] = mse
+        return terms
+
+
+def normal_kl(mean1, logvar1, mean2, logvar2):
+    """KL(N(mean1, e^logvar1) || N(mean2, e^logvar2)), elementwise (nats)."""
+    return 0.5 * (-1.0 + logvar2 - logvar1 + torch.exp(logvar1 - logvar2)
+                  + (mean1 - mean2).square() * torch.exp(-logvar2))
+
+
+def discretized_gaussian_log_likelihood(x, means, log_scales):
+    """log P(x) of data in [-1, 1] quantized to 256 bins under N(means, e^(2 log_scales)),
+    the edge bins taking the tails (ADM / DiT)."""
+    centered = x - means
+    inv_std = torch.exp(-log_scales)
+    plus = inv_std * (centered + 1.0 / 255.0)
+    minus = inv_std * (centered - 1.0 / 255.0)
+    log_cdf_plus = torch.special.log_ndtr(plus)
+    log_one_minus_cdf_min = torch.special.log_ndtr(-minus)
+    delta = (torch.special.ndtr(plus) - torch.special.ndtr(minus)).clamp_min(1e-12)
+    return torch.where(x < -0.999, log_cdf_plus,
+                       torch.where(x > 0.999, log_one_minus_cdf_min, torch.log(delta)))
+
+
+# ---------------------------------------------------------------------------------
+# the trainer
+
+@dataclass
+class TrainConfig:
+    model: str = "tiny-skipdit"
+    steps: int = 1200
+    batch_size: int = 128
+    lr: float = 1e-3
+    min_lr_ratio: float = 0.1     # cosine decay to lr * min_lr_ratio at `steps`
+    warmup: int = 100
+    weight_decay: float = 0.0
+    grad_clip: float = 1.0
+    ema_decay: float = 0.999
+    class_dropout: float = 0.1
+    seed: int = 0
+    label_embed_std: float = 1.0  # init std of the label embedding table (DiT: 0.02)
+    eval_every: int = 50          # a fixed-batch loss of the raw weights (0: never)
+    eval_size: int = 256
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "TrainConfig":
+        names = {f.name for f in fields(cls)}
+        return cls(**{k: v for k, v in d.items() if k in names})
+
+
+def _seed(*parts: int) -> int:
+    h = 1469598103934665603
+    for p in parts:
+        h = ((h ^ (int(p) & 0xFFFFFFFFFFFFFFFF)) * 1099511628211) & 0xFFFFFFFFFFFFFFFF
+    return h & 0x7FFFFFFFFFFFFFFF
+
+
+def _cpu_seconds() -> float:
+    return time.process_time()
+
+
+@dataclass
+class LogRow:
+    step: int
+    loss: float
+    mse: float
+    vb: float
+    lr: float
+    grad_norm: float
+    wall_s: float
+    cpu_s: float
+    eval_loss: float = float("nan")   # fixed-batch loss (every eval_every steps)
+    eval_mse: float = float("nan")
+
+
+class Trainer:
+    """One model's training run. `run(steps)` trains, `save`/`load` checkpoint it
+    (model, EMA, optimizer, step, log), `export` writes the EMA weights."""
+
+    def __init__(self, cfg: TrainConfig, data: tuple[torch.Tensor, torch.Tensor] | None = None,
+                 model_cfg: DiTConfig | None = None):
+        from .digits import digits
+
+        self.cfg = cfg
+        self.model_cfg = model_cfg or model_config(cfg.model)
+        self.x, self.y = data if data is not None else digits(self.model_cfg.input_size)
+        if self.x.shape[1:] != (self.model_cfg.in_channels, self.model_cfg.input_size, self.model_cfg.input_size):
+            raise ValueError(f"data {tuple(self.x.shape[1:])} does not fit the model's latents")
+        if cfg.batch_size > len(self.x):
+            raise ValueError(f"batch_size {cfg.batch_size} > {len(self.x)} training images")
+        with torch.random.fork_rng():
+            torch.manual_seed(cfg.seed)
+            self.model = DiT(self.model_cfg).initialize_weights()
+            if cfg.label_embed_std != 0.02:
+                torch.nn.init.normal_(self.model.y_embedder.embedding_table.weight, std=cfg.label_embed_std)
+        self.model.train()
+        self.ema = copy.deepcopy(self.model).eval().requires_grad_(False)
+        self.loss_fn = DiffusionLoss(learn_sigma=self.model_cfg.learn_sigma)
+        self.opt = torch.optim.AdamW(self.model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+        self.step = 0
+        self.log: list[LogRow] = []
+        self.wall_s = 0.0   # training time so far (all sessions of a resumed run)
+        self.cpu_s = 0.0
+        self._perm_epoch, self._perm = -1, None
+        self._eval = self._eval_batch()
+
+    # ---- schedule and data --------------------------------------------------------
+    def lr_at(self, step: int) -> float:
+        c = self.cfg
+        if step < c.warmup:
+            return c.lr * (step + 1) / c.warmup
+        frac = min(1.0, (step - c.warmup) / max(1, c.steps - c.warmup))
+        return c.lr * (c.min_lr_ratio + (1 - c.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * frac)))
+
+    def batch(self, step: int):
+        """(x0, t, y, noise) of a step: a slice of the epoch's permutation, with the
+        label drop, timesteps and noise from the step's own generator."""
+        bs, n = self.cfg.batch_size, len(self.x)
+        per_epoch = n // bs
+        epoch, k = divmod(step, per_epoch)
+        if epoch != self._perm_epoch:
+            self._perm = torch.randperm(n, generator=torch.Generator().manual_seed(_seed(self.cfg.seed, 1, epoch)))
+            self._perm_epoch = epoch
+        idx = self._perm[k * bs:(k + 1) * bs]
+        g = torch.Generator().manual_seed(_seed(self.cfg.seed, 2, step))
+        x0, y = self.x[idx], self.y[idx].clone()
+        t = torch.randint(0, self.loss_fn.num_timesteps, (bs,), generator=g)
+        noise = torch.randn(x0.shape, generator=g)
+        drop = torch.rand(bs, generator=g) < self.cfg.class_dropout
+        y[drop] = self.model_cfg.num_classes
+        return x0, t, y, noise
+
+    def _eval_batch(self):
+        if not self.cfg.eval_every:
+            return None
+        g = torch.Generator().manual_seed(_seed(self.cfg.seed, 3))
+        n = min(self.cfg.eval_size, len(self.x))
+        idx = torch.randperm(len(self.x), generator=g)[:n]
+        t = torch.randint(0, self.loss_fn.num_timesteps, (n,), generator=g)
+        return self.x[idx], t, self.y[idx], torch.randn(self.x[idx].shape, generator=g)
+
+    @torch.no_grad()
+    def eval_loss(self, model=None) -> dict[str, float]:
+        """Loss of `model` (default: the raw weights) on the fixed evaluation batch
+        (same images, t and noise at every evaluation): a smooth training curve."""
+        model = model or self.model
+        was = model.training
+        model.eval()
+        try:
+            terms = self.loss_fn(model, *self._eval)
+        finally:
+            model.train(was)
+        return {k: float(v.mean()) for k, v in terms.items()}
+
+    # ---- one step -------------------------------------------------------------------
+    def train_step(self) -> LogRow:
+        t0, c0 = time.perf_counter(), _cpu_seconds()
+        lr = self.lr_at(self.step)
+        for group in self.opt.param_groups:
+            group["lr"] = lr
+        x0, t, y, noise = self.batch(self.step)
+        terms = self.loss_fn(self.model, x0, t, y, noise)
+        loss = terms["loss"].mean()
+        self.opt.zero_grad(set_to_none=True)
+        loss.backward()
+        if self.cfg.grad_clip:
+            gn = float(torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.cfg.grad_clip))
+        else:
+            gn = float(torch.linalg.vector_norm(torch.stack([p.grad.norm() for p in self.model.parameters()
+                                                             if p.grad is not None])))
+        self.opt.step()
+        self.update_ema()
+        self.step += 1
+        self.wall_s += time.perf_counter() - t0
+        self.cpu_s += _cpu_seconds() - c0
+        row = LogRow(self.step, float(loss.detach()), float(terms["mse"].detach().mean()),
+                     float(terms["vb"].detach().mean()) if "vb" in terms else float("nan"), lr, gn,
+                     round(self.wall_s, 3), round(self.cpu_s, 3))
+        if self.cfg.eval_every and (self.step % self.cfg.eval_every == 0 or self.step == 1):
+            ev = self.eval_loss()
+            row.eval_loss, row.eval_mse = ev["loss"], ev["mse"]
+        self.log.append(row)
+        return row
+
+    @torch.no_grad()
+    def update_ema(self) -> None:
+        """ema = d * ema + (1 - d) * model, d = min(ema_decay, (1 + step) / (10 + step))."""
+        d = min(self.cfg.ema_decay, (1 + self.step) / (10 + self.step))
+        for e, p in zip(self.ema.parameters(), self.model.parameters()):
+            e.lerp_(p.detach(), 1.0 - d)
+
+    def run(self, steps: int | None = None, checkpoint: str | os.PathLike | None = None,
+            checkpoint_every: int = 100, progress: bool = True) -> "Trainer":
+        """Trains up to `steps` total steps (default cfg.steps), checkpointing every
+        `checkpoint_every` steps and at the end when `checkpoint` is given."""
+        steps = self.cfg.steps if steps is None else steps
+        bar = TrainProgress(self.cfg.model, steps, enabled=progress)
+        while self.step < steps:
+            row = self.train_step()
+            bar(row)
+            if checkpoint and (self.step % checkpoint_every == 0 or self.step == steps):
+                self.save(checkpoint)
+        bar.close()
+        return self
+
+    # ---- checkpoints -------------------------------------------------------------------
+    def state_dict(self) -> dict:
+        return {"format": "skipdit_fast.train/1", "train_config": asdict(self.cfg),
+                "model_config": asdict(self.model_cfg), "step": self.step,
+                "model": self.model.state_dict(), "ema": self.ema.state_dict(),
+                "opt": self.opt.state_dict(), "log": [asdict(r) for r in self.log],
+                "wall_s": self.wall_s, "cpu_s": self.cpu_s}
+
+    def save(self, path) -> None:
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_suffix(path.suffix + ".tmp")
+        torch.save(self.state_dict(), tmp)
+        os.replace(tmp, path)   # a checkpoint is never half-written
+
+    def load_state_dict(self, sd: dict) -> None:
+        if sd.get("format") != "skipdit_fast.train/1":
+            raise ValueError("not a skipdit_fast.train checkpoint")
+        if DiTConfig(**sd["model_config"]) != self.model_cfg:
+            raise ValueError(f"checkpoint model config {sd['model_config']} != {asdict(self.model_cfg)}")
+        mine = {k: v for k, v in asdict(self.cfg).items() if k != "steps"}
+        theirs = {k: v for k, v in sd["train_config"].items() if k != "steps"}
+        if mine != theirs:
+            diff = {k: (theirs.get(k), v) for k, v in mine.items() if theirs.get(k) != v}
+            raise ValueError(f"checkpoint was trained with other settings (checkpoint, now): {diff}")
+        self.model.load_state_dict(sd["model"], strict=True)
+        self.ema.load_state_dict(sd["ema"], strict=True)
+        self.opt.load_state_dict(sd["opt"])
+        self.step = int(sd["step"])
+        self.log = [LogRow(**r) for r in sd["log"]]
+        self.wall_s, self.cpu_s = float(sd["wall_s"]), float(sd["cpu_s"])
+
+    def load(self, path) -> "Trainer":
+        self.load_state_dict(torch.load(path, map_location="cpu", weights_only=True))
+        return self
+
+    # ---- outputs -------------------------------------------------------------------------
+    def export(self, path, dtype: torch.dtype = torch.float16) -> None:
+        """The EMA weights as safetensors (official keys), with the model config in
+        the metadata (load_pretrained reads it)."""
+        from safetensors.torch import save_file
+
+        sd = {k: v.detach().to(dtype if v.is_floating_point() else v.dtype).contiguous()
+              for k, v in self.ema.state_dict().items()}
+        meta = {"model_config": json.dumps(asdict(self.model_cfg)), "name": self.cfg.model,
+                "train_config": json.dumps(asdict(self.cfg)), "step": str(self.step)}
+        Path(path).parent.mkdir(parents=True, exist_ok=True)
+        save_file(sd, str(path), metadata=meta)
+
+    def write_logs(self, stem, extra: dict | None = None) -> None:
+        """<stem>.csv (one row per step) and <stem>.json (settings, times, final losses)."""
+        stem = Path(stem)
+        stem.parent.mkdir(parents=True, exist_ok=True)
+        names = [f.name for f in fields(LogRow)]
+        with open(f"{stem}.csv", "w", newline="") as f:
+            w = csv.writer(f)
+            w.writerow(names)
+            for r in self.log:
+                w.writerow([_fmt(getattr(r, n)) for n in names])
+        tail = self.log[-50:]
+        summary = {
+            "model": self.cfg.model, "train_config": asdict(self.cfg), "model_config": asdict(self.model_cfg),
+            "parameters": sum(p.numel() for p in self.model.parameters()),
+            "steps": self.step, "wall_s": round(self.wall_s, 1), "cpu_s": round(self.cpu_s, 1),
+            "mean_loss_last_50": float(np.mean([r.loss for r in tail])) if tail else None,
+            "mean_mse_last_50": float(np.mean([r.mse for r in tail])) if tail else None,
+            "eval": [{"step": r.step, "loss": r.eval_loss, "mse": r.eval_mse}
+                     for r in self.log if not math.isnan(r.eval_loss)],
+            "machine": machine_info(), "torch": torch.__version__, "threads": torch.get_num_threads(),
+        }
+        summary.update(extra or {})
+        Path(f"{stem}.json").write_text(json.dumps(summary, indent=1) + "\n")
+
+
+def _fmt(v):
+    return f"{v:.6g}" if isinstance(v, float) else v
+
+
+def machine_info() -> dict:
+    info = {"platform": platform.platform(), "processor": platform.processor() or platform.machine(),
+            "cpus": os.cpu_count()}
+    try:
+        info["load_average"] = [round(v, 2) for v in os.getloadavg()]
+    except OSError:
+        pass
+    try:
+        for line in open("/proc/cpuinfo"):
+            if line.startswith("model name"):
+                info["cpu_model"] = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    return info
+
+
+class TrainProgress:
+    """A progress line on stderr: step, smoothed loss, it/s, ETA (redrawn in place on a
+    terminal, every 5% otherwise)."""
+
+    def __init__(self, label: str, total: int, enabled: bool = True, stream=None):
+        self.label, self.total, self.enabled = label, total, enabled
+        self.stream = stream or sys.stderr
+        self.tty = getattr(self.stream, "isatty", lambda: False)()
+        self.t0, self.first, self.smooth, self.last_bucket = time.perf_counter(), None, None, -1
+
+    def __call__(self, row: LogRow) -> None:
+        self.smooth = row.loss if self.smooth is None else 0.95 * self.smooth + 0.05 * row.loss
+        if not self.enabled:
+            return
+        if self.first is None:
+            self.first = row.step - 1
+        bucket = 20 * row.step // self.total
+        if not self.tty and bucket == self.last_bucket and row.step != self.total:
+            return
+        self.last_bucket = bucket
+        el = time.perf_counter() - self.t0
+        done = row.step - self.first
+        rate = done / el if el > 0 else 0.0
+        eta = (self.total - row.step) / rate if rate > 0 else float("nan")
+        n = 30 * row.step // self.total
+        line = (f"{self.label} [{'#' * n}{'.' * (30 - n)}] {row.step}/{self.total} loss {self.smooth:.4f} "
+                f"(mse {row.mse:.4f}) {rate:.2f} it/s eta {eta / 60:.1f} min")
+        self.stream.write("\r" + line if self.tty else line + "\n")
+        self.stream.flush()
+
+    def close(self) -> None:
+        if self.enabled and self.tty:
+            self.stream.write("\n")
+
+
+# ---------------------------------------------------------------------------------
+# the shipped weights
+
+def weights_path(name: str) -> Path:
+    return WEIGHTS_DIR / f"{name}.safetensors"
+
+
+def load_pretrained(name_or_path: str = "tiny-skipdit", device=None, dtype=torch.float32) -> DiT:
+    """A model from safetensors written by Trainer.export: a shipped name
+    ('tiny-skipdit', 'tiny-dit') or a path. Strict: every key must match the config
+    stored with the weights."""
+    from safetensors import safe_open
+
+    from .models import load_checkpoint
+
+    path = Path(name_or_path)
+    if name_or_path in MODELS:
+        path = weights_path(name_or_path)
+        if not path.exists():
+            raise FileNotFoundError(f"{path} is missing: run `make train-default` to train the shipped models")
+    with safe_open(str(path), "pt") as f:
+        meta = f.metadata() or {}
+    if "model_config" not in meta:
+        raise ValueError(f"{path}: no model_config in the safetensors metadata (not written by skipdit_fast.train)")
+    model = DiT(DiTConfig(**json.loads(meta["model_config"])))
+    model.load_state_dict_strict(load_checkpoint(path))
+    return model.to(device=device, dtype=dtype).eval()
+
+
+def train_default(out_dir: Path = WEIGHTS_DIR, work_dir: Path = Path("build/train"), steps: int | None = None,
+                  resume: bool = True, progress: bool = True, names=tuple(MODELS), classifier: bool = True) -> dict:
+    """Trains the shipped pair (same seed, steps and batch) and the digit classifier;
+    writes <out_dir>/{tiny-dit,tiny-skipdit}.safetensors, their logs
+    (<name>.train.csv / .json) and digit-classifier.safetensors. Checkpoints in
+    work_dir let an interrupted run resume."""
+    from .digits import DigitClassifier
+
+    out_dir, work_dir = Path(out_dir), Path(work_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    results = {}
+    for name in names:
+        cfg = TrainConfig(model=name)
+        if steps is not None:
+            cfg.steps = steps
+        tr = Trainer(cfg)
+        ckpt = work_dir / f"{name}.pt"
+        if resume and ckpt.exists():
+            tr.load(ckpt)
+            print(f"{name}: resumed at step {tr.step} from {ckpt}", file=sys.stderr)
+        load0 = machine_info().get("load_average")
+        tr.run(checkpoint=ckpt, progress=progress)
+        tr.export(weights_path(name) if out_dir == WEIGHTS_DIR else out_dir / f"{name}.safetensors")
+        tr.write_logs(out_dir / f"{name}.train", extra={"load_average_at_start": load0})
+        results[name] = {"steps": tr.step, "wall_s": round(tr.wall_s, 1), "cpu_s": round(tr.cpu_s, 1),
+                         "loss_last_50": float(np.mean([r.loss for r in tr.log[-50:]]))}
+        print(f"{name}: {tr.step} steps in {tr.wall_s / 60:.1f} min wall, {tr.cpu_s / 60:.1f} min CPU "
+              f"(load average {machine_info().get('load_average')})", file=sys.stderr)
+    if classifier:
+        clf = DigitClassifier.fit(seed=0)
+        clf.save(out_dir / "digit-classifier.safetensors")
+        print(f"digit classifier: {100 * clf.test_accuracy:.1f}% on held-out real digits", file=sys.stderr)
+    (out_dir / "README.md").write_text(_weights_readme(out_dir))
+    return results
+
+
+def _weights_readme(out_dir: Path) -> str:
+    """The weights folder's README from the logs and files that are there."""
+    from .digits import DigitClassifier
+
+    results = {}
+    for name in MODELS:
+        log = out_dir / f"{name}.train.json"
+        if log.exists():
+            j = json.loads(log.read_text())
+            results[name] = {"steps": j["steps"], "wall_s": j["wall_s"], "cpu_s": j["cpu_s"],
+                             "loss_last_50": j["mean_loss_last_50"], "load": j.get("load_average_at_start"),
+                             "threads": j.get("threads")}
+    clf_path = out_dir / "digit-classifier.safetensors"
+    results["digit-classifier"] = {"test_accuracy": DigitClassifier.load(clf_path).test_accuracy
+                                   if clf_path.exists() else float("nan")}
+    lines = ["# Shipped weights (written by `make train-default`, skipdit_fast/train.py)", "",
+             "Tiny class-conditional DiT and Skip-DiT trained on scikit-learn's digits (16x16x1, "
+             "bilinearly upsampled from 8x8), identical config except the long skips: "
+             f"`{json.dumps(TINY)}`.", "EMA weights in fp16; load with "
+             "`skipdit_fast.train.load_pretrained('tiny-skipdit')`.", "",
+             "| file | steps | threads | wall (min) | CPU (min) | load average at start | mean loss, last 50 steps |",
+             "| --- | --- | --- | --- | --- | --- | --- |"]
+    for name in MODELS:
+        if name not in results:
+            continue
+        r = results[name]
+        lines.append(f"| {name}.safetensors | {r['steps']} | {r['threads']} | {r['wall_s'] / 60:.1f} | "
+                     f"{r['cpu_s'] / 60:.1f} | {r['load']} | {r['loss_last_50']:.4f} |")
+    lines += ["", "Times are measured on a shared machine (the load average says how shared): an idle "
+              "machine of the same kind is faster."]
+    lines += ["", f"digit-classifier.safetensors: a small CNN (skipdit_fast/digits.py), "
+              f"{100 * results['digit-classifier']['test_accuracy']:.1f}% on its held-out split of the real digits.",
+              "", "Training logs: `<name>.train.csv` (per step) and `<name>.train.json` (settings, times, "
+              "machine and load average, the fixed-batch evaluation curve).", ""]
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="python -m skipdit_fast.train", description=__doc__.split("\n")[0])
+    p.add_argument("--default", action="store_true", help="train the shipped pair into skipdit_fast/weights/")
+    p.add_argument("--model", default="tiny-skipdit", choices=tuple(MODELS))
+    p.add_argument("--only", choices=tuple(MODELS), nargs="+", help="with --default: train only these")
+    p.add_argument("--no-classifier", action="store_true", help="with --default: do not (re)fit the classifier")
+    p.add_argument("--threads", type=int, help="torch threads (default: torch's, the core count)")
+    p.add_argument("--steps", type=int, help="total steps (default: TrainConfig.steps)")
+    p.add_argument("--batch-size", type=int)
+    p.add_argument("--lr", type=float)
+    p.add_argument("--seed", type=int)
+    p.add_argument("--out", default="runs/train", help="output folder (not with --default)")
+    p.add_argument("--no-resume", action="store_true", help="start over even if a checkpoint exists")
+    p.add_argument("--no-progress", action="store_true")
+    args = p.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    if args.default:
+        train_default(steps=args.steps, resume=not args.no_resume, progress=not args.no_progress,
+                      names=args.only or tuple(MODELS), classifier=not args.no_classifier)
+        return 0
+    cfg = TrainConfig(model=args.model)
+    for k in ("steps", "batch_size", "lr", "seed"):
+        if getattr(args, k) is not None:
+            setattr(cfg, k, getattr(args, k))
+    out = Path(args.out)
+    tr = Trainer(cfg)
+    ckpt = out / f"{args.model}.pt"
+    if ckpt.exists() and not args.no_resume:
+        tr.load(ckpt)
+        print(f"resumed at step {tr.step} from {ckpt}", file=sys.stderr)
+    tr.run(checkpoint=ckpt, progress=not args.no_progress)
+    tr.export(out / f"{args.model}.safetensors")
+    tr.write_logs(out / f"{args.model}.train")
+    print(f"{args.model}: {tr.step} steps, {tr.wall_s:.0f} s wall, {tr.cpu_s:.0f} s CPU; wrote {out}", file=sys.stderr)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
