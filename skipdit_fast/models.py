@@ -300,10 +300,13 @@ class DiT(nn.Module):
     def forward_with_cfg(self, x, t, y, cfg_scale: float, cache=None):
         """Classifier-free guidance, official convention: x holds [cond; uncond]
         halves (the second half of x is replaced by the first), y their labels; one
-        forward for both halves; guidance on the first 3 channels only."""
+        forward for both halves; guidance on the first 3 channels only (the official
+        code's choice for 4-channel latents), never past the noise channels: a model
+        with fewer input channels guides those, not its variance outputs."""
         half = x[: len(x) // 2]
         out = self.forward(torch.cat([half, half], dim=0), t, y, cache=cache)
-        eps, rest = out[:, :3], out[:, 3:]
+        g = min(3, self.config.in_channels)
+        eps, rest = out[:, :g], out[:, g:]
         cond, uncond = torch.split(eps, len(eps) // 2, dim=0)
         guided = uncond + cfg_scale * (cond - uncond)
         return torch.cat([torch.cat([guided, guided], dim=0), rest], dim=1)

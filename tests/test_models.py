@@ -454,3 +454,22 @@ def test_torch_compile_fullgraph():
         want = model(x, t, y)
         got = compiled(x, t, y)
     torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+
+
+def test_cfg_guides_only_noise_channels_of_narrow_models():
+    """A 1-channel learn_sigma model outputs [eps, variance]: guidance must not touch the
+    variance channel (the official [:3] would)."""
+    from skipdit_fast.models import DiT
+
+    torch.manual_seed(0)
+    m = DiT.from_name("DiT-S/8", image_size=256, in_channels=1, input_size=16, num_classes=10).eval()
+    x = torch.randn(2, 1, 16, 16)
+    x = torch.cat([x[:1], x[:1]])
+    y = torch.tensor([3, 10])
+    t = torch.tensor([500, 500])
+    with torch.no_grad():
+        raw = m(x, t, y)
+        out = m.forward_with_cfg(x, t, y, 4.0)
+    assert out.shape == raw.shape == (2, 2, 16, 16)
+    torch.testing.assert_close(out[:, 1:], raw[:, 1:], rtol=0, atol=0)
+    torch.testing.assert_close(out[0, :1], raw[1, :1] + 4.0 * (raw[0, :1] - raw[1, :1]))
