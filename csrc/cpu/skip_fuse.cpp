@@ -7,8 +7,10 @@
 // never exists; the buffer is at most kFwdChunkBytes (kBwdChunkBytes per buffer in the
 // backward, whose weight-gradient GEMM needs tall chunks to run at BLAS speed).
 //
-// The backward recomputes the statistics per chunk, so nothing but the inputs is
-// saved, and writes the LayerNorm input gradient directly into grad_x and grad_skip.
+// The backward saves nothing but the inputs. Per chunk: dh = dy W (ATen GEMM), then one
+// pass per row that recomputes the statistics and the normalized row (kept for the
+// weight gradient) and runs the LayerNorm backward straight into grad_x and grad_skip
+// while the row is in L1, then dW += dy^T h.
 #include <ATen/ATen.h>
 #include <ATen/OpMathType.h>
 #include <ATen/Parallel.h>
@@ -23,12 +25,19 @@
 namespace skipdit {
 namespace {
 
-constexpr int64_t kFwdChunkBytes = 8 << 20;
+constexpr int64_t kFwdChunkBytes = 16 << 20;  // benchmark.CPU_SKIP_FUSE_CHUNK_BYTES
 constexpr int64_t kBwdChunkBytes = 24 << 20;
 
+// Rows per chunk: at most `bytes` of buffer, and the M rows split into equal chunks
+// (a multiple of 16 rows each) so that no GEMM runs on a short tail: 1024 rows in
+// chunks of 910 would give a second, 114-row GEMM at a fraction of BLAS speed.
 int64_t chunk_rows(int64_t bytes, int64_t M, int64_t width, int64_t elem_size) {
-  int64_t r = bytes / std::max<int64_t>(1, width * elem_size);
-  return std::clamp<int64_t>(r, 16, std::max<int64_t>(M, 1));
+  M = std::max<int64_t>(M, 1);
+  const int64_t cap = std::max<int64_t>(16, bytes / std::max<int64_t>(1, width * elem_size));
+  if (M <= cap) return M;
+  const int64_t n = (M + cap - 1) / cap;
+  const int64_t even = ((M + n - 1) / n + 15) / 16 * 16;
+  return std::min(even, cap);
 }
 
 // The row loops below are compiled for several vector ISAs and picked at load time
@@ -40,7 +49,9 @@ int64_t chunk_rows(int64_t bytes, int64_t M, int64_t width, int64_t elem_size) {
 #endif
 
 // Reductions run in kLanes independent accumulators (so that they vectorize without
-// reassociation flags) and are combined in double.
+// reassociation flags) and are combined in double. A row's tail (D not a multiple of
+// kLanes) goes to a separate scalar: indexing the lanes with j % kLanes there would
+// make the compiler keep the lanes in memory, in the vector loop too.
 constexpr int kLanes = 16;
 
 // Normalizes one row z = cat(xr, sr) of width 2D. Statistics are two-pass and shifted:
@@ -57,17 +68,19 @@ SKIPDIT_VECTOR_CLONES void normalize_row(const scalar_t* xr, const scalar_t* sr,
   const scalar_t* half[2] = {xr, sr};
   const acc_t shift = static_cast<acc_t>(xr[0]);
   acc_t lane[kLanes] = {};
+  acc_t rest = 0;
   for (int p = 0; p < 2; ++p) {
     const scalar_t* v = half[p];
     int64_t j = 0;
     for (; j + kLanes <= D; j += kLanes)
       for (int k = 0; k < kLanes; ++k) lane[k] += static_cast<acc_t>(v[j + k]) - shift;
-    for (; j < D; ++j) lane[j % kLanes] += static_cast<acc_t>(v[j]) - shift;
+    for (; j < D; ++j) rest += static_cast<acc_t>(v[j]) - shift;
   }
-  double sum = 0;
+  double sum = rest;
   for (int k = 0; k < kLanes; ++k) sum += lane[k];
   const acc_t dmu = static_cast<acc_t>(sum / static_cast<double>(W));  // mean - shift
   acc_t sq[kLanes] = {};
+  acc_t sq_rest = 0;
   for (int p = 0; p < 2; ++p) {
     const scalar_t* v = half[p];
     int64_t j = 0;
@@ -78,10 +91,10 @@ SKIPDIT_VECTOR_CLONES void normalize_row(const scalar_t* xr, const scalar_t* sr,
       }
     for (; j < D; ++j) {
       const acc_t d = (static_cast<acc_t>(v[j]) - shift) - dmu;
-      sq[j % kLanes] += d * d;
+      sq_rest += d * d;
     }
   }
-  double var = 0;
+  double var = sq_rest;
   for (int k = 0; k < kLanes; ++k) var += sq[k];
   const acc_t rstd = static_cast<acc_t>(1.0 / std::sqrt(var / static_cast<double>(W) + eps));
   for (int p = 0; p < 2; ++p) {
@@ -101,18 +114,16 @@ SKIPDIT_VECTOR_CLONES void normalize_row(const scalar_t* xr, const scalar_t* sr,
   }
 }
 
-// Normalizes rows [r0, r0 + rows) into h ([rows, 2D]) and, for the backward, their
-// statistics ([rows, 3]).
+// Normalizes rows [r0, r0 + rows) into h ([rows, 2D]).
 template <typename scalar_t, typename acc_t, typename norm_t, typename h_t>
 void normalize_chunk(const scalar_t* x, const RowIndexer& xi, const scalar_t* skip,
                      const RowIndexer& si, int64_t r0, int64_t rows, int64_t D,
-                     const norm_t* gamma, const norm_t* beta, double eps, h_t* h, acc_t* stats) {
+                     const norm_t* gamma, const norm_t* beta, double eps, h_t* h) {
   const int64_t W = 2 * D;
   at::parallel_for(0, rows, std::max<int64_t>(1, 16384 / W), [&](int64_t b, int64_t e) {
     for (int64_t i = b; i < e; ++i) {
       normalize_row<scalar_t, acc_t, norm_t, h_t>(x + xi.offset(r0 + i), skip + si.offset(r0 + i), D,
-                                                  eps, gamma, beta, h + i * W,
-                                                  stats ? stats + 3 * i : nullptr);
+                                                  eps, gamma, beta, h + i * W, nullptr);
     }
   });
 }
@@ -130,6 +141,7 @@ SKIPDIT_VECTOR_CLONES void ln_backward_row(const acc_t* dh, const scalar_t* xr, 
   const scalar_t* half[2] = {xr, sr};
   scalar_t* out[2] = {dx, dskip};
   acc_t l1[kLanes] = {}, l2[kLanes] = {};
+  acc_t r1 = 0, r2 = 0;
   for (int p = 0; p < 2; ++p) {
     const scalar_t* v = half[p];
     const acc_t* d = dh + p * D;
@@ -149,13 +161,13 @@ SKIPDIT_VECTOR_CLONES void ln_backward_row(const acc_t* dh, const scalar_t* xr, 
     for (; j < D; ++j) {
       const acc_t xh = ((static_cast<acc_t>(v[j]) - shift) - dmu) * rstd;
       const acc_t dg_ = d[j] * g[j];
-      l1[j % kLanes] += dg_;
-      l2[j % kLanes] += dg_ * xh;
+      r1 += dg_;
+      r2 += dg_ * xh;
       dg[j] += d[j] * xh;
       db[j] += d[j];
     }
   }
-  double s1 = 0, s2 = 0;
+  double s1 = r1, s2 = r2;
   for (int k = 0; k < kLanes; ++k) {
     s1 += l1[k];
     s2 += l2[k];
@@ -191,7 +203,7 @@ void skip_fuse_fwd_impl(const at::Tensor& x, const at::Tensor& skip, const at::T
     normalize_chunk<scalar_t, acc_t, norm_t, scalar_t>(
         x.const_data_ptr<scalar_t>(), xi, skip.const_data_ptr<scalar_t>(), si, r0, rows, s.D,
         nwc.const_data_ptr<norm_t>(), nbc.const_data_ptr<norm_t>(), eps,
-        h.mutable_data_ptr<scalar_t>(), static_cast<acc_t*>(nullptr));
+        h.mutable_data_ptr<scalar_t>());
     auto hv = h.narrow(0, 0, rows);
     auto yv = y.narrow(0, r0, rows);
     if (bias.has_value()) {
@@ -237,7 +249,6 @@ void skip_fuse_bwd_impl(const at::Tensor& g, const at::Tensor& x, const at::Tens
   auto g2 = g.reshape({s.M, s.D_out});
   const int64_t cmax = std::min(chunk, s.M);
   at::Tensor h = at::empty({cmax, W}, x.options().dtype(acc));  // rounded to scalar_t
-  at::Tensor stats = at::empty({cmax, 3}, x.options().dtype(acc));
   // weight / bias gradients accumulate straight into the outputs when those are in the
   // accumulation dtype (fp32, fp64), else into an fp32 buffer.
   const bool direct = w.scalar_type() == acc;
@@ -250,33 +261,37 @@ void skip_fuse_bwd_impl(const at::Tensor& g, const at::Tensor& x, const at::Tens
   scalar_t* dsp = dskip.mutable_data_ptr<scalar_t>();
   const acc_t* gam = gamma_acc.const_data_ptr<acc_t>();
   acc_t* dgbp = dgb.mutable_data_ptr<acc_t>();
+  const scalar_t* xp = x.const_data_ptr<scalar_t>();
+  const scalar_t* sp = skip.const_data_ptr<scalar_t>();
+  const norm_t* nwp = nwc.const_data_ptr<norm_t>();
+  const norm_t* nbp = nbc.const_data_ptr<norm_t>();
+  acc_t* hp = h.mutable_data_ptr<acc_t>();
   for (int64_t r0 = 0; r0 < s.M; r0 += chunk) {
     const int64_t rows = std::min(chunk, s.M - r0);
-    normalize_chunk<scalar_t, acc_t, norm_t, acc_t>(
-        x.const_data_ptr<scalar_t>(), xi, skip.const_data_ptr<scalar_t>(), si, r0, rows, D,
-        nwc.const_data_ptr<norm_t>(), nbc.const_data_ptr<norm_t>(), eps,
-        h.mutable_data_ptr<acc_t>(), stats.mutable_data_ptr<acc_t>());
     at::Tensor dy = g2.narrow(0, r0, rows).to(acc);
-    if (r0 == 0) {
-      at::mm_out(dw_acc, dy.t(), h.narrow(0, 0, rows));
-      at::sum_out(db_acc, dy, 0);
-    } else {
-      dw_acc.addmm_(dy.t(), h.narrow(0, 0, rows));
-      db_acc.add_(dy.sum(0));
-    }
     at::Tensor dh = dy.mm(w_acc).contiguous();  // [rows, 2D]
     const acc_t* dhp = dh.const_data_ptr<acc_t>();
-    const acc_t* stp = stats.const_data_ptr<acc_t>();
-    const scalar_t* xp = x.const_data_ptr<scalar_t>();
-    const scalar_t* sp = skip.const_data_ptr<scalar_t>();
+    // One pass per row while it is in L1: statistics, the normalized row h (for the
+    // weight gradient below), and the LayerNorm backward into grad_x / grad_skip.
     at::parallel_for(0, rows, std::max<int64_t>(1, 8192 / W), [&](int64_t b, int64_t e) {
       acc_t* mine = dgbp + at::get_thread_num() * 2 * W;
+      acc_t st[3];
       for (int64_t i = b; i < e; ++i) {
-        ln_backward_row<scalar_t, acc_t>(dhp + i * W, xp + xi.offset(r0 + i), sp + si.offset(r0 + i),
-                                         stp + 3 * i, gam, D, dxp + (r0 + i) * D, dsp + (r0 + i) * D,
-                                         mine, mine + W);
+        const scalar_t* xr = xp + xi.offset(r0 + i);
+        const scalar_t* sr = sp + si.offset(r0 + i);
+        normalize_row<scalar_t, acc_t, norm_t, acc_t>(xr, sr, D, eps, nwp, nbp, hp + i * W, st);
+        ln_backward_row<scalar_t, acc_t>(dhp + i * W, xr, sr, st, gam, D, dxp + (r0 + i) * D,
+                                         dsp + (r0 + i) * D, mine, mine + W);
       }
     });
+    auto hv = h.narrow(0, 0, rows);
+    if (r0 == 0) {
+      at::mm_out(dw_acc, dy.t(), hv);
+      at::sum_out(db_acc, dy, 0);
+    } else {
+      dw_acc.addmm_(dy.t(), hv);
+      db_acc.add_(dy.sum(0));
+    }
   }
   at::Tensor dg_acc = dgb.select(1, 0).sum(0);
   at::Tensor dbn_acc = dgb.select(1, 1).sum(0);
