@@ -16,7 +16,8 @@ kernel that lands shows up without edits here; one that cannot run says why.
 
 Timing: on a GPU, CUDA events around every call (median of many, after warm-up), the
 inputs rotating over sets larger than twice the L2 cache, like triton.testing.do_bench
-with a cold cache; on the CPU, perf_counter around calls (batched to >= 1 ms per sample).
+with a cold cache; on the CPU, perf_counter around calls (batched to >= 1 ms per sample),
+the rows of one table sampled round-robin so that they all see the same machine load.
 Rates are expressed against the device's copy bandwidth and matmul rate measured at the
 start of the same run; all ratios come from times of the same run.
 """
@@ -84,6 +85,16 @@ def _fmt_rate(r: dict) -> str:
         return f"{v:.1f} TFLOP/s" if v >= 1 else f"{v * 1000:.1f} GFLOP/s"
     v = r["GBps"]
     return f"{v:.0f} GB/s" if v >= 10 else f"{v:.2f} GB/s"
+
+
+def _fmt_bytes(n: int | None) -> str:
+    if n is None:
+        return "-"
+    if n >= 1 << 30:
+        return f"{n / (1 << 30):.2f} GiB"
+    if n >= 1 << 20:
+        return f"{n / (1 << 20):.1f} MiB"
+    return f"{n / 1024:.0f} KiB"
 
 
 def _fmt_ratio(r: float | None) -> str:
@@ -221,6 +232,95 @@ class Timer:
             out.append((time.perf_counter() - t0) * 1e3 / inner)
         return out
 
+    def time_cpu_interleaved(self, jobs: list[tuple[Callable, list, Callable]]) -> list[list[float]]:
+        """CPU: per-call samples of several (step, sets, ctx) jobs, taken round-robin.
+
+        The rows of one table are compared with each other, and a shared CPU's speed
+        drifts over seconds: timing each job for its own block of time puts that drift
+        into the ratios. Here every round takes one sample (>= 1 ms of calls) of each
+        job, starting at a different job each round, so all rows see the same load.
+        """
+        self.last_host_ms = None
+        inners, per_sample = [], 0.0
+        for step, sets, ctx in jobs:
+            with ctx():
+                t0 = time.perf_counter()
+                step(sets[0])
+                est = max((time.perf_counter() - t0) * 1e3, 1e-4)
+                inner = max(1, int(math.ceil(1.0 / est)))
+                for i in range(max(1, min(50, int(20.0 / est)))):
+                    step(sets[i % len(sets)])
+            inners.append(inner)
+            per_sample += est * inner
+        budget = self.target_ms * len(jobs)
+        n_rep = max(self.min_samples, min(self.max_samples, int(budget / max(per_sample, 1e-4))))
+        out: list[list[float]] = [[] for _ in jobs]
+        ks = [0] * len(jobs)
+        for r in range(n_rep):
+            for j in range(len(jobs)):
+                i = (r + j) % len(jobs)
+                step, sets, ctx = jobs[i]
+                with ctx():
+                    t0 = time.perf_counter()
+                    for _ in range(inners[i]):
+                        step(sets[ks[i] % len(sets)])
+                        ks[i] += 1
+                    out[i].append((time.perf_counter() - t0) * 1e3 / inners[i])
+        return out
+
+
+@contextlib.contextmanager
+def _quiet_stderr():
+    """Silences the C++ side's stderr (Kineto prints a line per profiler start/stop)."""
+    try:
+        fd = sys.stderr.fileno()
+    except (AttributeError, OSError, ValueError):  # a replaced sys.stderr (pytest capture)
+        fd = 2
+    sys.stderr.flush()
+    saved = os.dup(fd)
+    try:
+        with open(os.devnull, "w") as null:
+            os.dup2(null.fileno(), fd)
+        yield
+    finally:
+        os.dup2(saved, fd)
+        os.close(saved)
+
+
+def peak_memory_bytes(device: torch.device, call: Callable[[], Any]) -> int:
+    """Peak of the bytes allocated on `device` during call() above what was allocated
+    before it: its outputs and every temporary, inputs not counted. CUDA: the caching
+    allocator's peak statistic. CPU: the allocation events of the PyTorch profiler
+    (profile_memory), replayed in order."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+        base = torch.cuda.memory_allocated(device)
+        torch.cuda.reset_peak_memory_stats(device)
+        out = call()
+        torch.cuda.synchronize(device)
+        peak = torch.cuda.max_memory_allocated(device) - base
+        del out
+        return int(peak)
+    import tempfile
+
+    from torch.profiler import ProfilerActivity, profile
+
+    with tempfile.TemporaryDirectory() as tmp, _quiet_stderr():
+        with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+            out = call()
+            del out
+        path = os.path.join(tmp, "trace.json")
+        prof.export_chrome_trace(path)
+        with open(path) as f:
+            events = json.load(f)["traceEvents"]
+    mem = sorted((e for e in events if e.get("name") == "[memory]"
+                  and e.get("args", {}).get("Device Type", 0) == 0), key=lambda e: e["ts"])
+    cur = peak = 0
+    for e in mem:
+        cur += int(e["args"]["Bytes"])
+        peak = max(peak, cur)
+    return peak
+
 
 def cache_bytes(device: torch.device) -> int:
     """What the rotating input sets must exceed: 2x the GPU's L2; 64 MiB on the CPU."""
@@ -291,6 +391,10 @@ class InputSet:
     grad_out: torch.Tensor | None = None
 
 
+# The CPU skip_fuse kernel's row-chunk buffer (kFwdChunkBytes in csrc/cpu/skip_fuse.cpp).
+CPU_SKIP_FUSE_CHUNK_BYTES = 16 << 20
+
+
 def _elem(dtype: torch.dtype) -> int:
     return torch.empty((), dtype=dtype).element_size()
 
@@ -304,7 +408,8 @@ class SkipFuse:
             grid = ([(4096, 1152), (32768, 1152), (4096, 1408)] if quick else
                     [(m, d) for d in (1152, 1408) for m in (512, 4096, 16384, 32768)])
         else:
-            grid = [(64, 1152)] if quick else [(512, 1152), (1024, 1152), (512, 1408)]
+            grid = [(64, 1152)] if quick else [(512, 384), (4096, 384), (512, 1152), (4096, 1152),
+                                                  (512, 1408)]
         return [Case("skip_fuse", f"M={m} D={d}", {"M": m, "D": d, "D_out": d},
                      target=(device.type == "cuda" and d == 1152 and m in (4096, 32768)))
                 for m, d in grid]
@@ -700,7 +805,7 @@ class Runner:
         except Exception as ex:  # e.g. eager attention's N x N scores out of memory
             self.log(f"  eager reference failed for {spec.op} {case.label}: {_short(ex)} (no output check)")
         choice = sdpa_choice(sets[0].args) if spec.op == "attention" else None
-        case_rows = []
+        case_rows, pending = [], []
         for impl in self.impls(spec, case, direction):
             if impl.reason:
                 self.unavailable.append({**{k: base[k] for k in ("op", "shape", "direction")},
@@ -711,12 +816,32 @@ class Runner:
                 self.unavailable.append({**{k: base[k] for k in ("op", "shape", "direction")},
                                          "impl": impl.name, "reason": "time budget (--budget) used up"})
                 continue
-            row = self._run_impl(spec, impl, sets, direction, base, ref_out)
-            if row is not None:
-                if impl.name == "sdpa" and choice:
-                    row["note"] = f"PyTorch picks {choice}"
-                    row["sdpa_choice"] = choice
-                case_rows.append(row)
+            prepared = self._prepare_impl(spec, impl, sets, direction, base, ref_out)
+            if prepared is None:
+                continue
+            if self.device.type != "cpu":  # GPU: event timing, one row after the other
+                try:
+                    prepared["samples"] = self._time_one(prepared)
+                except Exception as ex:  # one failing row must not end the run
+                    self._row_error(prepared, ex)
+                    continue
+            pending.append(prepared)
+        if self.device.type == "cpu" and pending:
+            jobs = [(p["step"], p["sets"], p["impl"].ctx) for p in pending]
+            try:
+                for p, samples in zip(pending, self.timer.time_cpu_interleaved(jobs)):
+                    p["samples"] = samples
+            except Exception as ex:  # pragma: no cover - a row that ran once then failed
+                for p in pending:
+                    self._row_error(p, ex)
+                pending = []
+        for p in pending:
+            self._measure_peak(p)
+            row = self._finish_row(p, base, ref_out)
+            if p["impl"].name == "sdpa" and choice:
+                row["note"] = f"PyTorch picks {choice}"
+                row["sdpa_choice"] = choice
+            case_rows.append(row)
         del sets, ref_out
         gc.collect()
         if self.device.type == "cuda":
@@ -727,9 +852,12 @@ class Runner:
             self.log(f"  {r['op']:<11} {r['direction']:<7} {r['shape']:<34} {r['impl']:<22} "
                      f"{_fmt_time(r['median_ms']):>10}  vs eager {_fmt_ratio(r.get('vs_eager'))}")
 
-    def _run_impl(self, spec, impl: Impl, shared_sets, direction, base, ref_out) -> dict | None:
+    def _prepare_impl(self, spec, impl: Impl, shared_sets, direction, base, ref_out) -> dict | None:
+        """First call (compilation included) and output check of one row; None if it
+        cannot run (recorded as unavailable or as an error)."""
         sets = shared_sets
         ident = {k: base[k] for k in ("op", "shape", "direction")}
+        caught: list = []
         try:
             if impl.sets is not None:
                 sets = impl.sets()
@@ -744,11 +872,10 @@ class Runner:
                         step(sets[0])  # compile the backward too
                     self.timer.sync()
                     first_s = time.perf_counter() - t0
-                samples = self.timer.time(step, sets)
         except Exception as ex:  # one failing row must not end the run
             why = _short(f"{type(ex).__name__}: {ex}")
             if impl.kind == "sdpa" and "No available kernel" in str(ex):
-                msgs = [_short(str(w.message), 120) for w in caught][:2] if "caught" in locals() else []
+                msgs = [_short(str(w.message), 120) for w in caught][:2]
                 self.unavailable.append({**ident, "impl": impl.name,
                                          "reason": "not available for these inputs" + (": " + "; ".join(msgs) if msgs else "")})
                 return None
@@ -756,24 +883,59 @@ class Runner:
             self.log(f"  ERROR {ident} {impl.name}: {why}")
             return None
         finally:
-            if self.device.type == "cuda":
-                try:
-                    torch.cuda.synchronize(self.device)
-                except Exception:  # reported by the row itself / the next one
-                    pass
+            self._sync_quietly()
+        return {"impl": impl, "ident": ident, "step": step, "sets": sets, "first": first,
+                "first_s": first_s}
+
+    def _time_one(self, p: dict) -> list[float]:
+        try:
+            with p["impl"].ctx():
+                samples = self.timer.time(p["step"], p["sets"])
+            p["host_ms"] = getattr(self.timer, "last_host_ms", None)
+            return samples
+        finally:
+            self._sync_quietly()
+
+    def _measure_peak(self, p: dict) -> None:
+        """Peak memory of one more call of the row (outputs and temporaries)."""
+        try:
+            with p["impl"].ctx():
+                p["peak_mem_bytes"] = peak_memory_bytes(self.device, lambda: p["step"](p["sets"][0]))
+        except Exception as ex:  # pragma: no cover - the row itself ran; keep its time
+            self.log(f"  peak memory of {p['ident']} {p['impl'].name} not measured: {_short(ex)}")
+        finally:
+            self._sync_quietly()
+
+    def _sync_quietly(self) -> None:
+        if self.device.type == "cuda":
+            try:
+                torch.cuda.synchronize(self.device)
+            except Exception:  # reported by the row itself / the next one
+                pass
+
+    def _row_error(self, p: dict, ex: Exception) -> None:
+        impl = p["impl"]
+        why = _short(f"{type(ex).__name__}: {ex}")
+        self.errors.append({**p["ident"], "impl": impl.name, "kind": impl.kind, "error": why})
+        self.log(f"  ERROR {p['ident']} {impl.name}: {why}")
+
+    def _finish_row(self, p: dict, base, ref_out) -> dict:
+        impl, ident, samples, sets = p["impl"], p["ident"], p["samples"], p["sets"]
         row = {**base, "impl": impl.name, "kind": impl.kind, **summarize(samples), "n_sets": len(sets)}
-        host = getattr(self.timer, "last_host_ms", None)
+        host = p.get("host_ms")
         if host is not None:
             row["host_ms"] = host  # the CPU's time to launch one call
             row["host_bound"] = host > row["median_ms"]
+        if p.get("peak_mem_bytes") is not None:
+            row["peak_mem_bytes"] = p["peak_mem_bytes"]
         if impl.backend:
             row["backend"] = impl.backend
         if impl.note:
             row["note"] = impl.note
         if impl.kind == "compile":
-            row["first_call_s"] = round(first_s, 3)
+            row["first_call_s"] = round(p["first_s"], 3)
         if impl.kind != "floor" and ref_out is not None:
-            err = (first.float() - ref_out).abs().max().item()
+            err = (p["first"].float() - ref_out).abs().max().item()
             scale = ref_out.abs().max().item() or 1.0
             row["max_rel_err_vs_eager"] = err / scale
             if not (err / scale <= MISMATCH_REL.get(self.dtype, 1e-3)):
@@ -1068,7 +1230,7 @@ def backend_status(device: torch.device, dtype: torch.dtype, ops_: list[str]) ->
 def format_table(rows: list[dict], floor_col: bool = False) -> str:
     """A markdown table of benchmark rows (one op and direction)."""
     extra = [k for k in ("vs_compile", "vs_sdpa") if any(k in r for r in rows)]
-    head = ["shape", "impl", "median", "IQR", "p10-p90", "rate", "% roofline", "vs eager"]
+    head = ["shape", "impl", "median", "IQR", "p10-p90", "rate", "% roofline", "peak mem", "vs eager"]
     head += [k.replace("_", " ") for k in extra] + ["vs best"]
     if floor_col:
         head.append("/ gemm")
@@ -1088,7 +1250,7 @@ def format_table(rows: list[dict], floor_col: bool = False) -> str:
         if r.get("impl") == r.get("best_competitor"):
             name += " *"
         cells = [r["shape"], name, _fmt_time(med) + (" (h)" if r.get("host_bound") else ""), iqr, spread, rate, pct,
-                 _fmt_ratio(r.get("vs_eager"))] + [_fmt_ratio(r.get(k)) for k in extra] + [_fmt_ratio(r.get("vs_best"))]
+                 _fmt_bytes(r.get("peak_mem_bytes")), _fmt_ratio(r.get("vs_eager"))] + [_fmt_ratio(r.get(k)) for k in extra] + [_fmt_ratio(r.get("vs_best"))]
         if floor_col:
             cells.append(_fmt_ratio(r.get("vs_floor")))
         lines.append("| " + " | ".join(cells) + " |")
@@ -1125,8 +1287,27 @@ def check_targets(result: dict) -> list[dict]:
             add("attention fwd, temporal N 16: >= 1.5x best SDPA", b,
                 [r for r in at if r["params"]["N"] == 16], "vs_sdpa", min, 1.5)
         if not gpu:
-            sf = [r for r in rows if r["op"] == "skip_fuse" and r["direction"] == "fwd" and r["impl"] == b]
-            add("skip_fuse fwd on the CPU: no slower than eager", b, sf, "vs_eager", min, 1.0)
+            sf = [r for r in rows if r["op"] == "skip_fuse" and r["direction"] == "fwd" and r["impl"] == b
+                  and 512 <= r["params"]["M"] <= 4096 and 384 <= r["params"]["D"] <= 1152]
+            add("skip_fuse fwd on the CPU, M 512..4096, D 384..1152: no slower than eager", b, sf,
+                "vs_eager", min, 1.0)
+            # Temporaries beyond the output (peak memory of a call minus its output): the
+            # CPU kernel normalizes row chunks into one buffer of at most
+            # CPU_SKIP_FUSE_CHUNK_BYTES, so they stay bounded as M grows, where eager holds
+            # the (M, 2D) concatenation and its normalized copy. Also per row in the JSON,
+            # as a fraction of one (M, 2D) tensor (temp_vs_cat).
+            sfm = [r for r in rows if r["op"] == "skip_fuse" and r["direction"] == "fwd"
+                   and r["impl"] in (b, "eager") and r.get("peak_mem_bytes") is not None]
+            for r in sfm:
+                e = _elem(getattr(torch, r["dtype"]))
+                p_ = r["params"]
+                r["temp_bytes"] = r["peak_mem_bytes"] - p_["M"] * p_["D_out"] * e
+                r["temp_vs_cat"] = r["temp_bytes"] / (p_["M"] * 2 * p_["D"] * e)
+                r["temp_MiB"] = r["temp_bytes"] / (1 << 20)
+            add(f"skip_fuse fwd on the CPU: temporaries <= {CPU_SKIP_FUSE_CHUNK_BYTES >> 20} MiB "
+                "at every M (no (M, 2D) tensor beyond that), MiB", b,
+                [r for r in sfm if r["impl"] == b], "temp_MiB", max, CPU_SKIP_FUSE_CHUNK_BYTES / (1 << 20),
+                ge=False)
     for d in result.get("dispatch") or []:
         if "extra_vs_direct_us" in d:
             out.append({"target": f"dispatch overhead of ops.{d['op']}: <= 5 us", "backend": "auto",
@@ -1145,7 +1326,12 @@ def check_targets(result: dict) -> list[dict]:
 def format_targets(items: list[dict]) -> str:
     lines = ["| target | backend | worst over the shapes | met |", "|---|---|---|---|"]
     for t in items:
-        v = f"{t['value']:+.1f} us" if t["target"].startswith("dispatch") else f"{t['value']:.2f}x"
+        if t["target"].startswith("dispatch"):
+            v = f"{t['value']:+.1f} us"
+        elif t["target"].endswith("MiB"):
+            v = f"{t['value']:.1f} MiB"
+        else:
+            v = f"{t['value']:.2f}x"
         lines.append(f"| {t['target']} | {t['backend']} | {v} | {'yes' if t['ok'] else 'NO'} |")
     return "\n".join(lines)
 

@@ -100,6 +100,13 @@ def test_times_positive_and_ordered(quick_run):
         assert math.isclose(r["GBps"], r["bytes"] / t / 1e9, rel_tol=1e-9)
         assert r["pct_roofline"] > 0
         assert not r.get("mismatch"), r
+        # every row's peak memory is measured and holds at least the output
+        assert r["peak_mem_bytes"] > 0, r
+    # skip_fuse forward: eager's peak includes the (M, 2D) concatenation, ours does not
+    for r in result["rows"]:
+        if r["op"] == "skip_fuse" and r["direction"] == "fwd" and r["impl"] == "eager":
+            p = r["params"]
+            assert r["peak_mem_bytes"] >= p["M"] * (p["D_out"] + 2 * p["D"]) * 4
 
 
 def test_ratios_consistent_with_times(quick_run):
@@ -159,24 +166,26 @@ def _row(impl, kind, median, **kw):
 
 def test_format_table():
     rows = [_row("eager", "eager", 2.0), _row("compile", "compile", 1.0),
-            _row("gemm-floor", "floor", 0.25), _row("cuda", "ours", 0.0125)]
+            _row("gemm-floor", "floor", 0.25), _row("cuda", "ours", 0.0125, peak_mem_bytes=3 << 20)]
     benchmark.add_ratios(rows)
     benchmark.add_rates(rows, {"matmul_TFLOPs": 100.0, "copy_GBps": 1000.0})
     text = benchmark.format_table(rows, floor_col=True)
     lines = text.splitlines()
     assert len(lines) == 2 + len(rows)
     header = [c.strip() for c in lines[0].strip("|").split("|")]
-    assert header == ["shape", "impl", "median", "IQR", "p10-p90", "rate", "% roofline",
+    assert header == ["shape", "impl", "median", "IQR", "p10-p90", "rate", "% roofline", "peak mem",
                       "vs eager", "vs compile", "vs best", "/ gemm"]
     assert all(line.count("|") == len(header) + 1 for line in lines)
     cells = {line.split("|")[2].strip(): [c.strip() for c in line.strip("|").split("|")] for line in lines[2:]}
     assert cells["compile *"][2] == "1.000 ms"  # the best competitor is starred
-    assert cells["eager"][2] == "2.000 ms" and cells["eager"][7] == "1.00x"
+    assert cells["eager"][2] == "2.000 ms" and cells["eager"][8] == "1.00x"
+    assert cells["eager"][7] == "-"  # peak memory not measured
     cuda = cells["cuda"]
     assert cuda[2] == "12.5 us"
     assert cuda[3] == "10.0%"  # IQR / median
     assert cuda[5] == "160.0 TFLOP/s"  # 2 GFLOP in 12.5 us
-    assert cuda[7] == "160.00x" and cuda[8] == "80.00x" and cuda[9] == "80.00x" and cuda[10] == "0.05x"
+    assert cuda[7] == "3.0 MiB"
+    assert cuda[8] == "160.00x" and cuda[9] == "80.00x" and cuda[10] == "80.00x" and cuda[11] == "0.05x"
     # a memory-bound row shows GB/s and its share of the copy bandwidth
     mem = [_row("eager", "eager", 1.0, flops=1e3, bytes=5e8)]
     benchmark.add_ratios(mem)
