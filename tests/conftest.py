@@ -23,6 +23,17 @@ def _seed_and_backend():
         yield
 
 
+@pytest.fixture(scope="module")
+def one_intra_op_thread():
+    """Tiny models: one intra-op thread is faster than two contending ones, and steadier
+    on a loaded 2-core CI machine. Modules opt in with
+    `pytestmark = pytest.mark.usefixtures("one_intra_op_thread")`."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
 @pytest.fixture(scope="session")
 def aot_results(tmp_path_factory):
     """Every Triton AOT_SPECS entry compiled for sm_80 and sm_90 (once per session,

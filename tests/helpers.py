@@ -36,6 +36,11 @@ def strided_like(t: torch.Tensor, pad: int = 24) -> torch.Tensor:
     return big[..., :D]
 
 
+def rel_err(got: torch.Tensor, want: torch.Tensor) -> float:
+    """Max abs difference relative to the largest magnitude of `want` (in fp64)."""
+    return ((got.double() - want.double()).abs().max() / want.double().abs().max()).item()
+
+
 def max_err(a: torch.Tensor, b: torch.Tensor) -> float:
     return (a.double() - b.double()).abs().max().item()
 

@@ -12,6 +12,7 @@ import pytest
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from helpers import rel_err
 
 from skipdit_fast import SkipCache, reference
 from skipdit_fast.cache import CACHED, FULL, SkipModel
@@ -36,8 +37,6 @@ def model(golden):
     return m
 
 
-def rel_err(a, b) -> float:
-    return ((a.double() - b.double()).abs().max() / b.double().abs().max()).item()
 
 
 class BlockLog:

@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
+from helpers import rel_err
 
 import skipdit_fast
 from skipdit_fast import ops
@@ -33,8 +34,6 @@ def golden_config(g, skip: bool) -> DiTConfig:
                      skip=skip)
 
 
-def rel_err(a, b) -> float:
-    return ((a.double() - b.double()).abs().max() / b.double().abs().max()).item()
 
 
 # ---------------------------------------------------------------------------------------

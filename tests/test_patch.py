@@ -22,20 +22,12 @@ from skipdit_fast.models import DiT, DiTConfig
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import official_layouts as OL  # noqa: E402
+from helpers import rel_err  # noqa: E402
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny models: one intra-op thread is faster than two contending ones, and steadier
-    on a loaded 2-core CI machine."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_intra_op_thread")
 
 
-def rel_err(got, want):
-    return ((got.double() - want.double()).abs().max() / want.double().abs().max()).item()
 
 
 def assert_grads_match(model, ref, rtol=1e-4):

@@ -20,14 +20,7 @@ from skipdit_fast.models import DiT, DiTConfig
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny models: one intra-op thread is faster than two contending ones, and steadier
-    on a loaded 2-core CI machine."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_intra_op_thread")
 
 TIMES = (900.0, 800.0, 700.0, 600.0, 500.0, 400.0, 300.0)
 
