@@ -100,4 +100,17 @@ struct RowIndexer {
   }
 };
 
+// y[r0:r0+rows] = h[:rows] @ weight^T (+ bias): the GEMM of one normalized row chunk
+// (ATen's BLAS / cuBLAS), written into the output rows in place.
+inline void linear_rows_out(at::Tensor& y, int64_t r0, int64_t rows, const at::Tensor& h,
+                            const at::Tensor& weight_t, const std::optional<at::Tensor>& bias) {
+  at::Tensor hv = h.narrow(0, 0, rows);
+  at::Tensor yv = y.narrow(0, r0, rows);
+  if (bias.has_value()) {
+    at::addmm_out(yv, *bias, hv, weight_t);
+  } else {
+    at::mm_out(yv, hv, weight_t);
+  }
+}
+
 }  // namespace skipdit

@@ -204,13 +204,7 @@ void skip_fuse_fwd_impl(const at::Tensor& x, const at::Tensor& skip, const at::T
         x.const_data_ptr<scalar_t>(), xi, skip.const_data_ptr<scalar_t>(), si, r0, rows, s.D,
         nwc.const_data_ptr<norm_t>(), nbc.const_data_ptr<norm_t>(), eps,
         h.mutable_data_ptr<scalar_t>());
-    auto hv = h.narrow(0, 0, rows);
-    auto yv = y.narrow(0, r0, rows);
-    if (bias.has_value()) {
-      at::addmm_out(yv, *bias, hv, wt);
-    } else {
-      at::mm_out(yv, hv, wt);
-    }
+    linear_rows_out(y, r0, rows, h, wt, bias);
   }
 }
 

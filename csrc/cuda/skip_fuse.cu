@@ -223,13 +223,7 @@ void skip_fuse_fwd_typed(const at::Tensor& x, const at::Tensor& skip, const at::
   for (int64_t r0 = 0; r0 < s.M; r0 += chunk) {
     const int64_t rows = std::min(chunk, s.M - r0);
     launch_normalize_rows<T>(p, r0, rows, static_cast<int>(s.D), h, device, stream);
-    at::Tensor hv = h.narrow(0, 0, rows);
-    at::Tensor yv = y.narrow(0, r0, rows);
-    if (bias.has_value()) {
-      at::addmm_out(yv, *bias, hv, wt);
-    } else {
-      at::mm_out(yv, hv, wt);
-    }
+    linear_rows_out(y, r0, rows, h, wt, bias);
   }
 }
 
