@@ -1096,27 +1096,29 @@ def sampling_benchmark(device: torch.device, dtype: torch.dtype, quick: bool,
         model_name, image_size = sampling_model(device)
     steps = steps or (50 if device.type == "cuda" else (5 if quick else 20))
     batch = batch or (8 if device.type == "cuda" else 2)
-    repeats = repeats or (1 if quick else 2 if device.type == "cuda" else 3)
+    repeats = repeats or (1 if quick else 3 if device.type == "cuda" else 5)
     try:
         model = from_name(model_name, image_size=image_size).to(device=device, dtype=dtype).eval()
     except Exception as e:
         return {"skipped": f"cannot build {model_name}: {_short(f'{type(e).__name__}: {e}', 200)}"}
     labels = list(range(batch))
-    rows = []
+
+    def run(backend, ck):
+        with backends.use_backend(backend):
+            return sample(model, labels, steps=steps, cfg_scale=4.0, cache=ck, seed=0)
+
+    # Every config runs once (warm-up, and its report), then the timed runs go
+    # round-robin over the configs, a different one first each round, so that a change
+    # of machine load hits all of them alike (sample() syncs the device).
+    jobs, rows = [], []
     for kernels, backend, ck in configs or sampling_configs():
         label = f"{kernels} ops, " + ("no cache" if ck is None else f"Skip-Cache N={ck['interval']} K={ck['branch']}")
         try:
-            with backends.use_backend(backend):
-                res = sample(model, labels, steps=steps, cfg_scale=4.0, cache=ck, seed=0)  # warm-up
-                times = []
-                for _ in range(repeats):
-                    t0 = time.perf_counter()
-                    res = sample(model, labels, steps=steps, cfg_scale=4.0, cache=ck, seed=0)
-                    times.append((time.perf_counter() - t0) * 1e3)  # sample() syncs the device
+            res = run(backend, ck)
         except Exception as e:
             rows.append({"config": label, "error": _short(f"{type(e).__name__}: {e}")})
             continue
-        row = {"config": label, "kernels": kernels, "backend": backend, "cache": ck, **summarize(times)}
+        row = {"config": label, "kernels": kernels, "backend": backend, "cache": ck}
         rep = getattr(res, "report", None)
         if rep is not None:
             for k in ("full_steps", "cached_steps", "blocks_run", "blocks_total"):
@@ -1125,6 +1127,21 @@ def sampling_benchmark(device: torch.device, dtype: torch.dtype, quick: bool,
             if row.get("blocks_run"):
                 row["ideal_speedup"] = row["blocks_total"] / row["blocks_run"]
         rows.append(row)
+        jobs.append((row, backend, ck, []))
+    for r in range(repeats):
+        for j in range(len(jobs)):
+            row, backend, ck, times = jobs[(r + j) % len(jobs)]
+            if "error" in row:
+                continue
+            try:
+                t0 = time.perf_counter()
+                run(backend, ck)
+                times.append((time.perf_counter() - t0) * 1e3)
+            except Exception as e:  # pragma: no cover - it ran once already
+                row["error"] = _short(f"{type(e).__name__}: {e}")
+    for row, _, _, times in jobs:
+        if "error" not in row:
+            row.update(summarize(times))
     base = next((r for r in rows if r.get("config") == "eager ops, no cache" and "median_ms" in r), None)
     for r in rows:
         if base and "median_ms" in r:

@@ -267,3 +267,20 @@ def test_targets_judged_on_the_worst_shape():
     assert math.isclose(floor["value"], (2.0 / 1.9) / 0.85) and not floor["ok"]
     assert got["dispatch overhead of ops.cache_delta: <= 5 us"]["ok"]
     assert "| NO |" in benchmark.format_targets(list(got.values()))
+
+
+def test_sampling_benchmark_round_robin():
+    """End-to-end rows: every config timed `repeats` times (round-robin), the Skip-Cache
+    rows carry the block counts of their report and the ideal speedup from them."""
+    res = benchmark.sampling_benchmark(torch.device("cpu"), torch.float32, quick=True, steps=4, batch=1,
+                                       repeats=2)
+    assert "skipped" not in res, res
+    rows = {r["config"]: r for r in res["rows"]}
+    assert "eager ops, no cache" in rows and "ours ops, Skip-Cache N=2 K=4" in rows
+    for r in rows.values():
+        assert "error" not in r, r
+        assert r["samples"] == 2 and r["median_ms"] > 0
+        assert math.isclose(r["vs_eager_nocache"], rows["eager ops, no cache"]["median_ms"] / r["median_ms"])
+    cached = rows["ours ops, Skip-Cache N=2 K=4"]
+    assert cached["cached_steps"] > 0 and cached["blocks_run"] < cached["blocks_total"]
+    assert cached["ideal_speedup"] == cached["blocks_total"] / cached["blocks_run"]
