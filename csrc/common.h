@@ -11,7 +11,21 @@
 #include <optional>
 #include <string>
 
+// CPU row loops are compiled for several vector ISAs and picked at load time (GCC
+// function multiversioning), since the library is built for a generic x86-64.
+#if defined(__GNUC__) && !defined(__clang__) && defined(__x86_64__)
+#define SKIPDIT_VECTOR_CLONES __attribute__((target_clones("avx512f", "avx2", "default")))
+#else
+#define SKIPDIT_VECTOR_CLONES
+#endif
+
 namespace skipdit {
+
+// CPU reductions run in kLanes independent accumulators, so that they vectorize
+// without reassociation flags, and are combined in double. A row's tail (length not a
+// multiple of kLanes) goes to a separate scalar: indexing the lanes with j % kLanes
+// there would make the compiler keep the lanes in memory, in the vector loop too.
+constexpr int kLanes = 16;
 
 // Testing aid (DESIGN.md section 4): when on, every output a kernel allocates is
 // filled with NaN first, so elements a kernel fails to write show up in tests.

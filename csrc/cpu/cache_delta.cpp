@@ -1,8 +1,11 @@
 // cache_delta on the CPU: sum|a - b| / sum|b| in one parallel pass over the rows of
-// a and b (last dim contiguous, leading dims strided), accumulated in double.
+// a and b (last dim contiguous, leading dims strided), accumulated in double,
+// vectorized (row_sums).
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 #include <torch/library.h>
+
+#include <cmath>
 
 #include "common.h"
 #include "ops.h"
@@ -15,6 +18,32 @@ struct Sums {
   double ref = 0;
 };
 
+// sum|a - b| and sum|b| of one row, in double from the exact inputs (a - b of two
+// floats is exact in double), vectorized over kLanes accumulators. (Summing blocks in
+// fp32 lanes first measured slower here: GCC vectorized the block loop with permutes.)
+template <typename scalar_t>
+SKIPDIT_VECTOR_CLONES Sums row_sums(const scalar_t* a, const scalar_t* b, int64_t D) {
+  double ld[kLanes] = {}, ls[kLanes] = {};
+  double rd = 0, rs = 0;
+  int64_t j = 0;
+  for (; j + kLanes <= D; j += kLanes)
+    for (int k = 0; k < kLanes; ++k) {
+      const double bv = static_cast<double>(b[j + k]);
+      ld[k] += std::abs(static_cast<double>(a[j + k]) - bv);
+      ls[k] += std::abs(bv);
+    }
+  for (; j < D; ++j) {
+    const double bv = static_cast<double>(b[j]);
+    rd += std::abs(static_cast<double>(a[j]) - bv);
+    rs += std::abs(bv);
+  }
+  for (int k = 0; k < kLanes; ++k) {
+    rd += ld[k];
+    rs += ls[k];
+  }
+  return {rd, rs};
+}
+
 template <typename scalar_t>
 Sums cache_delta_sums(const at::Tensor& a, const at::Tensor& b) {
   RowIndexer ai(a), bi(b);
@@ -25,16 +54,9 @@ Sums cache_delta_sums(const at::Tensor& a, const at::Tensor& b) {
       int64_t{0}, ai.rows, std::max<int64_t>(1, 32768 / D), Sums{},
       [&](int64_t r0, int64_t r1, Sums acc) {
         for (int64_t r = r0; r < r1; ++r) {
-          const scalar_t* ar = ap + ai.offset(r);
-          const scalar_t* br = bp + bi.offset(r);
-          double d = 0, s = 0;
-          for (int64_t j = 0; j < D; ++j) {
-            const double bv = static_cast<double>(br[j]);
-            d += std::abs(static_cast<double>(ar[j]) - bv);
-            s += std::abs(bv);
-          }
-          acc.diff += d;
-          acc.ref += s;
+          const Sums s = row_sums<scalar_t>(ap + ai.offset(r), bp + bi.offset(r), D);
+          acc.diff += s.diff;
+          acc.ref += s.ref;
         }
         return acc;
       },

@@ -40,19 +40,7 @@ int64_t chunk_rows(int64_t bytes, int64_t M, int64_t width, int64_t elem_size) {
   return std::min(even, cap);
 }
 
-// The row loops below are compiled for several vector ISAs and picked at load time
-// (GCC function multiversioning), since the library is built for a generic x86-64.
-#if defined(__GNUC__) && !defined(__clang__) && defined(__x86_64__)
-#define SKIPDIT_VECTOR_CLONES __attribute__((target_clones("avx512f", "avx2", "default")))
-#else
-#define SKIPDIT_VECTOR_CLONES
-#endif
-
-// Reductions run in kLanes independent accumulators (so that they vectorize without
-// reassociation flags) and are combined in double. A row's tail (D not a multiple of
-// kLanes) goes to a separate scalar: indexing the lanes with j % kLanes there would
-// make the compiler keep the lanes in memory, in the vector loop too.
-constexpr int kLanes = 16;
+// Row loops: SKIPDIT_VECTOR_CLONES and kLanes accumulators, see common.h.
 
 // Normalizes one row z = cat(xr, sr) of width 2D. Statistics are two-pass and shifted:
 // every value is taken relative to the row's first value (exact for nearby values,
