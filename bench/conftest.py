@@ -6,6 +6,7 @@ import pytest
 import torch
 
 import skipdit_fast  # noqa: F401
+from skipdit_fast._testing import skip_gpu_tests_without_cuda
 
 
 @pytest.fixture(autouse=True)
@@ -16,9 +17,4 @@ def _seed_and_backend():
 
 
 def pytest_collection_modifyitems(config, items):
-    if torch.cuda.is_available():
-        return
-    skip = pytest.mark.skip(reason="needs a CUDA device")
-    for item in items:
-        if "gpu" in item.keywords:
-            item.add_marker(skip)
+    skip_gpu_tests_without_cuda(items)

@@ -35,3 +35,16 @@ def poison_outputs(on: bool = True) -> Iterator[None]:
     finally:
         _POISON[0] = prev_py
         torch.ops.skipdit._set_poison_outputs(prev_c)
+
+
+def skip_gpu_tests_without_cuda(items) -> None:
+    """pytest collection hook body (tests/ and bench/): without a CUDA device, tests
+    marked `gpu` are skipped with the reason."""
+    if torch.cuda.is_available():
+        return
+    import pytest
+
+    skip = pytest.mark.skip(reason="needs a CUDA device")
+    for item in items:
+        if "gpu" in item.keywords:
+            item.add_marker(skip)

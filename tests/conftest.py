@@ -14,6 +14,7 @@ os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
 import pytest  # noqa: E402
 
 import skipdit_fast  # noqa: E402,F401
+from skipdit_fast._testing import skip_gpu_tests_without_cuda  # noqa: E402
 
 
 @pytest.fixture(autouse=True)
@@ -56,9 +57,4 @@ def aot_results(tmp_path_factory):
 
 
 def pytest_collection_modifyitems(config, items):
-    if torch.cuda.is_available():
-        return
-    skip = pytest.mark.skip(reason="needs a CUDA device")
-    for item in items:
-        if "gpu" in item.keywords:
-            item.add_marker(skip)
+    skip_gpu_tests_without_cuda(items)
