@@ -931,6 +931,12 @@ class Runner:
             row["host_bound"] = host > row["median_ms"]
         if p.get("peak_mem_bytes") is not None:
             row["peak_mem_bytes"] = p["peak_mem_bytes"]
+            if row["op"] == "skip_fuse" and row["direction"] == "fwd":
+                # temporaries beyond the output, also as a fraction of one (M, 2D) tensor
+                e, p_ = _elem(self.dtype), row["params"]
+                row["temp_bytes"] = p["peak_mem_bytes"] - p_["M"] * p_["D_out"] * e
+                row["temp_vs_cat"] = row["temp_bytes"] / (p_["M"] * 2 * p_["D"] * e)
+                row["temp_MiB"] = row["temp_bytes"] / (1 << 20)
         if impl.backend:
             row["backend"] = impl.backend
         if impl.note:
@@ -1311,22 +1317,15 @@ def check_targets(result: dict) -> list[dict]:
                   and 512 <= r["params"]["M"] <= 4096 and 384 <= r["params"]["D"] <= 1152]
             add("skip_fuse fwd on the CPU, M 512..4096, D 384..1152: no slower than eager", b, sf,
                 "vs_eager", min, 1.0)
-            # Temporaries beyond the output (peak memory of a call minus its output): the
-            # CPU kernel normalizes row chunks into one buffer of at most
+            # Temporaries beyond the output (temp_MiB, set per row by _finish_row): the CPU
+            # kernel normalizes row chunks into one buffer of at most
             # CPU_SKIP_FUSE_CHUNK_BYTES, so they stay bounded as M grows, where eager holds
-            # the (M, 2D) concatenation and its normalized copy. Also per row in the JSON,
-            # as a fraction of one (M, 2D) tensor (temp_vs_cat).
+            # the (M, 2D) concatenation and its normalized copy.
             sfm = [r for r in rows if r["op"] == "skip_fuse" and r["direction"] == "fwd"
-                   and r["impl"] in (b, "eager") and r.get("peak_mem_bytes") is not None]
-            for r in sfm:
-                e = _elem(getattr(torch, r["dtype"]))
-                p_ = r["params"]
-                r["temp_bytes"] = r["peak_mem_bytes"] - p_["M"] * p_["D_out"] * e
-                r["temp_vs_cat"] = r["temp_bytes"] / (p_["M"] * 2 * p_["D"] * e)
-                r["temp_MiB"] = r["temp_bytes"] / (1 << 20)
+                   and r["impl"] == b]
             add(f"skip_fuse fwd on the CPU: temporaries <= {CPU_SKIP_FUSE_CHUNK_BYTES >> 20} MiB "
                 "at every M (no (M, 2D) tensor beyond that), MiB", b,
-                [r for r in sfm if r["impl"] == b], "temp_MiB", max, CPU_SKIP_FUSE_CHUNK_BYTES / (1 << 20),
+                sfm, "temp_MiB", max, CPU_SKIP_FUSE_CHUNK_BYTES / (1 << 20),
                 ge=False)
     for d in result.get("dispatch") or []:
         if "extra_vs_direct_us" in d:

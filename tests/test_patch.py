@@ -22,27 +22,12 @@ from skipdit_fast.models import DiT, DiTConfig
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import official_layouts as OL  # noqa: E402
-from helpers import rel_err  # noqa: E402
+from helpers import assert_grads_match, rel_err  # noqa: E402
 
 
 pytestmark = pytest.mark.usefixtures("one_intra_op_thread")
 
 
-
-
-def assert_grads_match(model, ref, rtol=1e-4):
-    """Parameter gradients of the patched model against the unpatched one's: relative
-    to each gradient, with a floor at 1e-7 of the largest gradient (some are exactly
-    zero in theory, e.g. the bias of a per-head k norm: softmax ignores it)."""
-    grads = dict(ref.named_parameters())
-    scale = max(p.grad.abs().max().item() for p in ref.parameters() if p.grad is not None)
-    for name, p in model.named_parameters():
-        g = grads[name].grad
-        if g is None:
-            assert p.grad is None, name
-            continue
-        err = (p.grad.double() - g.double()).abs().max().item()
-        assert err <= rtol * g.abs().max().item() + 1e-7 * scale, (name, err)
 
 
 def official_skip_dit(**kw):
