@@ -43,7 +43,7 @@ demo: build
 # skipdit_fast/weights/*.safetensors and the training logs. Resumes from build/train/.
 # Each model is sized to take under 20 minutes on an idle 2-core machine.
 train-default: build
-	$(PY) -m skipdit_fast.train --default
+	$(PY) -m skipdit_fast train --default
 
 test: build
 	$(PY) -m pytest $(PYTEST_ARGS)

@@ -27,7 +27,7 @@ import time
 import torch
 
 from skipdit_fast import SkipCache
-from skipdit_fast.diffusion import sample
+from skipdit_fast.sampling.diffusion import sample
 from skipdit_fast.models import DiT, DiTConfig
 
 

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 import skipdit_fast  # noqa: F401
-from skipdit_fast._testing import skip_gpu_tests_without_cuda
+from skipdit_fast.ops.testing import skip_gpu_tests_without_cuda
 
 
 @pytest.fixture(autouse=True)

@@ -49,10 +49,13 @@ if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
 from skipdit_fast import SkipCache  # noqa: E402
-from skipdit_fast.baselines import CachedModel, ForaCache  # noqa: E402
-from skipdit_fast.diffusion import sample  # noqa: E402
-from skipdit_fast.digits import DigitClassifier, digits, frechet_distance, psnr, ssim, to_unit  # noqa: E402
-from skipdit_fast.train import MODELS, WEIGHTS_DIR, load_pretrained, machine_info  # noqa: E402
+from skipdit_fast.cache.baselines import CachedModel, ForaCache  # noqa: E402
+from skipdit_fast.sampling.diffusion import sample  # noqa: E402
+from skipdit_fast.data.digits import digits, to_unit  # noqa: E402
+from skipdit_fast.evaluation.digits import DigitClassifier  # noqa: E402
+from skipdit_fast.evaluation.metrics import frechet_distance, psnr, ssim  # noqa: E402
+from skipdit_fast.apps.train import machine_info  # noqa: E402
+from skipdit_fast.pretrained import MODELS, WEIGHTS_DIR, load_pretrained  # noqa: E402
 
 METHODS = {
     "skipdit+skipcache": ("tiny-skipdit", "skipcache"),
@@ -97,7 +100,7 @@ def run_study(args) -> dict:
            "machine_start": machine_info(), "torch": torch.__version__,
            "classifier": {"test_accuracy_real": clf.test_accuracy,
                           "fd_real_train_vs_test": None}, "baselines": {}, "runs": []}
-    from skipdit_fast.digits import split
+    from skipdit_fast.data.digits import split
     tr, te = split(len(real))
     out["classifier"]["fd_real_train_vs_test"] = frechet_distance(clf.features(real[tr]), clf.features(real[te]))
     # the floor at this sample size: real digits, as many per class as the samples
@@ -256,8 +259,8 @@ def plots(res: dict, train: dict, out: Path) -> list[str]:
 
 
 def write_grids(grids: dict, out: Path) -> list[str]:
-    from skipdit_fast.demo import digit_grid
-    from skipdit_fast.sample import write_png
+    from skipdit_fast.apps.demo import digit_grid
+    from skipdit_fast.apps.common import write_png
 
     names = []
     for title, img in grids.items():

@@ -15,7 +15,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from skipdit_fast import backends
+from skipdit_fast.ops import backends
 from skipdit_fast.benchmark import SPECS, Runner, _elem
 
 DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")

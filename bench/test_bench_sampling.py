@@ -11,7 +11,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from skipdit_fast import backends
+from skipdit_fast.ops import backends
 from skipdit_fast.benchmark import _resolve_sampling_api, sampling_configs, sampling_model
 
 DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")

@@ -2,7 +2,7 @@
 //
 // Each native op has kernels for CPU (csrc/cpu) and, when built with CUDA,
 // CUDA (csrc/cuda); autograd kernels live in autograd.cpp, fake (meta) kernels in
-// skipdit_fast/_fake.py. The *_triton ops share the native schemas and get their
+// skipdit_fast/ops/fakes.py. The *_triton ops share the native schemas and get their
 // implementations from skipdit_fast/kernels (Triton) at import time.
 #include "ops.h"
 
@@ -141,7 +141,7 @@ std::string build_info() {
 
 TORCH_LIBRARY(skipdit, m) {
   // Fake kernels for torch.compile are registered from this Python module.
-  m.set_python_module("skipdit_fast._fake");
+  m.set_python_module("skipdit_fast.ops.fakes");
   // Native ops: CPU (and CUDA) kernels in C++, autograd in autograd.cpp.
   // y = linear(layer_norm(cat([x, skip], -1)), weight, bias); see DESIGN.md section 2.
   m.def("skip_fuse" SKIPDIT_SKIP_FUSE_ARGS " -> Tensor");

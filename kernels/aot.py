@@ -53,7 +53,7 @@ def compile_spec(spec: AotSpec, arch: int) -> dict:
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
 
-    from skipdit_fast._lib import parse_ptxas
+    from skipdit_fast.ops.native import parse_ptxas
 
     sig = dict(spec.signature)
     for k in spec.constexprs:
@@ -109,7 +109,7 @@ def all_specs(full: bool | None = None) -> list[tuple[str, AotSpec]]:
 
     out = []
     for m in sorted(pkgutil.iter_modules(pkg.__path__), key=lambda m: m.name):
-        if m.name == "aot" or m.name.startswith("_"):
+        if m.name in ("aot", "limits") or m.name.startswith("_"):  # not kernel modules
             continue
         mod = importlib.import_module(f"skipdit_fast.kernels.{m.name}")
         specs = getattr(mod, "AOT_SPECS", None)

@@ -51,8 +51,9 @@ import triton
 import triton.language as tl
 from triton.runtime.errors import OutOfResources
 
-from skipdit_fast._checks import acc_dtype, check_attention
-from skipdit_fast._testing import new_output
+from skipdit_fast.ops.checks import acc_dtype, check_attention, check_attention_backward, new_output
+
+from . import limits
 
 LOG2E = tl.constexpr(1.4426950408889634)
 LN2 = tl.constexpr(0.6931471805599453)
@@ -869,9 +870,12 @@ def _dot_precision(dtype: torch.dtype) -> str:
     return "ieee" if dtype == torch.float32 else "tf32"  # ignored for 16-bit operands
 
 
-def _check_dtype(op: str, dtype: torch.dtype) -> None:
-    if dtype not in (torch.float16, torch.bfloat16, torch.float32):
-        raise TypeError(f"{op}: the Triton kernels take float16, bfloat16 or float32, got {dtype}")
+def _check_dtype(op: str, q: torch.Tensor) -> None:
+    if q.dtype not in (torch.float16, torch.bfloat16, torch.float32):
+        raise TypeError(f"{op}: the Triton kernels take float16, bfloat16 or float32, got {q.dtype}")
+    why = limits.attention(q.device.type, q.dtype, q.shape[-1])
+    if why:
+        raise ValueError(f"{op}: {why}")
 
 
 class _on_device:
@@ -898,7 +902,7 @@ def attention_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: 
     """(out [B, Nq, H, Dh] contiguous, lse [B, H, Nq] fp32)."""
     op = "skipdit::attention_forward_triton"
     s = check_attention(op, q, k, v, scale)
-    _check_dtype(op, q.dtype)
+    _check_dtype(op, q)
     B, Nq, H, Dh = q.shape
     Nk = k.shape[1]
     out = new_output(q.shape, dtype=q.dtype, device=q.device)
@@ -942,20 +946,10 @@ def attention_backward(grad_out: torch.Tensor, q: torch.Tensor, k: torch.Tensor,
                        out: torch.Tensor, lse: torch.Tensor, scale: float):
     """(grad_q, grad_k, grad_v), contiguous, with the shapes of q, k, v."""
     op = "skipdit::attention_backward_triton"
-    s = check_attention(op, q, k, v, scale)
-    _check_dtype(op, q.dtype)
+    s = check_attention_backward(op, grad_out, q, k, v, out, lse, scale)
+    _check_dtype(op, q)
     B, Nq, H, Dh = q.shape
     Nk = k.shape[1]
-    if grad_out.shape != q.shape or out.shape != q.shape:
-        raise ValueError(f"{op}: grad_out and out must have the shape of q {list(q.shape)}, got "
-                         f"{list(grad_out.shape)} and {list(out.shape)}")
-    if grad_out.dtype != q.dtype or out.dtype != q.dtype:
-        raise TypeError(f"{op}: grad_out and out must have q's dtype {q.dtype}")
-    if tuple(lse.shape) != (B, H, Nq):
-        raise ValueError(f"{op}: lse must have shape [B, H, Nq] = {[B, H, Nq]}, got {list(lse.shape)}")
-    for name, t in (("grad_out", grad_out), ("out", out), ("lse", lse)):
-        if t.device != q.device:
-            raise ValueError(f"{op}: {name} is on {t.device}, q on {q.device}")
     # autograd may hand in an expanded (stride-0) gradient: the kernels need stride-1 rows
     if grad_out.stride(-1) != 1:
         grad_out = grad_out.contiguous()

@@ -11,8 +11,7 @@ import torch
 import triton
 import triton.language as tl
 
-from skipdit_fast._checks import check_cache_delta
-from skipdit_fast._testing import new_output
+from skipdit_fast.ops.checks import check_cache_delta, new_output
 
 
 @triton.jit

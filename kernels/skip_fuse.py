@@ -39,8 +39,9 @@ import torch
 import triton
 import triton.language as tl
 
-from skipdit_fast._checks import check_skip_fuse
-from skipdit_fast._testing import new_output
+from skipdit_fast.ops.checks import check_skip_fuse, check_skip_fuse_backward, new_output
+
+from . import limits
 
 # ---------------------------------------------------------------------------
 # Triton helpers
@@ -404,18 +405,6 @@ def force_configs(fwd: triton.Config | None = None, dw: triton.Config | None = N
 # ---------------------------------------------------------------------------
 # launchers
 
-MIN_D, MAX_D = 64, 4096
-
-
-def limits_reason(D: int, D_out: int) -> str | None:
-    """Shapes the Triton kernels serve (backends.LIMITS)."""
-    if D % 8 != 0 or not (MIN_D <= D <= MAX_D):
-        return f"triton skip_fuse needs D a multiple of 8 in [{MIN_D}, {MAX_D}], got D = {D}"
-    if D_out % 8 != 0:
-        return f"triton skip_fuse needs D_out a multiple of 8, got D_out = {D_out}"
-    return None
-
-
 def _lead_layout(x: torch.Tensor, skip: torch.Tensor):
     """(n1, n2, x strides (s0, s1, s2), skip strides) addressing row
     r = (i0 * n1 + i1) * n2 + i2 at i0*s0 + i1*s1 + i2*s2, after merging the leading
@@ -476,7 +465,7 @@ def _num_sms(device: torch.device) -> int:
 def _check(op: str, x: torch.Tensor, skip: torch.Tensor, D: int, N: int):
     if x.dtype not in (torch.float16, torch.bfloat16, torch.float32):
         raise TypeError(f"{op}: dtype {x.dtype} not supported by the Triton kernels (float16, bfloat16, float32)")
-    why = limits_reason(D, N)
+    why = limits.skip_fuse(x.device.type, x.dtype, D, N)
     if why:
         raise ValueError(f"{op}: {why}")
     lay = _lead_layout(x, skip)
@@ -561,15 +550,7 @@ def _sum_rows(inp: torch.Tensor, out: torch.Tensor, chunks: int = 1) -> None:
 def skip_fuse_backward(grad_out: torch.Tensor, x: torch.Tensor, skip: torch.Tensor, norm_weight: torch.Tensor,
                        norm_bias: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, eps: float):
     op = "skipdit::skip_fuse_backward_triton"
-    M, D, N = check_skip_fuse(op, x, skip, norm_weight, norm_bias, weight, bias, eps)
-    out_shape = (*x.shape[:-1], N)
-    if tuple(grad_out.shape) != out_shape:
-        raise ValueError(f"{op}: grad_out must have shape {list(out_shape)}, got {list(grad_out.shape)}")
-    if grad_out.dtype != x.dtype:
-        raise TypeError(f"{op}: grad_out dtype {grad_out.dtype} differs from x dtype {x.dtype}")
-    if grad_out.device != x.device:
-        raise ValueError(f"{op}: all tensors must be on one device; grad_out is on {grad_out.device} "
-                         f"but the first input is on {x.device}")
+    M, D, N = check_skip_fuse_backward(op, grad_out, x, skip, norm_weight, norm_bias, weight, bias, eps)
     lay = _check(op, x, skip, D, N)
     n1, n2, sx, ss = lay
     dev = x.device

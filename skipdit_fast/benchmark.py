@@ -2,7 +2,7 @@
 
 For every op and shape it times each implementation side by side in one process:
 
-    eager                 the pure-PyTorch reference (skipdit_fast.reference), i.e. what a
+    eager                 the pure-PyTorch reference (skipdit_fast.ops.reference), i.e. what a
                           model without this package runs
     compile               torch.compile of that same eager code (default mode)
     compile-max-autotune  torch.compile(mode="max-autotune-no-cudagraphs") (GPU, target shapes)
@@ -11,7 +11,7 @@ For every op and shape it times each implementation side by side in one process:
                           normalized input (cuBLAS on a GPU) -- the floor a fused kernel aims at
     cpu / cuda / triton   our backends, called through skipdit_fast.ops with that backend chosen
 
-Which of our backends run is read from skipdit_fast.backends (registry/explain), so a
+Which of our backends run is read from skipdit_fast.ops.backends (registry/explain), so a
 kernel that lands shows up without edits here; one that cannot run says why.
 
 Timing: on a GPU, CUDA events around every call (median of many, after warm-up), the
@@ -47,7 +47,7 @@ import torch
 import torch.nn.functional as F
 
 from . import ops as _ops
-from . import reference as _reference
+from .ops import reference as _reference
 
 OPS = ("skip_fuse", "attention", "cache_delta")
 EXTRAS = ("dispatch", "sampling")
@@ -657,7 +657,7 @@ class Runner:
 
     # -- implementations of one case ----------------------------------------
     def impls(self, spec, case: Case, direction: str) -> list[Impl]:
-        from . import backends
+        from .ops import backends
 
         grad = direction == "fwd+bwd"
         out = [Impl("eager", "eager", spec.eager)]
@@ -1019,7 +1019,8 @@ def dispatch_overhead(quick: bool) -> list[dict]:
     """skipdit_fast.ops.X on tiny CPU tensors vs the direct torch.ops.skipdit call (same
     kernel: the difference is our Python layer: Query, backend selection) and vs a
     direct ATen call of similar cost (context: what a built-in op costs)."""
-    from . import _lib, ops
+    from . import ops
+    from .ops import native as _lib
 
     if not _lib.available():
         return [{"op": op, "error": f"native library not loaded: {_lib.load_error()}"} for op in OPS]
@@ -1067,9 +1068,9 @@ def _resolve_sampling_api():
     if from_name is None:
         return None, None, "skipdit_fast.models has no DiT.from_name(name) (the benchmark builds models by name)"
     try:
-        sample = importlib.import_module("skipdit_fast.diffusion").sample
+        sample = importlib.import_module("skipdit_fast.sampling.diffusion").sample
     except (ImportError, AttributeError) as e:
-        return None, None, f"skipdit_fast.diffusion.sample is not available yet ({_short(e, 100)})"
+        return None, None, f"skipdit_fast.sampling.diffusion.sample is not available yet ({_short(e, 100)})"
     return from_name, sample, None
 
 
@@ -1092,11 +1093,11 @@ def sampling_benchmark(device: torch.device, dtype: torch.dtype, quick: bool,
                        model_name: str | None = None, image_size: int | None = None,
                        steps: int | None = None, batch: int | None = None,
                        repeats: int | None = None, configs: list | None = None) -> dict:
-    """Times whole sampling runs (skipdit_fast.diffusion.sample, DDPM, classifier-free
+    """Times whole sampling runs (skipdit_fast.sampling.sample, DDPM, classifier-free
     guidance: a doubled batch) of a Skip-DiT with random weights, with and without
     Skip-Cache, with our kernels (backend auto) and with the eager reference ops
     (backend reference). Returns {"rows": [...], ...} or {"skipped": why}."""
-    from . import backends
+    from .ops import backends
 
     from_name, sample, why = _resolve_sampling_api()
     if why:
@@ -1190,7 +1191,8 @@ def _cpu_name() -> str:
 
 
 def environment(device: torch.device) -> dict:
-    from . import __version__, _lib
+    from . import __version__
+    from .ops import native as _lib
 
     dev: dict = {"type": device.type}
     if device.type == "cuda":
@@ -1236,7 +1238,7 @@ def device_slug(env: dict) -> str:
 def backend_status(device: torch.device, dtype: torch.dtype, ops_: list[str]) -> dict:
     """op -> backend -> {"fwd": reason or None, "fwd+bwd": reason or None} (generic
     features, the shape-specific reasons are in `unavailable`)."""
-    from . import backends
+    from .ops import backends
 
     feats = {"skip_fuse": (1152, 1152), "attention": (72,), "cache_delta": ()}
     out = {}

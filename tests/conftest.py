@@ -14,7 +14,7 @@ os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
 import pytest  # noqa: E402
 
 import skipdit_fast  # noqa: E402,F401
-from skipdit_fast._testing import skip_gpu_tests_without_cuda  # noqa: E402
+from skipdit_fast.ops.testing import skip_gpu_tests_without_cuda  # noqa: E402
 
 
 @pytest.fixture(autouse=True)

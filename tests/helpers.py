@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from skipdit_fast import _triton_ops
+from skipdit_fast.ops import triton_ops
 
 # DESIGN.md section 4: every op test draws fresh inputs from these families.
 FAMILIES = ("normal", "offset10", "offset1000", "outlier")
@@ -75,4 +75,4 @@ def assert_budget(out: torch.Tensor, ref_lowp: torch.Tensor, truth: torch.Tensor
 
 def interpreter_dot_ok(dtype: torch.dtype) -> bool:
     """Triton 3.8's interpreter computes tl.dot wrongly on bf16 (DESIGN.md 5.4)."""
-    return not (_triton_ops.interpreting() and dtype == torch.bfloat16)
+    return not (triton_ops.interpreting() and dtype == torch.bfloat16)

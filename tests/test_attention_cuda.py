@@ -23,8 +23,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from skipdit_fast import _lib, backends, reference
-from skipdit_fast._testing import poison_outputs
+from skipdit_fast.ops import backends, native, reference
+from skipdit_fast.ops.testing import poison_outputs
 from helpers import FAMILIES, assert_budget, rows, strided_like
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -83,19 +83,19 @@ def check_against_truth(out, lse, q, k, v, scale, what):
 
 
 def _arch_list() -> list[str]:
-    archs = _lib.build_info().get("cuda_archs", "") if _lib.available() else ""
+    archs = native.build_info().get("cuda_archs", "") if native.available() else ""
     return [a.split("-")[0] for a in archs.split(",") if a]
 
 
 @pytest.mark.parametrize("arch", ["sm_80", "sm_90a"])
 def test_ptxas_report_has_kernels_without_spills(arch):
-    if not _lib.available():
-        pytest.skip(f"native library not loaded: {_lib.load_error()}")
-    if not _lib.build_info().get("cuda"):
+    if not native.available():
+        pytest.skip(f"native library not loaded: {native.load_error()}")
+    if not native.build_info().get("cuda"):
         pytest.skip("native library built without CUDA")
     if arch.removeprefix("sm_") not in _arch_list():
         pytest.skip(f"library built for {_arch_list()}, not {arch}")
-    report = [r for r in _lib.ptxas_report() if r["arch"] == arch and "attn_fwd_" in r["kernel"]]
+    report = [r for r in native.ptxas_report() if r["arch"] == arch and "attn_fwd_" in r["kernel"]]
     main = [r for r in report if "attn_fwd_main_kernel" in r["kernel"]]
     short = [r for r in report if "attn_fwd_short_kernel" in r["kernel"]]
     assert len(main) == N_MAIN_KERNELS and len(short) == N_SHORT_KERNELS, (
@@ -106,22 +106,20 @@ def test_ptxas_report_has_kernels_without_spills(arch):
 
 
 def test_cuda_kernel_registered_forward_only():
-    if not _lib.available() or not _lib.build_info().get("cuda"):
+    if not native.available() or not native.build_info().get("cuda"):
         pytest.skip("native library built without CUDA")
-    assert _lib.has_kernel("attention_forward", "CUDA")
+    assert native.has_kernel("attention_forward", "CUDA")
     # The backward of the CUDA backend is the Triton kernel (issue 4), registered from
     # Python as the CUDA kernel of the native attention_backward op.
-    from skipdit_fast import _triton_ops
+    from skipdit_fast.ops import triton_ops
 
-    if _triton_ops.triton_missing_reason() is None:
-        assert "attention_backward" in _triton_ops.ROUTED_TO_TRITON
-        assert _lib.has_kernel("attention_backward", "CUDA")
+    if triton_ops.triton_missing_reason() is None:
+        assert "attention_backward" in triton_ops.ROUTED_TO_TRITON
+        assert native.has_kernel("attention_backward", "CUDA")
 
 
 def test_backend_limits_refuse_fp32():
-    lim = backends.LIMITS[("attention", "cuda")]
-    q32 = backends.Query("attention", torch.device("cuda"), torch.float32, False, (72,))
-    assert "float16 and bfloat16" in lim(q32)
+    assert "float16 and bfloat16" in native.cuda_limits("attention", torch.device("cpu"), torch.float32, (72,))
 
 
 # ---------------------------------------------------------------------------------
@@ -281,7 +279,7 @@ def _cuda_op(q, k, v, scale):
 
 
 needs_cuda_kernel = pytest.mark.skipif(
-    not (_lib.available() and _lib.has_kernel("attention_forward", "CUDA")),
+    not (native.available() and native.has_kernel("attention_forward", "CUDA")),
     reason="native library built without the CUDA attention kernel")
 
 HEAD_DIMS = (32, 64, 72, 88, 96, 128, 256)

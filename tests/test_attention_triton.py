@@ -13,8 +13,8 @@ import pytest
 import torch
 
 import skipdit_fast
-from skipdit_fast import reference
-from skipdit_fast._testing import poison_outputs
+from skipdit_fast.ops import reference
+from skipdit_fast.ops.testing import poison_outputs
 from helpers import assert_budget, rows, strided_like
 
 attn = pytest.importorskip("skipdit_fast.kernels.attention")

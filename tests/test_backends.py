@@ -9,7 +9,7 @@ import pytest
 import torch
 
 import skipdit_fast as sf
-from skipdit_fast import backends
+from skipdit_fast.ops import backends, defs
 
 
 def _q(op="skip_fuse", device="cpu", dtype=torch.float32, grad=False):
@@ -66,7 +66,7 @@ def test_explain_lists_every_backend():
 
 
 def test_auto_error_lists_candidates(monkeypatch):
-    monkeypatch.setitem(backends.AUTO_PRIORITY, ("cache_delta", "cpu"), ("cuda",))
+    monkeypatch.setitem(defs.OPS["cache_delta"].static_order, "cpu", ("cuda",))
     backends._CACHE.clear()
     try:
         with pytest.raises(sf.BackendError, match=r"no backend can run cache_delta[\s\S]*cuda:"):
@@ -75,9 +75,9 @@ def test_auto_error_lists_candidates(monkeypatch):
         backends._CACHE.clear()
 
 
-def test_limits_are_consulted():
-    key = ("skip_fuse", "cpu")
-    backends.LIMITS[key] = lambda q: "D too small" if q.features[0] < 16 else None
+def test_limits_are_consulted(monkeypatch):
+    impl = backends.registry()["skip_fuse"]["cpu"]
+    monkeypatch.setattr(impl, "check", lambda q: "D too small" if q.features[0] < 16 else None)
     backends._CACHE.clear()
     try:
         with sf.use_backend("cpu"), pytest.raises(sf.BackendError, match="D too small"):
@@ -88,7 +88,6 @@ def test_limits_are_consulted():
                                torch.randn(8, 16))
         assert out.shape == (2, 8)
     finally:
-        del backends.LIMITS[key]
         backends._CACHE.clear()
 
 
@@ -98,9 +97,11 @@ def test_env_var_is_read_at_import():
     env = {**os.environ, "SKIPDIT_FAST_BACKEND": "reference,attention=cpu"}
     out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True)
     assert out.stdout.split() == ["reference", "cpu", "reference"]
-    env["SKIPDIT_FAST_BACKEND"] = "nonsense"
-    bad = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True)
-    assert bad.returncode != 0 and "unknown backend" in bad.stderr
+    for value, msg in (("nonsense", "unknown backend"), ("cpu,reference", "two backends for all ops"),
+                       ("attention=cpu,attention=reference", "attention is given twice")):
+        env["SKIPDIT_FAST_BACKEND"] = value
+        bad = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True)
+        assert bad.returncode != 0 and msg in bad.stderr, (value, bad.stderr[-300:])
 
 
 def test_needs_grad_goes_into_selection():

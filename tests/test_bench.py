@@ -13,7 +13,9 @@ import sys
 import pytest
 import torch
 
-from skipdit_fast import backends, benchmark
+from skipdit_fast import benchmark
+
+from skipdit_fast.ops import backends
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -56,7 +58,7 @@ def test_json_header(quick_run):
 
 def test_every_available_backend_has_rows(quick_run):
     """Each op x shape x direction has an eager row and a row for every backend that
-    skipdit_fast.backends says can run it; every other backend is listed with a reason."""
+    skipdit_fast.ops.backends says can run it; every other backend is listed with a reason."""
     result, _, _ = quick_run
     dtype = torch.float32
     for op in benchmark.OPS:

@@ -10,7 +10,7 @@ import sys
 import pytest
 import torch
 
-from skipdit_fast import _lib
+from skipdit_fast.ops import native
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -22,13 +22,13 @@ def _nvcc_present():
 
 
 needs_cuda_build = pytest.mark.skipif(
-    not _lib.build_info().get("cuda"),
+    not native.build_info().get("cuda"),
     reason="library built without CUDA (no nvcc or CPU torch)")
 
 
 def test_library_loaded_and_matches_torch():
-    assert _lib.available(), _lib.load_error()
-    info = _lib.build_info()
+    assert native.available(), native.load_error()
+    info = native.build_info()
     assert info["torch"].split("+")[0] == torch.__version__.split("+")[0]
     assert info["openmp"] is True
 
@@ -39,7 +39,7 @@ def test_cuda_compiled_when_toolkit_present():
         pytest.skip("no CUDA toolkit or CPU build of torch")
     if os.environ.get("SKIPDIT_FAST_CUDA", "auto").lower() in ("0", "off", "false"):
         pytest.skip("SKIPDIT_FAST_CUDA=0")
-    assert _lib.build_info().get("cuda"), "nvcc is present but the library was built without CUDA"
+    assert native.build_info().get("cuda"), "nvcc is present but the library was built without CUDA"
 
 
 def _cuobjdump():
@@ -54,19 +54,19 @@ def test_cubins_for_each_arch():
     tool = _cuobjdump()
     if tool is None:
         pytest.skip("no cuobjdump")
-    out = subprocess.run([tool, "--list-elf", _lib.LIBRARY_PATH], capture_output=True, text=True)
+    out = subprocess.run([tool, "--list-elf", native.LIBRARY_PATH], capture_output=True, text=True)
     assert out.returncode == 0, out.stderr
     archs = set(re.findall(r"\.(sm_\w+)\.cubin", out.stdout))
-    want = {f"sm_{a.split('-')[0]}" for a in _lib.build_info()["cuda_archs"].split(",") if a.endswith("real")}
+    want = {f"sm_{a.split('-')[0]}" for a in native.build_info()["cuda_archs"].split(",") if a.endswith("real")}
     assert want and want <= archs, f"cubins for {sorted(archs)}, expected {sorted(want)}"
 
 
 @needs_cuda_build
 def test_ptxas_report_no_spills():
-    recs = _lib.ptxas_report()
+    recs = native.ptxas_report()
     assert recs, "no ptxas report shipped next to the library"
     archs = {r["arch"] for r in recs}
-    want = {f"sm_{a.split('-')[0]}" for a in _lib.build_info()["cuda_archs"].split(",") if a.endswith("real")}
+    want = {f"sm_{a.split('-')[0]}" for a in native.build_info()["cuda_archs"].split(",") if a.endswith("real")}
     assert want <= archs
     for r in recs:
         assert r["registers"] is not None, r
@@ -84,7 +84,7 @@ def test_parse_ptxas():
 ptxas info    : Function properties for _Z3fooPf
     8 bytes stack frame, 4 bytes spill stores, 4 bytes spill loads
 ptxas info    : Used 255 registers, used 1 barriers"""
-    (r,) = _lib.parse_ptxas(text)
+    (r,) = native.parse_ptxas(text)
     assert r == {"kernel": "_Z3fooPf", "arch": "sm_90a", "registers": 255, "spill_stores": 4,
                  "spill_loads": 4, "stack": 8}
 

@@ -14,7 +14,9 @@ import torch.nn as nn
 import torch.nn.functional as F
 from helpers import rel_err
 
-from skipdit_fast import SkipCache, reference
+from skipdit_fast import SkipCache
+
+from skipdit_fast.ops import reference
 from skipdit_fast.cache import CACHED, FULL, SkipModel
 from skipdit_fast.models import DiT, DiTConfig
 

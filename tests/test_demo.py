@@ -6,7 +6,7 @@ import math
 import pytest
 import torch
 
-from skipdit_fast import cli, demo
+from skipdit_fast.apps import cli, demo
 
 
 def _args(tmp_path, **kw):

@@ -11,10 +11,13 @@ import numpy as np
 import pytest
 import torch
 
-from skipdit_fast import SkipCache, cli
-from skipdit_fast.diffusion import Diffusion, linear_betas, sample, space_timesteps
+from skipdit_fast import SkipCache
+
+from skipdit_fast.apps import cli
+from skipdit_fast.sampling.diffusion import Diffusion, linear_betas, sample, space_timesteps
 from skipdit_fast.models import DiT, DiTConfig
-from skipdit_fast.sample import Progress, latents_as_images, make_grid, write_png
+from skipdit_fast.apps.common import Progress, make_grid, write_png
+from skipdit_fast.apps.sample import latents_as_images
 
 TINY = DiTConfig(depth=4, hidden_size=64, num_heads=2, patch_size=2, input_size=8, num_classes=10, skip=True)
 

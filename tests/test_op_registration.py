@@ -6,7 +6,7 @@ import torch
 from torch.library import opcheck
 
 import skipdit_fast as sf
-from skipdit_fast import _triton_ops
+from skipdit_fast.ops import defs, triton_ops
 
 ops = torch.ops.skipdit
 
@@ -58,12 +58,12 @@ def test_opcheck_native(case):
     opcheck(op, args)
 
 
-@pytest.mark.skipif(not _triton_ops.interpreting(), reason="Triton ops run on CPU only in the interpreter")
-@pytest.mark.parametrize("op", sorted(_triton_ops.TRITON_KERNELS))
+@pytest.mark.skipif(not triton_ops.interpreting(), reason="Triton ops run on CPU only in the interpreter")
+@pytest.mark.parametrize("op", sorted(op for d in defs.OPS.values() for op in d.kernel_ops()))
 def test_opcheck_triton(op):
     cases = {
         "cache_delta": lambda: (torch.randn(3, 8, requires_grad=True), torch.randn(3, 8)),
-        # the Triton kernels serve D >= 64 (backends.LIMITS)
+        # the Triton kernels serve D >= 64 (kernels/limits.py)
         "skip_fuse": lambda: _sf_args(requires_grad=True, D=64, D_out=72),
         "skip_fuse_backward": lambda: (torch.randn(2, 5, 72), *_sf_args(D=64, D_out=72)),
         "attention_forward": lambda: (*_attn_args(True), 0.3),
@@ -128,7 +128,7 @@ def test_gradcheck_fp64():
 
 
 def test_triton_cache_delta_gradcheck():
-    if not _triton_ops.interpreting():
+    if not triton_ops.interpreting():
         pytest.skip("CPU gradcheck of a Triton op needs the interpreter")
     a = torch.randn(3, 8, requires_grad=True)
     b = torch.randn(3, 8, requires_grad=True)
@@ -143,7 +143,7 @@ def test_triton_cache_delta_gradcheck():
 def test_compile_first_call_and_backend_change():
     """Backend choice inside a compiled function: decided at trace time even for a
     query never seen eagerly, and a change of the requested backend recompiles."""
-    from skipdit_fast import backends
+    from skipdit_fast.ops import backends
 
     torch._dynamo.reset()
     backends._CACHE.clear()

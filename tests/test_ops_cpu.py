@@ -6,8 +6,8 @@ import torch
 
 import skipdit_fast as sf
 from helpers import FAMILIES, assert_budget, rows, strided_like
-from skipdit_fast import reference
-from skipdit_fast._testing import poison_outputs
+from skipdit_fast.ops import reference
+from skipdit_fast.ops.testing import poison_outputs
 
 DTYPES = [torch.float32, torch.bfloat16, torch.float16]
 ATOL = {torch.float32: 1e-5, torch.bfloat16: 1e-3, torch.float16: 1e-4, torch.float64: 1e-12}

@@ -382,7 +382,7 @@ def test_patch_does_not_import_diffusers():
 
 def expected_backend(change, device, dtype) -> str:
     """The backend auto selection gives the op for the patched module (the report must say it)."""
-    from skipdit_fast import backends
+    from skipdit_fast.ops import backends
 
     return backends.pick(change.op, torch.device(device), dtype, False, change_features(change)).backend
 

@@ -14,7 +14,7 @@ import torch
 
 import skipdit_fast
 from skipdit_fast import SkipCache, disable_skip_cache, enable_skip_cache, patch
-from skipdit_fast.diffusion import sample
+from skipdit_fast.sampling.diffusion import sample
 from skipdit_fast.models import DiT, DiTConfig
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))

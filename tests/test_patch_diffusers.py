@@ -15,7 +15,9 @@ import torch
 
 pytest.importorskip("diffusers")
 
-from skipdit_fast import _diffusers, patch, unpatch  # noqa: E402
+from skipdit_fast import patch, unpatch
+
+from skipdit_fast.integrations import diffusers as _diffusers  # noqa: E402
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import diffusers_models as M  # noqa: E402
@@ -288,7 +290,7 @@ def hunyuan_bf16_check(device):
     """bf16, DESIGN.md rule: the patched model's error against fp64 truth is at most 2x
     the unpatched model's bf16 error plus a small atol; head dim 88 as in HunyuanDiT."""
     from diffusers.models.embeddings import get_2d_rotary_pos_embed
-    from skipdit_fast import backends
+    from skipdit_fast.ops import backends
 
     model = M.hunyuan(num_layers=6, num_attention_heads=4, attention_head_dim=88, hidden_size=352, sample_size=16)
     x, t, kw = M.hunyuan_inputs(size=16, dtype=torch.float64, device=device)

@@ -17,8 +17,8 @@ import pytest
 import torch
 
 import skipdit_fast
-from skipdit_fast import _lib, backends, reference
-from skipdit_fast._testing import poison_outputs
+from skipdit_fast.ops import backends, native, reference
+from skipdit_fast.ops.testing import poison_outputs
 from helpers import FAMILIES, assert_budget, rows, strided_like
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -86,7 +86,7 @@ def test_kernels_on_cpu_threads(tmp_path):
 
 
 def _built_archs() -> list[str]:
-    archs = _lib.build_info().get("cuda_archs") or ""
+    archs = native.build_info().get("cuda_archs") or ""
     return ["sm_" + a.split("-")[0] for a in archs.split(",") if a.endswith("-real")]
 
 
@@ -94,11 +94,11 @@ def test_ptxas_no_spills():
     """Every skip_fuse kernel was compiled for every real arch of the build, without
     spills or stack frames (the register budget of the forward GEMM is fixed by
     __launch_bounds__: 2 CTAs/SM on sm_90, 1 on sm_80)."""
-    if not _lib.available() or not _lib.build_info().get("cuda"):
+    if not native.available() or not native.build_info().get("cuda"):
         pytest.skip("native library built without CUDA")
     archs = _built_archs()
-    assert archs, _lib.build_info()
-    report = [r for r in _lib.ptxas_report() if "skip_fuse_cu" in r["kernel"]]
+    assert archs, native.build_info()
+    report = [r for r in native.ptxas_report() if "skip_fuse_cu" in r["kernel"]]
     for kernel in KERNELS:
         for arch in archs:
             recs = [r for r in report if kernel in r["kernel"] and r["arch"] == arch]
@@ -117,8 +117,7 @@ def test_ptxas_no_spills():
                                            (64, 100, "D_out=100"), (1152, 1152, None),
                                            (72, 136, None), (8, 8, None)])
 def test_limits(D, D_out, why):
-    q = backends.Query("skip_fuse", torch.device("cpu"), torch.bfloat16, False, (D, D_out))
-    reason = backends.LIMITS[("skip_fuse", "cuda")](q)
+    reason = native.cuda_limits("skip_fuse", torch.device("cpu"), torch.bfloat16, (D, D_out))
     if why is None:
         assert reason is None
     else:
@@ -142,8 +141,8 @@ def _dtype(mode):
 
 @pytest.fixture
 def cuda_backend():
-    if not _lib.has_kernel("skip_fuse", "CUDA"):
-        pytest.fail(f"no CUDA skip_fuse kernel in the native library: {_lib.build_info()}")
+    if not native.has_kernel("skip_fuse", "CUDA"):
+        pytest.fail(f"no CUDA skip_fuse kernel in the native library: {native.build_info()}")
     prev = torch.backends.cuda.matmul.allow_tf32
     with skipdit_fast.use_backend(skip_fuse="cuda"):
         yield

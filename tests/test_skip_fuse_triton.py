@@ -17,8 +17,9 @@ import pytest
 import torch
 
 import skipdit_fast
-from skipdit_fast import _triton_ops, backends, ops, reference
-from skipdit_fast._testing import poison_outputs
+from skipdit_fast import ops
+from skipdit_fast.ops import backends, fakes, reference, triton_ops
+from skipdit_fast.ops.testing import poison_outputs
 from helpers import FAMILIES, assert_budget, interpreter_dot_ok, rows, strided_like
 
 GRAD_NAMES = ("x", "skip", "norm_weight", "norm_bias", "weight", "bias")
@@ -31,7 +32,7 @@ def _triton_unavailable() -> str | None:
 
 needs_triton = pytest.mark.skipif(_triton_unavailable() is not None,
                                   reason=f"triton backend unavailable: {_triton_unavailable()}")
-interp_only = pytest.mark.skipif(not _triton_ops.interpreting(),
+interp_only = pytest.mark.skipif(not triton_ops.interpreting(),
                                  reason="interpreter tests (CPU tensors) run without a GPU")
 
 
@@ -236,10 +237,10 @@ def test_interpreter_backward_layouts(bias):
                                         norm_dtype=torch.float32, bias=bias)
     g = torch.randn(2, 3, 2, 64).to(torch.float16)
     y = K.skip_fuse(x, skip, nw, nb, w, b, 1e-6)
-    fy = skipdit_fast._fake.skip_fuse_fake(x, skip, nw, nb, w, b, 1e-6)
+    fy = fakes.skip_fuse_fake(x, skip, nw, nb, w, b, 1e-6)
     assert y.shape == fy.shape and y.dtype == fy.dtype and y.stride() == fy.stride()
     grads = K.skip_fuse_backward(g, x, skip, nw, nb, w, b, 1e-6)
-    fake = skipdit_fast._fake.skip_fuse_backward_fake(g, x, skip, nw, nb, w, b, 1e-6)
+    fake = fakes.skip_fuse_backward_fake(g, x, skip, nw, nb, w, b, 1e-6)
     for real, f in zip(grads, fake):
         assert real.shape == f.shape and real.dtype == f.dtype and real.stride() == f.stride()
     if not bias:
@@ -290,16 +291,21 @@ def test_lead_layout_offsets_match_torch():
         _row_index_check(lay, t)
 
 
-@needs_triton
-def test_limits_declared():
-    lim = backends.LIMITS[("skip_fuse", "triton")]
-    q = lambda D, N: backends.Query("skip_fuse", torch.device("cuda"), torch.bfloat16, False, (D, N))  # noqa: E731
-    assert lim(q(1152, 1152)) is None and lim(q(64, 8)) is None and lim(q(4096, 72)) is None
-    assert "D" in lim(q(60, 64)) and "D" in lim(q(4104, 64)) and "D" in lim(q(76, 64))
-    assert "D_out" in lim(q(72, 100))
-    K = _K()
-    for D, N in ((1152, 1152), (60, 64), (4104, 64), (76, 64), (72, 100), (64, 8)):
-        assert (K.limits_reason(D, N) is None) == (lim(q(D, N)) is None)
+def test_limits_are_the_kernels():
+    """The triton backend refuses what kernels/limits.py says the kernels cannot serve,
+    with its reason; the launcher refuses the same shapes."""
+    from skipdit_fast.kernels import limits
+
+    assert limits.skip_fuse("cuda", torch.bfloat16, 1152, 1152) is None
+    assert limits.skip_fuse("cuda", torch.bfloat16, 64, 8) is None
+    assert limits.skip_fuse("cuda", torch.float16, 4096, 72) is None
+    for D, N, word in ((60, 64, "D"), (4104, 64, "D"), (76, 64, "D"), (72, 100, "D_out")):
+        why = limits.skip_fuse("cuda", torch.bfloat16, D, N)
+        assert why is not None and word in why
+    assert "interpreter" in limits.skip_fuse("cpu", torch.bfloat16, 64, 64)
+    if triton_ops.interpreting():  # CPU tensors are served by the triton backend only there
+        q = backends.Query("skip_fuse", torch.device("cpu"), torch.float32, False, (60, 64))
+        assert any("multiple of 8 in [64, 4096]" in r for r in backends.explain(q)["triton"])
 
 
 @needs_triton

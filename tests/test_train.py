@@ -1,5 +1,5 @@
-"""skipdit_fast.train, skipdit_fast.digits, skipdit_fast.baselines and the shipped
-weights. The trainer tests use a 2-block model so that they run in seconds."""
+"""The trainer (skipdit_fast.apps.train), the training loss, the digits data and
+classifier, the caching baselines and the shipped weights (skipdit_fast.pretrained). The trainer tests use a 2-block model so that they run in seconds."""
 
 import csv
 import json
@@ -11,12 +11,15 @@ import pytest
 import torch
 
 from skipdit_fast import SkipCache
-from skipdit_fast.baselines import CachedModel, ForaCache
-from skipdit_fast.diffusion import Diffusion, sample
-from skipdit_fast.digits import DigitClassifier, digits, frechet_distance, psnr, split, ssim
+from skipdit_fast.cache.baselines import CachedModel, ForaCache
+from skipdit_fast.sampling.diffusion import Diffusion, sample
+from skipdit_fast.data.digits import digits, split
+from skipdit_fast.evaluation.digits import DigitClassifier
+from skipdit_fast.evaluation.metrics import frechet_distance, psnr, ssim
 from skipdit_fast.models import CheckpointError, DiT, DiTConfig
-from skipdit_fast.train import (MODELS, TINY, WEIGHTS_DIR, DiffusionLoss, TrainConfig, Trainer,
-                                discretized_gaussian_log_likelihood, load_pretrained, normal_kl, weights_path)
+from skipdit_fast.apps.train import TrainConfig, Trainer
+from skipdit_fast.pretrained import MODELS, TINY, WEIGHTS_DIR, load_pretrained, weights_path
+from skipdit_fast.sampling.loss import DiffusionLoss, discretized_gaussian_log_likelihood, normal_kl
 
 SMALL = DiTConfig(depth=2, hidden_size=32, num_heads=2, patch_size=2, input_size=8, in_channels=1,
                   num_classes=10, learn_sigma=True, mlp_ratio=2.0, skip=True)
@@ -63,17 +66,23 @@ def test_split_is_fixed_and_disjoint():
 def test_loss_schedule_is_the_samplers():
     loss, d = DiffusionLoss(), Diffusion(1000)
     assert loss.num_timesteps == 1000
-    assert np.allclose(loss.sqrt_ac.numpy() ** 2, d.alphas_cumprod, rtol=1e-12)
-    # the per-sample p(x_{t-1} | x_t) equals the sampler's at every t
+    assert np.array_equal(loss.diffusion.alphas_cumprod, d.alphas_cumprod)
+    # p(x_{t-1} | x_t) with one step per sample equals the sampler's at every t
     g = torch.Generator().manual_seed(0)
     x = torch.randn(3, 1, 4, 4, generator=g)
     out = torch.randn(3, 2, 4, 4, generator=g).clamp(-1, 1)
     for i in (0, 1, 17, 500, 999):
-        mean, log_var, _, _ = d.p_mean_variance(out, x, i)
-        t = torch.full((3,), i)
-        m2, lv2 = loss.p_mean_logvar(out[:, :1], out[:, 1:], x, t)
-        torch.testing.assert_close(m2, mean, rtol=1e-5, atol=1e-6)
-        torch.testing.assert_close(lv2, log_var, rtol=1e-5, atol=1e-6)
+        mean, log_var, x0, eps = d.p_mean_variance(out, x, i)
+        m2, lv2, x02, eps2 = d.p_mean_variance(out, x, torch.full((3,), i))
+        for a, b in ((m2, mean), (lv2, log_var), (x02, x0), (eps2, eps)):
+            torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-6)
+        # the true posterior and the forward process at one step per sample too
+        pm, plv = d.q_posterior(x0, x, i)
+        pm2, plv2 = d.q_posterior(x0, x, torch.full((3,), i))
+        torch.testing.assert_close(pm2, pm, rtol=1e-6, atol=1e-6)
+        assert torch.allclose(plv2, torch.tensor(plv, dtype=torch.float32))
+        noise = torch.randn(3, 1, 4, 4, generator=g)
+        torch.testing.assert_close(loss.q_sample(x0, torch.full((3,), i), noise), d.q_sample(x0, i, noise))
 
 
 def test_normal_kl_and_decoder_likelihood():

@@ -6,11 +6,11 @@ import torch
 
 import skipdit_fast as sf
 from helpers import FAMILIES, rows, strided_like
-from skipdit_fast import _triton_ops, reference
-from skipdit_fast._testing import poison_outputs
+from skipdit_fast.ops import reference, triton_ops
+from skipdit_fast.ops.testing import poison_outputs
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
-pytestmark = pytest.mark.skipif(DEVICE == "cpu" and not _triton_ops.interpreting(),
+pytestmark = pytest.mark.skipif(DEVICE == "cpu" and not triton_ops.interpreting(),
                                 reason="needs a GPU or TRITON_INTERPRET=1")
 
 

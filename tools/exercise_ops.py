@@ -3,7 +3,7 @@ backend has one) on small odd-sized CUDA tensors, strided views included, with N
 poisoned outputs, and checks each result loosely against the reference. Made to run
 under `compute-sanitizer --tool memcheck` (tools/gpu_check.sh): small and quick.
 
-Which backends run comes from skipdit_fast.backends, so new kernels are exercised
+Which backends run comes from skipdit_fast.ops.backends, so new kernels are exercised
 without edits here. Exit status 1 when an op raises or returns something wrong;
 backends that cannot run are listed with their reason."""
 
@@ -14,8 +14,9 @@ import sys
 import torch
 
 import skipdit_fast
-from skipdit_fast import backends, ops, reference
-from skipdit_fast._testing import poison_outputs
+from skipdit_fast import ops
+from skipdit_fast.ops import backends, reference
+from skipdit_fast.ops.testing import poison_outputs
 
 GPU_BACKENDS = ("cuda", "triton")
 TOL = {torch.bfloat16: 5e-2, torch.float16: 1e-2}

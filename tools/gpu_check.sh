@@ -124,24 +124,21 @@ fi
 if run_stage load 45 200 "$PY" - <<'EOF'; then
 import importlib.util, json, subprocess, sys
 import skipdit_fast
-from skipdit_fast import _lib
-if not _lib.available():
-    sys.exit(f"native library not loaded: {_lib.load_error()}")
-info = _lib.build_info()
+from skipdit_fast.ops import native
+if not native.available():
+    sys.exit(f"native library not loaded: {native.load_error()}")
+info = native.build_info()
 print("build info:", json.dumps(info))
 if not info.get("cuda"):
     sys.exit("the native library was built without CUDA")
-rep = _lib.ptxas_report()
+rep = native.ptxas_report()
 spills = [r for r in rep if (r["spill_stores"] or 0) + (r["spill_loads"] or 0)]
 print(f"ptxas: {len(rep)} kernels, {len(spills)} with spills")
 for r in spills:
     print(f"  SPILL {r['kernel']} {r['arch']}: {r['spill_stores']} B stores, {r['spill_loads']} B loads")
-if importlib.util.find_spec("skipdit_fast.info") is not None:
-    rc = subprocess.call([sys.executable, "-m", "skipdit_fast", "info"])
-    if rc:
-        sys.exit(f"skipdit-fast info failed ({rc})")
-else:
-    print("skipdit_fast.info not present: `skipdit-fast info` skipped")
+rc = subprocess.call([sys.executable, "-m", "skipdit_fast", "info"])
+if rc:
+    sys.exit(f"skipdit-fast info failed ({rc})")
 sys.exit(1 if spills else 0)
 EOF
   finish load "library loads, built with CUDA, 0 ptxas spills"

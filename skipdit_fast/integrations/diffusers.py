@@ -1,5 +1,6 @@
 """diffusers specifics of skipdit_fast.patch (imported only for models that hold
-diffusers modules).
+diffusers modules). Imports the generic part (common.py) and is imported by the entry
+points only when needed; nothing generic imports it.
 
 - Attention: diffusers' `Attention` modules compute attention in a processor object.
   The processors skipdit_fast knows (AttnProcessor, AttnProcessor2_0,
@@ -37,8 +38,8 @@ import diffusers
 import torch
 import torch.nn as nn
 
-from .patch import (_CACHE, _RECORD, ATTENTION, SKIP_MERGE, Change, LeftAlone, _has_hooks, _set_forward,
-                    attention_head_dim_reason)
+from .common import (_CACHE, _RECORD, ATTENTION, SKIP_MERGE, Change, _has_hooks, _set_forward,
+                     attention_head_dim_reason)
 
 TARGET_VERSION = "0.42.1"
 
@@ -211,7 +212,7 @@ def _attention_module(name, attn, runner, report, pending) -> None:
     kind = kinds.get(fingerprint(type(proc).__call__))
 
     def skip(reason):
-        report.left_alone.append(LeftAlone(name, ATTENTION, reason))
+        report.leave(name, ATTENTION, reason)
 
     if kind is None:
         known = ", ".join(v[0] for v in kinds.values())
@@ -275,8 +276,7 @@ def _hunyuan_block(name, m, runner, report) -> bool:
         return False
 
     def skip(reason):
-        report.left_alone.append(LeftAlone(name, SKIP_MERGE, reason))
-        return True
+        return report.leave(name, SKIP_MERGE, reason)
 
     if not _mirrors("HunyuanDiTBlock.forward", type(m).forward):
         return skip(f"{type(m).__name__}.forward of diffusers {version()} differs from the {TARGET_VERSION} "
@@ -329,9 +329,9 @@ class Walk:
         mixin = _attention_module_mixin()
         if mixin is not None and isinstance(m, mixin):
             if self.attention:
-                self.report.left_alone.append(LeftAlone(
+                self.report.leave(
                     name, ATTENTION, f"diffusers {type(m).__name__} computes attention through diffusers' "
-                    "attention dispatcher: not patched"))
+                    "attention dispatcher: not patched")
             return True
         return self.skip_fuse and _hunyuan_block(name, m, self.runner, self.report)
 

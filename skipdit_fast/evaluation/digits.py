@@ -1,11 +1,8 @@
-"""The data of the shipped tiny models: scikit-learn's handwritten digits
-(`sklearn.datasets.load_digits`: 1797 images, 8x8, 16 grey levels, 10 classes; the
-data ships inside scikit-learn, nothing is downloaded), and a small digit classifier
-trained on the same data that scores generated samples without a download:
-its accuracy on them (does a sample of class c look like a c?) and the Frechet
-distance of its penultimate features (an FID on digits).
+"""A small digit classifier trained on the shipped models' data (skipdit_fast.data.
+digits) that scores generated samples without a download: its accuracy on them (does
+a sample of class c look like a c?) and its penultimate features for the Frechet
+distance (an FID on digits, metrics.frechet_distance).
 
-    x, y = digits(size=16)            # [1797, 1, 16, 16] in [-1, 1], [1797] labels
     clf = DigitClassifier.fit(seed=0) # ~98% on its held-out split, a few s on 2 cores
     clf.accuracy(samples, labels)
     frechet_distance(clf.features(samples), clf.features(x))
@@ -20,41 +17,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-NUM_CLASSES = 10
-
-
-def _load_digits():
-    try:
-        from sklearn.datasets import load_digits
-    except ImportError as e:  # pragma: no cover - scikit-learn is a requirement
-        raise ImportError("the digits data comes from scikit-learn (pip install scikit-learn)") from e
-    return load_digits()
-
-
-def digits(size: int = 16) -> tuple[torch.Tensor, torch.Tensor]:
-    """All 1797 digits as a one-channel "latent" [N, 1, size, size], float32 in
-    [-1, 1] (grey level g in 0..16 -> g / 8 - 1), bilinearly upsampled from 8x8
-    (size 8: as they are), and their labels [N] (int64, 0..9)."""
-    if size % 8:
-        raise ValueError(f"size must be a multiple of 8, got {size}")
-    d = _load_digits()
-    x = torch.from_numpy(d.images.astype(np.float32))[:, None] / 8.0 - 1.0
-    if size != 8:
-        x = F.interpolate(x, size=(size, size), mode="bilinear", align_corners=False)
-    return x.clamp_(-1.0, 1.0).contiguous(), torch.from_numpy(d.target.astype(np.int64))
-
-
-def split(n: int, test_fraction: float = 0.2, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
-    """A fixed train/test split of n items: (train indices, test indices)."""
-    perm = torch.randperm(n, generator=torch.Generator().manual_seed(seed))
-    k = int(round(n * test_fraction))
-    return perm[k:].sort().values, perm[:k].sort().values
-
-
-def to_unit(x: torch.Tensor) -> torch.Tensor:
-    """Model space [-1, 1] -> [0, 1] (clamped)."""
-    return ((x.float() + 1) / 2).clamp(0, 1)
-
+from ..data.digits import NUM_CLASSES, digits, split
 
 class _Net(nn.Module):
     def __init__(self, size: int):
@@ -154,52 +117,6 @@ class DigitClassifier:
 
 
 def default_classifier_path():
-    from pathlib import Path
+    from ..pretrained import WEIGHTS_DIR
 
-    return Path(__file__).resolve().parent / "weights" / "digit-classifier.safetensors"
-
-
-def frechet_distance(a: np.ndarray, b: np.ndarray) -> float:
-    """||mu_a - mu_b||^2 + tr(S_a + S_b - 2 (S_a S_b)^(1/2)) of two feature sets
-    [n, d] (FID's formula), with the matrix square root's trace taken as
-    sum(sqrt(eig(S_a^(1/2) S_b S_a^(1/2)))) (symmetric, so eigh is exact)."""
-    a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
-    mu = a.mean(0) - b.mean(0)
-    sa, sb = np.cov(a, rowvar=False), np.cov(b, rowvar=False)
-    w, v = np.linalg.eigh(sa)
-    root_a = (v * np.sqrt(np.clip(w, 0, None))) @ v.T
-    cross = np.sqrt(np.clip(np.linalg.eigvalsh(root_a @ sb @ root_a), 0, None)).sum()
-    return float(mu @ mu + np.trace(sa) + np.trace(sb) - 2 * cross)
-
-
-# ---------------------------------------------------------------------------------
-# image agreement (cached vs uncached samples), on images in [0, 1]
-
-def psnr(a: torch.Tensor, b: torch.Tensor) -> float:
-    """Peak signal-to-noise ratio in dB of two image sets in [0, 1] (one MSE over all
-    pixels of all images; inf when identical)."""
-    mse = float((a.double() - b.double()).square().mean())
-    return float("inf") if mse == 0 else 10.0 * np.log10(1.0 / mse)
-
-
-def ssim(a: torch.Tensor, b: torch.Tensor, window: int = 7, sigma: float = 1.5) -> float:
-    """Mean structural similarity of two image sets [N, C, H, W] in [0, 1]: Gaussian
-    window (7 px, sigma 1.5: the usual 11 px is most of a 16 px digit), K1 = 0.01,
-    K2 = 0.03, data range 1, over the positions where the window fits."""
-    a, b = a.double(), b.double()
-    c = a.shape[1]
-    r = torch.arange(window, dtype=torch.float64) - (window - 1) / 2
-    g = torch.exp(-r.square() / (2 * sigma ** 2))
-    g = g / g.sum()
-    w = (g[:, None] * g[None, :]).expand(c, 1, window, window).contiguous()
-
-    def blur(x):
-        return F.conv2d(x, w, groups=c)
-
-    mu_a, mu_b = blur(a), blur(b)
-    saa = blur(a * a) - mu_a.square()
-    sbb = blur(b * b) - mu_b.square()
-    sab = blur(a * b) - mu_a * mu_b
-    c1, c2 = 0.01 ** 2, 0.03 ** 2
-    s = ((2 * mu_a * mu_b + c1) * (2 * sab + c2)) / ((mu_a.square() + mu_b.square() + c1) * (saa + sbb + c2))
-    return float(s.mean())
+    return WEIGHTS_DIR / "digit-classifier.safetensors"

@@ -13,16 +13,13 @@ first three channels as RGB, and says so.
 from __future__ import annotations
 
 import argparse
-import math
-import struct
 import sys
-import time
-import zlib
 
 import torch
 
+from .common import DTYPES, Progress, default_dtype, device_from_arg, make_grid, write_png
+
 DEFAULT_CLASSES = [207, 360, 387, 974, 88, 979, 417, 279]  # DiT's sample.py
-DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -42,61 +39,6 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--vae", help="diffusers AutoencoderKL folder or id (needs diffusers); else latents are shown")
     p.add_argument("--out", default="grid.png", help="output PNG (default grid.png)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
-
-
-class Progress:
-    """A small progress bar on stderr (redrawn in place on a terminal, every 10% otherwise)."""
-
-    def __init__(self, label: str, enabled: bool = True, stream=None):
-        self.label, self.enabled = label, enabled
-        self.stream = stream or sys.stderr
-        self.tty = getattr(self.stream, "isatty", lambda: False)()
-        self.t0 = time.perf_counter()
-        self.last_decile = -1
-
-    def __call__(self, done: int, total: int) -> None:
-        if not self.enabled:
-            return
-        decile = 10 * done // total
-        if not self.tty and decile == self.last_decile and done != total:
-            return
-        self.last_decile = decile
-        el = time.perf_counter() - self.t0
-        bar = "#" * (30 * done // total) + "." * (30 - 30 * done // total)
-        rate = done / el if el > 0 else 0.0
-        line = f"{self.label} [{bar}] {done}/{total} {rate:.2f} it/s"
-        self.stream.write(("\r" + line if self.tty else line + "\n") + ("\n" if self.tty and done == total else ""))
-        self.stream.flush()
-
-
-def write_png(path: str, rgb: torch.Tensor) -> None:
-    """Writes an 8-bit RGB PNG from a uint8 tensor [H, W, 3] (no imaging library needed)."""
-    if rgb.dtype != torch.uint8 or rgb.dim() != 3 or rgb.shape[2] != 3:
-        raise ValueError("write_png wants a uint8 tensor [H, W, 3]")
-    h, w, _ = rgb.shape
-    rows = torch.cat([torch.zeros(h, 1, dtype=torch.uint8), rgb.reshape(h, w * 3)], dim=1)  # filter 0
-    raw = rows.contiguous().numpy().tobytes()
-
-    def chunk(kind: bytes, data: bytes) -> bytes:
-        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data) & 0xFFFFFFFF)
-
-    png = (b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", struct.pack(">IIBBBBB", w, h, 8, 2, 0, 0, 0))
-           + chunk(b"IDAT", zlib.compress(raw, 6)) + chunk(b"IEND", b""))
-    with open(path, "wb") as f:
-        f.write(png)
-
-
-def make_grid(images: torch.Tensor, pad: int = 2) -> torch.Tensor:
-    """images [N, 3, H, W] in [0, 1] -> uint8 [H', W', 3], ceil(sqrt(N)) per row."""
-    n, _, h, w = images.shape
-    cols = math.ceil(math.sqrt(n))
-    rows = math.ceil(n / cols)
-    grid = torch.ones(3, rows * (h + pad) + pad, cols * (w + pad) + pad)
-    for k in range(n):
-        r, c = divmod(k, cols)
-        y0, x0 = pad + r * (h + pad), pad + c * (w + pad)
-        grid[:, y0:y0 + h, x0:x0 + w] = images[k]
-    return (grid.clamp(0, 1) * 255 + 0.5).to(torch.uint8).permute(1, 2, 0).contiguous()
 
 
 def latents_as_images(latents: torch.Tensor, scale: int = 8) -> torch.Tensor:
@@ -128,23 +70,17 @@ def decode_with_vae(latents: torch.Tensor, vae_path: str, device: torch.device) 
     return ((imgs.float().cpu() + 1) / 2).clamp(0, 1)
 
 
-def _device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(name)
-
-
 def main(args: argparse.Namespace) -> int:
-    from .cache import SkipCache
-    from .diffusion import sample
-    from .models import CheckpointError, DiT
+    from ..cache import SkipCache
+    from ..models import CheckpointError, DiT
+    from ..sampling import sample
 
     if args.vae and _autoencoder_class()[0] is None:
         print(f"skipdit-fast sample: --vae needs the diffusers package ({_autoencoder_class()[1]}); "
               "without --vae the grid shows the latents", file=sys.stderr)
         return 2
-    device = _device(args.device)
-    dtype = DTYPES[args.dtype] if args.dtype else (torch.bfloat16 if device.type == "cuda" else torch.float32)
+    device = device_from_arg(args.device)
+    dtype = default_dtype(device, args.dtype)
     torch.manual_seed(args.seed)  # random weights (no --ckpt) are reproducible too
     try:
         model = DiT.from_name(args.model, image_size=args.image_size)

@@ -8,7 +8,8 @@ from __future__ import annotations
 
 import torch
 
-from ._checks import acc_dtype, check_attention, check_cache_delta, check_skip_fuse
+from .checks import (acc_dtype, check_attention, check_attention_backward, check_cache_delta, check_skip_fuse,
+                     check_skip_fuse_backward)
 
 
 def skip_fuse_fake(x, skip, norm_weight, norm_bias, weight, bias=None, eps=1e-6):
@@ -17,7 +18,8 @@ def skip_fuse_fake(x, skip, norm_weight, norm_bias, weight, bias=None, eps=1e-6)
 
 
 def skip_fuse_backward_fake(grad_out, x, skip, norm_weight, norm_bias, weight, bias, eps):
-    check_skip_fuse("skipdit::skip_fuse_backward", x, skip, norm_weight, norm_bias, weight, bias, eps)
+    check_skip_fuse_backward("skipdit::skip_fuse_backward", grad_out, x, skip, norm_weight, norm_bias, weight, bias,
+                             eps)
     grad_bias = torch.empty_like(bias, memory_format=torch.contiguous_format) if bias is not None \
         else weight.new_empty((0,))
     return (x.new_empty(x.shape), x.new_empty(x.shape),
@@ -33,7 +35,7 @@ def attention_forward_fake(q, k, v, scale):
 
 
 def attention_backward_fake(grad_out, q, k, v, out, lse, scale):
-    check_attention("skipdit::attention_backward", q, k, v, scale)
+    check_attention_backward("skipdit::attention_backward", grad_out, q, k, v, out, lse, scale)
     return q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape)
 
 
@@ -42,22 +44,16 @@ def cache_delta_fake(a, b):
     return a.new_empty((), dtype=torch.float64 if a.dtype == torch.float64 else torch.float32)
 
 
-FAKES = {
-    "skip_fuse": skip_fuse_fake,
-    "skip_fuse_backward": skip_fuse_backward_fake,
-    "attention_forward": attention_forward_fake,
-    "attention_backward": attention_backward_fake,
-    "cache_delta": cache_delta_fake,
-}
-
-_registered = False
-
-
-def register() -> None:
+def register(opdefs) -> None:
+    """Registers each op's fakes for it and its *_triton twin (idempotent)."""
     global _registered
     if _registered:
         return
-    for name, fn in FAKES.items():
-        for op in (name, f"{name}_triton"):
-            torch.library.register_fake(f"skipdit::{op}", fn)
+    for d in opdefs:
+        for name, fn in d.fakes.items():
+            for op in (name, f"{name}_triton"):
+                torch.library.register_fake(f"skipdit::{op}", fn)
     _registered = True
+
+
+_registered = False

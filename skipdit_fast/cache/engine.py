@@ -49,7 +49,7 @@ from typing import Any, Iterator, Protocol, Sequence, runtime_checkable
 
 import torch
 
-from . import ops
+from .. import ops
 
 FULL, CACHED = "full", "cached"
 

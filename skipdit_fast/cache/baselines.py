@@ -23,8 +23,8 @@ from __future__ import annotations
 import torch
 import torch.nn as nn
 
-from .cache import CACHED, FULL, SkipCacheReport
-from .models import _ln, modulate
+from .engine import CACHED, FULL, SkipCacheReport
+from ..models.layers import layer_norm, modulate
 
 
 class ForaCache:
@@ -78,10 +78,10 @@ class ForaCache:
             shift1, scale1, gate1, shift2, scale2, gate2 = \
                 block.adaLN_modulation(state.c).unsqueeze(1).chunk(6, dim=-1)
             if kind == FULL:
-                self._attn[i] = block.attn(modulate(_ln(h), shift1, scale1))
+                self._attn[i] = block.attn(modulate(layer_norm(h), shift1, scale1))
             h = h + gate1 * self._attn[i]
             if kind == FULL:
-                self._mlp[i] = block.mlp(modulate(_ln(h), shift2, scale2))
+                self._mlp[i] = block.mlp(modulate(layer_norm(h), shift2, scale2))
             h = h + gate2 * self._mlp[i]
             if skip and i < half:
                 state.skips.append(h)

@@ -10,10 +10,11 @@ import sys
 
 # subcommand -> (module, one-line help)
 COMMANDS = {
-    "info": ("skipdit_fast.info", "versions, build, and which backends run here (and why not)"),
+    "info": ("skipdit_fast.apps.info", "versions, build, and which backends run here (and why not)"),
     "bench": ("skipdit_fast.benchmark", "kernel and end-to-end benchmarks"),
-    "sample": ("skipdit_fast.sample", "sample images from a DiT / Skip-DiT, with or without Skip-Cache"),
-    "demo": ("skipdit_fast.demo", "the package doing its job on the shipped model"),
+    "sample": ("skipdit_fast.apps.sample", "sample images from a DiT / Skip-DiT, with or without Skip-Cache"),
+    "demo": ("skipdit_fast.apps.demo", "the package doing its job on the shipped model"),
+    "train": ("skipdit_fast.apps.train", "train a tiny DiT / Skip-DiT, or the shipped models (--default)"),
 }
 
 

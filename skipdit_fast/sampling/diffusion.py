@@ -22,7 +22,7 @@ from typing import Callable, Sequence
 import numpy as np
 import torch
 
-from .cache import SkipCache, SkipCacheReport
+from ..cache import SkipCache, SkipCacheReport
 
 
 def linear_betas(num_timesteps: int = 1000) -> np.ndarray:
@@ -61,7 +61,9 @@ class Diffusion:
         self.steps = len(b)
         self.learn_sigma = learn_sigma
         self.betas = b
+        self.log_betas = np.log(b)
         self.alphas_cumprod, self.alphas_cumprod_prev = ac, ac_prev
+        self.sqrt_ac, self.sqrt_1m_ac = np.sqrt(ac), np.sqrt(1.0 - ac)
         self.sqrt_recip_ac = np.sqrt(1.0 / ac)
         self.sqrt_recipm1_ac = np.sqrt(1.0 / ac - 1.0)
         post_var = b * (1.0 - ac_prev) / (1.0 - ac)
@@ -71,24 +73,47 @@ class Diffusion:
         self.post_coef2 = (1.0 - ac_prev) * np.sqrt(1.0 - b) / (1.0 - ac)
         # fixed-large variance (DiT without learn_sigma)
         self.fixed_log_var = np.log(np.append(post_var[1], b[1:])) if len(b) > 1 else np.log(b)
+        self._tensors: dict = {}
 
-    def p_mean_variance(self, out: torch.Tensor, x: torch.Tensor, i: int):
+    def coef(self, name: str, i, like: torch.Tensor):
+        """Coefficient array `name` at step i: a float for an int i; for a LongTensor i
+        [B] (one step per sample, the training loss) a tensor [B, 1, ...] in like's
+        dtype and device, gathered in float64 first."""
+        if not isinstance(i, torch.Tensor):
+            return float(getattr(self, name)[i])
+        key = (name, like.device)
+        table = self._tensors.get(key)
+        if table is None:
+            table = self._tensors[key] = torch.from_numpy(np.asarray(getattr(self, name))).to(like.device)
+        return table[i].to(like.dtype).view(-1, *([1] * (like.dim() - 1)))
+
+    def p_mean_variance(self, out: torch.Tensor, x: torch.Tensor, i):
         """(mean, log_variance, pred_x0, eps) of p(x_{i-1} | x_i) from the model output
-        (DiT: eps, then the variance interpolation values in [-1, 1] if learn_sigma)."""
+        (DiT: eps, then the variance interpolation values in [-1, 1] if learn_sigma).
+        i: the step (int), or one step per sample (LongTensor [B])."""
         C = x.shape[1]
         if self.learn_sigma:
             if out.shape[1] != 2 * C:
                 raise ValueError(f"learn_sigma model output must have {2 * C} channels, got {out.shape[1]}")
             eps, v = out[:, :C], out[:, C:]
             frac = (v + 1) / 2
-            max_log, min_log = float(np.log(self.betas[i])), float(self.post_log_var_clipped[i])
-            log_var = frac * max_log + (1 - frac) * min_log
+            log_var = frac * self.coef("log_betas", i, x) + (1 - frac) * self.coef("post_log_var_clipped", i, x)
         else:
             eps = out[:, :C]
-            log_var = torch.full_like(x, float(self.fixed_log_var[i]))
-        x0 = float(self.sqrt_recip_ac[i]) * x - float(self.sqrt_recipm1_ac[i]) * eps
-        mean = float(self.post_coef1[i]) * x0 + float(self.post_coef2[i]) * x
+            fixed = self.coef("fixed_log_var", i, x)
+            log_var = torch.full_like(x, fixed) if isinstance(fixed, float) else fixed.expand_as(x).clone()
+        x0 = self.coef("sqrt_recip_ac", i, x) * x - self.coef("sqrt_recipm1_ac", i, x) * eps
+        mean = self.coef("post_coef1", i, x) * x0 + self.coef("post_coef2", i, x) * x
         return mean, log_var, x0, eps
+
+    def q_sample(self, x0: torch.Tensor, i, noise: torch.Tensor) -> torch.Tensor:
+        """x_i = sqrt(ab_i) x0 + sqrt(1 - ab_i) noise."""
+        return self.coef("sqrt_ac", i, x0) * x0 + self.coef("sqrt_1m_ac", i, x0) * noise
+
+    def q_posterior(self, x0: torch.Tensor, x: torch.Tensor, i):
+        """(mean, clipped log variance) of the true posterior q(x_{i-1} | x_i, x0)."""
+        mean = self.coef("post_coef1", i, x0) * x0 + self.coef("post_coef2", i, x0) * x
+        return mean, self.coef("post_log_var_clipped", i, x0)
 
     def ddpm_step(self, out, x, i: int, generator: torch.Generator | None):
         mean, log_var, _, _ = self.p_mean_variance(out, x, i)

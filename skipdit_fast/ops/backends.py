@@ -2,7 +2,7 @@
 
 Every op has up to four implementations:
 
-    reference  pure PyTorch (skipdit_fast.reference), any device
+    reference  pure PyTorch (skipdit_fast.ops.reference), any device
     cpu        C++ kernels of the native library, CPU tensors
     cuda       CUDA C++ kernels of the native library, CUDA tensors
     triton     Triton kernels (skipdit_fast.kernels), CUDA tensors (CPU tensors only in
@@ -25,29 +25,12 @@ from typing import Callable, Iterator
 
 import torch
 
-from . import _lib, _triton_ops, reference
+from . import defs, native, triton_ops
 
-BACKENDS = ("reference", "cpu", "cuda", "triton")
-OPS = ("skip_fuse", "attention", "cache_delta")
+BACKENDS = defs.BACKENDS
+OPS = tuple(defs.OPS)
 _FLOAT = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 _GPU_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
-
-# auto: the order in which backends are tried, per op and device type.
-AUTO_PRIORITY: dict[tuple[str, str], tuple[str, ...]] = {
-    ("skip_fuse", "cpu"): ("cpu", "reference"),
-    ("skip_fuse", "cuda"): ("cuda", "triton", "reference"),
-    ("attention", "cpu"): ("cpu", "reference"),
-    ("attention", "cuda"): ("cuda", "triton", "reference"),
-    ("cache_delta", "cpu"): ("cpu", "reference"),
-    ("cache_delta", "cuda"): ("cuda", "triton", "reference"),
-}
-
-
-# public op -> the torch.ops.skipdit op called by the native backends, the op whose
-# device kernel does the forward work, and the backward op (None: ATen formula).
-PUBLIC_OP = {"skip_fuse": "skip_fuse", "attention": "attention", "cache_delta": "cache_delta"}
-FORWARD_OP = {"skip_fuse": "skip_fuse", "attention": "attention_forward", "cache_delta": "cache_delta"}
-BACKWARD_OP = {"skip_fuse": "skip_fuse_backward", "attention": "attention_backward", "cache_delta": None}
 
 
 class BackendError(RuntimeError):
@@ -103,14 +86,14 @@ class Impl:
 
 
 # ---------------------------------------------------------------------------
-# availability of each backend on this machine
+# availability of each backend on this machine, and the limits of its kernels
 
 def _native(op: str, key: str) -> Callable[[], str | None]:
     def avail() -> str | None:
-        if not _lib.available():
-            return f"native library not loaded: {_lib.load_error()}"
-        if not _lib.has_kernel(op, key):
-            if key == "CUDA" and not _lib.build_info().get("cuda"):
+        if not native.available():
+            return f"native library not loaded: {native.load_error()}"
+        if not native.has_kernel(op, key):
+            if key == "CUDA" and not native.build_info().get("cuda"):
                 return "native library built without CUDA"
             return f"no {key} kernel for skipdit::{op} in the native library (not written yet)"
         return None
@@ -118,40 +101,36 @@ def _native(op: str, key: str) -> Callable[[], str | None]:
     return avail
 
 
-def _native_backward_check(op: str, key: str) -> Callable[[Query], str | None]:
+def _native_check(d: defs.OpDef, key: str) -> Callable[[Query], str | None]:
     def check(q: Query) -> str | None:
-        if q.needs_grad and not _lib.has_kernel(op, key):
-            return f"no {key} kernel for skipdit::{op} (backward not written yet)"
+        if q.needs_grad and d.backward and not native.has_kernel(d.backward, key):
+            return f"no {key} kernel for skipdit::{d.backward} (backward not written yet)"
+        if key == "CUDA":
+            return native.cuda_limits(q.op, q.device, q.dtype, q.features)
         return None
 
     return check
 
 
-def _triton_available(op: str) -> Callable[[], str | None]:
-    def avail() -> str | None:
-        why = _triton_ops.triton_missing_reason()
-        if why:
-            return why
-        if not _triton_ops.implemented(op):
-            return f"no Triton kernel for {op} (not written yet)"
-        if not _lib.available():
-            return f"native library (op schemas) not loaded: {_lib.load_error()}"
-        _triton_ops.register()
-        return None
-
-    return avail
+def _triton_available() -> str | None:
+    why = triton_ops.triton_missing_reason()
+    if why:
+        return why
+    if not native.available():
+        return f"native library (op schemas) not loaded: {native.load_error()}"
+    return None
 
 
 def _triton_devices() -> tuple[str, ...]:
-    return ("cuda", "cpu") if _triton_ops.interpreting() else ("cuda",)
+    return ("cuda", "cpu") if triton_ops.interpreting() else ("cuda",)
 
 
 def _triton_check(q: Query) -> str | None:
-    if q.device.type == "cpu" and not _triton_ops.interpreting():
+    if q.device.type == "cpu" and not triton_ops.interpreting():
         return "CPU tensors need TRITON_INTERPRET=1"
-    if q.needs_grad and not _triton_ops.backward_implemented(q.op):
-        return f"no Triton backward kernel for {q.op} (not written yet)"
-    return None
+    from ..kernels import limits  # triton-free
+
+    return getattr(limits, q.op)(q.device.type, q.dtype, *q.features)
 
 
 def _cuda_device_available() -> str | None:
@@ -169,110 +148,24 @@ def _both(*fs):
     return avail
 
 
-# Per-(op, backend) input limits beyond device/dtype/backward: Query -> reason or
-# None. Kernel authors add their shape limits here (e.g. head dims a kernel serves).
-LIMITS: dict[tuple[str, str], Callable[[Query], str | None]] = {}
-
-
-def _skip_fuse_triton_limits(q: Query) -> str | None:
-    # features = (D, D_out); mirrors kernels/skip_fuse.py limits_reason (not imported
-    # here: that module imports triton).
-    D, D_out = q.features
-    if D % 8 != 0 or not (64 <= D <= 4096):
-        return f"triton skip_fuse needs D a multiple of 8 in [64, 4096], got D = {D}"
-    if D_out % 8 != 0:
-        return f"triton skip_fuse needs D_out a multiple of 8, got D_out = {D_out}"
-    return None
-
-
-LIMITS[("skip_fuse", "triton")] = _skip_fuse_triton_limits
-
-
-# csrc/cuda/skip_fuse.cu: rows move in 16-byte chunks (x / skip and weight rows), the
-# epilogue stores column pairs, the backward keeps 2*D fp32 column sums per CTA in shared
-# memory, and the forward GEMM needs sm_80+ (cp.async, bf16 mma.sync) and 108 KiB of
-# shared memory per block (3 stages of 2 x 128 x 144-byte tiles).
-_SKIP_FUSE_CUDA_SMEM = 3 * 2 * 128 * 144
-
-
-def _skip_fuse_cuda_limits(q: Query) -> str | None:
-    D, D_out = q.features[:2]
-    if D % 8 != 0 or D > 8192:
-        return f"D={D}: the CUDA kernel needs D to be a multiple of 8 and at most 8192"
-    if D_out % 8 != 0:
-        return f"D_out={D_out}: the CUDA kernel needs D_out to be a multiple of 8"
-    if q.device.type == "cuda":
-        cc = torch.cuda.get_device_capability(q.device)
-        if cc < (8, 0):
-            return f"the CUDA kernel needs compute capability >= 8.0, device has {cc[0]}.{cc[1]}"
-        optin = getattr(torch.cuda.get_device_properties(q.device), "shared_memory_per_block_optin", None)
-        if optin is not None and optin < _SKIP_FUSE_CUDA_SMEM:
-            return (f"the CUDA kernel needs {_SKIP_FUSE_CUDA_SMEM} bytes of shared memory per block, "
-                    f"the device allows {optin}")
-    return None
-
-
-LIMITS[("skip_fuse", "cuda")] = _skip_fuse_cuda_limits
-
-
-def _cuda_attention_limits(q: Query) -> str | None:
-    # csrc/cuda/attention.cu: mma.sync / cp.async kernels for fp16 and bf16; every head
-    # dim the op accepts (multiples of 8 up to 256) is served.
-    if q.dtype not in (torch.float16, torch.bfloat16):
-        return f"the CUDA attention kernel runs float16 and bfloat16 only, got {q.dtype}"
-    if q.device.type == "cuda" and torch.cuda.get_device_capability(q.device) < (8, 0):
-        return "the CUDA attention kernel needs compute capability >= 8.0"
-    return None
-
-
-LIMITS[("attention", "cuda")] = _cuda_attention_limits
-
-
-def _attention_triton_limits(q: Query) -> str | None:
-    # kernels/attention.py serves every head dim the op accepts (multiples of 8 up to
-    # 256). Gaps: Triton's CPU interpreter computes bf16 tl.dot wrongly (DESIGN.md
-    # 5.4); on the GPU, fp32 (IEEE) tl.dot lowers to FMA loops that spill registers
-    # at every tile size (ptxas: 300-20000 bytes), so fp32 is served elsewhere.
-    if q.device.type == "cpu" and q.dtype == torch.bfloat16:
-        return "Triton's interpreter computes bf16 tl.dot wrongly (CPU tensors run interpreted)"
-    if q.device.type == "cuda" and q.dtype == torch.float32:
-        return "fp32 attention in Triton runs IEEE fp32 dots on FMA units and spills registers; use fp16/bf16"
-    return None
-
-
-LIMITS[("attention", "triton")] = _attention_triton_limits
-
-
-def _with_limits(op: str, backend: str, check: Callable[[Query], str | None] | None):
-    def combined(q: Query) -> str | None:
-        why = check(q) if check is not None else None
-        if why:
-            return why
-        lim = LIMITS.get((op, backend))
-        return lim(q) if lim is not None else None
-
-    return combined
-
-
 def _build_registry() -> dict[str, dict[str, Impl]]:
-    ops = torch.ops.skipdit if _lib.available() else None
+    ops = torch.ops.skipdit if native.available() else None
 
-    def native(name):
+    def entry(name):
         return (lambda *a: getattr(torch.ops.skipdit, name)(*a)) if ops is None else getattr(ops, name).default
 
-    reg: dict[str, dict[str, Impl]] = {op: {} for op in OPS}
-    for op in OPS:
-        fwd, bwd = PUBLIC_OP[op], BACKWARD_OP[op]
-        reg[op]["reference"] = Impl(op, "reference", getattr(reference, op), ("cpu", "cuda"), _FLOAT)
-        for backend, key in (("cpu", "CPU"), ("cuda", "CUDA")):
-            reg[op][backend] = Impl(
-                op, backend, native(fwd), (backend,), _FLOAT if backend == "cpu" else _GPU_DTYPES,
-                available=_native(FORWARD_OP[op], key) if backend == "cpu"
-                else _both(_cuda_device_available, _native(FORWARD_OP[op], key)),
-                check=_with_limits(op, backend, _native_backward_check(bwd, key) if bwd else None))
-        reg[op]["triton"] = Impl(
-            op, "triton", native(f"{fwd}_triton"), _triton_devices(), _GPU_DTYPES,
-            min_cc=(8, 0), available=_triton_available(op), check=_with_limits(op, "triton", _triton_check))
+    reg: dict[str, dict[str, Impl]] = {}
+    for op, d in defs.OPS.items():
+        reg[op] = {
+            "reference": Impl(op, "reference", d.reference, ("cpu", "cuda"), _FLOAT),
+            "cpu": Impl(op, "cpu", entry(op), ("cpu",), _FLOAT, available=_native(d.forward, "CPU"),
+                        check=_native_check(d, "CPU")),
+            "cuda": Impl(op, "cuda", entry(op), ("cuda",), _GPU_DTYPES,
+                         available=_both(_cuda_device_available, _native(d.forward, "CUDA")),
+                         check=_native_check(d, "CUDA")),
+            "triton": Impl(op, "triton", entry(f"{op}_triton"), _triton_devices(), _GPU_DTYPES, min_cc=(8, 0),
+                           available=_triton_available, check=_triton_check),
+        }
     return reg
 
 
@@ -290,18 +183,26 @@ def registry() -> dict[str, dict[str, Impl]]:
 # user-facing choice
 
 def _parse_env(value: str | None) -> tuple[str, dict[str, str]]:
+    """SKIPDIT_FAST_BACKEND: a backend for every op, per-op entries op=backend, or both
+    (`triton,attention=cuda`), comma-separated."""
     if not value:
         return "auto", {}
-    default, per_op = "auto", {}
+    default, per_op = None, {}
     for part in value.split(","):
         part = part.strip()
         if not part:
             continue
         if "=" in part:
             op, name = (s.strip() for s in part.split("=", 1))
+            if op in per_op:
+                raise ValueError(f"SKIPDIT_FAST_BACKEND={value!r}: {op} is given twice")
             per_op[op] = name
+        elif default is not None:
+            raise ValueError(f"SKIPDIT_FAST_BACKEND={value!r}: two backends for all ops ({default!r} and "
+                             f"{part!r}); give one, and per-op choices as op=backend")
         else:
             default = part
+    default = default or "auto"
     _validate(default, per_op)
     return default, per_op
 
@@ -360,28 +261,31 @@ def select(q: Query) -> Impl:
     return pick(q.op, q.device, q.dtype, q.needs_grad, q.features)
 
 
-def pick(op: str, device: torch.device, dtype: torch.dtype, needs_grad: bool, features: tuple = ()) -> Impl:
+def pick(op: str, device: torch.device, dtype: torch.dtype, needs_grad: bool, features: tuple = (),
+         backend: str | None = None) -> Impl:
     """select() without building a Query on the hot path: decisions are cached per
     (op, device, dtype, needs_grad, features); the cache is cleared whenever the
-    backend choice changes."""
+    backend choice changes. backend: a name (or 'auto') that overrides the current
+    choice for this call (what skipdit_fast.patch(model, backend=...) asked for)."""
+    requested = get_backend(op) if backend is None else backend
     if torch.compiler.is_compiling():
         # decided once at trace time, a constant of the graph (guarded by the inputs'
         # device, dtype and shapes like everything else the graph specializes on)
         # (the requested backend is read here, in traced code, so that a change of it
         # recompiles)
-        name = _decide(op, device, dtype, needs_grad, features, get_backend(op))
+        name = _decide(op, device, dtype, needs_grad, features, requested)
         return registry()[op][name]
-    key = (op, device, dtype, needs_grad, features)
+    key = (op, device, dtype, needs_grad, features, requested)
     impl = _CACHE.get(key)
     if impl is None:
-        impl = _CACHE[key] = _select_uncached(Query(*key))
+        impl = _CACHE[key] = _select_uncached(Query(op, device, dtype, needs_grad, features), requested)
     return impl
 
 
 @torch.compiler.assume_constant_result
 def _decide(op: str, device: torch.device, dtype: torch.dtype, needs_grad: bool, features: tuple,
             requested: str) -> str:
-    return _select_uncached(Query(op, device, dtype, needs_grad, features)).backend
+    return _select_uncached(Query(op, device, dtype, needs_grad, features), requested).backend
 
 
 def explain(q: Query) -> dict[str, list[str]]:
@@ -394,18 +298,19 @@ def _describe(q: Query) -> str:
             f"{' with backward' if q.needs_grad else ''}{' ' + str(q.features) if q.features else ''}")
 
 
-def _select_uncached(q: Query) -> Impl:
+def _select_uncached(q: Query, requested: str) -> Impl:
     if q.dtype not in _FLOAT:  # bad input for every backend: the op's own error
         raise TypeError(f"{q.op}: inputs must be float16, bfloat16, float32 or float64, got {q.dtype}")
     reg = registry()[q.op]
-    requested = get_backend(q.op)
     if requested != "auto":
+        if requested not in reg:
+            raise ValueError(f"unknown backend {requested!r}; choose from auto, {', '.join(BACKENDS)}")
         impl = reg[requested]
         why = impl.reasons(q)
         if why:
             raise BackendError(f"backend '{requested}' cannot run {_describe(q)}: {'; '.join(why)}")
         return impl
-    order = AUTO_PRIORITY.get((q.op, q.device.type), ("reference",))
+    order = defs.OPS[q.op].static_order.get(q.device.type, ("reference",))
     tried = []
     for name in order:
         why = reg[name].reasons(q)

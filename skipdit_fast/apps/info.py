@@ -9,7 +9,8 @@ import platform
 
 import torch
 
-from . import __version__, _lib, _triton_ops, backends
+from .. import __version__
+from ..ops import backends, defs, native, triton_ops
 
 # A representative query per op: typical DiT shapes; bf16 on GPU, fp32 on CPU.
 _FEATURES = {"skip_fuse": (1152, 1152), "attention": (72,), "cache_delta": ()}
@@ -39,18 +40,18 @@ def _status_without_gpu(op: str, name: str) -> str:
     if name == "cpu":
         return "CPU tensors only"
     if name == "cuda":
-        why = backends._native(backends.FORWARD_OP[op], "CUDA")()
+        d = defs.OPS[op]
+        why = backends._native(d.forward, "CUDA")()
         if why:
             return why
-        bwd = backends.BACKWARD_OP[op]
-        has_bwd = bwd is None or _lib.has_kernel(bwd, "CUDA")
-        via = " (backward: Triton kernel)" if bwd in _triton_ops.ROUTED_TO_TRITON else ""
+        bwd = d.backward
+        has_bwd = bwd is None or native.has_kernel(bwd, "CUDA")
+        via = " (backward: Triton kernel)" if bwd in triton_ops.ROUTED_TO_TRITON else ""
         return "kernel built" + ("" if has_bwd else " (forward only)") + via + "; no GPU here"
-    why = backends._triton_available(op)()
+    why = backends._triton_available()
     if why:
         return why
-    return ("kernel present" + ("" if _triton_ops.backward_implemented(op) else " (forward only)")
-            + "; no GPU here")
+    return "kernel present; no GPU here"
 
 
 def collect() -> dict:
@@ -61,16 +62,16 @@ def collect() -> dict:
         "torch": torch.__version__,
         "torch_cuda": torch.version.cuda,
         "triton": _triton_version(),
-        "triton_interpreter": _triton_ops.interpreting(),
+        "triton_interpreter": triton_ops.interpreting(),
         "cuda_device": None,
-        "library": {"path": _lib.LIBRARY_PATH, "loaded": _lib.available(), "error": _lib.load_error(),
-                    "build": _lib.build_info()},
+        "library": {"path": native.LIBRARY_PATH, "loaded": native.available(), "error": native.load_error(),
+                    "build": native.build_info()},
     }
     if torch.cuda.is_available():
         p = torch.cuda.get_device_properties(0)
         info["cuda_device"] = {"name": p.name, "capability": f"{p.major}.{p.minor}",
                                "sms": p.multi_processor_count, "memory_gib": round(p.total_memory / 2**30, 1)}
-    recs = _lib.ptxas_report()
+    recs = native.ptxas_report()
     if recs:
         info["library"]["cuda_kernels"] = {
             "count": len({r["kernel"] for r in recs}),
@@ -91,7 +92,7 @@ def collect() -> dict:
                 fwd, bwd = backends.explain(q), backends.explain(qg)
                 row["backends"] = {n: _merge(fwd[n], bwd[n]) for n in backends.BACKENDS}
                 try:
-                    row["auto"] = backends._select_uncached(q).backend
+                    row["auto"] = backends._select_uncached(q, "auto").backend
                 except backends.BackendError:
                     pass
             table[op][dev] = row

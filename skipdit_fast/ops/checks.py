@@ -1,12 +1,25 @@
-"""Argument checks shared by the Python-side implementations (reference, Triton
-launchers, fake kernels). They mirror csrc/ops.cpp so that every backend rejects bad
-input with the same ValueError / TypeError."""
+"""Argument checks and output allocation shared by the Python-side implementations
+(reference, Triton launchers in kernels/, fake kernels): the bottom of the op layer,
+importing nothing of skipdit_fast. The checks mirror csrc/ops.cpp so that every
+backend rejects bad input with the same ValueError / TypeError."""
 
 from __future__ import annotations
 
 import math
 
 import torch
+
+# NaN-poisoning of kernel outputs (skipdit_fast.ops.testing.poison_outputs sets it)
+_POISON = [False]
+
+
+def new_output(shape, *, dtype, device) -> torch.Tensor:
+    """torch.empty, filled with NaN while poison_outputs() is active: Python-side
+    launchers (Triton) allocate their outputs through this."""
+    t = torch.empty(shape, dtype=dtype, device=device)
+    if _POISON[0] and t.is_floating_point():
+        t.fill_(float("nan"))
+    return t
 
 FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
@@ -78,6 +91,23 @@ def check_skip_fuse(op, x, skip, norm_weight, norm_bias, weight, bias, eps):
     return x.numel() // D, D, D_out
 
 
+def _like(op, name, t, shape, dtype, ref):
+    """t must have `shape` and `dtype` and live on ref's device."""
+    _same_device(op, ref, name, t)
+    if tuple(t.shape) != tuple(shape):
+        raise ValueError(f"{op}: {name} must have shape {list(shape)}, got {list(t.shape)}")
+    if t.dtype != dtype:
+        raise TypeError(f"{op}: {name} must be {dtype}, got {t.dtype}")
+
+
+def check_skip_fuse_backward(op, grad_out, x, skip, norm_weight, norm_bias, weight, bias, eps):
+    """check_skip_fuse plus grad_out [..., D_out] in x's dtype (any strides: autograd
+    may hand in an expanded gradient); returns (M, D, D_out)."""
+    M, D, D_out = check_skip_fuse(op, x, skip, norm_weight, norm_bias, weight, bias, eps)
+    _like(op, "grad_out", grad_out, (*x.shape[:-1], D_out), x.dtype, x)
+    return M, D, D_out
+
+
 def check_attention(op, q, k, v, scale):
     """Returns the softmax scale to use."""
     _float(op, "q", q)
@@ -101,6 +131,17 @@ def check_attention(op, q, k, v, scale):
     s = float(scale)
     if not math.isfinite(s):
         raise ValueError(f"{op}: scale must be finite, got {s}")
+    return s
+
+
+def check_attention_backward(op, grad_out, q, k, v, out, lse, scale):
+    """check_attention plus grad_out and out shaped like q in q's dtype and lse
+    [B, H, Nq] in the accumulation dtype (any strides); returns the softmax scale."""
+    s = check_attention(op, q, k, v, scale)
+    for name, t in (("grad_out", grad_out), ("out", out)):
+        _like(op, name, t, q.shape, q.dtype, q)
+    B, Nq, H, _ = q.shape
+    _like(op, "lse", lse, (B, H, Nq), acc_dtype(q.dtype), q)
     return s
 
 

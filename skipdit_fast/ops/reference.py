@@ -7,7 +7,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from ._checks import acc_dtype, check_attention, check_cache_delta, check_skip_fuse
+from .checks import acc_dtype, check_attention, check_cache_delta, check_skip_fuse
 
 
 def skip_fuse(x, skip, norm_weight, norm_bias, weight, bias=None, eps: float = 1e-6):

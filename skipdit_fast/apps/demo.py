@@ -19,12 +19,12 @@ import time
 
 import torch
 
-DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+from .common import DTYPES, Progress, default_dtype, device_from_arg, write_png
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--weights", default="tiny-skipdit",
-                   help="shipped model name or a .safetensors written by skipdit_fast.train (default tiny-skipdit)")
+                   help="shipped model name or a .safetensors written by `skipdit-fast train` (default tiny-skipdit)")
     p.add_argument("--per-class", type=int, default=4, help="samples per digit class (default 4)")
     p.add_argument("--steps", type=int, default=100, help="DDPM sampling steps (default 100)")
     p.add_argument("--interval", type=int, default=3, help="Skip-Cache interval N (default 3)")
@@ -53,15 +53,9 @@ def digit_grid(images: torch.Tensor, cols: int, scale: int = 4, pad: int = 2) ->
     return g[..., None].expand(*g.shape, 3).contiguous()
 
 
-def _device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(name)
-
-
 def backends_used(device: torch.device, dtype: torch.dtype, head_dim: int, hidden: int) -> dict[str, str]:
     """Which backend `auto` picks for the model's ops on this device (inference)."""
-    from .backends import pick
+    from ..ops.backends import pick
 
     return {"attention": pick("attention", device, dtype, False, (head_dim,)).backend,
             "skip_fuse": pick("skip_fuse", device, dtype, False, (hidden, hidden)).backend}
@@ -69,14 +63,15 @@ def backends_used(device: torch.device, dtype: torch.dtype, head_dim: int, hidde
 
 def run(args: argparse.Namespace, log=print) -> dict:
     """The demo; returns what it printed as numbers (tests use it)."""
-    from .cache import SkipCache
-    from .diffusion import sample
-    from .digits import DigitClassifier, default_classifier_path, psnr, ssim, to_unit
-    from .sample import Progress, write_png
-    from .train import load_pretrained
+    from ..cache import SkipCache
+    from ..data.digits import to_unit
+    from ..evaluation.digits import DigitClassifier, default_classifier_path
+    from ..evaluation.metrics import psnr, ssim
+    from ..pretrained import load_pretrained
+    from ..sampling import sample
 
-    device = _device(args.device)
-    dtype = DTYPES[args.dtype] if args.dtype else (torch.bfloat16 if device.type == "cuda" else torch.float32)
+    device = device_from_arg(args.device)
+    dtype = default_dtype(device, args.dtype)
     model = load_pretrained(args.weights, device=device, dtype=dtype)
     cfg = model.config
     if not cfg.skip:

@@ -1,4 +1,4 @@
-"""Testing aids used by the test suite and the GPU check."""
+"""Testing aids of the op layer, used by the test suite and the GPU check."""
 
 from __future__ import annotations
 
@@ -7,20 +7,7 @@ from typing import Iterator
 
 import torch
 
-_POISON = [False]
-
-
-def poisoning() -> bool:
-    return _POISON[0]
-
-
-def new_output(shape, *, dtype, device) -> torch.Tensor:
-    """torch.empty, filled with NaN while poison_outputs() is active: Python-side
-    launchers (Triton) allocate their outputs through this."""
-    t = torch.empty(shape, dtype=dtype, device=device)
-    if _POISON[0] and t.is_floating_point():
-        t.fill_(float("nan"))
-    return t
+from .checks import _POISON
 
 
 @contextlib.contextmanager

@@ -12,9 +12,9 @@ from functools import lru_cache
 
 import torch
 
-_HERE = os.path.dirname(os.path.abspath(__file__))
-LIBRARY_PATH = os.path.join(_HERE, "_C.so")
-PTXAS_REPORT_PATH = os.path.join(_HERE, "_C.ptxas.txt")
+_PACKAGE = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))  # skipdit_fast/
+LIBRARY_PATH = os.path.join(_PACKAGE, "_C.so")
+PTXAS_REPORT_PATH = os.path.join(_PACKAGE, "_C.ptxas.txt")
 
 _load_error: str | None = None
 _loaded = False
@@ -126,3 +126,38 @@ def parse_ptxas(text: str) -> list[dict]:
         if m:
             cur["registers"] = int(m.group(1))
     return out
+
+
+# ---------------------------------------------------------------------------------------
+# what the CUDA kernels of the library serve (csrc/cuda; checked before `cuda` is picked)
+
+# csrc/cuda/skip_fuse.cu: rows move in 16-byte chunks (x / skip and weight rows), the
+# epilogue stores column pairs, the backward keeps 2*D fp32 column sums per CTA in shared
+# memory, and the forward GEMM needs sm_80+ (cp.async, bf16 mma.sync) and 108 KiB of
+# shared memory per block (3 stages of 2 x 128 x 144-byte tiles).
+_SKIP_FUSE_CUDA_SMEM = 3 * 2 * 128 * 144
+
+
+def cuda_limits(op: str, device: torch.device, dtype: torch.dtype, features: tuple) -> str | None:
+    """None when the library's CUDA kernel of `op` serves these inputs, else why not."""
+    if device.type == "cuda":
+        cc = torch.cuda.get_device_capability(device)
+        if cc < (8, 0):
+            return f"the CUDA kernels need compute capability >= 8.0, device has {cc[0]}.{cc[1]}"
+    if op == "skip_fuse":
+        D, D_out = features[:2]
+        if D % 8 != 0 or D > 8192:
+            return f"D={D}: the CUDA kernel needs D to be a multiple of 8 and at most 8192"
+        if D_out % 8 != 0:
+            return f"D_out={D_out}: the CUDA kernel needs D_out to be a multiple of 8"
+        if device.type == "cuda":
+            optin = getattr(torch.cuda.get_device_properties(device), "shared_memory_per_block_optin", None)
+            if optin is not None and optin < _SKIP_FUSE_CUDA_SMEM:
+                return (f"the CUDA kernel needs {_SKIP_FUSE_CUDA_SMEM} bytes of shared memory per block, "
+                        f"the device allows {optin}")
+    elif op == "attention":
+        # mma.sync / cp.async kernels for fp16 and bf16; every head dim the op accepts
+        # (multiples of 8 up to 256) is served.
+        if dtype not in (torch.float16, torch.bfloat16):
+            return f"the CUDA attention kernel runs float16 and bfloat16 only, got {dtype}"
+    return None

@@ -1,16 +1,12 @@
-"""A small trainer for our DiT / Skip-DiT, and the shipped tiny models.
+"""`skipdit-fast train`: a small trainer for our DiT / Skip-DiT, and the training of
+the shipped tiny models.
 
-    python -m skipdit_fast.train --model tiny-skipdit --steps 1200 --out runs/skip
-    python -m skipdit_fast.train --default            # what `make train-default` runs
+    skipdit-fast train --model tiny-skipdit --steps 1200 --out runs/skip
+    skipdit-fast train --default            # what `make train-default` runs
 
 Training is DiT's: AdamW, an EMA of the weights, and the diffusion loss of DiT's
-GaussianDiffusion on the same linear 1000-step schedule the samplers use
-(skipdit_fast.diffusion.Diffusion): for x_t = sqrt(ab_t) x_0 + sqrt(1 - ab_t) eps at a
-uniform t, the MSE of the predicted eps, plus, with learn_sigma, DiT's variational
-bound term (RESCALED_MSE, which is 1x for 1000 steps): the KL between the true
-posterior q(x_{t-1} | x_t, x_0) and the model's p(x_{t-1} | x_t) whose mean is built
-from the *frozen* eps prediction (so the VB term trains only the variance output),
-and at t = 0 the discretized-Gaussian decoder NLL (bits per dimension). The model's
+GaussianDiffusion (skipdit_fast.sampling.DiffusionLoss) on the same linear 1000-step
+schedule the samplers use (skipdit_fast.sampling.Diffusion). The model's
 ops (skipdit_fast.ops attention and skip_fuse) run forward and backward on our
 kernels (the CPU backend here). Labels are dropped to the null class with
 probability 0.1, as DiT does, so that the null label is trained.
@@ -55,114 +51,9 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .diffusion import Diffusion
-from .models import DiT, DiTConfig
-
-WEIGHTS_DIR = Path(__file__).resolve().parent / "weights"
-
-# The shipped tiny models: same everything but the long skips.
-TINY = dict(depth=12, hidden_size=64, num_heads=4, patch_size=2, input_size=16, in_channels=1,
-            num_classes=10, learn_sigma=True, mlp_ratio=4.0)
-MODELS = {"tiny-dit": DiTConfig(**TINY, skip=False), "tiny-skipdit": DiTConfig(**TINY, skip=True)}
-
-
-def model_config(name: str) -> DiTConfig:
-    try:
-        return MODELS[name]
-    except KeyError:
-        raise ValueError(f"unknown model {name!r}; known: {', '.join(MODELS)}") from None
-
-
-# ---------------------------------------------------------------------------------
-# the loss
-
-class DiffusionLoss:
-    """DiT's training loss on the samplers' schedule (Diffusion with 1000 steps is
-    the unrespaced schedule). Coefficients in float64, gathered per sample and
-    applied in float32."""
-
-    def __init__(self, num_timesteps: int = 1000, learn_sigma: bool = True):
-        d = Diffusion(num_timesteps, num_timesteps, learn_sigma=learn_sigma)
-        ac = d.alphas_cumprod
-
-        def t64(a):
-            return torch.from_numpy(np.asarray(a, dtype=np.float64))
-
-        self.num_timesteps = d.steps
-        self.learn_sigma = learn_sigma
-        self.sqrt_ac = t64(np.sqrt(ac))
-        self.sqrt_1m_ac = t64(np.sqrt(1.0 - ac))
-        self.sqrt_recip_ac = t64(d.sqrt_recip_ac)
-        self.sqrt_recipm1_ac = t64(d.sqrt_recipm1_ac)
-        self.post_coef1 = t64(d.post_coef1)
-        self.post_coef2 = t64(d.post_coef2)
-        self.post_log_var = t64(d.post_log_var_clipped)
-        self.log_betas = t64(np.log(d.betas))
-
-    @staticmethod
-    def _at(coef: torch.Tensor, t: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
-        return coef.to(t.device)[t].to(like.dtype).view(-1, *([1] * (like.dim() - 1)))
-
-    def q_sample(self, x0, t, noise):
-        return self._at(self.sqrt_ac, t, x0) * x0 + self._at(self.sqrt_1m_ac, t, x0) * noise
-
-    def q_posterior(self, x0, xt, t):
-        mean = self._at(self.post_coef1, t, x0) * x0 + self._at(self.post_coef2, t, x0) * xt
-        return mean, self._at(self.post_log_var, t, x0)
-
-    def p_mean_logvar(self, eps, v, xt, t):
-        """The model's p(x_{t-1} | x_t): eps prediction and variance values v in [-1, 1]
-        (diffusion.Diffusion.p_mean_variance, per sample)."""
-        frac = (v + 1) / 2
-        log_var = frac * self._at(self.log_betas, t, xt) + (1 - frac) * self._at(self.post_log_var, t, xt)
-        x0 = self._at(self.sqrt_recip_ac, t, xt) * xt - self._at(self.sqrt_recipm1_ac, t, xt) * eps
-        mean = self._at(self.post_coef1, t, xt) * x0 + self._at(self.post_coef2, t, xt) * xt
-        return mean, log_var
-
-    def __call__(self, model, x0, t, y, noise) -> dict[str, torch.Tensor]:
-        """Per-sample terms [B]: 'loss', 'mse' and (learn_sigma) 'vb' in bits/dim."""
-        xt = self.q_sample(x0, t, noise)
-        out = model(xt, t, y)
-        C = x0.shape[1]
-        eps = out[:, :C]
-        dims = tuple(range(1, x0.dim()))
-        mse = (eps.float() - noise).square().mean(dims)
-        terms = {"mse": mse}
-        if self.learn_sigma:
-            v = out[:, C:2 * C].float()
-            mean, log_var = self.p_mean_logvar(eps.detach().float(), v, xt, t)
-            true_mean, true_log_var = self.q_posterior(x0, xt, t)
-            kl = normal_kl(true_mean, true_log_var, mean, log_var).mean(dims) / math.log(2.0)
-            nll = -discretized_gaussian_log_likelihood(x0, mean, 0.5 * log_var).mean(dims) / math.log(2.0)
-            terms["vb"] = torch.where(t == 0, nll, kl) * (self.num_timesteps / 1000.0)
-            terms["loss"] = mse + terms["vb"]
-        else:
-            terms["loss"] = mse
-        return terms
-
-
-def normal_kl(mean1, logvar1, mean2, logvar2):
-    """KL(N(mean1, e^logvar1) || N(mean2, e^logvar2)), elementwise (nats)."""
-    return 0.5 * (-1.0 + logvar2 - logvar1 + torch.exp(logvar1 - logvar2)
-                  + (mean1 - mean2).square() * torch.exp(-logvar2))
-
-
-def discretized_gaussian_log_likelihood(x, means, log_scales):
-    """log P(x) of data in [-1, 1] quantized to 256 bins under N(means, e^(2 log_scales)),
-    the edge bins taking the tails (ADM / DiT)."""
-    centered = x - means
-    inv_std = torch.exp(-log_scales)
-    plus = inv_std * (centered + 1.0 / 255.0)
-    minus = inv_std * (centered - 1.0 / 255.0)
-    log_cdf_plus = torch.special.log_ndtr(plus)
-    log_one_minus_cdf_min = torch.special.log_ndtr(-minus)
-    delta = (torch.special.ndtr(plus) - torch.special.ndtr(minus)).clamp_min(1e-12)
-    return torch.where(x < -0.999, log_cdf_plus,
-                       torch.where(x > 0.999, log_one_minus_cdf_min, torch.log(delta)))
-
-
-# ---------------------------------------------------------------------------------
-# the trainer
+from ..models import DiT, DiTConfig
+from ..pretrained import MODELS, TINY, WEIGHTS_DIR, model_config, weights_path
+from ..sampling import DiffusionLoss
 
 @dataclass
 class TrainConfig:
@@ -218,7 +109,7 @@ class Trainer:
 
     def __init__(self, cfg: TrainConfig, data: tuple[torch.Tensor, torch.Tensor] | None = None,
                  model_cfg: DiTConfig | None = None):
-        from .digits import digits
+        from ..data.digits import digits
 
         self.cfg = cfg
         self.model_cfg = model_cfg or model_config(cfg.model)
@@ -475,39 +366,13 @@ class TrainProgress:
 # ---------------------------------------------------------------------------------
 # the shipped weights
 
-def weights_path(name: str) -> Path:
-    return WEIGHTS_DIR / f"{name}.safetensors"
-
-
-def load_pretrained(name_or_path: str = "tiny-skipdit", device=None, dtype=torch.float32) -> DiT:
-    """A model from safetensors written by Trainer.export: a shipped name
-    ('tiny-skipdit', 'tiny-dit') or a path. Strict: every key must match the config
-    stored with the weights."""
-    from safetensors import safe_open
-
-    from .models import load_checkpoint
-
-    path = Path(name_or_path)
-    if name_or_path in MODELS:
-        path = weights_path(name_or_path)
-        if not path.exists():
-            raise FileNotFoundError(f"{path} is missing: run `make train-default` to train the shipped models")
-    with safe_open(str(path), "pt") as f:
-        meta = f.metadata() or {}
-    if "model_config" not in meta:
-        raise ValueError(f"{path}: no model_config in the safetensors metadata (not written by skipdit_fast.train)")
-    model = DiT(DiTConfig(**json.loads(meta["model_config"])))
-    model.load_state_dict_strict(load_checkpoint(path))
-    return model.to(device=device, dtype=dtype).eval()
-
-
 def train_default(out_dir: Path = WEIGHTS_DIR, work_dir: Path = Path("build/train"), steps: int | None = None,
                   resume: bool = True, progress: bool = True, names=tuple(MODELS), classifier: bool = True) -> dict:
     """Trains the shipped pair (same seed, steps and batch) and the digit classifier;
     writes <out_dir>/{tiny-dit,tiny-skipdit}.safetensors, their logs
     (<name>.train.csv / .json) and digit-classifier.safetensors. Checkpoints in
     work_dir let an interrupted run resume."""
-    from .digits import DigitClassifier
+    from ..data.digits import DigitClassifier
 
     out_dir, work_dir = Path(out_dir), Path(work_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -539,7 +404,7 @@ def train_default(out_dir: Path = WEIGHTS_DIR, work_dir: Path = Path("build/trai
 
 def _weights_readme(out_dir: Path) -> str:
     """The weights folder's README from the logs and files that are there."""
-    from .digits import DigitClassifier
+    from ..data.digits import DigitClassifier
 
     results = {}
     for name in MODELS:
@@ -552,11 +417,11 @@ def _weights_readme(out_dir: Path) -> str:
     clf_path = out_dir / "digit-classifier.safetensors"
     results["digit-classifier"] = {"test_accuracy": DigitClassifier.load(clf_path).test_accuracy
                                    if clf_path.exists() else float("nan")}
-    lines = ["# Shipped weights (written by `make train-default`, skipdit_fast/train.py)", "",
+    lines = ["# Shipped weights (written by `make train-default`, skipdit_fast/apps/train.py)", "",
              "Tiny class-conditional DiT and Skip-DiT trained on scikit-learn's digits (16x16x1, "
              "bilinearly upsampled from 8x8), identical config except the long skips: "
              f"`{json.dumps(TINY)}`.", "EMA weights in fp16; load with "
-             "`skipdit_fast.train.load_pretrained('tiny-skipdit')`.", "",
+             "`skipdit_fast.pretrained.load_pretrained('tiny-skipdit')`.", "",
              "| file | steps | threads | wall (min) | CPU (min) | load average at start | mean loss, last 50 steps |",
              "| --- | --- | --- | --- | --- | --- | --- |"]
     for name in MODELS:
@@ -574,8 +439,7 @@ def _weights_readme(out_dir: Path) -> str:
     return "\n".join(lines)
 
 
-def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m skipdit_fast.train", description=__doc__.split("\n")[0])
+def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--default", action="store_true", help="train the shipped pair into skipdit_fast/weights/")
     p.add_argument("--model", default="tiny-skipdit", choices=tuple(MODELS))
     p.add_argument("--only", choices=tuple(MODELS), nargs="+", help="with --default: train only these")
@@ -588,7 +452,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--out", default="runs/train", help="output folder (not with --default)")
     p.add_argument("--no-resume", action="store_true", help="start over even if a checkpoint exists")
     p.add_argument("--no-progress", action="store_true")
-    args = p.parse_args(argv)
+
+
+def main(args: argparse.Namespace) -> int:
     if args.threads:
         torch.set_num_threads(args.threads)
     if args.default:
@@ -611,6 +477,3 @@ def main(argv: list[str] | None = None) -> int:
     print(f"{args.model}: {tr.step} steps, {tr.wall_s:.0f} s wall, {tr.cpu_s:.0f} s CPU; wrote {out}", file=sys.stderr)
     return 0
 
-
-if __name__ == "__main__":
-    sys.exit(main())

@@ -1,0 +1,77 @@
+"""The op layer: skipdit_fast.ops.skip_fuse / attention / cache_delta, the bottom of
+the package. It imports nothing of skipdit_fast above it (models, cache, ...); the
+Triton kernels (skipdit_fast.kernels) import only its checks.
+
+    checks       argument checks and output allocation (imports nothing of ours)
+    reference    the pure-PyTorch definition of every op (fp64 truth in tests)
+    fakes        fake kernels for torch.compile / torch.export
+    native       loading of the native library skipdit_fast/_C.so (schemas, C++/CUDA kernels)
+    triton_ops   registration of the Triton kernels and their autograd
+    defs         one declaration per op, read by the registrations and the registry
+    backends     the backend registry and choice (use_backend, set_backend, auto)
+    testing      NaN-poisoning of outputs, the gpu test marker
+
+Importing this package loads the native library and registers the torch.ops.skipdit.*
+fakes and Triton kernels. Each function picks a backend for its inputs and calls it;
+the native and Triton backends are custom ops with fake kernels and autograd, so the
+functions work under torch.compile(fullgraph=True) and autograd. Contracts: DESIGN.md
+section 2.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from . import defs, fakes, native, triton_ops
+from .backends import BackendError, get_backend, pick, set_backend, use_backend
+
+native._load()
+if native.available():
+    fakes.register(defs.OPS.values())
+    triton_ops.register(defs.OPS.values())
+
+__all__ = ["BackendError", "attention", "cache_delta", "get_backend", "set_backend", "skip_fuse", "use_backend"]
+
+
+def _needs_grad(*tensors) -> bool:
+    return torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
+
+
+def _size(op: str, name: str, t, dim: int) -> int:
+    """t.shape[dim] for backend selection, or the error a user should see (the checks
+    of the chosen backend see everything else)."""
+    if not isinstance(t, torch.Tensor):
+        raise TypeError(f"{op}: {name} must be a torch.Tensor, got {type(t).__name__}")
+    if t.dim() == 0:
+        raise ValueError(f"{op}: {name} must have at least one dimension, got a 0-d tensor")
+    return t.shape[dim]
+
+
+def skip_fuse(x: torch.Tensor, skip: torch.Tensor, norm_weight: torch.Tensor,
+              norm_bias: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None,
+              eps: float = 1e-6) -> torch.Tensor:
+    """Long-skip merge: linear(layer_norm(cat([x, skip], -1)), weight, bias).
+
+    x is the deep (current) hidden state, skip the saved shallow one, both [..., D]
+    with a contiguous last dim; norm_weight/norm_bias [2D] (fp32 or x's dtype);
+    weight [D_out, 2D]; bias [D_out] or None. Returns [..., D_out].
+    """
+    features = (_size("skip_fuse", "x", x, -1), _size("skip_fuse", "weight", weight, 0))
+    impl = pick("skip_fuse", x.device, x.dtype, _needs_grad(x, skip, norm_weight, norm_bias, weight, bias), features)
+    return impl.fn(x, skip, norm_weight, norm_bias, weight, bias, eps)
+
+
+def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+              scale: float | None = None) -> torch.Tensor:
+    """Non-causal multi-head attention, BSHD layout: q [B, Nq, H, Dh], k and v
+    [B, Nk, H, Dh] (strided views of a fused qkv tensor are fine). Returns a
+    contiguous [B, Nq, H, Dh]. scale defaults to Dh**-0.5."""
+    features = (_size("attention", "q", q, -1),)
+    return pick("attention", q.device, q.dtype, _needs_grad(q, k, v), features).fn(q, k, v, scale)
+
+
+def cache_delta(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """sum|a - b| / sum|b| as a 0-d fp32 tensor on a's device (fp64 for fp64 inputs),
+    computed in one pass with no host synchronization."""
+    _size("cache_delta", "a", a, -1)
+    return pick("cache_delta", a.device, a.dtype, _needs_grad(a, b)).fn(a, b)
