@@ -23,17 +23,17 @@ The backward uses the >= 16 chunking for every operand (each of q, k, v, dO is b
 contracted and an output width there): 72 -> 80, 88 -> 96.
 
 Kernels:
-  _attn_fwd          one program per (batch*head, BLOCK_M query rows); online softmax in
+  _attention_fwd_kernel          one program per (batch*head, BLOCK_M query rows); online softmax in
                      the log2 domain (exp2, scale*log2(e) folded into one FMA); full
                      key blocks run unmasked, the ragged last block once with masks.
-  _attn_fwd_short    N <= 64 (Latte temporal attention: N = 16, B*H = 16384): G
+  _attention_fwd_short_kernel    N <= 64 (Latte temporal attention: N = 16, B*H = 16384): G
                      (batch, head) pairs per program, whole sequences in registers,
                      batched 3-D tl.dot, one pass softmax.
-  _attn_bwd_delta    delta = rowsum(dO * O) (fp32), the pre-pass of the backward.
-  _attn_bwd_dkdv     one program per key block: loops over query blocks, recomputes
+  _attention_bwd_delta_kernel    delta = rowsum(dO * O) (fp32), the pre-pass of the backward.
+  _attention_bwd_dkdv_kernel     one program per key block: loops over query blocks, recomputes
                      P^T from lse, accumulates dK and dV in registers.
-  _attn_bwd_dq       one program per query block: loops over key blocks, accumulates dQ.
-  _attn_bwd_short    N <= 64: dQ, dK, dV of G pairs in one program (delta computed inline).
+  _attention_bwd_dq_kernel       one program per query block: loops over key blocks, accumulates dQ.
+  _attention_bwd_short_kernel    N <= 64: dQ, dK, dV of G pairs in one program (delta computed inline).
 No atomics anywhere: results are bitwise deterministic run to run.
 
 Offsets: batch/head bases and row offsets are int64 (B*N*H*Dh can pass 2^31);
@@ -136,6 +136,61 @@ def _st(base, rows, stride, rmask, x, DOFF: tl.constexpr, DC: tl.constexpr, HEAD
 
 
 @triton.jit
+def _strides64(stride_b, stride_n, stride_h, SU: tl.constexpr):
+    """(batch, token, head) strides of a BSHD tensor in elements, as int64 (the
+    launcher passes them divided by SU, see _stride_args)."""
+    return stride_b.to(tl.int64) * SU, stride_n.to(tl.int64) * SU, stride_h.to(tl.int64) * SU
+
+
+@triton.jit
+def _tile_of(pid, N, H, BLOCK: tl.constexpr):
+    """(bh, start, b, h): the (batch * head) pair and the first row of program pid in a
+    grid of (B * H) x cdiv(N, BLOCK) row tiles."""
+    n_blocks = tl.cdiv(N, BLOCK)
+    bh = pid // n_blocks
+    start = (pid - bh * n_blocks) * BLOCK
+    return bh, start, (bh // H).to(tl.int64), (bh % H).to(tl.int64)
+
+
+@triton.jit
+def _ld_chunks(base, rows, stride, rmask, D0: tl.constexpr, D1: tl.constexpr, D2: tl.constexpr,
+               HEAD_DIM: tl.constexpr):
+    """The head dim in its (up to three) power-of-two column chunks: (x0, x1, x2), each
+    [len(rows), Di]; an empty chunk repeats x0 (never used, not loaded)."""
+    x0 = _ld(base, rows, stride, rmask, 0, D0, HEAD_DIM, True)
+    x1 = x0
+    x2 = x0
+    if D1 > 0:
+        x1 = _ld(base, rows, stride, rmask, D0, D1, HEAD_DIM, True)
+    if D2 > 0:
+        x2 = _ld(base, rows, stride, rmask, D0 + D1, D2, HEAD_DIM, True)
+    return x0, x1, x2
+
+
+@triton.jit
+def _zeros_chunks(ROWS: tl.constexpr, D0: tl.constexpr, D1: tl.constexpr, D2: tl.constexpr):
+    """fp32 accumulators shaped like _ld_chunks' tiles."""
+    z0 = tl.zeros([ROWS, D0], tl.float32)
+    z1 = z0
+    z2 = z0
+    if D1 > 0:
+        z1 = tl.zeros([ROWS, D1], tl.float32)
+    if D2 > 0:
+        z2 = tl.zeros([ROWS, D2], tl.float32)
+    return z0, z1, z2
+
+
+@triton.jit
+def _st_chunks(base, rows, stride, rmask, x0, x1, x2, D0: tl.constexpr, D1: tl.constexpr, D2: tl.constexpr,
+               HEAD_DIM: tl.constexpr):
+    _st(base, rows, stride, rmask, x0, 0, D0, HEAD_DIM)
+    if D1 > 0:
+        _st(base, rows, stride, rmask, x1, D0, D1, HEAD_DIM)
+    if D2 > 0:
+        _st(base, rows, stride, rmask, x2, D0 + D1, D2, HEAD_DIM)
+
+
+@triton.jit
 def _ld3(base, pair_off, pmask, rows, stride, n_rows, DOFF: tl.constexpr, DC: tl.constexpr,
          HEAD_DIM: tl.constexpr):
     """[G, len(rows), DC] tile: per pair g the rows of a row-major matrix at
@@ -205,51 +260,28 @@ def _fwd_block(acc0, acc1, acc2, m_i, l_i, q0, q1, q2, kt, vt, start_n, Nk, skn,
 
 
 @triton.jit(do_not_specialize=_RUNTIME_INTS)
-def _attn_fwd(Q, K, V, O, LSE, qk_scale, Nq, Nk, H,
+def _attention_fwd_kernel(Q, K, V, O, LSE, qk_scale, Nq, Nk, H,
               stride_qb, stride_qn, stride_qh, stride_kb, stride_kn, stride_kh,
               stride_vb, stride_vn, stride_vh,
               HEAD_DIM: tl.constexpr, KD0: tl.constexpr, KD1: tl.constexpr, KD2: tl.constexpr,
               VD0: tl.constexpr, VD1: tl.constexpr, VD2: tl.constexpr,
               BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, SU: tl.constexpr,
               SCALE_NEG: tl.constexpr, DOT_PREC: tl.constexpr):
-    sqb = stride_qb.to(tl.int64) * SU
-    sqn = stride_qn.to(tl.int64) * SU
-    sqh = stride_qh.to(tl.int64) * SU
-    skb = stride_kb.to(tl.int64) * SU
-    skn = stride_kn.to(tl.int64) * SU
-    skh = stride_kh.to(tl.int64) * SU
-    svb = stride_vb.to(tl.int64) * SU
-    svn = stride_vn.to(tl.int64) * SU
-    svh = stride_vh.to(tl.int64) * SU
+    sqb, sqn, sqh = _strides64(stride_qb, stride_qn, stride_qh, SU)
+    skb, skn, skh = _strides64(stride_kb, stride_kn, stride_kh, SU)
+    svb, svn, svh = _strides64(stride_vb, stride_vn, stride_vh, SU)
 
     # programs of one (batch, head) are adjacent: they share its K/V in L2
-    pid = tl.program_id(0)
-    n_mb = tl.cdiv(Nq, BLOCK_M)
-    bh = pid // n_mb
-    start_m = (pid - bh * n_mb) * BLOCK_M
-    b = (bh // H).to(tl.int64)
-    h = (bh % H).to(tl.int64)
+    bh, start_m, b, h = _tile_of(tl.program_id(0), Nq, H, BLOCK_M)
     rows_m = tl.arange(0, BLOCK_M)
     mmask = start_m + rows_m < Nq
 
     qt = Q + b * sqb + h * sqh + start_m.to(tl.int64) * sqn
-    q0 = _ld(qt, rows_m, sqn, mmask, 0, KD0, HEAD_DIM, True)
-    q1 = q0
-    q2 = q0
-    if KD1 > 0:
-        q1 = _ld(qt, rows_m, sqn, mmask, KD0, KD1, HEAD_DIM, True)
-    if KD2 > 0:
-        q2 = _ld(qt, rows_m, sqn, mmask, KD0 + KD1, KD2, HEAD_DIM, True)
+    q0, q1, q2 = _ld_chunks(qt, rows_m, sqn, mmask, KD0, KD1, KD2, HEAD_DIM)
 
     m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
     l_i = tl.zeros([BLOCK_M], tl.float32)
-    acc0 = tl.zeros([BLOCK_M, VD0], tl.float32)
-    acc1 = acc0
-    acc2 = acc0
-    if VD1 > 0:
-        acc1 = tl.zeros([BLOCK_M, VD1], tl.float32)
-    if VD2 > 0:
-        acc2 = tl.zeros([BLOCK_M, VD2], tl.float32)
+    acc0, acc1, acc2 = _zeros_chunks(BLOCK_M, VD0, VD1, VD2)
 
     kt = K + b * skb + h * skh
     vt = V + b * svb + h * svh
@@ -269,33 +301,24 @@ def _attn_fwd(Q, K, V, O, LSE, qk_scale, Nq, Nk, H,
     son = H * HEAD_DIM
     ot = O + (b * Nq + start_m) * son + h * HEAD_DIM
     l_rcp = 1.0 / l_i
-    _st(ot, rows_m, son, mmask, (acc0 * l_rcp[:, None]).to(O.dtype.element_ty), 0, VD0, HEAD_DIM)
-    if VD1 > 0:
-        _st(ot, rows_m, son, mmask, (acc1 * l_rcp[:, None]).to(O.dtype.element_ty), VD0, VD1, HEAD_DIM)
-    if VD2 > 0:
-        _st(ot, rows_m, son, mmask, (acc2 * l_rcp[:, None]).to(O.dtype.element_ty), VD0 + VD1, VD2,
-            HEAD_DIM)
+    dt = O.dtype.element_ty
+    _st_chunks(ot, rows_m, son, mmask, (acc0 * l_rcp[:, None]).to(dt), (acc1 * l_rcp[:, None]).to(dt),
+               (acc2 * l_rcp[:, None]).to(dt), VD0, VD1, VD2, HEAD_DIM)
     lse = (m_i + tl.math.log2(l_i)) * LN2
     tl.store(LSE + bh.to(tl.int64) * Nq + start_m + rows_m, lse, mask=mmask)
 
 
 @triton.jit(do_not_specialize=_RUNTIME_INTS)
-def _attn_fwd_short(Q, K, V, O, LSE, qk_scale, Nq, Nk, H, BH,
+def _attention_fwd_short_kernel(Q, K, V, O, LSE, qk_scale, Nq, Nk, H, BH,
                     stride_qb, stride_qn, stride_qh, stride_kb, stride_kn, stride_kh,
                     stride_vb, stride_vn, stride_vh,
                     HEAD_DIM: tl.constexpr, KD0: tl.constexpr, KD1: tl.constexpr, KD2: tl.constexpr,
                     VD0: tl.constexpr, VD1: tl.constexpr, VD2: tl.constexpr,
                     G: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, SU: tl.constexpr,
                     DOT_PREC: tl.constexpr):
-    sqb = stride_qb.to(tl.int64) * SU
-    sqn = stride_qn.to(tl.int64) * SU
-    sqh = stride_qh.to(tl.int64) * SU
-    skb = stride_kb.to(tl.int64) * SU
-    skn = stride_kn.to(tl.int64) * SU
-    skh = stride_kh.to(tl.int64) * SU
-    svb = stride_vb.to(tl.int64) * SU
-    svn = stride_vn.to(tl.int64) * SU
-    svh = stride_vh.to(tl.int64) * SU
+    sqb, sqn, sqh = _strides64(stride_qb, stride_qn, stride_qh, SU)
+    skb, skn, skh = _strides64(stride_kb, stride_kn, stride_kh, SU)
+    svb, svn, svh = _strides64(stride_vb, stride_vn, stride_vh, SU)
 
     pairs = tl.program_id(0) * G + tl.arange(0, G)  # (batch, head) pairs of this program
     pmask = pairs < BH
@@ -360,23 +383,14 @@ def _attn_fwd_short(Q, K, V, O, LSE, qk_scale, Nq, Nk, H, BH,
 # backward
 
 @triton.jit(do_not_specialize=_RUNTIME_INTS)
-def _attn_bwd_delta(O, DO, DELTA, Nq, H, stride_ob, stride_on, stride_oh,
+def _attention_bwd_delta_kernel(O, DO, DELTA, Nq, H, stride_ob, stride_on, stride_oh,
                     stride_db, stride_dn, stride_dh,
                     HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr,
                     SU: tl.constexpr):
     """delta[b, h, n] = sum_d dO[b, n, h, d] * O[b, n, h, d] in fp32."""
-    sob = stride_ob.to(tl.int64) * SU
-    son = stride_on.to(tl.int64) * SU
-    soh = stride_oh.to(tl.int64) * SU
-    sdb = stride_db.to(tl.int64) * SU
-    sdn = stride_dn.to(tl.int64) * SU
-    sdh = stride_dh.to(tl.int64) * SU
-    pid = tl.program_id(0)
-    n_mb = tl.cdiv(Nq, BLOCK_M)
-    bh = pid // n_mb
-    start_m = (pid - bh * n_mb) * BLOCK_M
-    b = (bh // H).to(tl.int64)
-    h = (bh % H).to(tl.int64)
+    sob, son, soh = _strides64(stride_ob, stride_on, stride_oh, SU)
+    sdb, sdn, sdh = _strides64(stride_db, stride_dn, stride_dh, SU)
+    bh, start_m, b, h = _tile_of(tl.program_id(0), Nq, H, BLOCK_M)
     rows = tl.arange(0, BLOCK_M)
     rmask = start_m + rows < Nq
     ot = O + b * sob + h * soh + start_m.to(tl.int64) * son
@@ -387,7 +401,7 @@ def _attn_bwd_delta(O, DO, DELTA, Nq, H, stride_ob, stride_on, stride_oh,
 
 
 @triton.jit(do_not_specialize=_RUNTIME_INTS)
-def _attn_bwd_dkdv(Q, K, V, DO, LSE, DELTA, DK, DV, qk_scale, sm_scale, Nq, Nk, H,
+def _attention_bwd_dkdv_kernel(Q, K, V, DO, LSE, DELTA, DK, DV, qk_scale, sm_scale, Nq, Nk, H,
                    stride_qb, stride_qn, stride_qh, stride_kb, stride_kn, stride_kh,
                    stride_vb, stride_vn, stride_vh, stride_db, stride_dn, stride_dh,
                    HEAD_DIM: tl.constexpr, D0: tl.constexpr, D1: tl.constexpr, D2: tl.constexpr,
@@ -396,25 +410,11 @@ def _attn_bwd_dkdv(Q, K, V, DO, LSE, DELTA, DK, DV, qk_scale, sm_scale, Nq, Nk, 
     """dK, dV of one block of BLOCK_N keys, looping over all query blocks:
     P^T = exp2(K Q^T * c - lse2), dV += P^T dO, dP^T = V dO^T,
     dS^T = P^T (dP^T - delta), dK += dS^T Q; dK *= scale at the end."""
-    sqb = stride_qb.to(tl.int64) * SU
-    sqn = stride_qn.to(tl.int64) * SU
-    sqh = stride_qh.to(tl.int64) * SU
-    skb = stride_kb.to(tl.int64) * SU
-    skn = stride_kn.to(tl.int64) * SU
-    skh = stride_kh.to(tl.int64) * SU
-    svb = stride_vb.to(tl.int64) * SU
-    svn = stride_vn.to(tl.int64) * SU
-    svh = stride_vh.to(tl.int64) * SU
-    sdb = stride_db.to(tl.int64) * SU
-    sdn = stride_dn.to(tl.int64) * SU
-    sdh = stride_dh.to(tl.int64) * SU
-
-    pid = tl.program_id(0)
-    n_nb = tl.cdiv(Nk, BLOCK_N)
-    bh = pid // n_nb
-    start_n = (pid - bh * n_nb) * BLOCK_N
-    b = (bh // H).to(tl.int64)
-    h = (bh % H).to(tl.int64)
+    sqb, sqn, sqh = _strides64(stride_qb, stride_qn, stride_qh, SU)
+    skb, skn, skh = _strides64(stride_kb, stride_kn, stride_kh, SU)
+    svb, svn, svh = _strides64(stride_vb, stride_vn, stride_vh, SU)
+    sdb, sdn, sdh = _strides64(stride_db, stride_dn, stride_dh, SU)
+    bh, start_n, b, h = _tile_of(tl.program_id(0), Nk, H, BLOCK_N)
     rn = tl.arange(0, BLOCK_N)
     rm = tl.arange(0, BLOCK_M)
     nmask = start_n + rn < Nk
@@ -422,28 +422,10 @@ def _attn_bwd_dkdv(Q, K, V, DO, LSE, DELTA, DK, DV, qk_scale, sm_scale, Nq, Nk, 
 
     kt = K + b * skb + h * skh + start_n.to(tl.int64) * skn
     vt = V + b * svb + h * svh + start_n.to(tl.int64) * svn
-    k0 = _ld(kt, rn, skn, nmask, 0, D0, HEAD_DIM, True)
-    v0 = _ld(vt, rn, svn, nmask, 0, D0, HEAD_DIM, True)
-    dk0 = tl.zeros([BLOCK_N, D0], tl.float32)
-    dv0 = tl.zeros([BLOCK_N, D0], tl.float32)
-    k1 = k0
-    v1 = v0
-    dk1 = dk0
-    dv1 = dv0
-    k2 = k0
-    v2 = v0
-    dk2 = dk0
-    dv2 = dv0
-    if D1 > 0:
-        k1 = _ld(kt, rn, skn, nmask, D0, D1, HEAD_DIM, True)
-        v1 = _ld(vt, rn, svn, nmask, D0, D1, HEAD_DIM, True)
-        dk1 = tl.zeros([BLOCK_N, D1], tl.float32)
-        dv1 = tl.zeros([BLOCK_N, D1], tl.float32)
-    if D2 > 0:
-        k2 = _ld(kt, rn, skn, nmask, D0 + D1, D2, HEAD_DIM, True)
-        v2 = _ld(vt, rn, svn, nmask, D0 + D1, D2, HEAD_DIM, True)
-        dk2 = tl.zeros([BLOCK_N, D2], tl.float32)
-        dv2 = tl.zeros([BLOCK_N, D2], tl.float32)
+    k0, k1, k2 = _ld_chunks(kt, rn, skn, nmask, D0, D1, D2, HEAD_DIM)
+    v0, v1, v2 = _ld_chunks(vt, rn, svn, nmask, D0, D1, D2, HEAD_DIM)
+    dk0, dk1, dk2 = _zeros_chunks(BLOCK_N, D0, D1, D2)
+    dv0, dv1, dv2 = _zeros_chunks(BLOCK_N, D0, D1, D2)
 
     qt = Q + b * sqb + h * sqh
     dt = DO + b * sdb + h * sdh
@@ -454,25 +436,21 @@ def _attn_bwd_dkdv(Q, K, V, DO, LSE, DELTA, DK, DV, qk_scale, sm_scale, Nq, Nk, 
         # rows past Nq: lse = +inf makes their P^T column exactly 0
         lse2 = tl.load(lt + rm, mask=mmask, other=float("inf")) * LOG2E
         dl = tl.load(deltat + rm, mask=mmask, other=0.0)
-        q = _ld(qt, rm, sqn, mmask, 0, D0, HEAD_DIM, True)
-        do = _ld(dt, rm, sdn, mmask, 0, D0, HEAD_DIM, True)
-        st = tl.dot(k0, tl.trans(q), input_precision=DOT_PREC)
-        dpt = tl.dot(v0, tl.trans(do), input_precision=DOT_PREC)
+        q0, q1, q2 = _ld_chunks(qt, rm, sqn, mmask, D0, D1, D2, HEAD_DIM)
+        do0, do1, do2 = _ld_chunks(dt, rm, sdn, mmask, D0, D1, D2, HEAD_DIM)
+        st = tl.dot(k0, tl.trans(q0), input_precision=DOT_PREC)
+        dpt = tl.dot(v0, tl.trans(do0), input_precision=DOT_PREC)
         if D1 > 0:
-            q1 = _ld(qt, rm, sqn, mmask, D0, D1, HEAD_DIM, True)
-            do1 = _ld(dt, rm, sdn, mmask, D0, D1, HEAD_DIM, True)
             st = tl.dot(k1, tl.trans(q1), st, input_precision=DOT_PREC)
             dpt = tl.dot(v1, tl.trans(do1), dpt, input_precision=DOT_PREC)
         if D2 > 0:
-            q2 = _ld(qt, rm, sqn, mmask, D0 + D1, D2, HEAD_DIM, True)
-            do2 = _ld(dt, rm, sdn, mmask, D0 + D1, D2, HEAD_DIM, True)
             st = tl.dot(k2, tl.trans(q2), st, input_precision=DOT_PREC)
             dpt = tl.dot(v2, tl.trans(do2), dpt, input_precision=DOT_PREC)
         pt = tl.math.exp2(st * qk_scale - lse2[None, :])
         dst = (pt * (dpt - dl[None, :])).to(dtype)
         pt = pt.to(dtype)
-        dv0 = tl.dot(pt, do, dv0, input_precision=DOT_PREC)
-        dk0 = tl.dot(dst, q, dk0, input_precision=DOT_PREC)
+        dv0 = tl.dot(pt, do0, dv0, input_precision=DOT_PREC)
+        dk0 = tl.dot(dst, q0, dk0, input_precision=DOT_PREC)
         if D1 > 0:
             dv1 = tl.dot(pt, do1, dv1, input_precision=DOT_PREC)
             dk1 = tl.dot(dst, q1, dk1, input_precision=DOT_PREC)
@@ -487,18 +465,13 @@ def _attn_bwd_dkdv(Q, K, V, DO, LSE, DELTA, DK, DV, qk_scale, sm_scale, Nq, Nk, 
     # dk, dv: contiguous [B, Nk, H, Dh]
     sn = H * HEAD_DIM
     off = (b * Nk + start_n) * sn + h * HEAD_DIM
-    _st(DK + off, rn, sn, nmask, (dk0 * sm_scale).to(dtype), 0, D0, HEAD_DIM)
-    _st(DV + off, rn, sn, nmask, dv0.to(dtype), 0, D0, HEAD_DIM)
-    if D1 > 0:
-        _st(DK + off, rn, sn, nmask, (dk1 * sm_scale).to(dtype), D0, D1, HEAD_DIM)
-        _st(DV + off, rn, sn, nmask, dv1.to(dtype), D0, D1, HEAD_DIM)
-    if D2 > 0:
-        _st(DK + off, rn, sn, nmask, (dk2 * sm_scale).to(dtype), D0 + D1, D2, HEAD_DIM)
-        _st(DV + off, rn, sn, nmask, dv2.to(dtype), D0 + D1, D2, HEAD_DIM)
+    _st_chunks(DK + off, rn, sn, nmask, (dk0 * sm_scale).to(dtype), (dk1 * sm_scale).to(dtype),
+               (dk2 * sm_scale).to(dtype), D0, D1, D2, HEAD_DIM)
+    _st_chunks(DV + off, rn, sn, nmask, dv0.to(dtype), dv1.to(dtype), dv2.to(dtype), D0, D1, D2, HEAD_DIM)
 
 
 @triton.jit(do_not_specialize=_RUNTIME_INTS)
-def _attn_bwd_dq(Q, K, V, DO, LSE, DELTA, DQ, qk_scale, sm_scale, Nq, Nk, H,
+def _attention_bwd_dq_kernel(Q, K, V, DO, LSE, DELTA, DQ, qk_scale, sm_scale, Nq, Nk, H,
                  stride_qb, stride_qn, stride_qh, stride_kb, stride_kn, stride_kh,
                  stride_vb, stride_vn, stride_vh, stride_db, stride_dn, stride_dh,
                  HEAD_DIM: tl.constexpr, D0: tl.constexpr, D1: tl.constexpr, D2: tl.constexpr,
@@ -506,25 +479,11 @@ def _attn_bwd_dq(Q, K, V, DO, LSE, DELTA, DQ, qk_scale, sm_scale, Nq, Nk, H,
                  DOT_PREC: tl.constexpr):
     """dQ of one block of BLOCK_M queries, looping over all key blocks:
     P = exp2(Q K^T * c - lse2), dP = dO V^T, dS = P (dP - delta), dQ += dS K."""
-    sqb = stride_qb.to(tl.int64) * SU
-    sqn = stride_qn.to(tl.int64) * SU
-    sqh = stride_qh.to(tl.int64) * SU
-    skb = stride_kb.to(tl.int64) * SU
-    skn = stride_kn.to(tl.int64) * SU
-    skh = stride_kh.to(tl.int64) * SU
-    svb = stride_vb.to(tl.int64) * SU
-    svn = stride_vn.to(tl.int64) * SU
-    svh = stride_vh.to(tl.int64) * SU
-    sdb = stride_db.to(tl.int64) * SU
-    sdn = stride_dn.to(tl.int64) * SU
-    sdh = stride_dh.to(tl.int64) * SU
-
-    pid = tl.program_id(0)
-    n_mb = tl.cdiv(Nq, BLOCK_M)
-    bh = pid // n_mb
-    start_m = (pid - bh * n_mb) * BLOCK_M
-    b = (bh // H).to(tl.int64)
-    h = (bh % H).to(tl.int64)
+    sqb, sqn, sqh = _strides64(stride_qb, stride_qn, stride_qh, SU)
+    skb, skn, skh = _strides64(stride_kb, stride_kn, stride_kh, SU)
+    svb, svn, svh = _strides64(stride_vb, stride_vn, stride_vh, SU)
+    sdb, sdn, sdh = _strides64(stride_db, stride_dn, stride_dh, SU)
+    bh, start_m, b, h = _tile_of(tl.program_id(0), Nq, H, BLOCK_M)
     rm = tl.arange(0, BLOCK_M)
     rn = tl.arange(0, BLOCK_N)
     mmask = start_m + rm < Nq
@@ -532,23 +491,9 @@ def _attn_bwd_dq(Q, K, V, DO, LSE, DELTA, DQ, qk_scale, sm_scale, Nq, Nk, H,
 
     qt = Q + b * sqb + h * sqh + start_m.to(tl.int64) * sqn
     dt = DO + b * sdb + h * sdh + start_m.to(tl.int64) * sdn
-    q0 = _ld(qt, rm, sqn, mmask, 0, D0, HEAD_DIM, True)
-    do0 = _ld(dt, rm, sdn, mmask, 0, D0, HEAD_DIM, True)
-    dq0 = tl.zeros([BLOCK_M, D0], tl.float32)
-    q1 = q0
-    do1 = do0
-    dq1 = dq0
-    q2 = q0
-    do2 = do0
-    dq2 = dq0
-    if D1 > 0:
-        q1 = _ld(qt, rm, sqn, mmask, D0, D1, HEAD_DIM, True)
-        do1 = _ld(dt, rm, sdn, mmask, D0, D1, HEAD_DIM, True)
-        dq1 = tl.zeros([BLOCK_M, D1], tl.float32)
-    if D2 > 0:
-        q2 = _ld(qt, rm, sqn, mmask, D0 + D1, D2, HEAD_DIM, True)
-        do2 = _ld(dt, rm, sdn, mmask, D0 + D1, D2, HEAD_DIM, True)
-        dq2 = tl.zeros([BLOCK_M, D2], tl.float32)
+    q0, q1, q2 = _ld_chunks(qt, rm, sqn, mmask, D0, D1, D2, HEAD_DIM)
+    do0, do1, do2 = _ld_chunks(dt, rm, sdn, mmask, D0, D1, D2, HEAD_DIM)
+    dq0, dq1, dq2 = _zeros_chunks(BLOCK_M, D0, D1, D2)
     loff = bh.to(tl.int64) * Nq + start_m + rm
     lse2 = tl.load(LSE + loff, mask=mmask, other=0.0) * LOG2E
     dl = tl.load(DELTA + loff, mask=mmask, other=0.0)
@@ -557,23 +502,19 @@ def _attn_bwd_dq(Q, K, V, DO, LSE, DELTA, DQ, qk_scale, sm_scale, Nq, Nk, H,
     vt = V + b * svb + h * svh
     for start_n in range(0, Nk, BLOCK_N):
         nmask = start_n + rn < Nk
-        k = _ld(kt, rn, skn, nmask, 0, D0, HEAD_DIM, True)
-        v = _ld(vt, rn, svn, nmask, 0, D0, HEAD_DIM, True)
-        s = tl.dot(q0, tl.trans(k), input_precision=DOT_PREC)
-        dp = tl.dot(do0, tl.trans(v), input_precision=DOT_PREC)
+        k0, k1, k2 = _ld_chunks(kt, rn, skn, nmask, D0, D1, D2, HEAD_DIM)
+        v0, v1, v2 = _ld_chunks(vt, rn, svn, nmask, D0, D1, D2, HEAD_DIM)
+        s = tl.dot(q0, tl.trans(k0), input_precision=DOT_PREC)
+        dp = tl.dot(do0, tl.trans(v0), input_precision=DOT_PREC)
         if D1 > 0:
-            k1 = _ld(kt, rn, skn, nmask, D0, D1, HEAD_DIM, True)
-            v1 = _ld(vt, rn, svn, nmask, D0, D1, HEAD_DIM, True)
             s = tl.dot(q1, tl.trans(k1), s, input_precision=DOT_PREC)
             dp = tl.dot(do1, tl.trans(v1), dp, input_precision=DOT_PREC)
         if D2 > 0:
-            k2 = _ld(kt, rn, skn, nmask, D0 + D1, D2, HEAD_DIM, True)
-            v2 = _ld(vt, rn, svn, nmask, D0 + D1, D2, HEAD_DIM, True)
             s = tl.dot(q2, tl.trans(k2), s, input_precision=DOT_PREC)
             dp = tl.dot(do2, tl.trans(v2), dp, input_precision=DOT_PREC)
         p = tl.where(nmask[None, :], tl.math.exp2(s * qk_scale - lse2[:, None]), 0.0)
         ds = (p * (dp - dl[:, None])).to(dtype)
-        dq0 = tl.dot(ds, k, dq0, input_precision=DOT_PREC)
+        dq0 = tl.dot(ds, k0, dq0, input_precision=DOT_PREC)
         if D1 > 0:
             dq1 = tl.dot(ds, k1, dq1, input_precision=DOT_PREC)
         if D2 > 0:
@@ -583,15 +524,12 @@ def _attn_bwd_dq(Q, K, V, DO, LSE, DELTA, DQ, qk_scale, sm_scale, Nq, Nk, H,
 
     sn = H * HEAD_DIM
     off = (b * Nq + start_m) * sn + h * HEAD_DIM
-    _st(DQ + off, rm, sn, mmask, (dq0 * sm_scale).to(dtype), 0, D0, HEAD_DIM)
-    if D1 > 0:
-        _st(DQ + off, rm, sn, mmask, (dq1 * sm_scale).to(dtype), D0, D1, HEAD_DIM)
-    if D2 > 0:
-        _st(DQ + off, rm, sn, mmask, (dq2 * sm_scale).to(dtype), D0 + D1, D2, HEAD_DIM)
+    _st_chunks(DQ + off, rm, sn, mmask, (dq0 * sm_scale).to(dtype), (dq1 * sm_scale).to(dtype),
+               (dq2 * sm_scale).to(dtype), D0, D1, D2, HEAD_DIM)
 
 
 @triton.jit(do_not_specialize=_RUNTIME_INTS)
-def _attn_bwd_short(Q, K, V, O, DO, LSE, DQ, DK, DV, qk_scale, sm_scale, Nq, Nk, H, BH,
+def _attention_bwd_short_kernel(Q, K, V, O, DO, LSE, DQ, DK, DV, qk_scale, sm_scale, Nq, Nk, H, BH,
                     stride_qb, stride_qn, stride_qh, stride_kb, stride_kn, stride_kh,
                     stride_vb, stride_vn, stride_vh, stride_ob, stride_on, stride_oh,
                     stride_db, stride_dn, stride_dh,
@@ -599,21 +537,11 @@ def _attn_bwd_short(Q, K, V, O, DO, LSE, DQ, DK, DV, qk_scale, sm_scale, Nq, Nk,
                     G: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, SU: tl.constexpr,
                     DOT_PREC: tl.constexpr):
     """N <= 64: dQ, dK, dV of G (batch, head) pairs, whole sequences in registers."""
-    sqb = stride_qb.to(tl.int64) * SU
-    sqn = stride_qn.to(tl.int64) * SU
-    sqh = stride_qh.to(tl.int64) * SU
-    skb = stride_kb.to(tl.int64) * SU
-    skn = stride_kn.to(tl.int64) * SU
-    skh = stride_kh.to(tl.int64) * SU
-    svb = stride_vb.to(tl.int64) * SU
-    svn = stride_vn.to(tl.int64) * SU
-    svh = stride_vh.to(tl.int64) * SU
-    sob = stride_ob.to(tl.int64) * SU
-    son = stride_on.to(tl.int64) * SU
-    soh = stride_oh.to(tl.int64) * SU
-    sdb = stride_db.to(tl.int64) * SU
-    sdn = stride_dn.to(tl.int64) * SU
-    sdh = stride_dh.to(tl.int64) * SU
+    sqb, sqn, sqh = _strides64(stride_qb, stride_qn, stride_qh, SU)
+    skb, skn, skh = _strides64(stride_kb, stride_kn, stride_kh, SU)
+    svb, svn, svh = _strides64(stride_vb, stride_vn, stride_vh, SU)
+    sob, son, soh = _strides64(stride_ob, stride_on, stride_oh, SU)
+    sdb, sdn, sdh = _strides64(stride_db, stride_dn, stride_dh, SU)
 
     pairs = tl.program_id(0) * G + tl.arange(0, G)
     pmask = pairs < BH
@@ -918,7 +846,7 @@ def attention_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: 
             bm, bn = max(16, triton.next_power_of_2(Nq)), max(16, triton.next_power_of_2(Nk))
 
             def launch(c: Cfg):
-                _attn_fwd_short[(triton.cdiv(B * H, c.pairs),)](
+                _attention_fwd_short_kernel[(triton.cdiv(B * H, c.pairs),)](
                     q, k, v, out, lse, qk_scale, Nq, Nk, H, B * H, *strides, **common,
                     G=c.pairs, BM=bm, BN=bn, num_warps=c.num_warps, num_stages=c.num_stages)
 
@@ -928,7 +856,7 @@ def attention_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: 
             n_prog = B * H * triton.cdiv(Nq, 128)
 
             def launch(c: Cfg):
-                _attn_fwd[(B * H * triton.cdiv(Nq, c.block_m),)](
+                _attention_fwd_kernel[(B * H * triton.cdiv(Nq, c.block_m),)](
                     q, k, v, out, lse, qk_scale, Nq, Nk, H, *strides, **common,
                     BLOCK_M=c.block_m, BLOCK_N=c.block_n, SCALE_NEG=s < 0,
                     num_warps=c.num_warps, num_stages=c.num_stages)
@@ -969,7 +897,7 @@ def attention_backward(grad_out: torch.Tensor, q: torch.Tensor, k: torch.Tensor,
             su, strides = _stride_args(q, k, v, out, grad_out)
 
             def launch(c: Cfg):
-                _attn_bwd_short[(triton.cdiv(B * H, c.pairs),)](
+                _attention_bwd_short_kernel[(triton.cdiv(B * H, c.pairs),)](
                     q, k, v, out, grad_out, lse, dq, dk, dv, qk_scale, s, Nq, Nk, H, B * H,
                     *strides, **common, SU=su, G=c.pairs, BM=bm, BN=bn,
                     num_warps=c.num_warps, num_stages=c.num_stages)
@@ -981,7 +909,7 @@ def attention_backward(grad_out: torch.Tensor, q: torch.Tensor, k: torch.Tensor,
         delta = torch.empty((B, H, Nq), dtype=torch.float32, device=q.device)
         dm = 64 if Dh <= 128 else 32
         su, strides = _stride_args(out, grad_out)
-        _attn_bwd_delta[(B * H * triton.cdiv(Nq, dm),)](
+        _attention_bwd_delta_kernel[(B * H * triton.cdiv(Nq, dm),)](
             out, grad_out, delta, Nq, H, *strides, HEAD_DIM=Dh, BLOCK_M=dm, SU=su,
             BLOCK_D=triton.next_power_of_2(Dh), num_warps=4)
         su, strides = _stride_args(q, k, v, grad_out)
@@ -989,13 +917,13 @@ def attention_backward(grad_out: torch.Tensor, q: torch.Tensor, k: torch.Tensor,
         args = (q, k, v, grad_out, lse, delta)
 
         def launch_dkdv(c: Cfg):
-            _attn_bwd_dkdv[(B * H * triton.cdiv(Nk, c.block_n),)](
+            _attention_bwd_dkdv_kernel[(B * H * triton.cdiv(Nk, c.block_n),)](
                 *args, dk, dv, qk_scale, s, Nq, Nk, H, *strides, **common,
                 BLOCK_M=c.block_m, BLOCK_N=c.block_n, num_warps=c.num_warps, num_stages=c.num_stages)
 
         def launch_dq(c: Cfg):
             # the dQ kernel loops over keys: its resident tile is the query block
-            _attn_bwd_dq[(B * H * triton.cdiv(Nq, c.block_n),)](
+            _attention_bwd_dq_kernel[(B * H * triton.cdiv(Nq, c.block_n),)](
                 *args, dq, qk_scale, s, Nq, Nk, H, *strides, **common,
                 BLOCK_M=c.block_n, BLOCK_N=c.block_m, num_warps=c.num_warps, num_stages=c.num_stages)
 
@@ -1073,24 +1001,24 @@ def _specs(dtypes=("fp16", "bf16"), head_dims=FAST_HEAD_DIMS, archs=(80, 90), al
                 # the small-grid variant (BLOCK_M = 64) the launcher may move first
                 fwd_used = fwd if all_candidates else (fwd[0],) + tuple(c for c in fwd if c.block_m == 64)[:1]
                 for c in fwd_used:
-                    specs.append(_spec(_attn_fwd, dt, dict(fwd_ce, BLOCK_M=c.block_m, BLOCK_N=c.block_n,
+                    specs.append(_spec(_attention_fwd_kernel, dt, dict(fwd_ce, BLOCK_M=c.block_m, BLOCK_N=c.block_n,
                                                            SCALE_NEG=False), c,
                                        f"attn_fwd_{tag}_m{c.block_m}n{c.block_n}w{c.num_warps}s{c.num_stages}"))
                 sc = fwd_short_configs(arch, tdt, sum(kd), 16)
                 for c in (sc if all_candidates else sc[:1]):
-                    specs.append(_spec(_attn_fwd_short, dt, dict(fwd_ce, G=c.pairs, BM=16, BN=16), c,
+                    specs.append(_spec(_attention_fwd_short_kernel, dt, dict(fwd_ce, G=c.pairs, BM=16, BN=16), c,
                                        f"attn_fwd_short_{tag}_n16g{c.pairs}w{c.num_warps}"))
                 bc = bwd_configs(arch, tdt, sum(bd))
                 for c in (bc if all_candidates else bc[:1]):
-                    specs.append(_spec(_attn_bwd_dkdv, dt, dict(bwd_ce, BLOCK_M=c.block_m, BLOCK_N=c.block_n), c,
+                    specs.append(_spec(_attention_bwd_dkdv_kernel, dt, dict(bwd_ce, BLOCK_M=c.block_m, BLOCK_N=c.block_n), c,
                                        f"attn_bwd_dkdv_{tag}_m{c.block_m}n{c.block_n}w{c.num_warps}"))
-                    specs.append(_spec(_attn_bwd_dq, dt, dict(bwd_ce, BLOCK_M=c.block_n, BLOCK_N=c.block_m), c,
+                    specs.append(_spec(_attention_bwd_dq_kernel, dt, dict(bwd_ce, BLOCK_M=c.block_n, BLOCK_N=c.block_m), c,
                                        f"attn_bwd_dq_{tag}_m{c.block_n}n{c.block_m}w{c.num_warps}"))
                 bs = bwd_short_configs(arch, tdt, sum(bd), 16)
                 for c in (bs if all_candidates else bs[:1]):
-                    specs.append(_spec(_attn_bwd_short, dt, dict(bwd_ce, G=c.pairs, BM=16, BN=16), c,
+                    specs.append(_spec(_attention_bwd_short_kernel, dt, dict(bwd_ce, G=c.pairs, BM=16, BN=16), c,
                                        f"attn_bwd_short_{tag}_n16g{c.pairs}w{c.num_warps}"))
-                specs.append(_spec(_attn_bwd_delta, dt, dict(HEAD_DIM=dh, BLOCK_M=64 if dh <= 128 else 32, SU=8,
+                specs.append(_spec(_attention_bwd_delta_kernel, dt, dict(HEAD_DIM=dh, BLOCK_M=64 if dh <= 128 else 32, SU=8,
                                                              BLOCK_D=triton.next_power_of_2(dh)),
                                    Cfg(64, 0, 4, 1), f"attn_bwd_delta_{tag}"))
     return specs

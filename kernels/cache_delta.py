@@ -15,7 +15,7 @@ from skipdit_fast.ops.checks import check_cache_delta, new_output
 
 
 @triton.jit
-def _cache_delta_partial(a_ptr, b_ptr, part_ptr, n_rows, D, stride_a, stride_b,
+def _cache_delta_partial_kernel(a_ptr, b_ptr, part_ptr, n_rows, D, stride_a, stride_b,
                          BLOCK_R: tl.constexpr, BLOCK_D: tl.constexpr, ACC_F64: tl.constexpr):
     pid = tl.program_id(0)
     nprog = tl.num_programs(0)
@@ -41,7 +41,7 @@ def _cache_delta_partial(a_ptr, b_ptr, part_ptr, n_rows, D, stride_a, stride_b,
 
 
 @triton.jit
-def _cache_delta_finish(part_ptr, out_ptr, n_parts, BLOCK: tl.constexpr):
+def _cache_delta_finish_kernel(part_ptr, out_ptr, n_parts, BLOCK: tl.constexpr):
     offs = tl.arange(0, BLOCK)
     acc_d = tl.zeros([BLOCK], dtype=part_ptr.dtype.element_ty)
     acc_s = tl.zeros([BLOCK], dtype=part_ptr.dtype.element_ty)
@@ -98,9 +98,9 @@ def cache_delta(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     acc = torch.float64 if f64 else torch.float32
     parts = torch.empty(2 * grid, device=a.device, dtype=acc)
     out = new_output((), device=a.device, dtype=acc)
-    _cache_delta_partial[(grid,)](a, b, parts, n_rows, D, sa, sb, BLOCK_R=block_r,
+    _cache_delta_partial_kernel[(grid,)](a, b, parts, n_rows, D, sa, sb, BLOCK_R=block_r,
                                   BLOCK_D=block_d, ACC_F64=f64, num_warps=4)
-    _cache_delta_finish[(1,)](parts, out, grid, BLOCK=256, num_warps=4)
+    _cache_delta_finish_kernel[(1,)](parts, out, grid, BLOCK=256, num_warps=4)
     return out
 
 
@@ -111,12 +111,12 @@ def _specs():
     for dt in ("fp16", "bf16", "fp32"):
         for block_d in (128, 1024):
             specs.append(AotSpec(
-                _cache_delta_partial,
+                _cache_delta_partial_kernel,
                 {"a_ptr": f"*{dt}", "b_ptr": f"*{dt}", "part_ptr": "*fp32", "n_rows": "i32",
                  "D": "i32", "stride_a": "i64", "stride_b": "i64"},
                 {"BLOCK_R": max(1, 1024 // block_d), "BLOCK_D": block_d, "ACC_F64": False},
                 num_warps=4, name=f"cache_delta_partial_{dt}_d{block_d}"))
-    specs.append(AotSpec(_cache_delta_finish, {"part_ptr": "*fp32", "out_ptr": "*fp32", "n_parts": "i32"},
+    specs.append(AotSpec(_cache_delta_finish_kernel, {"part_ptr": "*fp32", "out_ptr": "*fp32", "n_parts": "i32"},
                          {"BLOCK": 256}, num_warps=4, name="cache_delta_finish"))
     return specs
 

@@ -1,11 +1,11 @@
 """skip_fuse in Triton: y = linear(layer_norm(cat([x, skip], -1)), weight, bias).
 
 Forward (two launches):
-  1. _stats_kernel: per-row mean and rstd of z = cat(x, skip) in fp32, [M] each. The
+  1. _skip_fuse_row_stats_kernel: per-row mean and rstd of z = cat(x, skip) in fp32, [M] each. The
      whole row sits in registers; the mean is refined by a second centered pass and
      the variance is the centered sum of squares (never E[z^2] - E[z]^2 on raw values).
      One HBM read of x and skip, which also leaves them in L2 for the GEMM.
-  2. _fwd_kernel: a GEMM over K = 2D in two halves, one per base pointer (x, then
+  2. _skip_fuse_fwd_kernel: a GEMM over K = 2D in two halves, one per base pointer (x, then
      skip; no concatenation). The prologue of every K step loads a [BLOCK_M, BLOCK_K]
      tile, normalizes it in fp32 with the row statistics, applies gamma/beta, rounds
      to the operand dtype and feeds tl.dot; bias is added in the epilogue. Nothing is
@@ -13,14 +13,14 @@ Forward (two launches):
 
 Backward (grad_out dy [M, D_out]):
   1. dh = dy @ W (torch.matmul, [M, 2D] in the operand dtype, as the reference does).
-  2. _ln_bwd_kernel: persistent over row tiles; recomputes the row statistics (and
+  2. _skip_fuse_ln_bwd_kernel: persistent over row tiles; recomputes the row statistics (and
      writes them for step 3), writes grad_x and grad_skip directly from the two halves
      of the LayerNorm input gradient, and accumulates per-program partial sums of
      grad_norm_weight / grad_norm_bias ([P, 2D] fp32).
-  3. _dw_kernel: grad_weight = dy^T @ h with h normalized in the GEMM prologue from x
+  3. _skip_fuse_dw_kernel: grad_weight = dy^T @ h with h normalized in the GEMM prologue from x
      and skip (h is never materialized), optionally split over rows into fp32
      partials.
-  4. _sum_rows_kernel: fixed-order (deterministic) column sums: the partials of
+  4. _skip_fuse_col_sums_kernel: fixed-order (deterministic) column sums: the partials of
      steps 2 and 3, and grad_bias from dy (row chunks, then the chunks), cast to the
      parameters' dtypes.
 
@@ -75,7 +75,7 @@ def _row_stats(x, s, cmask, D, eps):
 
 
 @triton.jit(do_not_specialize=["M"])
-def _stats_kernel(x_ptr, s_ptr, mean_ptr, rstd_ptr, M, D, n1, n2, sx0, sx1, sx2, ss0, ss1, ss2, eps,
+def _skip_fuse_row_stats_kernel(x_ptr, s_ptr, mean_ptr, rstd_ptr, M, D, n1, n2, sx0, sx1, sx2, ss0, ss1, ss2, eps,
                   BLOCK_R: tl.constexpr, BLOCK_D: tl.constexpr, ALIGNED: tl.constexpr):
     D = (D // 8) * 8  # D % 8 == 0 (backends.LIMITS): lets the column masks vectorize
     pid = tl.program_id(0)
@@ -84,7 +84,7 @@ def _stats_kernel(x_ptr, s_ptr, mean_ptr, rstd_ptr, M, D, n1, n2, sx0, sx1, sx2,
     rows = tl.where(rmask, rr, 0)
     x_rows = x_ptr + _row_offsets(rows, n1, n2, sx0, sx1, sx2)
     s_rows = s_ptr + _row_offsets(rows, n1, n2, ss0, ss1, ss2)
-    if ALIGNED:  # see _fwd_kernel
+    if ALIGNED:  # see _skip_fuse_fwd_kernel
         x_rows = tl.multiple_of(x_rows, [16])
         s_rows = tl.multiple_of(s_rows, [16])
     cols = tl.arange(0, BLOCK_D)
@@ -97,7 +97,7 @@ def _stats_kernel(x_ptr, s_ptr, mean_ptr, rstd_ptr, M, D, n1, n2, sx0, sx1, sx2,
 
 
 @triton.jit(do_not_specialize=["M", "M_BUCKET"])
-def _fwd_kernel(x_ptr, s_ptr, mean_ptr, rstd_ptr, g_ptr, b_ptr, w_ptr, bias_ptr, y_ptr,
+def _skip_fuse_fwd_kernel(x_ptr, s_ptr, mean_ptr, rstd_ptr, g_ptr, b_ptr, w_ptr, bias_ptr, y_ptr,
                 M, D, N, n1, n2, sx0, sx1, sx2, ss0, ss1, ss2, stride_w, M_BUCKET,
                 HAS_BIAS: tl.constexpr, ALIGNED: tl.constexpr, PREC: tl.constexpr, EVEN_K: tl.constexpr,
                 BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr):
@@ -172,7 +172,7 @@ def _fwd_kernel(x_ptr, s_ptr, mean_ptr, rstd_ptr, g_ptr, b_ptr, w_ptr, bias_ptr,
 
 
 @triton.jit(do_not_specialize=["M"])
-def _ln_bwd_kernel(dh_ptr, x_ptr, s_ptr, g_ptr, dx_ptr, ds_ptr, mean_ptr, rstd_ptr, pg_ptr, pb_ptr,
+def _skip_fuse_ln_bwd_kernel(dh_ptr, x_ptr, s_ptr, g_ptr, dx_ptr, ds_ptr, mean_ptr, rstd_ptr, pg_ptr, pb_ptr,
                    M, D, n1, n2, sx0, sx1, sx2, ss0, ss1, ss2, eps,
                    BLOCK_R: tl.constexpr, BLOCK_D: tl.constexpr, ALIGNED: tl.constexpr):
     """LayerNorm backward over z = cat(x, skip), written straight into grad_x and
@@ -202,7 +202,7 @@ def _ln_bwd_kernel(dh_ptr, x_ptr, s_ptr, g_ptr, dx_ptr, ds_ptr, mean_ptr, rstd_p
         dh_rows = tl.multiple_of(dh_ptr + r64 * two_d, [16])[:, None]
         dx_rows = tl.multiple_of(dx_ptr + r64 * D, [16])[:, None]
         ds_rows = tl.multiple_of(ds_ptr + r64 * D, [16])[:, None]
-        if ALIGNED:  # see _fwd_kernel
+        if ALIGNED:  # see _skip_fuse_fwd_kernel
             x_rows = tl.multiple_of(x_rows, [16])
             s_rows = tl.multiple_of(s_rows, [16])
         x = tl.load(x_rows[:, None] + cols[None, :], mask=cmask[None, :], other=0.0).to(tl.float32)
@@ -235,7 +235,7 @@ def _ln_bwd_kernel(dh_ptr, x_ptr, s_ptr, g_ptr, dx_ptr, ds_ptr, mean_ptr, rstd_p
 
 
 @triton.jit(do_not_specialize=["M", "M_BUCKET"])
-def _dw_kernel(dy_ptr, x_ptr, s_ptr, mean_ptr, rstd_ptr, g_ptr, b_ptr, dw_ptr,
+def _skip_fuse_dw_kernel(dy_ptr, x_ptr, s_ptr, mean_ptr, rstd_ptr, g_ptr, b_ptr, dw_ptr,
                M, D, N, n1, n2, sx0, sx1, sx2, ss0, ss1, ss2, stride_dy, SPLITS, M_BUCKET,
                ALIGNED: tl.constexpr, PREC: tl.constexpr, EVEN_K: tl.constexpr,
                BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_M: tl.constexpr):
@@ -279,7 +279,7 @@ def _dw_kernel(dy_ptr, x_ptr, s_ptr, mean_ptr, rstd_ptr, g_ptr, b_ptr, dw_ptr,
         dy_rows = dy_ptr + r64 * stride_dy
         # _row_offsets, inlined (nested jit calls are slow in the interpreter)
         a_rows = a_ptr + ((r64 // (n1 * n2)) * t0 + ((r64 // n2) % n1) * t1 + (r64 % n2) * t2)
-        if ALIGNED:  # see _fwd_kernel
+        if ALIGNED:  # see _skip_fuse_fwd_kernel
             dy_rows = tl.multiple_of(dy_rows, [16])
             a_rows = tl.multiple_of(a_rows, [16])
         dy = tl.load(dy_rows[:, None] + rn[None, :], mask=rmask[:, None] & nmask[None, :], other=0.0)
@@ -297,7 +297,7 @@ def _dw_kernel(dy_ptr, x_ptr, s_ptr, mean_ptr, rstd_ptr, g_ptr, b_ptr, dw_ptr,
 
 
 @triton.jit(do_not_specialize=["R", "ROWS_PER"])
-def _sum_rows_kernel(in_ptr, out_ptr, R, L, stride, ROWS_PER, BLOCK_R: tl.constexpr, BLOCK: tl.constexpr):
+def _skip_fuse_col_sums_kernel(in_ptr, out_ptr, R, L, stride, ROWS_PER, BLOCK_R: tl.constexpr, BLOCK: tl.constexpr):
     """out[c, j] = sum of in[r, j] over rows r in [c * ROWS_PER, (c + 1) * ROWS_PER) ∩ [0, R),
     c = program_id(1), in fp32, cast to out's dtype. The order of the additions is
     fixed (deterministic). Reduces the per-program partials, and gives grad_bias
@@ -378,8 +378,8 @@ def _even_k(args):
 
 
 _KEY = ["M_BUCKET", "D", "N"]  # + the dtypes of the tensor arguments (added by triton)
-_fwd_heur = triton.heuristics({"EVEN_K": _even_k})(_fwd_kernel)
-_dw_heur = triton.heuristics({"EVEN_K": _even_k})(_dw_kernel)
+_fwd_heur = triton.heuristics({"EVEN_K": _even_k})(_skip_fuse_fwd_kernel)
+_dw_heur = triton.heuristics({"EVEN_K": _even_k})(_skip_fuse_dw_kernel)
 _FWD_TUNED = {k: triton.autotune(v, key=_KEY, prune_configs_by={"early_config_prune": _prune_fwd})(_fwd_heur)
               for k, v in FWD_CONFIGS.items()}
 _DW_TUNED = {k: triton.autotune(v, key=_KEY, prune_configs_by={"early_config_prune": _prune_dw})(_dw_heur)
@@ -498,7 +498,7 @@ def _row_stats_launch(x, skip, lay, M, D, eps, aligned):
     mean = new_output((M,), dtype=torch.float32, device=x.device)
     rstd = new_output((M,), dtype=torch.float32, device=x.device)
     block_r, block_d, warps = _rowwise_meta(D, 2048, x.device)
-    _stats_kernel[(triton.cdiv(M, block_r),)](x, skip, mean, rstd, M, D, n1, n2, *sx, *ss, eps,
+    _skip_fuse_row_stats_kernel[(triton.cdiv(M, block_r),)](x, skip, mean, rstd, M, D, n1, n2, *sx, *ss, eps,
                                               BLOCK_R=block_r, BLOCK_D=block_d, ALIGNED=aligned,
                                               num_warps=warps)
     return mean, rstd
@@ -537,13 +537,13 @@ def _dw_splits(device, M: int, D: int, N: int) -> int:
 _SUM_R, _SUM_BLOCK = 16, 256
 
 
-def _sum_rows(inp: torch.Tensor, out: torch.Tensor, chunks: int = 1) -> None:
+def _col_sums(inp: torch.Tensor, out: torch.Tensor, chunks: int = 1) -> None:
     """out[c] = column sums of chunk c of inp's rows (inp 2-D, last dim contiguous;
     out [chunks, L] or [L] when chunks == 1)."""
     R, L = inp.shape
     rows_per = triton.cdiv(R, chunks)
     block = _SUM_BLOCK if inp.device.type == "cuda" else 4096  # interpreter: fewer programs
-    _sum_rows_kernel[(triton.cdiv(L, block), chunks)](inp, out, R, L, inp.stride(0), rows_per,
+    _skip_fuse_col_sums_kernel[(triton.cdiv(L, block), chunks)](inp, out, R, L, inp.stride(0), rows_per,
                                                       BLOCK_R=_SUM_R, BLOCK=block, num_warps=4)
 
 
@@ -572,12 +572,12 @@ def skip_fuse_backward(grad_out: torch.Tensor, x: torch.Tensor, skip: torch.Tens
     P = _FORCED.get("ln_programs") or min(triton.cdiv(M, block_r), 2 * _num_sms(dev))
     part_g = new_output((P, 2 * D), dtype=torch.float32, device=dev)
     part_b = new_output((P, 2 * D), dtype=torch.float32, device=dev)
-    _ln_bwd_kernel[(P,)](dh, x, skip, nw, dx, dskip, mean, rstd, part_g, part_b, M, D, n1, n2, *sx, *ss, eps,
+    _skip_fuse_ln_bwd_kernel[(P,)](dh, x, skip, nw, dx, dskip, mean, rstd, part_g, part_b, M, D, n1, n2, *sx, *ss, eps,
                          BLOCK_R=block_r, BLOCK_D=block_d, ALIGNED=aligned, num_warps=warps)
     dnw = new_output(norm_weight.shape, dtype=norm_weight.dtype, device=dev)
     dnb = new_output(norm_bias.shape, dtype=norm_bias.dtype, device=dev)
-    _sum_rows(part_g, dnw)
-    _sum_rows(part_b, dnb)
+    _col_sums(part_g, dnw)
+    _col_sums(part_b, dnb)
 
     # 3. grad_weight = dy^T @ h (h normalized in the GEMM prologue)
     S = _dw_splits(dev, M, D, N)
@@ -592,7 +592,7 @@ def skip_fuse_backward(grad_out: torch.Tensor, x: torch.Tensor, skip: torch.Tens
 
     _launch(_DW_TUNED[family], _dw_heur, "dw", _INTERP_DW, grid, args, meta, dev)
     if S > 1:
-        _sum_rows(dw_out.view(S, N * 2 * D), dw.view(N * 2 * D))
+        _col_sums(dw_out.view(S, N * 2 * D), dw.view(N * 2 * D))
 
     # 4. grad_bias: column sums of dy, over row chunks then over the chunks
     if bias is None:
@@ -601,11 +601,11 @@ def skip_fuse_backward(grad_out: torch.Tensor, x: torch.Tensor, skip: torch.Tens
         db = new_output(bias.shape, dtype=bias.dtype, device=dev)
         chunks = min(triton.cdiv(M, 256), max(1, 2 * _num_sms(dev) // triton.cdiv(N, _SUM_BLOCK)))
         if chunks == 1:
-            _sum_rows(dy, db)
+            _col_sums(dy, db)
         else:
             part = new_output((chunks, N), dtype=torch.float32, device=dev)
-            _sum_rows(dy, part, chunks)
-            _sum_rows(part, db)
+            _col_sums(dy, part, chunks)
+            _col_sums(part, db)
     return dx, dskip, dnw, dnb, dw, db
 
 
@@ -646,7 +646,7 @@ def _specs():
                     for layout in ("rows", "general") if general else ("rows",):
                         sig = sig_fn(dt, out_dt or dt)
                         ce = dict(cfg.kwargs, ALIGNED=True, PREC=prec, EVEN_K=True)
-                        if kernel is _fwd_kernel:
+                        if kernel is _skip_fuse_fwd_kernel:
                             ce["HAS_BIAS"] = True
                         if layout == "rows":
                             ce.update(n1=1, n2=1)
@@ -657,24 +657,24 @@ def _specs():
                                                   f"s{cfg.num_stages}_{layout}"))
         return specs
 
-    specs = gemm_specs(_fwd_kernel, lambda dt, _: _fwd_sig(dt, "fp32"), FWD_CONFIGS, "fwd", None)
-    specs += gemm_specs(_dw_kernel, _dw_sig, DW_CONFIGS, "dw", "fp32")
+    specs = gemm_specs(_skip_fuse_fwd_kernel, lambda dt, _: _fwd_sig(dt, "fp32"), FWD_CONFIGS, "fwd", None)
+    specs += gemm_specs(_skip_fuse_dw_kernel, _dw_sig, DW_CONFIGS, "dw", "fp32")
     for dt in ("fp16", "bf16", "fp32"):
         for D in (72, 1152, 4096):
             dev = torch.device("cuda")
             br, bd, warps = _rowwise_meta(D, 2048, dev)
             sig = {"x_ptr": f"*{dt}", "s_ptr": f"*{dt}", "mean_ptr": "*fp32", "rstd_ptr": "*fp32", **_ROW_SIG,
                    "eps": "fp32"}
-            specs.append(AotSpec(_stats_kernel, sig, dict(BLOCK_R=br, BLOCK_D=bd, ALIGNED=True, n1=1, n2=1),
+            specs.append(AotSpec(_skip_fuse_row_stats_kernel, sig, dict(BLOCK_R=br, BLOCK_D=bd, ALIGNED=True, n1=1, n2=1),
                                  num_warps=warps, name=f"skip_fuse_stats_{dt}_d{D}"))
             br, bd, warps = _rowwise_meta(D, 1024, dev)
             sig = {"dh_ptr": f"*{dt}", "x_ptr": f"*{dt}", "s_ptr": f"*{dt}", "g_ptr": "*fp32", "dx_ptr": f"*{dt}",
                    "ds_ptr": f"*{dt}", "mean_ptr": "*fp32", "rstd_ptr": "*fp32", "pg_ptr": "*fp32",
                    "pb_ptr": "*fp32", **_ROW_SIG, "eps": "fp32"}
-            specs.append(AotSpec(_ln_bwd_kernel, sig, dict(BLOCK_R=br, BLOCK_D=bd, ALIGNED=True, n1=1, n2=1),
+            specs.append(AotSpec(_skip_fuse_ln_bwd_kernel, sig, dict(BLOCK_R=br, BLOCK_D=bd, ALIGNED=True, n1=1, n2=1),
                                  num_warps=warps, name=f"skip_fuse_ln_bwd_{dt}_d{D}"))
         for src, dst in {("fp32", dt), (dt, "fp32")}:  # partials -> parameter dtype; dy -> fp32
-            specs.append(AotSpec(_sum_rows_kernel, {"in_ptr": f"*{src}", "out_ptr": f"*{dst}", "R": "i32", "L": "i32",
+            specs.append(AotSpec(_skip_fuse_col_sums_kernel, {"in_ptr": f"*{src}", "out_ptr": f"*{dst}", "R": "i32", "L": "i32",
                                                     "stride": "i64", "ROWS_PER": "i32"},
                                  {"BLOCK_R": _SUM_R, "BLOCK": _SUM_BLOCK}, num_warps=4,
                                  name=f"skip_fuse_sum_rows_{src}_to_{dst}"))
