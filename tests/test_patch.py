@@ -205,6 +205,60 @@ def test_skip_linear_with_a_residual_is_left_alone():
     assert report.left_alone[0].module == "skip_linears.1" and "probe" in report.left_alone[0].reason
 
 
+class GainAttention(OL.TimmAttention):
+    """Scales its output by a tensor attribute (not a parameter or buffer)."""
+
+    def forward(self, x, attn_mask=None):
+        return super().forward(x, attn_mask) * self.gain
+
+
+def test_probe_verdict_is_not_shared_across_differing_attributes():
+    """A second module of the same class whose non-scalar attribute differs is probed
+    on its own (a shared verdict would patch it wrongly)."""
+    a, b = GainAttention(64, 4), GainAttention(64, 4)
+    a.gain, b.gain = torch.tensor(1.0), torch.tensor(3.0)
+    model = nn.ModuleDict({"a": a, "b": b})
+    x = torch.randn(2, 5, 64)
+    with torch.no_grad():
+        want = b(x)
+        report = patch(model)
+        assert rel_err(b(x), want) <= 1e-6
+    assert [c.module for c in report.changed] == ["a"], str(report)
+    assert report.left_alone[0].module == "b" and "probe" in report.left_alone[0].reason
+
+
+class NormReusingDiT(OL.OfficialDiT):
+    """Reads the normalized concatenation beyond skip_linears (a gate on it)."""
+
+    def forward(self, x, t, y):
+        x = self.x_embedder(x) + self.pos_embed
+        c = self.t_embedder(t) + self.y_embedder(y)
+        skips = []
+        depth = len(self.blocks)
+        for index, block in enumerate(self.blocks):
+            if index >= depth // 2:
+                skip_linear = self.skip_linears[index - depth // 2]
+                skip_norm = self.skip_norms[index - depth // 2]
+                h = skip_norm(torch.cat([x, skips.pop()], dim=-1))
+                x = skip_linear(h, x) + h[..., : x.shape[-1]].sigmoid()
+            x = block(x, c)
+            if index < depth // 2:
+                skips.append(x)
+        return self.unpatchify(self.final_layer(x, c))
+
+
+def test_merges_whose_normalized_concatenation_is_read_elsewhere_are_left_alone():
+    model = NormReusingDiT(depth=4, skip=True).eval()
+    x = OL.dit_inputs()
+    with torch.no_grad():
+        want = model(*x)
+        report = patch(model)
+        assert rel_err(model(*x), want) <= 1e-5
+    assert report.counts()["skip merge"] == 0
+    assert all("normalized concatenation" in a.reason for a in report.left_alone if a.what == "skip merge"), str(report)
+    assert len([a for a in report.left_alone if a.what == "skip merge"]) == 2
+
+
 def test_patch_in_train_mode_with_projection_dropout():
     model = official_skip_dit(attn_cls=OL.TimmAttention, proj_drop=0.5).train()
     x = OL.dit_inputs()

@@ -6,7 +6,9 @@ against the original on random float64 weights and inputs (the probe)."""
 
 from __future__ import annotations
 
+import ast
 import inspect
+import textwrap
 from typing import Callable
 
 import torch
@@ -15,14 +17,31 @@ import torch.nn as nn
 from .common import (ATTENTION, SKIP_MERGE, _RECORD, Change, Runner, _float_param, _has_hooks,
                      _set_forward, _undo, attention_head_dim_reason)
 
-def _scalar_attrs(m: nn.Module) -> tuple:
-    return tuple(sorted((k, v) for k, v in vars(m).items()
-                        if not k.startswith("_") and isinstance(v, (bool, int, float, str, type(None)))))
+_SCALARS = (bool, int, float, str, type(None))
+
+
+def _attr_key(v):
+    """A hashable stand-in for an attribute value: scalars (and tuples / lists of them)
+    by value, anything else (a tensor, a callable, a config object) by identity, so
+    that two modules share a probe verdict only when nothing their forward may read
+    differs."""
+    if isinstance(v, _SCALARS):
+        return v
+    if isinstance(v, (tuple, list)) and all(isinstance(e, _SCALARS) for e in v):
+        return (type(v).__name__, tuple(v))
+    return ("id", id(v))
+
+
+def _attrs(m: nn.Module) -> tuple:
+    return tuple(sorted((k, _attr_key(v)) for k, v in vars(m).items() if not k.startswith("_")))
 
 
 def _layout_key(m: nn.Module) -> tuple:
-    return (type(m), _scalar_attrs(m), tuple((n, tuple(p.shape)) for n, p in m.named_parameters()),
-            tuple((n, type(c), _scalar_attrs(c)) for n, c in m.named_modules()))
+    """What a probe verdict may be shared by: the class, every public attribute (see
+    _attr_key), parameter and buffer shapes, and the same for every submodule."""
+    return (type(m), tuple((n, type(c), _attrs(c)) for n, c in m.named_modules()),
+            tuple((n, tuple(p.shape)) for n, p in m.named_parameters()),
+            tuple((n, tuple(b.shape), b.dtype) for n, b in m.named_buffers()))
 
 
 def _random_state(m: nn.Module, gen: torch.Generator) -> dict[str, torch.Tensor]:
@@ -214,6 +233,76 @@ def _fused_skip_linear_forward(self, cat, *args, **kwargs):
     return rec["runner"].skip_fuse(cat[..., :D], cat[..., D:], norm.weight, norm.bias, lin.weight, lin.bias, norm.eps)
 
 
+def _is_list_item(node, attr: str) -> bool:
+    """node is `self.<attr>[...]`."""
+    return (isinstance(node, ast.Subscript) and isinstance(node.value, ast.Attribute)
+            and node.value.attr == attr and isinstance(node.value.value, ast.Name) and node.value.value.id == "self")
+
+
+def _merge_dataflow_reason(fn) -> tuple[int, str | None]:
+    """(number of skip_norms calls in method fn, None when every result of a skip_norms[j] call goes
+    only into a skip_linears[j] call as its first argument (directly, or through a local
+    name whose every read is such an argument or the norm call's own input): the
+    patched norm passes its input through, so no other code may read its output; else
+    the reason)."""
+    tree = ast.parse(textwrap.dedent(inspect.getsource(fn)))
+    norm_names, lin_names = set(), set()
+    for node in ast.walk(tree):  # local aliases: skip_norm = self.skip_norms[i]
+        if isinstance(node, ast.Assign) and len(node.targets) == 1 and isinstance(node.targets[0], ast.Name):
+            if _is_list_item(node.value, "skip_norms"):
+                norm_names.add(node.targets[0].id)
+            elif _is_list_item(node.value, "skip_linears"):
+                lin_names.add(node.targets[0].id)
+
+    def is_call(node, attr, names):
+        return isinstance(node, ast.Call) and (_is_list_item(node.func, attr) or (
+            isinstance(node.func, ast.Name) and node.func.id in names))
+
+    parents = {child: node for node in ast.walk(tree) for child in ast.iter_child_nodes(node)}
+    norm_calls = [n for n in ast.walk(tree) if is_call(n, "skip_norms", norm_names)]
+    for call in norm_calls:
+        parent = parents.get(call)
+        if is_call(parent, "skip_linears", lin_names) and parent.args and parent.args[0] is call:
+            continue
+        if not (isinstance(parent, ast.Assign) and len(parent.targets) == 1 and isinstance(parent.targets[0], ast.Name)):
+            return len(norm_calls), (f"line {call.lineno}: the result of a skip_norms call is used other than as "
+                                     "skip_linears' input")
+        var = parent.targets[0].id
+        own_inputs = {id(n) for arg in call.args for n in ast.walk(arg)}
+        for n in ast.walk(tree):
+            if isinstance(n, ast.Name) and n.id == var and isinstance(n.ctx, ast.Load) and id(n) not in own_inputs:
+                use = parents.get(n)
+                if not (is_call(use, "skip_linears", lin_names) and use.args and use.args[0] is n):
+                    return len(norm_calls), (f"line {n.lineno}: `{var}` (the normalized concatenation) is read "
+                                             "other than as skip_linears' input")
+    return len(norm_calls), None
+
+
+def _normalized_cat_reason(owner: nn.Module) -> str | None:
+    """_merge_dataflow_reason over every method of owner's class (and its bases below
+    nn.Module) that reads self.skip_norms; a reason also when no source can be read."""
+    found = False
+    for cls in type(owner).__mro__:
+        if cls in (nn.Module, object):
+            break
+        for fname, fn in vars(cls).items():
+            if not inspect.isfunction(fn):
+                continue
+            try:
+                src = inspect.getsource(fn)
+            except (OSError, TypeError):
+                return f"{cls.__name__}.{fname}: source not available to check how the merges are used"
+            if "skip_norms" not in src:
+                continue
+            calls, why = _merge_dataflow_reason(fn)
+            found = found or calls > 0
+            if why:
+                return f"{cls.__name__}.{fname}, {why}"
+    if not found:
+        return f"no method of {type(owner).__name__} applies skip_norms (the merges run elsewhere)"
+    return None
+
+
 def _official_skip_merges(name, m, runner, prober, report) -> bool:
     norms, lins = m._modules.get("skip_norms"), m._modules.get("skip_linears")
     if not (isinstance(norms, nn.ModuleList) and isinstance(lins, nn.ModuleList)):
@@ -221,6 +310,12 @@ def _official_skip_merges(name, m, runner, prober, report) -> bool:
     prefix = f"{name}." if name else ""
     if len(norms) != len(lins):
         report.leave(f"{prefix}skip_norms", SKIP_MERGE, f"{len(norms)} skip_norms but {len(lins)} skip_linears")
+        return True
+    why = _normalized_cat_reason(m)
+    if why:
+        for j in range(len(lins)):
+            report.leave(f"{prefix}skip_linears.{j}", SKIP_MERGE,
+                         f"the model may read the normalized concatenation beyond skip_linears: {why}")
         return True
     for j, (norm, wrap) in enumerate(zip(norms, lins)):
         where = f"{prefix}skip_linears.{j}"
