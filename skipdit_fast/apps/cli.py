@@ -15,6 +15,7 @@ COMMANDS = {
     "sample": ("skipdit_fast.apps.sample", "sample images from a DiT / Skip-DiT, with or without Skip-Cache"),
     "demo": ("skipdit_fast.apps.demo", "the package doing its job on the shipped model"),
     "train": ("skipdit_fast.apps.train", "train a tiny DiT / Skip-DiT, or the shipped models (--default)"),
+    "probe": ("skipdit_fast.apps.probe", "feature stability across steps and error amplification, model vs model"),
 }
 
 
