@@ -6,6 +6,7 @@
 // implementations from skipdit_fast/kernels (Triton) at import time.
 #include "ops.h"
 
+#include <ATen/core/dispatch/Dispatcher.h>
 #include <torch/library.h>
 
 #include "common.h"
@@ -66,6 +67,22 @@ SkipFuseShape check_skip_fuse(const char* op, const at::Tensor& x, const at::Ten
   return {x.numel() / D, D, D_out};
 }
 
+SkipFuseShape check_skip_fuse_backward(const char* op, const at::Tensor& grad_out,
+                                       const at::Tensor& x, const at::Tensor& skip,
+                                       const at::Tensor& norm_weight, const at::Tensor& norm_bias,
+                                       const at::Tensor& weight,
+                                       const std::optional<at::Tensor>& bias, double eps) {
+  const SkipFuseShape s = check_skip_fuse(op, x, skip, norm_weight, norm_bias, weight, bias, eps);
+  const auto out_shape = skip_fuse_out_shape(x, s.D_out);
+  TORCH_CHECK_VALUE(grad_out.sizes() == at::IntArrayRef(out_shape), op,
+                    ": grad_out must have the output's shape ", at::IntArrayRef(out_shape),
+                    " (x's leading dims, D_out), got ", grad_out.sizes());
+  TORCH_CHECK_TYPE(grad_out.scalar_type() == x.scalar_type(), op, ": grad_out dtype ",
+                   grad_out.scalar_type(), " differs from x dtype ", x.scalar_type());
+  check_same_device(op, x, "grad_out", grad_out, "x");
+  return s;
+}
+
 double check_attention(const char* op, const at::Tensor& q, const at::Tensor& k,
                        const at::Tensor& v, std::optional<double> scale) {
   check_float_dtype(op, "q", q);
@@ -90,6 +107,29 @@ double check_attention(const char* op, const at::Tensor& q, const at::Tensor& k,
   return s;
 }
 
+double check_attention_backward(const char* op, const at::Tensor& grad_out, const at::Tensor& q,
+                                const at::Tensor& k, const at::Tensor& v, const at::Tensor& out,
+                                const at::Tensor& lse, double scale) {
+  const double s = check_attention(op, q, k, v, scale);
+  for (const auto& [name, t] :
+       {std::pair<const char*, const at::Tensor*>{"grad_out", &grad_out}, {"out", &out}}) {
+    TORCH_CHECK_VALUE(t->sizes() == q.sizes(), op, ": ", name, " must have the shape of q ",
+                      q.sizes(), ", got ", t->sizes());
+    TORCH_CHECK_TYPE(t->scalar_type() == q.scalar_type(), op, ": ", name, " dtype ",
+                     t->scalar_type(), " differs from q dtype ", q.scalar_type());
+    check_same_device(op, q, name, *t, "q");
+  }
+  const std::vector<int64_t> lse_shape{q.size(0), q.size(2), q.size(1)};
+  TORCH_CHECK_VALUE(lse.sizes() == at::IntArrayRef(lse_shape), op,
+                    ": lse must have shape [B, H, Nq] = ", at::IntArrayRef(lse_shape), ", got ",
+                    lse.sizes());
+  TORCH_CHECK_TYPE(lse.scalar_type() == acc_type(q.scalar_type()), op, ": lse dtype ",
+                   lse.scalar_type(), " must be ", acc_type(q.scalar_type()),
+                   " (the accumulation dtype of q's ", q.scalar_type(), ")");
+  check_same_device(op, q, "lse", lse, "q");
+  return s;
+}
+
 void check_cache_delta(const char* op, const at::Tensor& a, const at::Tensor& b) {
   check_float_dtype(op, "a", a);
   check_last_dim_contiguous(op, "a", a);
@@ -103,6 +143,49 @@ void check_cache_delta(const char* op, const at::Tensor& a, const at::Tensor& b)
 }
 
 namespace {
+
+// Argument checks of the backward ops before the dispatcher picks a backend kernel.
+// Registered at BackendSelect, which every call passes before the backend keys: a call
+// that mixes devices (say a meta grad_out with CPU inputs) would otherwise go to the
+// kernel of the highest-priority device among its arguments (the fake kernel for meta),
+// which sees only that its own inputs are consistent and returns uninitialized tensors.
+// The same check runs for the native op and its *_triton twin (one schema each).
+using SkipFuseBwdOut = std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor>;
+using SkipFuseBwdSig = SkipFuseBwdOut(const at::Tensor&, const at::Tensor&, const at::Tensor&,
+                                      const at::Tensor&, const at::Tensor&, const at::Tensor&,
+                                      const std::optional<at::Tensor>&, double);
+using AttnBwdOut = std::tuple<at::Tensor, at::Tensor, at::Tensor>;
+using AttnBwdSig = AttnBwdOut(const at::Tensor&, const at::Tensor&, const at::Tensor&,
+                              const at::Tensor&, const at::Tensor&, const at::Tensor&, double);
+
+constexpr c10::DispatchKeySet kAfterBackendSelect(c10::DispatchKeySet::FULL_AFTER,
+                                                  c10::DispatchKey::BackendSelect);
+
+template <const char* kName>
+SkipFuseBwdOut skip_fuse_backward_checked(c10::DispatchKeySet ks, const at::Tensor& grad_out,
+                                          const at::Tensor& x, const at::Tensor& skip,
+                                          const at::Tensor& nw, const at::Tensor& nb,
+                                          const at::Tensor& w,
+                                          const std::optional<at::Tensor>& bias, double eps) {
+  check_skip_fuse_backward(kName, grad_out, x, skip, nw, nb, w, bias, eps);
+  static auto op = c10::Dispatcher::singleton().findSchemaOrThrow(kName, "").typed<SkipFuseBwdSig>();
+  return op.redispatch(ks & kAfterBackendSelect, grad_out, x, skip, nw, nb, w, bias, eps);
+}
+
+template <const char* kName>
+AttnBwdOut attention_backward_checked(c10::DispatchKeySet ks, const at::Tensor& grad_out,
+                                      const at::Tensor& q, const at::Tensor& k,
+                                      const at::Tensor& v, const at::Tensor& out,
+                                      const at::Tensor& lse, double scale) {
+  check_attention_backward(kName, grad_out, q, k, v, out, lse, scale);
+  static auto op = c10::Dispatcher::singleton().findSchemaOrThrow(kName, "").typed<AttnBwdSig>();
+  return op.redispatch(ks & kAfterBackendSelect, grad_out, q, k, v, out, lse, scale);
+}
+
+constexpr char kSkipFuseBwd[] = "skipdit::skip_fuse_backward";
+constexpr char kSkipFuseBwdTriton[] = "skipdit::skip_fuse_backward_triton";
+constexpr char kAttnBwd[] = "skipdit::attention_backward";
+constexpr char kAttnBwdTriton[] = "skipdit::attention_backward_triton";
 
 std::string build_info() {
   std::string s = "{\"torch\": \"" SKIPDIT_TORCH_VERSION "\"";
@@ -173,4 +256,12 @@ TORCH_LIBRARY(skipdit, m) {
   m.def("attention_forward_triton" SKIPDIT_ATTN_FWD_ARGS);
   m.def("attention_backward_triton" SKIPDIT_ATTN_BWD_ARGS);
   m.def("cache_delta_triton(Tensor a, Tensor b) -> Tensor");
+}
+
+TORCH_LIBRARY_IMPL(skipdit, BackendSelect, m) {
+  using namespace skipdit;
+  m.impl("skip_fuse_backward", TORCH_FN(skip_fuse_backward_checked<kSkipFuseBwd>));
+  m.impl("skip_fuse_backward_triton", TORCH_FN(skip_fuse_backward_checked<kSkipFuseBwdTriton>));
+  m.impl("attention_backward", TORCH_FN(attention_backward_checked<kAttnBwd>));
+  m.impl("attention_backward_triton", TORCH_FN(attention_backward_checked<kAttnBwdTriton>));
 }

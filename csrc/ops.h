@@ -22,9 +22,24 @@ SkipFuseShape check_skip_fuse(const char* op, const at::Tensor& x, const at::Ten
                               const at::Tensor& weight, const std::optional<at::Tensor>& bias,
                               double eps);
 
+// Validates skip_fuse_backward arguments: those of the forward, and grad_out (the
+// output's shape, x's dtype, x's device). Returns the sizes.
+SkipFuseShape check_skip_fuse_backward(const char* op, const at::Tensor& grad_out,
+                                       const at::Tensor& x, const at::Tensor& skip,
+                                       const at::Tensor& norm_weight, const at::Tensor& norm_bias,
+                                       const at::Tensor& weight,
+                                       const std::optional<at::Tensor>& bias, double eps);
+
 // Validates attention arguments; returns the softmax scale to use.
 double check_attention(const char* op, const at::Tensor& q, const at::Tensor& k,
                        const at::Tensor& v, std::optional<double> scale);
+
+// Validates attention_backward arguments: those of the forward, grad_out and out (q's
+// shape and dtype), lse ([B, H, Nq] in the accumulation dtype of q: float32 for 16-bit
+// and float32 inputs, float64 for float64), all on q's device. Returns the scale.
+double check_attention_backward(const char* op, const at::Tensor& grad_out, const at::Tensor& q,
+                                const at::Tensor& k, const at::Tensor& v, const at::Tensor& out,
+                                const at::Tensor& lse, double scale);
 
 void check_cache_delta(const char* op, const at::Tensor& a, const at::Tensor& b);
 

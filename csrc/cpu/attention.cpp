@@ -23,16 +23,17 @@ std::tuple<at::Tensor, at::Tensor> attention_forward_cpu(const at::Tensor& q, co
 std::tuple<at::Tensor, at::Tensor, at::Tensor> attention_backward_cpu(
     const at::Tensor& grad_out, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
     const at::Tensor& out, const at::Tensor& lse, double scale) {
-  const char* op = "skipdit::attention_backward";
-  check_attention(op, q, k, v, scale);
-  TORCH_CHECK_VALUE(grad_out.sizes() == q.sizes() && out.sizes() == q.sizes(), op,
-                    ": grad_out and out must have the shape of q ", q.sizes());
-  TORCH_CHECK_VALUE(lse.dim() == 3 && lse.size(0) == q.size(0) && lse.size(1) == q.size(2) &&
-                        lse.size(2) == q.size(1),
-                    op, ": lse must have shape [B, H, Nq], got ", lse.sizes());
+  check_attention_backward("skipdit::attention_backward", grad_out, q, k, v, out, lse, scale);
+  // ATen's kernel reads out and grad_out through their leading strides but assumes a
+  // contiguous head dim (measured: out with a head-dim stride of 2 gave wrong dq / dk);
+  // such views are copied. lse is read as [B, H, Nq] contiguous.
+  auto head_dim_contiguous = [](const at::Tensor& t) {
+    return t.stride(3) == 1 || t.size(3) == 1 ? t : t.contiguous();
+  };
   auto [dq, dk, dv] = at::_scaled_dot_product_flash_attention_for_cpu_backward(
-      grad_out.transpose(1, 2), q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),
-      out.transpose(1, 2), lse, 0.0, false, {}, scale);
+      head_dim_contiguous(grad_out).transpose(1, 2), q.transpose(1, 2), k.transpose(1, 2),
+      v.transpose(1, 2), head_dim_contiguous(out).transpose(1, 2), lse.contiguous(), 0.0, false,
+      {}, scale);
   return {dq.transpose(1, 2).contiguous(), dk.transpose(1, 2).contiguous(),
           dv.transpose(1, 2).contiguous()};
 }

@@ -21,33 +21,6 @@ namespace {
 
 constexpr int kThreads = 256;
 
-struct Rows {
-  int64_t D;
-  int ndim;
-  int64_t sizes[8];
-  int64_t strides[8];
-  __device__ __forceinline__ int64_t offset(int64_t r) const {
-    int64_t off = 0;
-    for (int i = ndim - 1; i >= 0; --i) {
-      off += (r % sizes[i]) * strides[i];
-      r /= sizes[i];
-    }
-    return off;
-  }
-};
-
-Rows make_rows(const at::Tensor& t) {
-  RowIndexer ri(t);
-  Rows r{};
-  r.D = t.size(-1);
-  r.ndim = ri.ndim;
-  for (int i = 0; i < ri.ndim; ++i) {
-    r.sizes[i] = ri.sizes[i];
-    r.strides[i] = ri.strides[i];
-  }
-  return r;
-}
-
 template <typename T>
 __device__ __forceinline__ double to_d(T v) {
   return static_cast<double>(static_cast<float>(v));
@@ -77,8 +50,8 @@ __device__ __forceinline__ void block_sum2(double& d, double& s, double* smem) {
 
 template <typename scalar_t, typename out_t>
 __global__ void __launch_bounds__(kThreads)
-    cache_delta_kernel(const scalar_t* __restrict__ a, const scalar_t* __restrict__ b, Rows ra,
-                       Rows rb, int64_t n, bool contiguous, double* __restrict__ partials,
+    cache_delta_kernel(const scalar_t* __restrict__ a, const scalar_t* __restrict__ b,
+                       const RowIndexer ra, const RowIndexer rb, int64_t D, int64_t n, bool contiguous, double* __restrict__ partials,
                        unsigned int* __restrict__ ticket, out_t* __restrict__ out) {
   double d = 0.0, s = 0.0;
   const int64_t tid = static_cast<int64_t>(blockIdx.x) * kThreads + threadIdx.x;
@@ -111,7 +84,7 @@ __global__ void __launch_bounds__(kThreads)
     }
   } else {
     for (int64_t i = tid; i < n; i += stride) {
-      const int64_t r = i / ra.D, c = i % ra.D;
+      const int64_t r = i / D, c = i % D;
       const double bv = to_d(b[rb.offset(r) + c]);
       d += fabs(to_d(a[ra.offset(r) + c]) - bv);
       s += fabs(bv);
@@ -154,7 +127,8 @@ int sm_count(int device) {
 }
 
 at::Tensor cache_delta_cuda(const at::Tensor& a, const at::Tensor& b) {
-  check_cache_delta("skipdit::cache_delta", a, b);
+  const char* op = "skipdit::cache_delta";
+  check_cache_delta(op, a, b);
   c10::cuda::CUDAGuard guard(a.device());
   const int64_t n = a.numel();
   const bool contiguous = a.is_contiguous() && b.is_contiguous();
@@ -168,14 +142,14 @@ at::Tensor cache_delta_cuda(const at::Tensor& a, const at::Tensor& b) {
   auto ticket = reinterpret_cast<unsigned int*>(ws.data_ptr<double>() + 2 * grid);
   auto stream = c10::cuda::getCurrentCUDAStream();
   C10_CUDA_CHECK(cudaMemsetAsync(ticket, 0, sizeof(double), stream));
-  const Rows ra = make_rows(a), rb = make_rows(b);
+  const RowIndexer ra = make_row_indexer(op, "a", a), rb = make_row_indexer(op, "b", b);
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, a.scalar_type(), "cache_delta_cuda", [&] {
     using cuda_t = std::conditional_t<std::is_same_v<scalar_t, at::Half>, __half,
                    std::conditional_t<std::is_same_v<scalar_t, at::BFloat16>, __nv_bfloat16, scalar_t>>;
     auto launch = [&](auto* out_ptr) {
       cache_delta_kernel<cuda_t><<<grid, kThreads, 0, stream>>>(
           reinterpret_cast<const cuda_t*>(a.const_data_ptr<scalar_t>()),
-          reinterpret_cast<const cuda_t*>(b.const_data_ptr<scalar_t>()), ra, rb, n, contiguous,
+          reinterpret_cast<const cuda_t*>(b.const_data_ptr<scalar_t>()), ra, rb, a.size(-1), n, contiguous,
           ws.data_ptr<double>(), ticket, out_ptr);
     };
     if (out_t == at::kDouble) {

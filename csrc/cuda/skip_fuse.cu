@@ -323,14 +323,9 @@ skip_fuse_backward_cuda(const at::Tensor& grad_out, const at::Tensor& x, const a
                         const at::Tensor& weight, const std::optional<at::Tensor>& bias,
                         double eps) {
   const char* op = "skipdit::skip_fuse_backward";
-  const auto s = check_skip_fuse(op, x, skip, norm_weight, norm_bias, weight, bias, eps);
+  const auto s = check_skip_fuse_backward(op, grad_out, x, skip, norm_weight, norm_bias, weight,
+                                          bias, eps);
   check_cuda_shapes(op, x, s);
-  TORCH_CHECK_VALUE(grad_out.sizes() == at::IntArrayRef(skip_fuse_out_shape(x, s.D_out)), op,
-                    ": grad_out must have shape ", at::IntArrayRef(skip_fuse_out_shape(x, s.D_out)),
-                    ", got ", grad_out.sizes());
-  TORCH_CHECK_TYPE(grad_out.scalar_type() == x.scalar_type(), op, ": grad_out dtype ",
-                   grad_out.scalar_type(), " differs from x dtype ", x.scalar_type());
-  check_same_device(op, x, "grad_out", grad_out);
   c10::cuda::CUDAGuard guard(x.device());
   auto dx = new_output(x.sizes(), x.options());
   auto dskip = new_output(x.sizes(), x.options());
