@@ -29,15 +29,6 @@ c10::TypedOperatorHandle<Sig> op_handle(const char* name) {
   return c10::Dispatcher::singleton().findSchemaOrThrow(name, "").typed<Sig>();
 }
 
-using SkipFuseSig = at::Tensor(const at::Tensor&, const at::Tensor&, const at::Tensor&,
-                               const at::Tensor&, const at::Tensor&,
-                               const std::optional<at::Tensor>&, double);
-using SkipFuseBwdSig = std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor,
-                                  at::Tensor>(const at::Tensor&, const at::Tensor&,
-                                              const at::Tensor&, const at::Tensor&,
-                                              const at::Tensor&, const at::Tensor&,
-                                              const std::optional<at::Tensor>&, double);
-
 // d outputs / d inputs . grads, differentiable (create_graph), for the inputs that
 // require grad; undefined for the others.
 variable_list differentiable_grads(const variable_list& outputs, const variable_list& inputs,
@@ -86,7 +77,7 @@ class SkipFuseFunction : public torch::autograd::Function<SkipFuseFunction> {
   }
 
   static variable_list backward(AutogradContext* ctx, variable_list grads) {
-    static auto bwd = op_handle<SkipFuseBwdSig>("skipdit::skip_fuse_backward");
+    static auto bwd = op_handle<SkipFuseBackwardSig>("skipdit::skip_fuse_backward");
     auto s = ctx->get_saved_variables();
     std::optional<at::Tensor> bias;
     if (s[5].defined()) bias = s[5];
@@ -111,12 +102,6 @@ at::Tensor skip_fuse_autograd(const at::Tensor& x, const at::Tensor& skip,
   return SkipFuseFunction::apply(x, skip, norm_weight, norm_bias, weight, bias, eps);
 }
 
-using AttnFwdSig = std::tuple<at::Tensor, at::Tensor>(const at::Tensor&, const at::Tensor&,
-                                                      const at::Tensor&, double);
-using AttnBwdSig = std::tuple<at::Tensor, at::Tensor, at::Tensor>(
-    const at::Tensor&, const at::Tensor&, const at::Tensor&, const at::Tensor&,
-    const at::Tensor&, const at::Tensor&, double);
-
 // skipdit_fast/reference.py attention: scores and softmax in the accumulation dtype,
 // probabilities rounded to the input dtype before @ v; BSHD in and out.
 at::Tensor attention_composition(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
@@ -133,7 +118,7 @@ class AttentionFunction : public torch::autograd::Function<AttentionFunction> {
   static variable_list forward(AutogradContext* ctx, const at::Tensor& q, const at::Tensor& k,
                                const at::Tensor& v, double scale) {
     at::AutoDispatchBelowADInplaceOrView guard;
-    static auto fwd = op_handle<AttnFwdSig>("skipdit::attention_forward");
+    static auto fwd = op_handle<AttentionForwardSig>("skipdit::attention_forward");
     auto [out, lse] = fwd.call(q, k, v, scale);
     ctx->save_for_backward({q, k, v, out, lse});
     ctx->saved_data["scale"] = scale;
@@ -142,7 +127,7 @@ class AttentionFunction : public torch::autograd::Function<AttentionFunction> {
   }
 
   static variable_list backward(AutogradContext* ctx, variable_list grads) {
-    static auto bwd = op_handle<AttnBwdSig>("skipdit::attention_backward");
+    static auto bwd = op_handle<AttentionBackwardSig>("skipdit::attention_backward");
     auto s = ctx->get_saved_variables();
     auto g = grads[0].defined() ? grads[0] : at::zeros_like(s[3]);
     const double scale = ctx->saved_data["scale"].toDouble();
@@ -167,14 +152,12 @@ std::tuple<at::Tensor, at::Tensor> attention_forward_autograd(const at::Tensor& 
 // attention_forward (which carries the autograd) and drops the log-sum-exp.
 at::Tensor attention_composite(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
                                std::optional<double> scale) {
-  static auto fwd = op_handle<AttnFwdSig>("skipdit::attention_forward");
+  static auto fwd = op_handle<AttentionForwardSig>("skipdit::attention_forward");
   // The head dim fixes the default scale; under symbolic shapes this specializes it.
   const int64_t dh = q.dim() == 4 ? q.sym_size(3).guard_int(__FILE__, __LINE__) : 0;
   const double s = scale.has_value() ? *scale : 1.0 / std::sqrt(static_cast<double>(dh > 0 ? dh : 1));
   return std::get<0>(fwd.call(q, k, v, s));
 }
-
-using CacheDeltaSig = at::Tensor(const at::Tensor&, const at::Tensor&);
 
 class CacheDeltaFunction : public torch::autograd::Function<CacheDeltaFunction> {
  public:

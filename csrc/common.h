@@ -10,6 +10,7 @@
 #include <cmath>
 #include <optional>
 #include <string>
+#include <tuple>
 
 #include "macros.h"
 
@@ -47,6 +48,17 @@ inline bool is_16bit(at::ScalarType t) {
 // Accumulation dtype of DESIGN.md: fp32 for 16-bit inputs, else the input dtype.
 inline at::ScalarType acc_type(at::ScalarType t) {
   return is_16bit(t) ? at::kFloat : t;
+}
+
+// The dtype as Python spells it (torch.float32), for messages that Python code compares.
+inline std::string torch_dtype_name(at::ScalarType t) {
+  switch (t) {
+    case at::kHalf: return "torch.float16";
+    case at::kBFloat16: return "torch.bfloat16";
+    case at::kFloat: return "torch.float32";
+    case at::kDouble: return "torch.float64";
+    default: return std::string("torch.") + c10::toString(t);
+  }
 }
 
 inline void check_float_dtype(const char* op, const char* name, const at::Tensor& t) {
@@ -124,6 +136,25 @@ inline RowIndexer make_row_indexer(const char* op, const char* name, const at::T
   ri.ndim = n;
   return ri;
 }
+
+// The six outputs of skip_fuse_backward, allocated like the inputs (contiguous);
+// grad_bias is empty when there is no bias.
+struct SkipFuseGrads {
+  at::Tensor x, skip, norm_weight, norm_bias, weight, bias;
+
+  SkipFuseGrads(const at::Tensor& x_, const at::Tensor& nw, const at::Tensor& nb,
+                const at::Tensor& w, const std::optional<at::Tensor>& b)
+      : x(new_output(x_.sizes(), x_.options())),
+        skip(new_output(x_.sizes(), x_.options())),
+        norm_weight(new_output(nw.sizes(), nw.options())),
+        norm_bias(new_output(nb.sizes(), nb.options())),
+        weight(new_output(w.sizes(), w.options())),
+        bias(b.has_value() ? new_output(b->sizes(), b->options()) : at::empty({0}, w.options())) {}
+
+  std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> tuple() const {
+    return {x, skip, norm_weight, norm_bias, weight, bias};
+  }
+};
 
 // y[r0:r0+rows] = h[:rows] @ weight^T (+ bias): the GEMM of one normalized row chunk
 // (ATen's BLAS / cuBLAS), written into the output rows in place.
