@@ -255,10 +255,11 @@ TORCH_LIBRARY(skipdit, m) {
   // Gradients of skip_fuse. grad_bias is empty when bias is None.
   m.def("skip_fuse_backward" SKIPDIT_SKIP_FUSE_BWD_ARGS);
   // o = softmax(q @ k^T * scale) @ v per (batch, head); BSHD layout. Non-finite
-  // inputs give the reference's non-finite values (skipdit_fast/reference.py): a query
-  // row whose scores include NaN, or are all -inf, or include +inf, gives a NaN output
-  // row (lse NaN, -inf, +inf respectively); NaN in v[b, j, h, d] gives NaN in
-  // out[b, :, h, d].
+  // inputs give the reference's NaNs and infinities (skipdit_fast/reference.py) on the
+  // CPU and CUDA kernels: a query row whose scores include NaN or +inf, or are all -inf,
+  // gives a NaN output row; NaN in v[b, j, h, d] gives NaN in out[b, :, h, d] (+-inf
+  // gives +-inf). The lse of such rows (attention_forward) is the reference's logsumexp
+  // on the CPU (NaN, +inf, -inf respectively) and NaN on CUDA.
   m.def("attention(Tensor q, Tensor k, Tensor v, float? scale=None) -> Tensor");
   // Forward that also returns the row log-sum-exp (natural log, [B, H, Nq], fp32
   // or fp64) for the backward.

@@ -244,6 +244,30 @@ def test_emulator_16bit_conversions_match_torch(emu, dtype):
     assert torch.equal(back, x.to(dtype).float())
 
 
+@pytest.mark.parametrize("Nq, Nk", [(16, 16), (70, 90)], ids=["short", "main"])
+@pytest.mark.parametrize("value", ["nan", "inf", "-inf"])
+@pytest.mark.parametrize("where", ["q", "k", "v", "q row of -inf scores"])
+def test_emulated_nonfinite_inputs(emu, where, value, Nq, Nk):
+    """Non-finite inputs: out has the reference's NaNs and infinities at the same places;
+    lse is NaN exactly where the reference's lse is not finite (ops.cpp documents both)."""
+    import math
+
+    val = {"nan": math.nan, "inf": math.inf, "-inf": -math.inf}[value]
+    q, k, v = (rows((1, n, 2, 72), "normal", BF16) for n in (Nq, Nk, Nk))
+    if where == "q row of -inf scores":  # column 3 of k > 0: every score of (0, 2, 1) is +-inf
+        k[..., 3] = k[..., 3].abs() + 0.5
+        q[0, 2, 1, 3] = val
+    else:
+        {"q": q, "k": k, "v": v}[where][0, 2, 1, 3] = val
+    out, lse, info = emu(q, k, v)
+    ref, ref_lse = reference.attention(q, k, v), reference.attention_lse(q, k, v)
+    assert torch.equal(out.isnan(), ref.isnan()), info
+    assert torch.equal(out.isposinf(), ref.isposinf()) and torch.equal(out.isneginf(), ref.isneginf()), info
+    assert torch.equal(lse.isnan(), ~ref_lse.isfinite()), info
+    fin = ref.isfinite()
+    torch.testing.assert_close(out[fin].float(), ref[fin].float(), rtol=2e-2, atol=2e-2)
+
+
 def test_emulator_reports_out_of_range_reads(emu):
     """The emulator checks every global read against the inputs' storage: declare q's
     storage one row too short and the kernel's (correct) reads of that row are reported."""
