@@ -2,10 +2,20 @@
 // pays no Python on its way to the device kernel. Each forward redispatches below
 // autograd (to the CPU or CUDA kernel); each backward calls the matching *_backward
 // op, which dispatches by device the same way.
+//
+// Double backward (a backward run with create_graph=True, e.g. a gradient penalty or
+// gradgradcheck): the *_backward kernels are not differentiable, so then the backward
+// recomputes the forward as the ATen composition of skipdit_fast/reference.py (the same
+// math and roundings) and differentiates it with autograd, with create_graph: the
+// gradients it returns are themselves differentiable, to any order. This costs what
+// eager PyTorch costs (the (M, 2D) concatenation, attention's [Nq, Nk] scores) and
+// runs only when grad mode is on inside the backward.
 #include <ATen/core/dispatch/Dispatcher.h>
+#include <torch/csrc/autograd/autograd.h>
 #include <torch/csrc/autograd/custom_function.h>
 #include <torch/library.h>
 
+#include "common.h"
 #include "ops.h"
 
 namespace skipdit {
@@ -19,14 +29,37 @@ c10::TypedOperatorHandle<Sig> op_handle(const char* name) {
   return c10::Dispatcher::singleton().findSchemaOrThrow(name, "").typed<Sig>();
 }
 
-using SkipFuseSig = at::Tensor(const at::Tensor&, const at::Tensor&, const at::Tensor&,
-                               const at::Tensor&, const at::Tensor&,
-                               const std::optional<at::Tensor>&, double);
-using SkipFuseBwdSig = std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor,
-                                  at::Tensor>(const at::Tensor&, const at::Tensor&,
-                                              const at::Tensor&, const at::Tensor&,
-                                              const at::Tensor&, const at::Tensor&,
-                                              const std::optional<at::Tensor>&, double);
+// d outputs / d inputs . grads, differentiable (create_graph), for the inputs that
+// require grad; undefined for the others.
+variable_list differentiable_grads(const variable_list& outputs, const variable_list& inputs,
+                                   const variable_list& grads) {
+  variable_list wanted;
+  for (const auto& t : inputs) {
+    if (t.defined() && t.requires_grad()) wanted.push_back(t);
+  }
+  variable_list out(inputs.size());
+  if (wanted.empty()) return out;
+  auto g = torch::autograd::grad(outputs, wanted, grads, /*retain_graph=*/true,
+                                 /*create_graph=*/true, /*allow_unused=*/true);
+  size_t j = 0;
+  for (size_t i = 0; i < inputs.size(); ++i) {
+    if (inputs[i].defined() && inputs[i].requires_grad()) out[i] = g[j++];
+  }
+  return out;
+}
+
+// skipdit_fast/reference.py skip_fuse: y = linear(layer_norm(cat([x, skip]).to(acc),
+// acc params).to(x.dtype), weight, bias).
+at::Tensor skip_fuse_composition(const at::Tensor& x, const at::Tensor& skip,
+                                 const at::Tensor& norm_weight, const at::Tensor& norm_bias,
+                                 const at::Tensor& weight, const std::optional<at::Tensor>& bias,
+                                 double eps) {
+  const auto acc = acc_type(x.scalar_type());
+  at::Tensor z = at::cat({x, skip}, -1).to(acc);
+  at::Tensor h = at::layer_norm(z, {z.size(-1)}, norm_weight.to(acc), norm_bias.to(acc), eps)
+                     .to(x.scalar_type());
+  return at::linear(h, weight, bias);
+}
 
 class SkipFuseFunction : public torch::autograd::Function<SkipFuseFunction> {
  public:
@@ -44,14 +77,20 @@ class SkipFuseFunction : public torch::autograd::Function<SkipFuseFunction> {
   }
 
   static variable_list backward(AutogradContext* ctx, variable_list grads) {
-    static auto bwd = op_handle<SkipFuseBwdSig>("skipdit::skip_fuse_backward");
+    static auto bwd = op_handle<SkipFuseBackwardSig>("skipdit::skip_fuse_backward");
     auto s = ctx->get_saved_variables();
     std::optional<at::Tensor> bias;
     if (s[5].defined()) bias = s[5];
     auto g = grads[0].defined() ? grads[0]
                                 : at::zeros(skip_fuse_out_shape(s[0], s[4].size(0)), s[0].options());
+    const double eps = ctx->saved_data["eps"].toDouble();
+    if (at::GradMode::is_enabled()) {  // create_graph: see the top of this file
+      auto y = skip_fuse_composition(s[0], s[1], s[2], s[3], s[4], bias, eps);
+      auto d = differentiable_grads({y}, {s[0], s[1], s[2], s[3], s[4], s[5]}, {g});
+      return {d[0], d[1], d[2], d[3], d[4], d[5], at::Tensor()};
+    }
     auto [dx, dskip, dnw, dnb, dw, db] =
-        bwd.call(g, s[0], s[1], s[2], s[3], s[4], bias, ctx->saved_data["eps"].toDouble());
+        bwd.call(g, s[0], s[1], s[2], s[3], s[4], bias, eps);
     return {dx, dskip, dnw, dnb, dw, bias.has_value() ? db : at::Tensor(), at::Tensor()};
   }
 };
@@ -63,18 +102,23 @@ at::Tensor skip_fuse_autograd(const at::Tensor& x, const at::Tensor& skip,
   return SkipFuseFunction::apply(x, skip, norm_weight, norm_bias, weight, bias, eps);
 }
 
-using AttnFwdSig = std::tuple<at::Tensor, at::Tensor>(const at::Tensor&, const at::Tensor&,
-                                                      const at::Tensor&, double);
-using AttnBwdSig = std::tuple<at::Tensor, at::Tensor, at::Tensor>(
-    const at::Tensor&, const at::Tensor&, const at::Tensor&, const at::Tensor&,
-    const at::Tensor&, const at::Tensor&, double);
+// skipdit_fast/reference.py attention: scores and softmax in the accumulation dtype,
+// probabilities rounded to the input dtype before @ v; BSHD in and out.
+at::Tensor attention_composition(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+                                 double scale) {
+  const auto acc = acc_type(q.scalar_type());
+  at::Tensor qh = q.transpose(1, 2), kh = k.transpose(1, 2), vh = v.transpose(1, 2);
+  at::Tensor scores = at::matmul(qh, kh.transpose(-1, -2)).to(acc) * scale;
+  at::Tensor p = at::softmax(scores, -1).to(q.scalar_type());
+  return at::matmul(p, vh).transpose(1, 2).contiguous();
+}
 
 class AttentionFunction : public torch::autograd::Function<AttentionFunction> {
  public:
   static variable_list forward(AutogradContext* ctx, const at::Tensor& q, const at::Tensor& k,
                                const at::Tensor& v, double scale) {
     at::AutoDispatchBelowADInplaceOrView guard;
-    static auto fwd = op_handle<AttnFwdSig>("skipdit::attention_forward");
+    static auto fwd = op_handle<AttentionForwardSig>("skipdit::attention_forward");
     auto [out, lse] = fwd.call(q, k, v, scale);
     ctx->save_for_backward({q, k, v, out, lse});
     ctx->saved_data["scale"] = scale;
@@ -83,11 +127,16 @@ class AttentionFunction : public torch::autograd::Function<AttentionFunction> {
   }
 
   static variable_list backward(AutogradContext* ctx, variable_list grads) {
-    static auto bwd = op_handle<AttnBwdSig>("skipdit::attention_backward");
+    static auto bwd = op_handle<AttentionBackwardSig>("skipdit::attention_backward");
     auto s = ctx->get_saved_variables();
     auto g = grads[0].defined() ? grads[0] : at::zeros_like(s[3]);
-    auto [dq, dk, dv] = bwd.call(g, s[0], s[1], s[2], s[3], s[4],
-                                 ctx->saved_data["scale"].toDouble());
+    const double scale = ctx->saved_data["scale"].toDouble();
+    if (at::GradMode::is_enabled()) {  // create_graph: see the top of this file
+      auto o = attention_composition(s[0], s[1], s[2], scale);
+      auto d = differentiable_grads({o}, {s[0], s[1], s[2]}, {g});
+      return {d[0], d[1], d[2], at::Tensor()};
+    }
+    auto [dq, dk, dv] = bwd.call(g, s[0], s[1], s[2], s[3], s[4], scale);
     return {dq, dk, dv, at::Tensor()};
   }
 };
@@ -103,14 +152,12 @@ std::tuple<at::Tensor, at::Tensor> attention_forward_autograd(const at::Tensor& 
 // attention_forward (which carries the autograd) and drops the log-sum-exp.
 at::Tensor attention_composite(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
                                std::optional<double> scale) {
-  static auto fwd = op_handle<AttnFwdSig>("skipdit::attention_forward");
+  static auto fwd = op_handle<AttentionForwardSig>("skipdit::attention_forward");
   // The head dim fixes the default scale; under symbolic shapes this specializes it.
   const int64_t dh = q.dim() == 4 ? q.sym_size(3).guard_int(__FILE__, __LINE__) : 0;
   const double s = scale.has_value() ? *scale : 1.0 / std::sqrt(static_cast<double>(dh > 0 ? dh : 1));
   return std::get<0>(fwd.call(q, k, v, s));
 }
-
-using CacheDeltaSig = at::Tensor(const at::Tensor&, const at::Tensor&);
 
 class CacheDeltaFunction : public torch::autograd::Function<CacheDeltaFunction> {
  public:
@@ -123,6 +170,7 @@ class CacheDeltaFunction : public torch::autograd::Function<CacheDeltaFunction> 
 
   // r = A / S with A = sum|a - b|, S = sum|b|:
   // dr/da = sign(a - b) / S;  dr/db = -sign(a - b) / S - A / S^2 * sign(b).
+  // An ATen composition already, differentiable itself under create_graph.
   static variable_list backward(AutogradContext* ctx, variable_list grads) {
     auto s = ctx->get_saved_variables();
     const auto acc = s[0].scalar_type() == at::kDouble ? at::kDouble : at::kFloat;

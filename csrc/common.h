@@ -10,6 +10,9 @@
 #include <cmath>
 #include <optional>
 #include <string>
+#include <tuple>
+
+#include "macros.h"
 
 // CPU row loops are compiled for several vector ISAs and picked at load time (GCC
 // function multiversioning), since the library is built for a generic x86-64.
@@ -47,6 +50,17 @@ inline at::ScalarType acc_type(at::ScalarType t) {
   return is_16bit(t) ? at::kFloat : t;
 }
 
+// The dtype as Python spells it (torch.float32), for messages that Python code compares.
+inline std::string torch_dtype_name(at::ScalarType t) {
+  switch (t) {
+    case at::kHalf: return "torch.float16";
+    case at::kBFloat16: return "torch.bfloat16";
+    case at::kFloat: return "torch.float32";
+    case at::kDouble: return "torch.float64";
+    default: return std::string("torch.") + c10::toString(t);
+  }
+}
+
 inline void check_float_dtype(const char* op, const char* name, const at::Tensor& t) {
   auto s = t.scalar_type();
   TORCH_CHECK_TYPE(s == at::kFloat || s == at::kHalf || s == at::kBFloat16 || s == at::kDouble,
@@ -63,46 +77,29 @@ inline void check_nonempty(const char* op, const char* name, const at::Tensor& t
   TORCH_CHECK_VALUE(t.numel() > 0, op, ": ", name, " is empty (shape ", t.sizes(), ")");
 }
 
+// t (argument `name`) must be on the device of ref (`ref_name`, by default the op's
+// first tensor argument).
 inline void check_same_device(const char* op, const at::Tensor& ref, const char* name,
-                              const at::Tensor& t) {
+                              const at::Tensor& t, const char* ref_name = "the first input") {
   TORCH_CHECK_VALUE(t.device() == ref.device(), op, ": all tensors must be on one device; ",
-                    name, " is on ", t.device(), " but the first input is on ", ref.device());
+                    name, " is on ", t.device(), " but ", ref_name, " is on ", ref.device());
 }
 
 // Row view of a tensor whose last dim is contiguous and whose leading dims have
-// arbitrary strides: row r starts at data + offset(r). Leading dims that can be
-// collapsed into one stride take the fast path.
+// arbitrary strides: row r starts at data + offset(r). Leading dims of size 1 are
+// dropped and neighbours that can be collapsed into one stride are merged, so the
+// common layouts (contiguous, a slice of a fused projection) take the one-stride path.
+// A plain struct (no constructor, trivially copyable): CUDA kernels take it by value and
+// call offset() on the device. Built on the host by make_row_indexer, which refuses
+// views with more than kMaxDims non-collapsible leading dims before writing anything.
 struct RowIndexer {
-  int64_t rows = 0;
-  int ndim = 0;              // number of leading dims after collapsing
-  int64_t sizes[8] = {0};    // leading sizes, innermost last
-  int64_t strides[8] = {0};  // element strides
+  static constexpr int kMaxDims = 16;
+  int64_t rows;               // product of the leading sizes
+  int ndim;                   // leading dims after collapsing (0: a single row)
+  int64_t sizes[kMaxDims];    // collapsed leading sizes, innermost last
+  int64_t strides[kMaxDims];  // their element strides
 
-  explicit RowIndexer(const at::Tensor& t) {
-    const int lead = static_cast<int>(t.dim()) - 1;
-    rows = 1;
-    int64_t cs[16], cst[16];
-    int n = 0;
-    for (int d = 0; d < lead; ++d) {
-      rows *= t.size(d);
-      if (t.size(d) == 1) continue;
-      if (n > 0 && cst[n - 1] == t.stride(d) * t.size(d)) {
-        cs[n - 1] *= t.size(d);
-        cst[n - 1] = t.stride(d);
-      } else {
-        cs[n] = t.size(d);
-        cst[n] = t.stride(d);
-        ++n;
-      }
-    }
-    TORCH_CHECK_VALUE(n <= 8, "tensor with more than 8 non-collapsible leading dims");
-    ndim = n;
-    for (int i = 0; i < n; ++i) {
-      sizes[i] = cs[i];
-      strides[i] = cst[i];
-    }
-  }
-  inline int64_t offset(int64_t r) const {
+  SKIPDIT_HD int64_t offset(int64_t r) const {
     if (ndim == 0) return 0;
     if (ndim == 1) return r * strides[0];
     int64_t off = 0;
@@ -111,6 +108,51 @@ struct RowIndexer {
       r /= sizes[i];
     }
     return off;
+  }
+};
+
+// The row indexer of t (argument `name` of `op`, last dim contiguous).
+inline RowIndexer make_row_indexer(const char* op, const char* name, const at::Tensor& t) {
+  RowIndexer ri{};
+  ri.rows = 1;
+  int n = 0;
+  const int lead = static_cast<int>(t.dim()) - 1;
+  for (int d = 0; d < lead; ++d) {
+    ri.rows *= t.size(d);
+    if (t.size(d) == 1) continue;
+    if (n > 0 && ri.strides[n - 1] == t.stride(d) * t.size(d)) {
+      ri.sizes[n - 1] *= t.size(d);
+      ri.strides[n - 1] = t.stride(d);
+      continue;
+    }
+    TORCH_CHECK_VALUE(n < RowIndexer::kMaxDims, op, ": ", name, " has more than ",
+                      RowIndexer::kMaxDims, " leading dimensions that cannot be merged into one "
+                      "stride (shape ", t.sizes(), ", strides ", t.strides(),
+                      "); pass a contiguous copy or a view with fewer strided dimensions");
+    ri.sizes[n] = t.size(d);
+    ri.strides[n] = t.stride(d);
+    ++n;
+  }
+  ri.ndim = n;
+  return ri;
+}
+
+// The six outputs of skip_fuse_backward, allocated like the inputs (contiguous);
+// grad_bias is empty when there is no bias.
+struct SkipFuseGrads {
+  at::Tensor x, skip, norm_weight, norm_bias, weight, bias;
+
+  SkipFuseGrads(const at::Tensor& x_, const at::Tensor& nw, const at::Tensor& nb,
+                const at::Tensor& w, const std::optional<at::Tensor>& b)
+      : x(new_output(x_.sizes(), x_.options())),
+        skip(new_output(x_.sizes(), x_.options())),
+        norm_weight(new_output(nw.sizes(), nw.options())),
+        norm_bias(new_output(nb.sizes(), nb.options())),
+        weight(new_output(w.sizes(), w.options())),
+        bias(b.has_value() ? new_output(b->sizes(), b->options()) : at::empty({0}, w.options())) {}
+
+  std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> tuple() const {
+    return {x, skip, norm_weight, norm_bias, weight, bias};
   }
 };
 

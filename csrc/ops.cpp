@@ -6,9 +6,12 @@
 // implementations from skipdit_fast/kernels (Triton) at import time.
 #include "ops.h"
 
+#include <ATen/core/dispatch/Dispatcher.h>
 #include <torch/library.h>
 
 #include "common.h"
+#include "cpu/skip_fuse.h"
+#include "cuda/skip_fuse_tiles.h"
 
 namespace skipdit {
 
@@ -66,6 +69,22 @@ SkipFuseShape check_skip_fuse(const char* op, const at::Tensor& x, const at::Ten
   return {x.numel() / D, D, D_out};
 }
 
+SkipFuseShape check_skip_fuse_backward(const char* op, const at::Tensor& grad_out,
+                                       const at::Tensor& x, const at::Tensor& skip,
+                                       const at::Tensor& norm_weight, const at::Tensor& norm_bias,
+                                       const at::Tensor& weight,
+                                       const std::optional<at::Tensor>& bias, double eps) {
+  const SkipFuseShape s = check_skip_fuse(op, x, skip, norm_weight, norm_bias, weight, bias, eps);
+  const auto out_shape = skip_fuse_out_shape(x, s.D_out);
+  TORCH_CHECK_VALUE(grad_out.sizes() == at::IntArrayRef(out_shape), op,
+                    ": grad_out must have the output's shape ", at::IntArrayRef(out_shape),
+                    " (x's leading dims, D_out), got ", grad_out.sizes());
+  TORCH_CHECK_TYPE(grad_out.scalar_type() == x.scalar_type(), op, ": grad_out dtype ",
+                   grad_out.scalar_type(), " differs from x dtype ", x.scalar_type());
+  check_same_device(op, x, "grad_out", grad_out, "x");
+  return s;
+}
+
 double check_attention(const char* op, const at::Tensor& q, const at::Tensor& k,
                        const at::Tensor& v, std::optional<double> scale) {
   check_float_dtype(op, "q", q);
@@ -90,6 +109,29 @@ double check_attention(const char* op, const at::Tensor& q, const at::Tensor& k,
   return s;
 }
 
+double check_attention_backward(const char* op, const at::Tensor& grad_out, const at::Tensor& q,
+                                const at::Tensor& k, const at::Tensor& v, const at::Tensor& out,
+                                const at::Tensor& lse, double scale) {
+  const double s = check_attention(op, q, k, v, scale);
+  for (const auto& [name, t] :
+       {std::pair<const char*, const at::Tensor*>{"grad_out", &grad_out}, {"out", &out}}) {
+    TORCH_CHECK_VALUE(t->sizes() == q.sizes(), op, ": ", name, " must have the shape of q ",
+                      q.sizes(), ", got ", t->sizes());
+    TORCH_CHECK_TYPE(t->scalar_type() == q.scalar_type(), op, ": ", name, " dtype ",
+                     t->scalar_type(), " differs from q dtype ", q.scalar_type());
+    check_same_device(op, q, name, *t, "q");
+  }
+  const std::vector<int64_t> lse_shape{q.size(0), q.size(2), q.size(1)};
+  TORCH_CHECK_VALUE(lse.sizes() == at::IntArrayRef(lse_shape), op,
+                    ": lse must have shape [B, H, Nq] = ", at::IntArrayRef(lse_shape), ", got ",
+                    lse.sizes());
+  TORCH_CHECK_TYPE(lse.scalar_type() == acc_type(q.scalar_type()), op, ": lse dtype ",
+                   lse.scalar_type(), " must be ", acc_type(q.scalar_type()),
+                   " (the accumulation dtype of q's ", q.scalar_type(), ")");
+  check_same_device(op, q, "lse", lse, "q");
+  return s;
+}
+
 void check_cache_delta(const char* op, const at::Tensor& a, const at::Tensor& b) {
   check_float_dtype(op, "a", a);
   check_last_dim_contiguous(op, "a", a);
@@ -103,6 +145,43 @@ void check_cache_delta(const char* op, const at::Tensor& a, const at::Tensor& b)
 }
 
 namespace {
+
+// Argument checks of the backward ops before the dispatcher picks a backend kernel.
+// Registered at BackendSelect, which every call passes before the backend keys: a call
+// that mixes devices (say a meta grad_out with CPU inputs) would otherwise go to the
+// kernel of the highest-priority device among its arguments (the fake kernel for meta),
+// which sees only that its own inputs are consistent and returns uninitialized tensors.
+// The same check runs for the native op and its *_triton twin (one schema each).
+constexpr c10::DispatchKeySet kAfterBackendSelect(c10::DispatchKeySet::FULL_AFTER,
+                                                  c10::DispatchKey::BackendSelect);
+
+template <const char* kName>
+SkipFuseBackwardOut skip_fuse_backward_checked(c10::DispatchKeySet ks, const at::Tensor& grad_out,
+                                          const at::Tensor& x, const at::Tensor& skip,
+                                          const at::Tensor& nw, const at::Tensor& nb,
+                                          const at::Tensor& w,
+                                          const std::optional<at::Tensor>& bias, double eps) {
+  check_skip_fuse_backward(kName, grad_out, x, skip, nw, nb, w, bias, eps);
+  static auto op =
+      c10::Dispatcher::singleton().findSchemaOrThrow(kName, "").typed<SkipFuseBackwardSig>();
+  return op.redispatch(ks & kAfterBackendSelect, grad_out, x, skip, nw, nb, w, bias, eps);
+}
+
+template <const char* kName>
+AttentionBackwardOut attention_backward_checked(c10::DispatchKeySet ks, const at::Tensor& grad_out,
+                                      const at::Tensor& q, const at::Tensor& k,
+                                      const at::Tensor& v, const at::Tensor& out,
+                                      const at::Tensor& lse, double scale) {
+  check_attention_backward(kName, grad_out, q, k, v, out, lse, scale);
+  static auto op =
+      c10::Dispatcher::singleton().findSchemaOrThrow(kName, "").typed<AttentionBackwardSig>();
+  return op.redispatch(ks & kAfterBackendSelect, grad_out, q, k, v, out, lse, scale);
+}
+
+constexpr char kSkipFuseBwd[] = "skipdit::skip_fuse_backward";
+constexpr char kSkipFuseBwdTriton[] = "skipdit::skip_fuse_backward_triton";
+constexpr char kAttentionBwd[] = "skipdit::attention_backward";
+constexpr char kAttentionBwdTriton[] = "skipdit::attention_backward_triton";
 
 std::string build_info() {
   std::string s = "{\"torch\": \"" SKIPDIT_TORCH_VERSION "\"";
@@ -121,8 +200,36 @@ std::string build_info() {
 #else
   s += ", \"openmp\": false";
 #endif
+  // Constants of the kernels' source (the same in every build, CUDA or not), for code
+  // that sizes or checks against them (benchmarks, memory tests).
+  auto kv = [](const char* key, int64_t v) {
+    return std::string("\"") + key + "\": " + std::to_string(v);
+  };
+  s += ", \"constants\": {" + kv("skip_fuse_cpu_fwd_chunk_bytes", skip_fuse::kCpuFwdChunkBytes) +
+       ", " + kv("skip_fuse_cpu_bwd_chunk_bytes", skip_fuse::kCpuBwdChunkBytes) + ", " +
+       kv("skip_fuse_cuda_smem_bytes", skip_fuse::kFwdSmemBytes) + ", " +
+       kv("skip_fuse_cuda_ln_bwd_smem_bytes_per_d", skip_fuse::kLnBwdSmemBytesPerD) + ", " +
+       kv("skip_fuse_cuda_h_chunk_bytes", skip_fuse::kHChunkBytes) + ", " +
+       kv("skip_fuse_cuda_max_d", skip_fuse::kMaxD) + ", " +
+       kv("skip_fuse_cuda_d_multiple", skip_fuse::kDMultiple) + ", " +
+       kv("row_indexer_max_dims", RowIndexer::kMaxDims) + "}";
   s += "}";
   return s;
+}
+
+std::string cuda_limits(c10::string_view op, c10::ArrayRef<int64_t> features, int64_t cc_major,
+                        int64_t cc_minor, int64_t smem_optin, std::optional<at::ScalarType> dtype) {
+  TORCH_CHECK_VALUE(op == "skip_fuse" || op == "attention" || op == "cache_delta",
+                    "skipdit::cuda_limits: unknown op '", op,
+                    "'; the ops are skip_fuse, attention and cache_delta");
+#ifdef SKIPDIT_WITH_CUDA
+  const CudaDeviceInfo dev{static_cast<int>(cc_major), static_cast<int>(cc_minor), smem_optin};
+  if (op == "skip_fuse") return skip_fuse_cuda_limits(features, dtype, dev);
+  if (op == "attention") return attention_cuda_limits(features, dtype, dev);
+  return cache_delta_cuda_limits(features, dtype, dev);
+#else
+  return "native library built without CUDA";
+#endif
 }
 
 }  // namespace
@@ -134,8 +241,8 @@ std::string build_info() {
   "(Tensor grad_out, Tensor x, Tensor skip, Tensor norm_weight, Tensor norm_bias, Tensor weight, " \
   "Tensor? bias, float eps) -> (Tensor grad_x, Tensor grad_skip, Tensor grad_norm_weight, "        \
   "Tensor grad_norm_bias, Tensor grad_weight, Tensor grad_bias)"
-#define SKIPDIT_ATTN_FWD_ARGS "(Tensor q, Tensor k, Tensor v, float scale) -> (Tensor out, Tensor lse)"
-#define SKIPDIT_ATTN_BWD_ARGS                                                                 \
+#define SKIPDIT_ATTENTION_FWD_ARGS "(Tensor q, Tensor k, Tensor v, float scale) -> (Tensor out, Tensor lse)"
+#define SKIPDIT_ATTENTION_BWD_ARGS                                                                 \
   "(Tensor grad_out, Tensor q, Tensor k, Tensor v, Tensor out, Tensor lse, float scale) -> " \
   "(Tensor grad_q, Tensor grad_k, Tensor grad_v)"
 
@@ -147,17 +254,43 @@ TORCH_LIBRARY(skipdit, m) {
   m.def("skip_fuse" SKIPDIT_SKIP_FUSE_ARGS " -> Tensor");
   // Gradients of skip_fuse. grad_bias is empty when bias is None.
   m.def("skip_fuse_backward" SKIPDIT_SKIP_FUSE_BWD_ARGS);
-  // o = softmax(q @ k^T * scale) @ v per (batch, head); BSHD layout.
+  // o = softmax(q @ k^T * scale) @ v per (batch, head); BSHD layout. Non-finite
+  // inputs give the reference's NaNs and infinities (skipdit_fast/reference.py) on the
+  // CPU and CUDA kernels: a query row whose scores include NaN or +inf, or are all -inf,
+  // gives a NaN output row; NaN in v[b, j, h, d] gives NaN in out[b, :, h, d] (+-inf
+  // gives +-inf). The lse of such rows (attention_forward) is the reference's logsumexp
+  // on the CPU (NaN, +inf, -inf respectively) and NaN on CUDA.
   m.def("attention(Tensor q, Tensor k, Tensor v, float? scale=None) -> Tensor");
   // Forward that also returns the row log-sum-exp (natural log, [B, H, Nq], fp32
   // or fp64) for the backward.
-  m.def("attention_forward" SKIPDIT_ATTN_FWD_ARGS);
-  m.def("attention_backward" SKIPDIT_ATTN_BWD_ARGS);
+  m.def("attention_forward" SKIPDIT_ATTENTION_FWD_ARGS);
+  m.def("attention_backward" SKIPDIT_ATTENTION_BWD_ARGS);
   // sum|a - b| / sum|b| as a 0-d fp32 tensor (fp64 for fp64 inputs).
   m.def("cache_delta(Tensor a, Tensor b) -> Tensor");
-  // JSON: what this library was built against and for.
+  // JSON: what this library was built against and for: {"torch", "cuda", "cuda_archs",
+  // "cxx", "openmp", "constants": {skip_fuse_cpu_fwd_chunk_bytes,
+  // skip_fuse_cpu_bwd_chunk_bytes, skip_fuse_cuda_smem_bytes (the forward GEMM's
+  // shared memory per block), skip_fuse_cuda_ln_bwd_smem_bytes_per_d,
+  // skip_fuse_cuda_h_chunk_bytes, skip_fuse_cuda_max_d, skip_fuse_cuda_d_multiple,
+  // row_indexer_max_dims}}.
   m.def("build_info() -> str");
   m.impl("build_info", [] { return skipdit::build_info(); });
+  // Why the CUDA kernels of `op` cannot serve inputs with these features on a device of
+  // compute capability (cc_major, cc_minor) allowing smem_optin bytes of opt-in shared
+  // memory per block (torch.cuda.get_device_properties(d).shared_memory_per_block_optin),
+  // in the given dtype; "" when they can. The same limits the kernels check their inputs
+  // against, stated once next to them (csrc/cuda/<op>.cu).
+  //   op "skip_fuse":   features [D, D_out]; dtypes float16, bfloat16, float32
+  //   op "attention":   features [head_dim]; dtypes float16, bfloat16
+  //   op "cache_delta": features []; every float dtype
+  // cc_major < 0: no device checks (shape and dtype only); smem_optin < 0: no shared-memory
+  // check; dtype None: no dtype check. Device checks: compute capability >= 8.0, a kernel
+  // image in this build (build_info()["cuda_archs"]) for the capability, the shared memory.
+  // Bad arguments (unknown op, wrong number of features) raise ValueError. A library
+  // built without CUDA answers "native library built without CUDA" for every valid op.
+  m.def("cuda_limits(str op, int[] features, int cc_major=-1, int cc_minor=0, int smem_optin=-1, "
+        "ScalarType? dtype=None) -> str");
+  m.impl("cuda_limits", &skipdit::cuda_limits);
   // Testing aid: fill every kernel output with NaN before the kernel writes it.
   m.def("_set_poison_outputs(bool on) -> bool");
   m.impl("_set_poison_outputs", [](bool on) {
@@ -170,7 +303,15 @@ TORCH_LIBRARY(skipdit, m) {
   m.def("skip_fuse_triton" SKIPDIT_SKIP_FUSE_ARGS " -> Tensor");
   m.def("skip_fuse_backward_triton" SKIPDIT_SKIP_FUSE_BWD_ARGS);
   m.def("attention_triton(Tensor q, Tensor k, Tensor v, float? scale=None) -> Tensor");
-  m.def("attention_forward_triton" SKIPDIT_ATTN_FWD_ARGS);
-  m.def("attention_backward_triton" SKIPDIT_ATTN_BWD_ARGS);
+  m.def("attention_forward_triton" SKIPDIT_ATTENTION_FWD_ARGS);
+  m.def("attention_backward_triton" SKIPDIT_ATTENTION_BWD_ARGS);
   m.def("cache_delta_triton(Tensor a, Tensor b) -> Tensor");
+}
+
+TORCH_LIBRARY_IMPL(skipdit, BackendSelect, m) {
+  using namespace skipdit;
+  m.impl("skip_fuse_backward", TORCH_FN(skip_fuse_backward_checked<kSkipFuseBwd>));
+  m.impl("skip_fuse_backward_triton", TORCH_FN(skip_fuse_backward_checked<kSkipFuseBwdTriton>));
+  m.impl("attention_backward", TORCH_FN(attention_backward_checked<kAttentionBwd>));
+  m.impl("attention_backward_triton", TORCH_FN(attention_backward_checked<kAttentionBwdTriton>));
 }

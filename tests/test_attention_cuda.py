@@ -1,12 +1,14 @@
-"""The CUDA C++ attention forward (csrc/cuda/attention.cu, attention_fwd.cuh).
+"""The CUDA C++ attention forward (csrc/cuda/attention.cu, attention_kernels.cuh,
+attention_tiles.h).
 
 Three layers of checks:
 - build: the kernels are in the ptxas report of every arch the library was built for
   (sm_80 and sm_90a by default) with 0 bytes spilled;
-- emulation (CPU, runs everywhere): the kernel code itself, compiled by g++ against
-  tests/emu/attention_emu.cpp, which implements ldmatrix / mma / cp.async / shuffles
-  from the PTX ISA's definitions on a fiber-per-thread model of a CTA and checks every
-  memory access; outputs against fp64 truth with the DESIGN.md error budget;
+- emulation (CPU, runs everywhere): the kernel code itself, compiled by g++ into
+  tests/emu/attention_kernels.cpp against the emulator (tests/emu/ptx_emu.h: ldmatrix /
+  mma / cp.async / shuffles from the PTX ISA's definitions; tests/emu/cta.h: a
+  fiber-per-thread model of a CTA), which checks every memory access; outputs against
+  fp64 truth with the DESIGN.md error budget;
 - GPU (@pytest.mark.gpu): the real kernels against fp64 truth, every head dim and
   sequence-length class of the issue, strided qkv views, lse, NaN poisoning.
 """
@@ -14,10 +16,6 @@ Three layers of checks:
 from __future__ import annotations
 
 import ctypes
-import hashlib
-import os
-import shutil
-import subprocess
 from pathlib import Path
 
 import pytest
@@ -25,13 +23,14 @@ import torch
 
 from skipdit_fast.ops import backends, native, reference
 from skipdit_fast.ops.testing import poison_outputs
+import emu_build
 from helpers import FAMILIES, assert_budget, rows, strided_like
 
 ROOT = Path(__file__).resolve().parents[1]
-EMU_SOURCES = [ROOT / "tests/emu/attention_emu.cpp", ROOT / "csrc/cuda/attention_fwd.cuh"]
 
-# Kernels per arch: fwd_main for head-dim tiles 64, 72, 88, 96, 128, 256; fwd_short for
-# tiles 64..128 with 16 and 64 tokens; each for fp16 and bf16.
+# Kernels per arch: attention_fwd_kernel for head-dim tiles 64, 72, 88, 96, 128, 256;
+# attention_fwd_short_kernel for tiles 64..128 with 16 and 64 tokens; each for fp16 and
+# bf16.
 N_MAIN_KERNELS = 6 * 2
 N_SHORT_KERNELS = 5 * 2 * 2
 
@@ -95,9 +94,9 @@ def test_ptxas_report_has_kernels_without_spills(arch):
         pytest.skip("native library built without CUDA")
     if arch.removeprefix("sm_") not in _arch_list():
         pytest.skip(f"library built for {_arch_list()}, not {arch}")
-    report = [r for r in native.ptxas_report() if r["arch"] == arch and "attn_fwd_" in r["kernel"]]
-    main = [r for r in report if "attn_fwd_main_kernel" in r["kernel"]]
-    short = [r for r in report if "attn_fwd_short_kernel" in r["kernel"]]
+    report = [r for r in native.ptxas_report() if r["arch"] == arch and "attention_fwd_" in r["kernel"]]
+    main = [r for r in report if "attention_fwd_kernel" in r["kernel"]]
+    short = [r for r in report if "attention_fwd_short_kernel" in r["kernel"]]
     assert len(main) == N_MAIN_KERNELS and len(short) == N_SHORT_KERNELS, (
         f"{arch}: {len(main)} main / {len(short)} short attention kernels in the ptxas report")
     for r in report:
@@ -127,31 +126,12 @@ def test_backend_limits_refuse_fp32():
 
 
 class Emulator:
-    """tests/emu/attention_emu.cpp built once per source version (build/emu/)."""
+    """tests/emu/attention_kernels.cpp, built by emu_build (build/emu/)."""
 
-    def __init__(self, path: Path):
-        self.lib = ctypes.CDLL(str(path))
+    def __init__(self, lib: ctypes.CDLL):
+        self.lib = lib
         self.fn = self.lib.emu_attention_forward
         self.fn.restype = ctypes.c_int
-
-    @staticmethod
-    def build() -> Path:
-        cxx = shutil.which(os.environ.get("CXX", "g++")) or shutil.which("g++")
-        if cxx is None:
-            pytest.skip("no C++ compiler (g++) for the kernel emulator")
-        h = hashlib.sha256()
-        for p in EMU_SOURCES:
-            h.update(p.read_bytes())
-        out_dir = ROOT / "build" / "emu"
-        out_dir.mkdir(parents=True, exist_ok=True)
-        lib = out_dir / f"attention_emu-{h.hexdigest()[:16]}.so"
-        if not lib.exists():
-            tmp = lib.with_suffix(f".{os.getpid()}.tmp")
-            subprocess.run([cxx, "-O2", "-std=c++20", "-shared", "-fPIC", "-Wall",
-                            "-Wno-unknown-pragmas", "-I", str(ROOT / "csrc"),
-                            str(EMU_SOURCES[0]), "-o", str(tmp)], check=True)
-            tmp.replace(lib)
-        return lib
 
     def __call__(self, q, k, v, scale=None, mode=1, q_storage_bytes=None):
         """Runs the kernel on CPU tensors; returns (out, lse, info). mode bit 0: cp.async
@@ -186,10 +166,9 @@ class Emulator:
 
 @pytest.fixture(scope="module")
 def emu():
-    # SKIPDIT_ATTN_EMU_LIB: run the tests on another build of the emulator (e.g. one
-    # compiled against a deliberately broken copy of the kernel, to see them fail).
-    override = os.environ.get("SKIPDIT_ATTN_EMU_LIB")
-    return Emulator(Path(override) if override else Emulator.build())
+    # SKIPDIT_EMU_LIB_ATTENTION_KERNELS: run the tests on another build of the emulator
+    # (e.g. one compiled against a deliberately broken copy of the kernel, to see them fail).
+    return Emulator(emu_build.load("attention_kernels"))
 
 
 F16, BF16 = torch.float16, torch.bfloat16
@@ -261,6 +240,30 @@ def test_emulator_16bit_conversions_match_torch(emu, dtype):
                         ctypes.c_int64(x.numel()))
     assert torch.equal(out, x.to(dtype).view(torch.int16))  # bit for bit
     assert torch.equal(back, x.to(dtype).float())
+
+
+@pytest.mark.parametrize("Nq, Nk", [(16, 16), (70, 90)], ids=["short", "main"])
+@pytest.mark.parametrize("value", ["nan", "inf", "-inf"])
+@pytest.mark.parametrize("where", ["q", "k", "v", "q row of -inf scores"])
+def test_emulated_nonfinite_inputs(emu, where, value, Nq, Nk):
+    """Non-finite inputs: out has the reference's NaNs and infinities at the same places;
+    lse is NaN exactly where the reference's lse is not finite (ops.cpp documents both)."""
+    import math
+
+    val = {"nan": math.nan, "inf": math.inf, "-inf": -math.inf}[value]
+    q, k, v = (rows((1, n, 2, 72), "normal", BF16) for n in (Nq, Nk, Nk))
+    if where == "q row of -inf scores":  # column 3 of k > 0: every score of (0, 2, 1) is +-inf
+        k[..., 3] = k[..., 3].abs() + 0.5
+        q[0, 2, 1, 3] = val
+    else:
+        {"q": q, "k": k, "v": v}[where][0, 2, 1, 3] = val
+    out, lse, info = emu(q, k, v)
+    ref, ref_lse = reference.attention(q, k, v), reference.attention_lse(q, k, v)
+    assert torch.equal(out.isnan(), ref.isnan()), info
+    assert torch.equal(out.isposinf(), ref.isposinf()) and torch.equal(out.isneginf(), ref.isneginf()), info
+    assert torch.equal(lse.isnan(), ~ref_lse.isfinite()), info
+    fin = ref.isfinite()
+    torch.testing.assert_close(out[fin].float(), ref[fin].float(), rtol=2e-2, atol=2e-2)
 
 
 def test_emulator_reports_out_of_range_reads(emu):

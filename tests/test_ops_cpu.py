@@ -6,7 +6,7 @@ import torch
 
 import skipdit_fast as sf
 from helpers import FAMILIES, assert_budget, rows, strided_like
-from skipdit_fast.ops import reference
+from skipdit_fast.ops import native, reference
 from skipdit_fast.ops.testing import poison_outputs
 
 DTYPES = [torch.float32, torch.bfloat16, torch.float16]
@@ -166,11 +166,17 @@ def _skip_fuse_args(M, D, grad=False):
     return [a.requires_grad_(grad) for a in args]
 
 
+def _cpu_chunk_bytes(which: str) -> int:
+    """The CPU kernel's row-chunk buffer size (csrc/cpu/skip_fuse.h), from build_info."""
+    return native.constant(f"skip_fuse_cpu_{which}_chunk_bytes")
+
+
 def test_skip_fuse_cpu_peak_memory_forward():
     """Issue 3 (CPU): no (M, 2D) temporary. The kernel normalizes row chunks into one
-    buffer of at most CPU_SKIP_FUSE_CHUNK_BYTES; here the (M, 2D) tensor would be 48 MiB,
-    eager holds the concatenation and its normalized copy (96 MiB) on top of the output."""
-    from skipdit_fast.benchmark import CPU_SKIP_FUSE_CHUNK_BYTES, peak_memory_bytes
+    buffer of at most skip_fuse_cpu_fwd_chunk_bytes; here the (M, 2D) tensor would be
+    48 MiB, eager holds the concatenation and its normalized copy (96 MiB) on top of the
+    output."""
+    from skipdit_fast.benchmark import peak_memory_bytes
 
     M, D = 16384, 384
     x, s, nw, nb, w, b = _skip_fuse_args(M, D)
@@ -179,7 +185,7 @@ def test_skip_fuse_cpu_peak_memory_forward():
     ours = peak_memory_bytes(dev, lambda: torch.ops.skipdit.skip_fuse(x, s, nw, nb, w, b, 1e-6)) - out_bytes
     eager = peak_memory_bytes(dev, lambda: reference.skip_fuse(x, s, nw, nb, w, b, 1e-6)) - out_bytes
     assert eager >= 2 * cat_bytes  # the measurement sees what eager allocates
-    assert 0 < ours <= CPU_SKIP_FUSE_CHUNK_BYTES + (1 << 20), ours
+    assert 0 < ours <= _cpu_chunk_bytes("fwd") + (1 << 20), ours
     assert ours < cat_bytes / 2
 
 
@@ -196,5 +202,5 @@ def test_skip_fuse_cpu_peak_memory_backward():
     cat_bytes = M * 2 * D * 4
     temp = peak_memory_bytes(torch.device("cpu"), lambda: torch.ops.skipdit.skip_fuse_backward(
         g, x, s, nw, nb, w, b, 1e-6)) - grads_bytes
-    assert 0 < temp <= 2 * (24 << 20) + 8 * D * 2 * D * 4, temp
+    assert 0 < temp <= 2 * _cpu_chunk_bytes("bwd") + 8 * D * 2 * D * 4, temp
     assert temp < cat_bytes

@@ -1,6 +1,7 @@
 """CUDA C++ skip_fuse (csrc/cuda/skip_fuse.cu): forward and all gradients against fp64
 CPU truth with the DESIGN.md section 4 error budget, plus checks that need no GPU: the
-tile index math replayed on the CPU (tests/cpp/skip_fuse_emu.cpp), the ptxas report
+tile index math replayed on the CPU (tests/emu/skip_fuse_tiles.cpp), the kernels
+themselves on the CPU emulator (tests/emu/skip_fuse_kernels.cpp), the ptxas report
 (0 spills on every built arch) and the backend limits."""
 
 from __future__ import annotations
@@ -19,70 +20,88 @@ import torch
 import skipdit_fast
 from skipdit_fast.ops import backends, native, reference
 from skipdit_fast.ops.testing import poison_outputs
+import emu_build
 from helpers import FAMILIES, assert_budget, rows, strided_like
 
 ROOT = Path(__file__).resolve().parents[1]
-KERNELS = ("skip_fuse_fwd_kernel", "row_stats_kernel", "normalize_rows_kernel", "ln_bwd_kernel",
-           "reduce_partials_kernel")
+KERNELS = ("skip_fuse_fwd_kernel", "skip_fuse_row_stats_kernel", "skip_fuse_normalize_rows_kernel",
+           "skip_fuse_ln_bwd_kernel", "skip_fuse_col_sums_kernel")
 
 
 # ---------------------------------------------------------------------------
 # CPU-side checks
 
-def test_tile_index_math_emulation(tmp_path):
+@pytest.fixture(scope="module")
+def tiles_emu():
+    return emu_build.load("skip_fuse_tiles")
+
+
+@pytest.fixture(scope="module")
+def kernels_emu():
+    return emu_build.load("skip_fuse_kernels")
+
+
+# (dtype: 1 bf16 / 2 fp32, M, N, D, pad_x, pad_s, pad_w, bias, seed)
+TILE_CASES = [
+    # ragged M (2 tiles, 37 rows in the last), ragged N (136 = 128 + 8), K = 144 not a
+    # multiple of the k-tile, x/skip boundary inside a k-tile, padded strides
+    (1, 165, 136, 72, 24, 8, 16, 1, 1),
+    (2, 165, 136, 72, 24, 8, 16, 1, 2),
+    # one row, D spanning several k-tiles, no bias
+    (1, 1, 64, 200, 0, 8, 0, 0, 3),
+    (2, 1, 64, 200, 0, 8, 0, 0, 4),
+    # exact tile multiples
+    (1, 128, 128, 64, 0, 0, 0, 1, 5),
+    (2, 128, 256, 32, 8, 0, 8, 1, 6),
+]
+
+
+@pytest.mark.parametrize("case", TILE_CASES, ids=lambda c: f"{'bf16' if c[0] == 1 else 'tf32'}-M{c[1]}N{c[2]}D{c[3]}")
+def test_tile_index_math_emulation(tiles_emu, case):
     """Replays the forward GEMM's copy / normalize / ldmatrix / mma / epilogue index math
     on the CPU against the PTX fragment tables (bf16 m16n8k16 and tf32 m16n8k8)."""
-    cxx = shutil.which("c++") or shutil.which("g++") or shutil.which("clang++")
-    if cxx is None:
-        pytest.skip("no C++ compiler")
-    exe = tmp_path / "skip_fuse_emu"
-    subprocess.run([cxx, "-O2", "-std=c++20", "-I", str(ROOT / "csrc"),
-                    str(ROOT / "tests/cpp/skip_fuse_emu.cpp"), "-o", str(exe)], check=True)
-    r = subprocess.run([str(exe)], capture_output=True, text=True, timeout=120)
-    assert r.returncode == 0, r.stdout + r.stderr
-    assert r.stdout.strip().endswith("all ok"), r.stdout
+    fails, log = emu_build.run_checks(tiles_emu.emu_skip_fuse_tiles, *case)
+    assert fails == 0 and log.startswith("ok"), log
 
 
-def _cuda_include() -> str | None:
-    """A directory with cuda_bf16.h / cuda_fp16.h / vector_types.h (host-usable headers)."""
-    cands = []
-    if os.environ.get("CUDA_HOME"):
-        cands.append(Path(os.environ["CUDA_HOME"]) / "include")
-    nvcc = shutil.which("nvcc")
-    if nvcc:
-        try:
-            out = subprocess.run([nvcc, "--dryrun", "-x", "cu", "/dev/null", "-o", "/dev/null"],
-                                 capture_output=True, text=True, timeout=60)
-            m = re.search(r"^#\$ TOP=(.*)$", out.stderr + out.stdout, re.M)
-            if m:
-                top = Path(m.group(1).strip())
-                cands += [top / "include", *sorted(top.glob("targets/*/include"))]
-        except (OSError, subprocess.TimeoutExpired):
-            pass
-    cands += [Path("/usr/local/cuda/include"), *sorted(Path("/usr/local").glob("cuda*/targets/*/include"))]
-    for c in cands:
-        if (c / "cuda_bf16.h").exists() and (c / "vector_types.h").exists():
-            return str(c)
-    return None
+# (check, dtype: 0 fp16 / 1 bf16 / 2 fp32, arguments after the dtype)
+KERNEL_CASES = [
+    # forward GEMM (M, D, N, pad, bias, seed): ragged M (2 tiles), ragged N (128 + 8),
+    # K = 144 (ragged last k-tile, x/skip boundary inside a k-tile), padded row strides;
+    # one row; exact tiles. Each also checks the row statistics.
+    ("forward", 1, (165, 72, 136, 8, 1, 1)),
+    ("forward", 0, (165, 72, 136, 24, 1, 2)),
+    ("forward", 2, (165, 72, 136, 8, 1, 3)),
+    ("forward", 1, (1, 200, 64, 0, 0, 4)),
+    ("forward", 2, (1, 200, 64, 16, 0, 5)),
+    ("forward", 1, (128, 64, 128, 0, 1, 6)),
+    # normalize_rows (M, D, seed)
+    ("normalize_rows", 1, (37, 72, 7)),
+    ("normalize_rows", 2, (37, 200, 8)),
+    # LayerNorm backward (M, D, grid, seed): several rows per CTA (both reduction slots),
+    # D not a multiple of 256 chunks, partial sums over several CTAs
+    ("ln_backward", 1, (37, 72, 5, 9)),
+    ("ln_backward", 0, (20, 1152, 3, 10)),
+    ("ln_backward", 2, (37, 200, 4, 11)),
+]
+SCHEDULES = {"copies-at-wait": 1, "copies-at-wait-warp-by-warp": 3}
 
 
-def test_kernels_on_cpu_threads(tmp_path):
-    """Runs the kernel source itself (csrc/cuda/skip_fuse_kernels.cuh) on CPU threads:
-    barriers are real, warp collectives and cp.async follow the PTX ISA (cp.async lands
-    only at its wait, its destination poisoned until then). Checks row statistics, the
-    forward GEMM (bf16, fp16, tf32; ragged tiles, strided rows), normalize_rows and the
-    LayerNorm backward with its partial-sum reduction against double references."""
-    cxx = shutil.which("c++") or shutil.which("g++")
-    inc = _cuda_include()
-    if cxx is None or inc is None:
-        pytest.skip(f"needs a C++20 compiler ({cxx}) and the CUDA headers ({inc})")
-    exe = tmp_path / "skip_fuse_kernel_emu"
-    subprocess.run([cxx, "-O1", "-std=c++20", "-ffp-contract=off", "-fno-strict-aliasing", "-pthread",
-                    "-I", str(ROOT / "csrc"), "-I", inc, str(ROOT / "tests/cpp/skip_fuse_kernel_emu.cpp"),
-                    "-o", str(exe)], check=True)
-    r = subprocess.run([str(exe)], capture_output=True, text=True, timeout=600)
-    assert r.returncode == 0, r.stdout + r.stderr
-    assert r.stdout.strip().endswith("all ok"), r.stdout
+@pytest.mark.parametrize("schedule", sorted(SCHEDULES))
+@pytest.mark.parametrize("case", KERNEL_CASES,
+                         ids=lambda c: f"{c[0]}-{('fp16', 'bf16', 'fp32')[c[1]]}-" + "x".join(map(str, c[2])))
+def test_kernels_on_emulator(kernels_emu, case, schedule):
+    """Runs the kernel source itself (csrc/cuda/skip_fuse_kernels.cuh) on the CPU
+    emulator: barriers are real, warp collectives and cp.async follow the PTX ISA
+    (cp.async lands only at its wait, its destination poisoned until then), every memory
+    access is bounds-checked; warps in near lockstep or one by one. Checks row
+    statistics, the forward GEMM (bf16, fp16, tf32; ragged tiles, strided rows),
+    normalize_rows and the LayerNorm backward with its column sums against double
+    references."""
+    check, dtype, args = case
+    fn = getattr(kernels_emu, f"emu_skip_fuse_{check}")
+    fails, log = emu_build.run_checks(fn, dtype, *args, SCHEDULES[schedule])
+    assert fails == 0 and "FAIL" not in log and log.count("ok") >= 2, log
 
 
 def _built_archs() -> list[str]:
@@ -98,7 +117,7 @@ def test_ptxas_no_spills():
         pytest.skip("native library built without CUDA")
     archs = _built_archs()
     assert archs, native.build_info()
-    report = [r for r in native.ptxas_report() if "skip_fuse_cu" in r["kernel"]]
+    report = [r for r in native.ptxas_report() if any(k in r["kernel"] for k in KERNELS)]
     for kernel in KERNELS:
         for arch in archs:
             recs = [r for r in report if kernel in r["kernel"] and r["arch"] == arch]

@@ -45,8 +45,8 @@ SKIPDIT_VECTOR_CLONES Sums row_sums(const scalar_t* a, const scalar_t* b, int64_
 }
 
 template <typename scalar_t>
-Sums cache_delta_sums(const at::Tensor& a, const at::Tensor& b) {
-  RowIndexer ai(a), bi(b);
+Sums cache_delta_sums(const at::Tensor& a, const RowIndexer& ai, const at::Tensor& b,
+                      const RowIndexer& bi) {
   const int64_t D = a.size(-1);
   const scalar_t* ap = a.const_data_ptr<scalar_t>();
   const scalar_t* bp = b.const_data_ptr<scalar_t>();
@@ -64,10 +64,12 @@ Sums cache_delta_sums(const at::Tensor& a, const at::Tensor& b) {
 }
 
 at::Tensor cache_delta_cpu(const at::Tensor& a, const at::Tensor& b) {
-  check_cache_delta("skipdit::cache_delta", a, b);
+  const char* op = "skipdit::cache_delta";
+  check_cache_delta(op, a, b);
+  const RowIndexer ai = make_row_indexer(op, "a", a), bi = make_row_indexer(op, "b", b);
   Sums s;
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, a.scalar_type(), "cache_delta_cpu",
-                                  [&] { s = cache_delta_sums<scalar_t>(a, b); });
+                                  [&] { s = cache_delta_sums<scalar_t>(a, ai, b, bi); });
   const auto out_t = a.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
   auto out = new_output({}, a.options().dtype(out_t));
   out.fill_(s.diff / s.ref);

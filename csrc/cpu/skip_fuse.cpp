@@ -4,8 +4,9 @@
 // from x and skip into a chunk-sized buffer (stable shifted two-pass statistics, see
 // normalize_row), rounds it to the operand dtype, and one GEMM per chunk
 // (ATen's BLAS) writes the output rows. The (M, 2D) concatenation or normalized tensor
-// never exists; the buffer is at most kFwdChunkBytes (kBwdChunkBytes per buffer in the
-// backward, whose weight-gradient GEMM needs tall chunks to run at BLAS speed).
+// never exists; the buffer is at most kCpuFwdChunkBytes (kCpuBwdChunkBytes per buffer in
+// the backward, whose weight-gradient GEMM needs tall chunks to run at BLAS speed;
+// cpu/skip_fuse.h, exported in build_info).
 //
 // The backward saves nothing but the inputs. Per chunk: dh = dy W (ATen GEMM), then one
 // pass per row that recomputes the statistics and the normalized row (kept for the
@@ -20,13 +21,14 @@
 #include <cmath>
 
 #include "common.h"
+#include "cpu/skip_fuse.h"
 #include "ops.h"
 
 namespace skipdit {
 namespace {
 
-constexpr int64_t kFwdChunkBytes = 16 << 20;  // benchmark.CPU_SKIP_FUSE_CHUNK_BYTES
-constexpr int64_t kBwdChunkBytes = 24 << 20;
+using skip_fuse::kCpuBwdChunkBytes;
+using skip_fuse::kCpuFwdChunkBytes;
 
 // Rows per chunk: at most `bytes` of buffer, and the M rows split into equal chunks
 // (a multiple of 16 rows each) so that no GEMM runs on a short tail: 1024 rows in
@@ -178,11 +180,10 @@ template <typename scalar_t, typename norm_t>
 void skip_fuse_fwd_impl(const at::Tensor& x, const at::Tensor& skip, const at::Tensor& nw,
                         const at::Tensor& nb, const at::Tensor& w,
                         const std::optional<at::Tensor>& bias, double eps, const SkipFuseShape& s,
-                        at::Tensor& y) {
+                        const RowIndexer& xi, const RowIndexer& si, at::Tensor& y) {
   using acc_t = at::opmath_type<scalar_t>;
   const int64_t W = 2 * s.D;
-  const int64_t chunk = chunk_rows(kFwdChunkBytes, s.M, W, sizeof(scalar_t));
-  RowIndexer xi(x), si(skip);
+  const int64_t chunk = chunk_rows(kCpuFwdChunkBytes, s.M, W, sizeof(scalar_t));
   auto nwc = nw.contiguous(), nbc = nb.contiguous();
   auto h = at::empty({std::min(chunk, s.M), W}, x.options());
   auto wt = w.t();
@@ -200,16 +201,18 @@ at::Tensor skip_fuse_cpu(const at::Tensor& x, const at::Tensor& skip,
                          const at::Tensor& norm_weight, const at::Tensor& norm_bias,
                          const at::Tensor& weight, const std::optional<at::Tensor>& bias,
                          double eps) {
-  const auto s = check_skip_fuse("skipdit::skip_fuse", x, skip, norm_weight, norm_bias, weight,
-                                 bias, eps);
+  const char* op = "skipdit::skip_fuse";
+  const auto s = check_skip_fuse(op, x, skip, norm_weight, norm_bias, weight, bias, eps);
+  const RowIndexer xi = make_row_indexer(op, "x", x), si = make_row_indexer(op, "skip", skip);
   auto y = new_output({s.M, s.D_out}, x.options());
   const bool norm_f32 = norm_weight.scalar_type() == at::kFloat;
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "skip_fuse_cpu", [&] {
     if (norm_f32 && !std::is_same_v<scalar_t, float>) {
-      skip_fuse_fwd_impl<scalar_t, float>(x, skip, norm_weight, norm_bias, weight, bias, eps, s, y);
+      skip_fuse_fwd_impl<scalar_t, float>(x, skip, norm_weight, norm_bias, weight, bias, eps, s,
+                                          xi, si, y);
     } else {
       skip_fuse_fwd_impl<scalar_t, scalar_t>(x, skip, norm_weight, norm_bias, weight, bias, eps, s,
-                                             y);
+                                             xi, si, y);
     }
   });
   return y.view(skip_fuse_out_shape(x, s.D_out));
@@ -218,13 +221,14 @@ at::Tensor skip_fuse_cpu(const at::Tensor& x, const at::Tensor& skip,
 template <typename scalar_t, typename norm_t>
 void skip_fuse_bwd_impl(const at::Tensor& g, const at::Tensor& x, const at::Tensor& skip,
                         const at::Tensor& nw, const at::Tensor& nb, const at::Tensor& w,
-                        double eps, const SkipFuseShape& s, at::Tensor& dx, at::Tensor& dskip,
-                        at::Tensor& dnw, at::Tensor& dnb, at::Tensor& dw, at::Tensor& db) {
+                        double eps, const SkipFuseShape& s, const RowIndexer& xi,
+                        const RowIndexer& si, SkipFuseGrads& grads) {
+  at::Tensor &dx = grads.x, &dskip = grads.skip, &dnw = grads.norm_weight, &dnb = grads.norm_bias,
+             &dw = grads.weight, &db = grads.bias;
   using acc_t = at::opmath_type<scalar_t>;
   const at::ScalarType acc = c10::CppTypeToScalarType<acc_t>::value;
   const int64_t D = s.D, W = 2 * D;
-  const int64_t chunk = chunk_rows(kBwdChunkBytes, s.M, W, sizeof(acc_t));
-  RowIndexer xi(x), si(skip);
+  const int64_t chunk = chunk_rows(kCpuBwdChunkBytes, s.M, W, sizeof(acc_t));
   auto nwc = nw.contiguous(), nbc = nb.contiguous();
   at::Tensor gamma_acc = nwc.to(acc);
   at::Tensor w_acc = w.to(acc);
@@ -289,31 +293,21 @@ skip_fuse_backward_cpu(const at::Tensor& grad_out, const at::Tensor& x, const at
                        const at::Tensor& weight, const std::optional<at::Tensor>& bias,
                        double eps) {
   const char* op = "skipdit::skip_fuse_backward";
-  const auto s = check_skip_fuse(op, x, skip, norm_weight, norm_bias, weight, bias, eps);
-  TORCH_CHECK_VALUE(grad_out.sizes() == at::IntArrayRef(skip_fuse_out_shape(x, s.D_out)), op,
-                    ": grad_out must have shape ", at::IntArrayRef(skip_fuse_out_shape(x, s.D_out)),
-                    ", got ", grad_out.sizes());
-  TORCH_CHECK_TYPE(grad_out.scalar_type() == x.scalar_type(), op, ": grad_out dtype ",
-                   grad_out.scalar_type(), " differs from x dtype ", x.scalar_type());
-  check_same_device(op, x, "grad_out", grad_out);
-  auto dx = new_output(x.sizes(), x.options());
-  auto dskip = new_output(x.sizes(), x.options());
-  auto dnw = new_output(norm_weight.sizes(), norm_weight.options());
-  auto dnb = new_output(norm_bias.sizes(), norm_bias.options());
-  auto dw = new_output(weight.sizes(), weight.options());
-  auto db = bias.has_value() ? new_output(bias->sizes(), bias->options())
-                             : at::empty({0}, weight.options());
+  const auto s = check_skip_fuse_backward(op, grad_out, x, skip, norm_weight, norm_bias, weight,
+                                          bias, eps);
+  const RowIndexer xi = make_row_indexer(op, "x", x), si = make_row_indexer(op, "skip", skip);
+  SkipFuseGrads d(x, norm_weight, norm_bias, weight, bias);
   const bool norm_f32 = norm_weight.scalar_type() == at::kFloat;
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "skip_fuse_bwd_cpu", [&] {
     if (norm_f32 && !std::is_same_v<scalar_t, float>) {
       skip_fuse_bwd_impl<scalar_t, float>(grad_out, x, skip, norm_weight, norm_bias, weight, eps,
-                                          s, dx, dskip, dnw, dnb, dw, db);
+                                          s, xi, si, d);
     } else {
       skip_fuse_bwd_impl<scalar_t, scalar_t>(grad_out, x, skip, norm_weight, norm_bias, weight,
-                                             eps, s, dx, dskip, dnw, dnb, dw, db);
+                                             eps, s, xi, si, d);
     }
   });
-  return {dx, dskip, dnw, dnb, dw, db};
+  return d.tuple();
 }
 
 }  // namespace

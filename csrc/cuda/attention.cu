@@ -1,5 +1,5 @@
 // attention_forward on CUDA: flash-attention forward with mma.sync tensor cores for
-// fp16 and bf16 (kernel bodies and tile choices: attention_fwd.cuh).
+// fp16 and bf16 (kernels: attention_kernels.cuh; tile choices: attention_tiles.h).
 //
 // q, k, v are read in place through their strides (views of a fused qkv projection are
 // never copied). Only inputs whose rows are not 16-byte aligned (a data pointer or a
@@ -13,71 +13,64 @@
 #include <c10/cuda/CUDAStream.h>
 #include <torch/library.h>
 
-#include <algorithm>
-#include <atomic>
-#include <cmath>
 #include <limits>
+#include <string>
 
 #include "common.h"
-#include "cuda/attention_fwd.cuh"
+#include "cuda/attention_kernels.cuh"
+#include "cuda/cuda_utils.cuh"
 #include "ops.h"
 
 namespace skipdit {
+
 namespace {
 
-using attn::FwdParams;
-
-template <class C, class E>
-__global__ void __launch_bounds__(C::kThreads) attn_fwd_main_kernel(const FwdParams p) {
-  extern __shared__ __align__(16) char smem[];
-  attn::fwd_main<C, E>(p, smem, threadIdx.x, blockIdx.x);
+std::string attention_dtype_reason(at::ScalarType dt) {
+  if (dt == at::kHalf || dt == at::kBFloat16) return "";
+  return "the CUDA attention kernel runs float16 and bfloat16 only, got " + torch_dtype_name(dt);
 }
 
-template <class C, class E>
-__global__ void __launch_bounds__(32 * C::kMaxWarps, 1) attn_fwd_short_kernel(const FwdParams p) {
-  extern __shared__ __align__(16) char smem[];
-  attn::fwd_short<C, E>(p, smem, threadIdx.x, blockDim.x / 32, blockIdx.x);
+// The device checks of cuda_utils, with the shared memory of the largest launch for
+// head dim dh.
+std::string attention_device_reason(int64_t dh, const CudaDeviceInfo& dev) {
+  return cuda::device_reason(dev, "the CUDA attention kernel",
+                             attention::max_smem_bytes(static_cast<int>(dh)),
+                             " for head dim " + std::to_string(dh));
 }
 
-// Raises a kernel's dynamic shared-memory limit to `bytes`, once per kernel (Tag: one
-// type per kernel) and device.
-template <class Tag>
-void allow_smem(const void* kernel, int bytes, int device) {
-  static std::atomic<int> configured[64];
-  if (bytes <= 48 * 1024) return;
-  if (device < 64 && configured[device].load(std::memory_order_relaxed) >= bytes) return;
-  C10_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, bytes));
-  if (device < 64) configured[device].store(bytes, std::memory_order_relaxed);
-}
-template <class C, class E, bool kShort>
-struct KernelTag {};
+}  // namespace
 
-bool rows_aligned(const at::Tensor& t) {
-  if (reinterpret_cast<uintptr_t>(t.data_ptr()) % 16 != 0) return false;
-  for (int d = 0; d < 3; ++d) {
-    if (t.size(d) > 1 && t.stride(d) % 8 != 0) return false;
+std::string attention_cuda_limits(c10::ArrayRef<int64_t> features,
+                                  std::optional<at::ScalarType> dtype, const CudaDeviceInfo& dev) {
+  TORCH_CHECK_VALUE(features.size() == 1,
+                    "skipdit::cuda_limits: attention takes features [head_dim], got ", features);
+  const int64_t dh = features[0];
+  if (dh % 8 != 0 || dh < 8 || dh > 256) {
+    return "head dim must be a multiple of 8 up to 256, got " + std::to_string(dh);
   }
-  return true;
+  std::string why = dtype.has_value() ? attention_dtype_reason(*dtype) : "";
+  if (why.empty()) why = attention_device_reason(dh, dev);
+  return why;
 }
 
-at::Tensor aligned(const at::Tensor& t) {
-  return rows_aligned(t) ? t : at::empty(t.sizes(), t.options()).copy_(t);
-}
+namespace {
+
+using attention::FwdParams;
 
 template <class E>
 void launch(FwdParams p, int device, cudaStream_t stream) {
-  attn::plan(p, [&](auto cfg, auto is_short, const attn::LaunchShape& shape) {
+  attention::plan(p, [&](auto cfg, auto is_short, const attention::LaunchShape& shape) {
     using C = typename decltype(cfg)::type;
     TORCH_CHECK(shape.grid <= std::numeric_limits<int>::max(), "skipdit::attention_forward: ",
                 p.BH, " (batch, head) pairs are too many for one launch");
     void (*kernel)(const FwdParams);
     if constexpr (decltype(is_short)::value) {
-      kernel = attn_fwd_short_kernel<C, E>;
+      kernel = attention::attention_fwd_short_kernel<C, E>;
     } else {
-      kernel = attn_fwd_main_kernel<C, E>;
+      kernel = attention::attention_fwd_kernel<C, E>;
     }
-    allow_smem<KernelTag<C, E, decltype(is_short)::value>>(reinterpret_cast<const void*>(kernel),
-                                                           shape.max_smem, device);
+    cuda::opt_in_smem(reinterpret_cast<const void*>(kernel), shape.max_smem, device,
+                      "skipdit::attention_forward");
     kernel<<<static_cast<unsigned>(shape.grid), shape.threads, shape.smem, stream>>>(p);
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   });
@@ -89,9 +82,11 @@ std::tuple<at::Tensor, at::Tensor> attention_forward_cuda(const at::Tensor& q_in
   const char* op = "skipdit::attention_forward";
   check_attention(op, q_in, k_in, v_in, scale);
   const auto dtype = q_in.scalar_type();
-  TORCH_CHECK_TYPE(dtype == at::kHalf || dtype == at::kBFloat16, op,
-                   ": the CUDA kernel runs float16 and bfloat16 (tensor-core MMA), got ", dtype,
-                   "; use the triton or reference backend for other dtypes");
+  const std::string dt = attention_dtype_reason(dtype);
+  TORCH_CHECK_TYPE(dt.empty(), op, ": ", dt, "; use the triton or reference backend for other dtypes");
+  const int device = q_in.get_device();
+  const std::string why = attention_device_reason(q_in.size(3), cuda::device_info(device));
+  TORCH_CHECK_VALUE(why.empty(), op, ": ", why);
   c10::cuda::CUDAGuard guard(q_in.device());
   const int64_t B = q_in.size(0), Nq = q_in.size(1), H = q_in.size(2), Dh = q_in.size(3);
   const int64_t Nk = k_in.size(1);
@@ -99,7 +94,10 @@ std::tuple<at::Tensor, at::Tensor> attention_forward_cuda(const at::Tensor& q_in
   TORCH_CHECK_VALUE(Nq < kMaxLen && Nk < kMaxLen && H < kMaxLen, op,
                     ": sequence lengths and head count must be below 2^30, got Nq=", Nq,
                     ", Nk=", Nk, ", H=", H);
-  const at::Tensor q = aligned(q_in), k = aligned(k_in), v = aligned(v_in);
+  // The kernels move rows in 16-byte cp.async chunks: rows that are not 16-byte
+  // aligned (no qkv projection view has them) are copied once.
+  const at::Tensor q = cuda::with_aligned_rows(q_in), k = cuda::with_aligned_rows(k_in),
+                   v = cuda::with_aligned_rows(v_in);
 
   auto out = new_output({B, Nq, H, Dh}, q.options());
   auto lse = new_output({B, H, Nq}, q.options().dtype(at::kFloat));
@@ -118,14 +116,13 @@ std::tuple<at::Tensor, at::Tensor> attention_forward_cuda(const at::Tensor& q_in
   p.Nq = static_cast<int>(Nq);
   p.Nk = static_cast<int>(Nk);
   p.dh = static_cast<int>(Dh);
-  p.scale_log2 = static_cast<float>(scale * 1.4426950408889634);
+  p.scale_log2 = static_cast<float>(scale * attention::kLog2e);
 
-  const int device = q.get_device();
   auto stream = c10::cuda::getCurrentCUDAStream();
   if (dtype == at::kHalf) {
-    launch<attn::F16>(p, device, stream);
+    launch<F16>(p, device, stream);
   } else {
-    launch<attn::BF16>(p, device, stream);
+    launch<BF16>(p, device, stream);
   }
   return {out, lse};
 }

@@ -1,11 +1,12 @@
 // cache_delta on CUDA: sum|a - b| / sum|b| in one kernel launch, result left on the
 // device (no host synchronization).
 //
-// Each CTA reduces a grid-stride share of the elements into two double partial sums
-// and writes them to its own slot; the last CTA to finish (atomic ticket) adds the
-// slots in a fixed order, so the result is deterministic, writes the ratio and resets
-// the ticket for the next call. Contiguous inputs are read with 16-byte vector loads;
-// strided inputs (last dim contiguous) go through a row indexer.
+// cache_delta_reduce_kernel: each CTA reduces a grid-stride share of the elements into
+// two double partial sums and writes them to its own slot; the last CTA to finish
+// (atomic ticket) adds the slots in a fixed order, so the result is deterministic,
+// writes the ratio and resets the ticket for the next call. Contiguous inputs are read
+// with 16-byte vector loads; strided inputs (last dim contiguous) go through the row
+// indexer of common.h (any view of up to 16 strided leading dims, like the CPU kernel).
 #include <ATen/ATen.h>
 #include <c10/cuda/CUDAGuard.h>
 #include <c10/cuda/CUDAStream.h>
@@ -13,48 +14,37 @@
 #include <cuda_fp16.h>
 #include <torch/library.h>
 
+#include <string>
+
 #include "common.h"
+#include "cuda/cuda_utils.cuh"
 #include "ops.h"
 
 namespace skipdit {
-namespace {
+
+// Every float dtype, any shape the op accepts: only the build's architectures limit it.
+std::string cache_delta_cuda_limits(c10::ArrayRef<int64_t> features,
+                                    std::optional<at::ScalarType> dtype, const CudaDeviceInfo& dev) {
+  TORCH_CHECK_VALUE(features.empty(), "skipdit::cuda_limits: cache_delta takes no features, got ",
+                    features);
+  if (dtype.has_value() && !at::isFloatingType(*dtype)) {
+    return "the CUDA cache_delta kernel runs float16, bfloat16, float32 and float64, got " +
+           torch_dtype_name(*dtype);
+  }
+  return dev.cc_major < 0 ? "" : cuda::arch_reason(dev.cc_major, dev.cc_minor);
+}
+
+namespace cache_delta {
 
 constexpr int kThreads = 256;
 
-struct Rows {
-  int64_t D;
-  int ndim;
-  int64_t sizes[8];
-  int64_t strides[8];
-  __device__ __forceinline__ int64_t offset(int64_t r) const {
-    int64_t off = 0;
-    for (int i = ndim - 1; i >= 0; --i) {
-      off += (r % sizes[i]) * strides[i];
-      r /= sizes[i];
-    }
-    return off;
-  }
-};
-
-Rows make_rows(const at::Tensor& t) {
-  RowIndexer ri(t);
-  Rows r{};
-  r.D = t.size(-1);
-  r.ndim = ri.ndim;
-  for (int i = 0; i < ri.ndim; ++i) {
-    r.sizes[i] = ri.sizes[i];
-    r.strides[i] = ri.strides[i];
-  }
-  return r;
-}
-
 template <typename T>
-__device__ __forceinline__ double to_d(T v) {
+SKIPDIT_DEV double to_d(T v) {
   return static_cast<double>(static_cast<float>(v));
 }
-__device__ __forceinline__ double to_d(double v) { return v; }
+SKIPDIT_DEV double to_d(double v) { return v; }
 
-__device__ __forceinline__ void block_sum2(double& d, double& s, double* smem) {
+SKIPDIT_DEV void block_sum2(double& d, double& s, double* smem) {
   for (int o = 16; o > 0; o >>= 1) {
     d += __shfl_down_sync(0xffffffffu, d, o);
     s += __shfl_down_sync(0xffffffffu, s, o);
@@ -77,9 +67,10 @@ __device__ __forceinline__ void block_sum2(double& d, double& s, double* smem) {
 
 template <typename scalar_t, typename out_t>
 __global__ void __launch_bounds__(kThreads)
-    cache_delta_kernel(const scalar_t* __restrict__ a, const scalar_t* __restrict__ b, Rows ra,
-                       Rows rb, int64_t n, bool contiguous, double* __restrict__ partials,
-                       unsigned int* __restrict__ ticket, out_t* __restrict__ out) {
+    cache_delta_reduce_kernel(const scalar_t* __restrict__ a, const scalar_t* __restrict__ b,
+                              const RowIndexer ra, const RowIndexer rb, int64_t D, int64_t n,
+                              bool contiguous, double* __restrict__ partials,
+                              unsigned int* __restrict__ ticket, out_t* __restrict__ out) {
   double d = 0.0, s = 0.0;
   const int64_t tid = static_cast<int64_t>(blockIdx.x) * kThreads + threadIdx.x;
   const int64_t stride = static_cast<int64_t>(gridDim.x) * kThreads;
@@ -111,7 +102,7 @@ __global__ void __launch_bounds__(kThreads)
     }
   } else {
     for (int64_t i = tid; i < n; i += stride) {
-      const int64_t r = i / ra.D, c = i % ra.D;
+      const int64_t r = i / D, c = i % D;
       const double bv = to_d(b[rb.offset(r) + c]);
       d += fabs(to_d(a[ra.offset(r) + c]) - bv);
       s += fabs(bv);
@@ -144,22 +135,20 @@ __global__ void __launch_bounds__(kThreads)
   }
 }
 
-int sm_count(int device) {
-  static int cached[64] = {0};
-  if (device < 64 && cached[device]) return cached[device];
-  int n = 0;
-  C10_CUDA_CHECK(cudaDeviceGetAttribute(&n, cudaDevAttrMultiProcessorCount, device));
-  if (device < 64) cached[device] = n;
-  return n;
-}
+}  // namespace cache_delta
+
+namespace {
 
 at::Tensor cache_delta_cuda(const at::Tensor& a, const at::Tensor& b) {
-  check_cache_delta("skipdit::cache_delta", a, b);
+  const char* op = "skipdit::cache_delta";
+  check_cache_delta(op, a, b);
   c10::cuda::CUDAGuard guard(a.device());
   const int64_t n = a.numel();
   const bool contiguous = a.is_contiguous() && b.is_contiguous();
+  constexpr int kThreads = cache_delta::kThreads;
   const int64_t want = (n + kThreads * 8 - 1) / (kThreads * 8);
-  const int grid = static_cast<int>(std::max<int64_t>(1, std::min<int64_t>(want, 2 * sm_count(a.get_device()))));
+  const int grid = static_cast<int>(
+      std::max<int64_t>(1, std::min<int64_t>(want, 2 * cuda::sm_count(a.get_device()))));
   const auto out_t = a.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
   auto out = new_output({}, a.options().dtype(out_t));
   // [partials (2 doubles per CTA) | ticket]; the ticket must start at zero and the
@@ -168,14 +157,14 @@ at::Tensor cache_delta_cuda(const at::Tensor& a, const at::Tensor& b) {
   auto ticket = reinterpret_cast<unsigned int*>(ws.data_ptr<double>() + 2 * grid);
   auto stream = c10::cuda::getCurrentCUDAStream();
   C10_CUDA_CHECK(cudaMemsetAsync(ticket, 0, sizeof(double), stream));
-  const Rows ra = make_rows(a), rb = make_rows(b);
+  const RowIndexer ra = make_row_indexer(op, "a", a), rb = make_row_indexer(op, "b", b);
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, a.scalar_type(), "cache_delta_cuda", [&] {
     using cuda_t = std::conditional_t<std::is_same_v<scalar_t, at::Half>, __half,
                    std::conditional_t<std::is_same_v<scalar_t, at::BFloat16>, __nv_bfloat16, scalar_t>>;
     auto launch = [&](auto* out_ptr) {
-      cache_delta_kernel<cuda_t><<<grid, kThreads, 0, stream>>>(
+      cache_delta::cache_delta_reduce_kernel<cuda_t><<<grid, kThreads, 0, stream>>>(
           reinterpret_cast<const cuda_t*>(a.const_data_ptr<scalar_t>()),
-          reinterpret_cast<const cuda_t*>(b.const_data_ptr<scalar_t>()), ra, rb, n, contiguous,
+          reinterpret_cast<const cuda_t*>(b.const_data_ptr<scalar_t>()), ra, rb, a.size(-1), n, contiguous,
           ws.data_ptr<double>(), ticket, out_ptr);
     };
     if (out_t == at::kDouble) {

@@ -129,35 +129,27 @@ def parse_ptxas(text: str) -> list[dict]:
 
 
 # ---------------------------------------------------------------------------------------
-# what the CUDA kernels of the library serve (csrc/cuda; checked before `cuda` is picked)
-
-# csrc/cuda/skip_fuse.cu: rows move in 16-byte chunks (x / skip and weight rows), the
-# epilogue stores column pairs, the backward keeps 2*D fp32 column sums per CTA in shared
-# memory, and the forward GEMM needs sm_80+ (cp.async, bf16 mma.sync) and 108 KiB of
-# shared memory per block (3 stages of 2 x 128 x 144-byte tiles).
-_SKIP_FUSE_CUDA_SMEM = 3 * 2 * 128 * 144
-
+# what the kernels of the library serve: stated once, in C++ next to the kernels
 
 def cuda_limits(op: str, device: torch.device, dtype: torch.dtype, features: tuple) -> str | None:
-    """None when the library's CUDA kernel of `op` serves these inputs, else why not."""
+    """None when the library's CUDA kernel of `op` serves these inputs on `device`
+    (torch.ops.skipdit.cuda_limits, csrc/ops.cpp), else why not. For a non-CUDA
+    device the device-specific checks (compute capability, shared memory) are skipped."""
+    if not available():
+        return f"native library not loaded: {load_error()}"
     if device.type == "cuda":
         cc = torch.cuda.get_device_capability(device)
-        if cc < (8, 0):
-            return f"the CUDA kernels need compute capability >= 8.0, device has {cc[0]}.{cc[1]}"
-    if op == "skip_fuse":
-        D, D_out = features[:2]
-        if D % 8 != 0 or D > 8192:
-            return f"D={D}: the CUDA kernel needs D to be a multiple of 8 and at most 8192"
-        if D_out % 8 != 0:
-            return f"D_out={D_out}: the CUDA kernel needs D_out to be a multiple of 8"
-        if device.type == "cuda":
-            optin = getattr(torch.cuda.get_device_properties(device), "shared_memory_per_block_optin", None)
-            if optin is not None and optin < _SKIP_FUSE_CUDA_SMEM:
-                return (f"the CUDA kernel needs {_SKIP_FUSE_CUDA_SMEM} bytes of shared memory per block, "
-                        f"the device allows {optin}")
-    elif op == "attention":
-        # mma.sync / cp.async kernels for fp16 and bf16; every head dim the op accepts
-        # (multiples of 8 up to 256) is served.
-        if dtype not in (torch.float16, torch.bfloat16):
-            return f"the CUDA attention kernel runs float16 and bfloat16 only, got {dtype}"
-    return None
+        optin = getattr(torch.cuda.get_device_properties(device), "shared_memory_per_block_optin", -1)
+    else:
+        cc, optin = (-1, 0), -1
+    why = torch.ops.skipdit.cuda_limits(op, [int(f) for f in features], cc[0], cc[1], int(optin), dtype)
+    return why or None
+
+
+def constant(name: str) -> int:
+    """A constant of the native kernels (build_info()["constants"], csrc), e.g.
+    skip_fuse_cpu_fwd_chunk_bytes: what tests and benchmarks must not restate."""
+    consts = build_info().get("constants", {})
+    if name not in consts:
+        raise KeyError(f"the native library exports no constant {name!r} (it has {', '.join(sorted(consts))})")
+    return consts[name]

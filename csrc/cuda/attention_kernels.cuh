@@ -1,7 +1,8 @@
-// Flash-attention forward for DiT shapes: the kernel bodies, their tile configurations
-// and the choice among them. Included by csrc/cuda/attention.cu (nvcc) and by the CPU
-// emulator tests/emu/attention_emu.cpp (g++), which supplies its own implementation of
-// the primitives in attention_hw.cuh and defines SKIPDIT_ATTN_EMULATION.
+// Flash-attention forward for DiT shapes: the kernels (tile configurations and the
+// choice among them: attention_tiles.h). Written against csrc/cuda/ptx.cuh only, so
+// that the CPU harness tests/emu/attention_kernels.cpp compiles these kernels unchanged
+// with SKIPDIT_EMULATE and runs them on the emulator's model of a CTA; included by
+// csrc/cuda/attention.cu for the GPU.
 //
 // Layout and math (DESIGN.md section 2): q [B, Nq, H, Dh], k/v [B, Nk, H, Dh] with
 // arbitrary element strides for B, N and H (views of one fused qkv tensor are read in
@@ -20,14 +21,17 @@
 // without a swizzle.
 //
 // Two kernels:
-//   fwd_main   one CTA = kBM query rows of one (batch, head); each warp owns 16*kMT rows
-//              and keeps Q (as MMA fragments), the running max/sum and O in registers;
-//              K/V tiles of kBN keys stream through a kStages-deep cp.async ring.
-//   fwd_short  Nq, Nk <= 64 (Latte temporal attention, N = 16 with B*H in the 10^4s):
-//              every warp handles a whole (batch, head) on its own: one cp.async burst
-//              brings its Q, K and V into shared memory, then 16 query rows at a time go
-//              through QK^T, softmax and PV in registers. No block-wide barrier, so many
-//              independent warps per SM keep the loads in flight.
+//   attention_fwd_kernel        one CTA = kBM query rows of one (batch, head); each warp
+//                               owns 16*kMT rows and keeps Q (as MMA fragments), the
+//                               running max/sum and O in registers; K/V tiles of kBN
+//                               keys stream through a kStages-deep cp.async ring.
+//   attention_fwd_short_kernel  Nq, Nk <= 64 (Latte temporal attention, N = 16 with B*H
+//                               in the 10^4s): every warp handles a whole (batch, head)
+//                               on its own: one cp.async burst brings its Q, K and V
+//                               into shared memory, then 16 query rows at a time go
+//                               through QK^T, softmax and PV in registers. No
+//                               block-wide barrier, so many independent warps per SM
+//                               keep the loads in flight.
 // Ragged tiles: rows past Nq/Nk and columns past the real head dim are zero-filled by
 // cp.async (src-size 0; nothing out of bounds is read), keys past Nk get -inf scores,
 // rows past Nq are not stored.
@@ -35,38 +39,13 @@
 
 #include <cmath>
 #include <cstdint>
-#include <type_traits>
-#include <utility>
 
-#ifndef SKIPDIT_ATTN_EMULATION
-#include "attention_hw.cuh"
-#endif
+#include "cuda/attention_tiles.h"
+#include "cuda/ptx.cuh"
 
-namespace skipdit::attn {
-
-struct FwdParams {
-  const uint16_t* q;
-  const uint16_t* k;
-  const uint16_t* v;
-  uint16_t* out;
-  float* lse;
-  int64_t q_sb, q_sn, q_sh;  // element strides of q for B, N, H (head dim: stride 1)
-  int64_t k_sb, k_sn, k_sh;
-  int64_t v_sb, v_sn, v_sh;
-  int64_t BH;   // B * H
-  int H, Nq, Nk;
-  int dh;       // the real head dim (<= the kernel's tile head dim kDh)
-  int q_tiles;  // fwd_main: ceil(Nq / kBM)
-  int n16;      // fwd_short: ceil(max(Nq, Nk) / 16), at most 4
-  float scale_log2;  // scale * log2(e)
-};
+namespace skipdit::attention {
 
 constexpr float kLn2 = 0.693147180559945309f;
-constexpr float kLog2e = 1.442695040888963407f;
-
-// Shared-memory row stride (elements) for a head-dim tile: an odd number of 16-byte
-// chunks, so 8 rows read by one ldmatrix phase fall into 8 distinct bank groups.
-SKIPDIT_HD constexpr int smem_ld(int dh) { return (dh / 8) % 2 == 1 ? dh : dh + 8; }
 
 // ---------------------------------------------------------------------------------
 // Loading tiles
@@ -88,12 +67,12 @@ SKIPDIT_DEV void load_rows_cta(uint16_t* s, const uint16_t* g, int64_t stride, i
       const int r = c / kChunks, ch = c % kChunks;
       const bool ok = row0 + r < nrows && ch * 8 < dh;
       const uint16_t* src = ok ? g + static_cast<int64_t>(row0 + r) * stride + ch * 8 : g;
-      cp_async16(s + r * kLd + ch * 8, src, ok);
+      cp_async16(smem_u32(s + r * kLd + ch * 8), src, ok);
     }
   }
 }
 
-// The same for one warp and a run-time number of rows (fwd_short).
+// The same for one warp and a run-time number of rows (attention_fwd_short_kernel).
 template <int kDh>
 SKIPDIT_DEV void load_rows_warp(uint16_t* s, const uint16_t* g, int64_t stride, int rows,
                                 int nrows, int dh, int lane) {
@@ -102,7 +81,7 @@ SKIPDIT_DEV void load_rows_warp(uint16_t* s, const uint16_t* g, int64_t stride, 
     const int r = c / kChunks, ch = c % kChunks;
     const bool ok = r < nrows && ch * 8 < dh;
     const uint16_t* src = ok ? g + static_cast<int64_t>(r) * stride + ch * 8 : g;
-    cp_async16(s + r * kLd + ch * 8, src, ok);
+    cp_async16(smem_u32(s + r * kLd + ch * 8), src, ok);
   }
 }
 
@@ -136,10 +115,12 @@ SKIPDIT_DEV void load_q_frags(QFrags<kDh, kMT, true>& qf, const uint16_t* sQw, i
 #pragma unroll
   for (int mt = 0; mt < kMT; ++mt) {
 #pragma unroll
-    for (int kk = 0; kk < kK16; ++kk) ldsm_x4(qf.a[mt][kk], a_x4_addr<kLd>(sQw + mt * 16 * kLd, lane, kk * 16));
+    for (int kk = 0; kk < kK16; ++kk) {
+      ldsm_x4(qf.a[mt][kk], smem_u32(a_x4_addr<kLd>(sQw + mt * 16 * kLd, lane, kk * 16)));
+    }
     if constexpr (kDh % 16 != 0) {
       // k8 tail: matrices rows 0-7 | rows 8-15 at col kK16*16 (lanes 0-15 give rows).
-      ldsm_x2(qf.a8[mt], sQw + (mt * 16 + (lane & 15)) * kLd + kK16 * 16);
+      ldsm_x2(qf.a8[mt], smem_u32(sQw + (mt * 16 + (lane & 15)) * kLd + kK16 * 16));
     }
   }
 }
@@ -165,18 +146,18 @@ SKIPDIT_DEV void qk(float (&s)[kMT][2 * kN16][4], const QFrags<kDh, kMT, kQRegs>
 #pragma unroll
         for (int i = 0; i < 4; ++i) a[mt][i] = qf.a[mt][kk][i];
       } else {
-        ldsm_x4(a[mt], a_x4_addr<smem_ld(kDh)>(sQw + mt * 16 * kLd, lane, kk * 16));
+        ldsm_x4(a[mt], smem_u32(a_x4_addr<smem_ld(kDh)>(sQw + mt * 16 * kLd, lane, kk * 16)));
       }
     }
 #pragma unroll
     for (int j = 0; j < kN16; ++j) {
       if (j < n16) {
         uint32_t b[4];
-        ldsm_x4(b, sK + (j * 16 + krow) * kLd + kk * 16 + kcol);
+        ldsm_x4(b, smem_u32(sK + (j * 16 + krow) * kLd + kk * 16 + kcol));
 #pragma unroll
         for (int mt = 0; mt < kMT; ++mt) {
-          mma_k16<E>(s[mt][2 * j], a[mt], b[0], b[1]);
-          mma_k16<E>(s[mt][2 * j + 1], a[mt], b[2], b[3]);
+          mma_m16n8k16<E>(s[mt][2 * j], a[mt], b[0], b[1]);
+          mma_m16n8k16<E>(s[mt][2 * j + 1], a[mt], b[2], b[3]);
         }
       }
     }
@@ -189,7 +170,7 @@ SKIPDIT_DEV void qk(float (&s)[kMT][2 * kN16][4], const QFrags<kDh, kMT, kQRegs>
         a8[mt][0] = qf.a8[mt][0];
         a8[mt][1] = qf.a8[mt][1];
       } else {
-        ldsm_x2(a8[mt], sQw + (mt * 16 + (lane & 15)) * kLd + kK16 * 16);
+        ldsm_x2(a8[mt], smem_u32(sQw + (mt * 16 + (lane & 15)) * kLd + kK16 * 16));
       }
     }
 #pragma unroll
@@ -197,11 +178,11 @@ SKIPDIT_DEV void qk(float (&s)[kMT][2 * kN16][4], const QFrags<kDh, kMT, kQRegs>
       if (j < n16) {
         // keys 0-7 | keys 8-15 at the last 8 columns: b0 of n-tiles 2j and 2j+1.
         uint32_t b[2];
-        ldsm_x2(b, sK + (j * 16 + (lane & 15)) * kLd + kK16 * 16);
+        ldsm_x2(b, smem_u32(sK + (j * 16 + (lane & 15)) * kLd + kK16 * 16));
 #pragma unroll
         for (int mt = 0; mt < kMT; ++mt) {
-          mma_k8<E>(s[mt][2 * j], a8[mt][0], a8[mt][1], b[0]);
-          mma_k8<E>(s[mt][2 * j + 1], a8[mt][0], a8[mt][1], b[1]);
+          mma_m16n8k8<E>(s[mt][2 * j], a8[mt][0], a8[mt][1], b[0]);
+          mma_m16n8k8<E>(s[mt][2 * j + 1], a8[mt][0], a8[mt][1], b[1]);
         }
       }
     }
@@ -297,20 +278,20 @@ SKIPDIT_DEV void pv(float (&o)[kMT][kDh / 8][4], const float (&s)[kMT][2 * kN16]
 #pragma unroll
       for (int dp = 0; dp < kDT / 2; ++dp) {
         uint32_t b[4];
-        ldsm_x4_trans(b, vk + dp * 16 + vcol);
+        ldsm_x4_trans(b, smem_u32(vk + dp * 16 + vcol));
 #pragma unroll
         for (int mt = 0; mt < kMT; ++mt) {
-          mma_k16<E>(o[mt][2 * dp], a[mt], b[0], b[1]);
-          mma_k16<E>(o[mt][2 * dp + 1], a[mt], b[2], b[3]);
+          mma_m16n8k16<E>(o[mt][2 * dp], a[mt], b[0], b[1]);
+          mma_m16n8k16<E>(o[mt][2 * dp + 1], a[mt], b[2], b[3]);
         }
       }
       if constexpr (kDT % 2 != 0) {
         // Odd number of n8 tiles (72 -> 9, 88 -> 11): the last one alone, matrices
         // (keys 0-7 | keys 8-15) at its 8 columns, addressed by lanes 0-15.
         uint32_t b[2];
-        ldsm_x2_trans(b, vk + (kDT - 1) * 8);
+        ldsm_x2_trans(b, smem_u32(vk + (kDT - 1) * 8));
 #pragma unroll
-        for (int mt = 0; mt < kMT; ++mt) mma_k16<E>(o[mt][kDT - 1], a[mt], b[0], b[1]);
+        for (int mt = 0; mt < kMT; ++mt) mma_m16n8k16<E>(o[mt][kDT - 1], a[mt], b[0], b[1]);
       }
     }
   }
@@ -358,25 +339,13 @@ SKIPDIT_DEV void store_rows(float (&o)[kMT][kDh / 8][4], const float (&m)[kMT][2
 }
 
 // ---------------------------------------------------------------------------------
-// fwd_main
-
-template <int kDh_, int kMT_, int kBN_, int kWarps_, int kStages_, bool kQRegs_>
-struct MainCfg {
-  static constexpr int kDh = kDh_;        // head-dim tile (multiple of 8, <= 256)
-  static constexpr int kMT = kMT_;        // m16 tiles of query rows per warp
-  static constexpr int kBN = kBN_;        // keys per K/V tile (multiple of 16)
-  static constexpr int kWarps = kWarps_;
-  static constexpr int kStages = kStages_;  // K/V ring depth (>= 2)
-  static constexpr bool kQRegs = kQRegs_;   // Q fragments stay in registers
-  static constexpr int kThreads = 32 * kWarps;
-  static constexpr int kBM = 16 * kMT * kWarps;  // query rows per CTA
-  static constexpr int kLd = smem_ld(kDh);
-  static constexpr int kSmemBytes = (kBM + kStages * 2 * kBN) * kLd * 2;
-  static_assert(kDh % 8 == 0 && kDh <= 256 && kBN % 16 == 0 && kStages >= 2);
-};
+// The kernels
 
 template <class C, class E>
-SKIPDIT_DEV void fwd_main(const FwdParams& p, char* smem, int tid, int64_t block) {
+__global__ void __launch_bounds__(C::kThreads) attention_fwd_kernel(const FwdParams p) {
+  SKIPDIT_DYNAMIC_SMEM(char, smem);
+  const int tid = threadIdx.x;
+  const int64_t block = blockIdx.x;
   constexpr int kDh = C::kDh, kMT = C::kMT, kBN = C::kBN, kN16 = kBN / 16, kNT = kBN / 8;
   constexpr int kDT = kDh / 8, kLd = C::kLd, kStages = C::kStages;
   const int warp = tid >> 5, lane = tid & 31;
@@ -455,34 +424,12 @@ SKIPDIT_DEV void fwd_main(const FwdParams& p, char* smem, int tid, int64_t block
   store_rows<kDh, kMT, E>(o, m, l, sQw, p, bh, b, h, q0 + warp * 16 * kMT, lane);
 }
 
-// ---------------------------------------------------------------------------------
-// fwd_short
-
-template <int kDh_, int kN16_>
-struct ShortCfg {
-  static constexpr int kDh = kDh_;
-  static constexpr int kLd = smem_ld(kDh);
-  static constexpr int kN16 = kN16_;  // Nq, Nk <= 16*kN16 (1: the N = 16 case, 4: up to 64)
-  static constexpr int kMaxWarps = 4;
-  // Q, K and V of one (batch, head), n16*16 rows each.
-  SKIPDIT_HD static constexpr int warp_bytes(int n16) { return 3 * n16 * 16 * kLd * 2; }
-  // Warps per CTA: up to 4, fewer where a CTA would need more than 64 KiB.
-  SKIPDIT_HD static constexpr int warps(int n16) {
-    int w = kMaxWarps;
-    while (w > 1 && w * warp_bytes(n16) > 64 * 1024) --w;
-    return w;
-  }
-  // The most dynamic shared memory a launch asks for, over n16 = 1 .. kN16.
-  SKIPDIT_HD static constexpr int max_cta_bytes() {
-    int most = 0;
-    for (int n = 1; n <= kN16; ++n) most = warps(n) * warp_bytes(n) > most ? warps(n) * warp_bytes(n) : most;
-    return most;
-  }
-  static_assert(kDh % 8 == 0 && kDh <= 128 && kN16 >= 1 && kN16 <= 4);
-};
-
 template <class C, class E>
-SKIPDIT_DEV void fwd_short(const FwdParams& p, char* smem, int tid, int nwarps, int64_t block) {
+__global__ void __launch_bounds__(32 * C::kMaxWarps, 1)
+    attention_fwd_short_kernel(const FwdParams p) {
+  SKIPDIT_DYNAMIC_SMEM(char, smem);
+  const int tid = threadIdx.x, nwarps = blockDim.x / 32;
+  const int64_t block = blockIdx.x;
   constexpr int kDh = C::kDh, kLd = C::kLd, kN16 = C::kN16, kNT = 2 * kN16, kDT = kDh / 8;
   const int warp = tid >> 5, lane = tid & 31;
   const int64_t bh = block * nwarps + warp;
@@ -523,105 +470,4 @@ SKIPDIT_DEV void fwd_short(const FwdParams& p, char* smem, int tid, int nwarps, 
   }
 }
 
-// ---------------------------------------------------------------------------------
-// Configurations and their choice
-
-// Head-dim tile for a head dim: 64, 72, 88, 96 and 128 run exactly; any other multiple
-// of 8 runs on the next larger tile (zero-filled columns; correct, slower).
-SKIPDIT_HD constexpr int dh_tile(int dh) {
-  return dh <= 64 ? 64 : dh <= 72 ? 72 : dh <= 88 ? 88 : dh <= 96 ? 96 : dh <= 128 ? 128 : 256;
-}
-
-// The short path needs the whole sequence of one (batch, head) in one warp's shared
-// memory: Nq, Nk <= 64 and a tile head dim <= 128.
-SKIPDIT_HD constexpr bool use_short_path(int nq, int nk, int dh) {
-  return nq <= 64 && nk <= 64 && dh_tile(dh) <= 128;
-}
-
-// fwd_main tile configurations. Two m16 tiles per warp (32 rows) let every K/V
-// fragment read from shared memory feed two MMAs; the K/V tile width, the ring depth and
-// whether Q stays in registers are the largest choices whose O, S (and Q) accumulators
-// fit in 255 registers without spills on both sm_80 and sm_90a (ptxas, nvcc 13.0).
-template <int kDh>
-struct MainFor;
-template <>
-struct MainFor<64> {
-  using type = MainCfg<64, 2, 64, 4, 3, true>;
-};
-template <>
-struct MainFor<72> {
-  using type = MainCfg<72, 2, 32, 4, 3, true>;
-};
-template <>
-struct MainFor<88> {
-  using type = MainCfg<88, 2, 32, 4, 3, true>;
-};
-template <>
-struct MainFor<96> {
-  using type = MainCfg<96, 2, 32, 4, 3, false>;
-};
-template <>
-struct MainFor<128> {
-  using type = MainCfg<128, 1, 64, 4, 2, true>;
-};
-template <>
-struct MainFor<256> {
-  using type = MainCfg<256, 1, 32, 4, 2, false>;
-};
-
-// fwd_short: sixteen-key blocks a warp's registers hold (sequences of at most 16 tokens,
-// Latte's temporal attention, get their own smaller kernel).
-SKIPDIT_HD constexpr int short_n16_tile(int nq, int nk) { return nq <= 16 && nk <= 16 ? 1 : 4; }
-
-// Calls f(std::integral_constant<int, kDh>{}) with the tile head dim for dh.
-template <class F>
-void dispatch_dh_tile(int dh, F&& f) {
-  switch (dh_tile(dh)) {
-    case 64: f(std::integral_constant<int, 64>{}); break;
-    case 72: f(std::integral_constant<int, 72>{}); break;
-    case 88: f(std::integral_constant<int, 88>{}); break;
-    case 96: f(std::integral_constant<int, 96>{}); break;
-    case 128: f(std::integral_constant<int, 128>{}); break;
-    default: f(std::integral_constant<int, 256>{}); break;
-  }
-}
-
-struct LaunchShape {
-  int64_t grid;   // CTAs (1-D grid)
-  int threads;    // per CTA
-  int smem;       // dynamic shared memory of this launch, bytes
-  int max_smem;   // the most any launch of this kernel asks for
-};
-
-// Chooses the kernel for p (filling in p.q_tiles or p.n16) and calls
-// f(std::type_identity<Cfg>{}, std::bool_constant<is_short>{}, shape): the launcher
-// (attention.cu) and the CPU emulator both launch through this.
-template <class F>
-void plan(FwdParams& p, F&& f) {
-  dispatch_dh_tile(p.dh, [&](auto dh_tile) {
-    constexpr int kDh = decltype(dh_tile)::value;
-    if constexpr (kDh <= 128) {
-      if (use_short_path(p.Nq, p.Nk, p.dh)) {
-        auto go = [&](auto cfg) {
-          using C = typename decltype(cfg)::type;
-          p.n16 = ((p.Nq > p.Nk ? p.Nq : p.Nk) + 15) / 16;
-          const int w = C::warps(p.n16);
-          f(cfg, std::true_type{},
-            LaunchShape{(p.BH + w - 1) / w, 32 * w, w * C::warp_bytes(p.n16), C::max_cta_bytes()});
-        };
-        if (short_n16_tile(p.Nq, p.Nk) == 1) {
-          go(std::type_identity<ShortCfg<kDh, 1>>{});
-        } else {
-          go(std::type_identity<ShortCfg<kDh, 4>>{});
-        }
-        return;
-      }
-    }
-    using C = typename MainFor<kDh>::type;
-    p.q_tiles = (p.Nq + C::kBM - 1) / C::kBM;
-    f(std::type_identity<C>{}, std::false_type{},
-      LaunchShape{p.BH * p.q_tiles, C::kThreads, C::kSmemBytes, C::kSmemBytes});
-  });
-}
-
-}  // namespace skipdit::attn
+}  // namespace skipdit::attention

@@ -1,7 +1,8 @@
-// Tile geometry and per-thread index math of the skip_fuse forward GEMM
-// (csrc/cuda/skip_fuse.cu). Kept in a header of plain __host__ __device__ functions so
-// that tests/cpp/skip_fuse_emu.cpp can run the same index math on the CPU against an
-// emulation of ldmatrix / mma.sync written from the PTX ISA fragment tables.
+// Tile geometry, per-thread index math and limits of the skip_fuse CUDA kernels
+// (csrc/cuda/skip_fuse_kernels.cuh, skip_fuse.cu). Plain host + device C++ (no CUDA
+// headers), so that the tile-math harness tests/emu/skip_fuse_tiles.cpp runs the same
+// index math on the CPU against the PTX ISA fragment tables (tests/emu/ptx_emu.h), and
+// ops.cpp exports the constants in build_info.
 //
 // The GEMM is y[M, N] = h[M, K] @ W[N, K]^T with K = 2D, both operands K-major.
 // A CTA computes a BM x BN = 128 x 128 tile of y with 8 warps (2 along M x 4 along N,
@@ -17,14 +18,9 @@
 
 #include <cstdint>
 
-#if defined(__CUDACC__)
-#define SKIPDIT_HD __host__ __device__ __forceinline__
-#else
-#define SKIPDIT_HD inline
-#endif
+#include "macros.h"
 
-namespace skipdit {
-namespace sf {
+namespace skipdit::skip_fuse {
 
 constexpr int kBM = 128;
 constexpr int kBN = 128;
@@ -42,6 +38,9 @@ constexpr int kTileBytes = kBM * kRowBytes;  // kBM == kBN: A and B tiles have o
 constexpr int kStageBytes = 2 * kTileBytes;  // A tile, then B tile
 constexpr int kCopyIters = kBM * kChunksPerRow / kThreads;  // 16-byte chunks per thread per tile
 constexpr int kCopyRowStep = kThreads / kChunksPerRow;      // rows between a thread's chunks
+
+constexpr int kFwdStages = 3;                       // depth of the cp.async ring
+constexpr int kFwdSmemBytes = kFwdStages * kStageBytes;  // the forward GEMM's shared memory
 
 static_assert(kBM == kBN, "A and B tiles share the copy assignment");
 static_assert(kCopyIters * kThreads == kBM * kChunksPerRow, "copy assignment covers the tile");
@@ -93,5 +92,17 @@ SKIPDIT_HD int acc_col(int warp, int lane, int nt, int r) {
   return warp_n(warp) * kWarpN + nt * 8 + (lane & 3) * 2 + (r & 1);
 }
 
-}  // namespace sf
-}  // namespace skipdit
+// ---- Limits of the CUDA kernels (checked by skip_fuse.cu, reported by cuda_limits).
+// Rows move in 16-byte chunks (8 elements of a 16-bit type), the epilogue stores column
+// pairs, and the LayerNorm backward keeps 2 x 2D fp32 column sums of a CTA in shared
+// memory.
+constexpr int kDMultiple = 8;      // D and D_out
+constexpr int64_t kMaxD = 8192;
+constexpr int64_t kMaxRows = (int64_t{1} << 31) - 1;
+constexpr int kLnBwdSmemBytesPerD = 2 * 2 * 4;  // bytes per unit of D: [2][2D] floats
+SKIPDIT_HD int64_t ln_bwd_smem_bytes(int64_t D) { return kLnBwdSmemBytesPerD * D; }
+// The backward's grad_weight = dy^T h and the fp32 (no TF32) forward normalize h in row
+// chunks of at most this many bytes.
+constexpr int64_t kHChunkBytes = int64_t{64} << 20;
+
+}  // namespace skipdit::skip_fuse

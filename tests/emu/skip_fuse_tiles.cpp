@@ -1,148 +1,69 @@
-// CPU emulation of the skip_fuse forward GEMM's data movement (csrc/cuda/skip_fuse.cu),
-// using the kernel's own index math (csrc/cuda/skip_fuse_tile.h).
+// CPU replay of the skip_fuse forward GEMM's data movement (csrc/cuda/skip_fuse_kernels.cuh),
+// using the kernel's own index math (csrc/cuda/skip_fuse_tiles.h) -- not the kernel code,
+// which tests/emu/skip_fuse_kernels.cpp runs.
 //
-// The CUDA kernel cannot run on a machine without a GPU, so this program replays one
-// CTA at a time, thread by thread and warp by warp, on the CPU:
+// One CTA at a time, thread by thread and warp by warp:
 //   - cp.async: each thread's 16-byte chunk copies (or zero fills) into the shared ring,
 //   - the in-place normalization of the thread's own A chunks,
-//   - ldmatrix.x4 and mma.sync (m16n8k16 for 16-bit operands, m16n8k8 for tf32),
-//     emulated from the PTX ISA descriptions (register <-> matrix element tables),
+//   - ldmatrix.x4 and mma.sync (m16n8k16 for 16-bit operands, m16n8k8 for tf32) with
+//     the PTX ISA's fragment tables (the warp-level functions of tests/emu/ptx_emu.h,
+//     accumulating in double),
 //   - the epilogue's accumulator -> (row, column) mapping and bias,
 // and compares y with a direct computation from the same rounded operands. Ragged M, N
 // and K tiles, an x/skip split inside a k-tile and padded row strides are covered.
-// Build: g++ -O2 -std=c++20 -I csrc tests/cpp/skip_fuse_emu.cpp; exit code 0 on success.
+// Built by tests/emu_build.py; tests/test_skip_fuse_cuda.py calls emu_skip_fuse_tiles.
 #include <cmath>
 #include <cstdint>
 #include <cstdio>
 #include <cstring>
+#include <memory>
 #include <random>
+#include <string>
 #include <vector>
 
-#include "cuda/skip_fuse_tile.h"
+#include "ptx_emu.h"
 
-using namespace skipdit::sf;
+#include "cuda/skip_fuse_tiles.h"
+
+using namespace skipdit::skip_fuse;
 
 namespace {
 
-uint32_t f2u(float f) {
-  uint32_t u;
-  std::memcpy(&u, &f, 4);
-  return u;
-}
-float u2f(uint32_t u) {
-  float f;
-  std::memcpy(&f, &u, 4);
-  return f;
-}
-
-// bf16 with round to nearest even (finite inputs).
+// The two operand formats of the GEMM: bf16 (m16n8k16) and fp32 as tf32 (m16n8k8).
 struct BF16 {
   using bits = uint16_t;
+  using tag = skipdit::BF16;
   static constexpr int kBytes = 2;
-  static bits from_float(float f) {
-    uint32_t u = f2u(f);
-    u += 0x7fffu + ((u >> 16) & 1u);
-    return static_cast<bits>(u >> 16);
-  }
-  static float to_float(bits b) { return u2f(static_cast<uint32_t>(b) << 16); }
-  static bits operand(float f) { return from_float(f); }  // store_operand
-  static float b_operand(float f) { return f; }           // B fragments used as loaded
+  static bits from_float(float f) { return skipdit::from_float<tag>(f); }
+  static float to_float(bits b) { return skipdit::to_float<tag>(b); }
+  static bits operand(float f) { return from_float(f); }  // the kernel's store_operand
+  static uint32_t b_operand(uint32_t r) { return r; }     // B fragments used as loaded
+  static float b_value(float f) { return f; }             // ... and their values
   static const char* name() { return "bf16 / m16n8k16"; }
 };
 
-// cvt.rna.tf32.f32: round to nearest, ties away from zero, to 10 mantissa bits.
-float tf32_rna(float f) {
-  uint32_t u = f2u(f);
-  u = (u + 0x1000u) & 0xffffe000u;
-  return u2f(u);
-}
-
 struct F32 {
   using bits = uint32_t;
+  using tag = skipdit::F32;
   static constexpr int kBytes = 4;
-  static bits from_float(float f) { return f2u(f); }
-  static float to_float(bits b) { return u2f(b); }
-  static bits operand(float f) { return f2u(tf32_rna(f)); }
-  static float b_operand(float f) { return tf32_rna(f); }
+  static bits from_float(float f) { return skipdit::float_to_bits(f); }
+  static float to_float(bits b) { return skipdit::bits_to_float(b); }
+  static bits operand(float f) { return skipdit::to_tf32(f); }  // cvt.rna.tf32.f32
+  static uint32_t b_operand(uint32_t r) { return skipdit::to_tf32(skipdit::bits_to_float(r)); }
+  static float b_value(float f) { return skipdit::bits_to_float(skipdit::to_tf32(f)); }
   static const char* name() { return "fp32 / tf32 m16n8k8"; }
 };
 
-// Element e (of 16-bit width) of a 32-bit register: low half first.
-uint16_t half_of(uint32_t r, int e) { return static_cast<uint16_t>(e == 0 ? r & 0xffffu : r >> 16); }
-
-// ldmatrix.sync.aligned.m8n8.x4.shared.b16 (PTX ISA): lanes 8j..8j+7 give the row
-// addresses of matrix j; lane l receives, in register j, the two b16 elements of row
-// l / 4 at columns 2 * (l % 4) and 2 * (l % 4) + 1 of matrix j (low half = lower column).
+// ldmatrix .x4 from the 32 lanes' row byte offsets into the shared ring.
 void ldmatrix_x4(const std::vector<uint8_t>& smem, const uint32_t (&addr)[32], uint32_t (&reg)[32][4]) {
-  for (int lane = 0; lane < 32; ++lane) {
-    for (int j = 0; j < 4; ++j) {
-      const uint32_t row_addr = addr[8 * j + lane / 4];
-      uint16_t lo, hi;
-      std::memcpy(&lo, &smem[row_addr + 4 * (lane % 4)], 2);
-      std::memcpy(&hi, &smem[row_addr + 4 * (lane % 4) + 2], 2);
-      reg[lane][j] = static_cast<uint32_t>(lo) | (static_cast<uint32_t>(hi) << 16);
-    }
-  }
-}
-
-// mma.sync m16n8k16 .row.col f32.bf16.bf16.f32 (PTX ISA "Matrix Fragments for
-// mma.m16n8k16 with floating point type"), accumulating in double.
-void mma_bf16(const uint32_t (&a)[32][4], const uint32_t (&b)[32][2], double (&c)[32][4]) {
-  double A[16][16] = {}, B[16][8] = {};
-  for (int lane = 0; lane < 32; ++lane) {
-    const int g = lane >> 2, t = lane & 3;
-    for (int i = 0; i < 8; ++i) {  // a_i lives in register i / 2, half i % 2
-      const int row = (i < 2 || (i >= 4 && i < 6)) ? g : g + 8;
-      const int col = t * 2 + (i & 1) + (i >= 4 ? 8 : 0);
-      A[row][col] = BF16::to_float(half_of(a[lane][i / 2], i & 1));
-    }
-    for (int i = 0; i < 4; ++i) {  // b_i in register i / 2
-      const int row = t * 2 + (i & 1) + (i >= 2 ? 8 : 0);
-      const int col = g;
-      B[row][col] = BF16::b_operand(BF16::to_float(half_of(b[lane][i / 2], i & 1)));
-    }
-  }
-  for (int lane = 0; lane < 32; ++lane) {
-    const int g = lane >> 2, t = lane & 3;
-    for (int i = 0; i < 4; ++i) {
-      const int row = i < 2 ? g : g + 8;
-      const int col = t * 2 + (i & 1);
-      double s = 0;
-      for (int k = 0; k < 16; ++k) s += A[row][k] * B[k][col];
-      c[lane][i] += s;
-    }
-  }
-}
-
-// mma.sync m16n8k8 .row.col f32.tf32.tf32.f32 (PTX ISA "Matrix Fragments for mma.m16n8k8").
-void mma_tf32(const uint32_t (&a)[32][4], const uint32_t (&b)[32][2], double (&c)[32][4]) {
-  double A[16][8] = {}, B[8][8] = {};
-  for (int lane = 0; lane < 32; ++lane) {
-    const int g = lane >> 2, t = lane & 3;
-    for (int i = 0; i < 4; ++i) {
-      const int row = (i == 0 || i == 2) ? g : g + 8;
-      const int col = i < 2 ? t : t + 4;
-      A[row][col] = u2f(a[lane][i]);
-    }
-    for (int i = 0; i < 2; ++i) {
-      const int row = i == 0 ? t : t + 4;
-      B[row][g] = F32::b_operand(u2f(b[lane][i]));
-    }
-  }
-  for (int lane = 0; lane < 32; ++lane) {
-    const int g = lane >> 2, t = lane & 3;
-    for (int i = 0; i < 4; ++i) {
-      const int row = i < 2 ? g : g + 8;
-      const int col = t * 2 + (i & 1);
-      double s = 0;
-      for (int k = 0; k < 8; ++k) s += A[row][k] * B[k][col];
-      c[lane][i] += s;
-    }
-  }
+  const uint16_t* rows[32];
+  for (int l = 0; l < 32; ++l) rows[l] = reinterpret_cast<const uint16_t*>(&smem[addr[l]]);
+  skipdit::emu::ldmatrix_warp<4, false>(rows, reg);
 }
 
 template <typename E>
-int run(int M, int N, int D, int pad_x, int pad_s, int pad_w, bool with_bias, uint32_t seed) {
+int run(int M, int N, int D, int pad_x, int pad_s, int pad_w, bool with_bias, uint32_t seed,
+        std::string& log) {
   using bits = typename E::bits;
   constexpr int CE = 16 / E::kBytes;
   constexpr int BK = kTileKBytes / E::kBytes;
@@ -183,7 +104,7 @@ int run(int M, int N, int D, int pad_x, int pad_s, int pad_w, bool with_bias, ui
       }
       for (int n = 0; n < N; ++n) {
         double acc = 0;
-        for (int k = 0; k < K; ++k) acc += h[k] * E::b_operand(E::to_float(w[n * ldw + k]));
+        for (int k = 0; k < K; ++k) acc += h[k] * E::b_value(E::to_float(w[n * ldw + k]));
         y_ref[static_cast<size_t>(r) * N + n] = acc + (with_bias ? E::to_float(bias[n]) : 0.0);
       }
     }
@@ -223,7 +144,8 @@ int run(int M, int N, int D, int pad_x, int pad_s, int pad_w, bool with_bias, ui
         }
       }
     };
-    double acc[8][kMTiles][kNTiles][32][4] = {};
+    // the accumulators of the 8 warps (zero-initialized, on the heap: 512 KiB)
+    auto acc = std::make_unique<double[][kMTiles][kNTiles][32][4]>(kThreads / 32);
     const int KT = (K + BK - 1) / BK;
     for (int st = 0; st < kStages - 1; ++st)
       if (st < KT) issue(st, st);
@@ -256,20 +178,17 @@ int run(int M, int N, int D, int pad_x, int pad_s, int pad_w, bool with_bias, ui
             uint32_t addr[32], r[32][4];
             for (int lane = 0; lane < 32; ++lane) addr[lane] = tb + b_ldsm_offset(warp, lane, np, ks);
             ldmatrix_x4(smem, addr, r);
-            for (int lane = 0; lane < 32; ++lane) {
-              bfr[2 * np][lane][0] = r[lane][0];
-              bfr[2 * np][lane][1] = r[lane][1];
-              bfr[2 * np + 1][lane][0] = r[lane][2];
-              bfr[2 * np + 1][lane][1] = r[lane][3];
+            for (int lane = 0; lane < 32; ++lane) {  // kernel: V::b_operand of each register
+              bfr[2 * np][lane][0] = E::b_operand(r[lane][0]);
+              bfr[2 * np][lane][1] = E::b_operand(r[lane][1]);
+              bfr[2 * np + 1][lane][0] = E::b_operand(r[lane][2]);
+              bfr[2 * np + 1][lane][1] = E::b_operand(r[lane][3]);
             }
           }
           for (int mt = 0; mt < kMTiles; ++mt)
             for (int nt = 0; nt < kNTiles; ++nt) {
-              if constexpr (E::kBytes == 2) {
-                mma_bf16(af[mt], bfr[nt], acc[warp][mt][nt]);
-              } else {
-                mma_tf32(af[mt], bfr[nt], acc[warp][mt][nt]);
-              }
+              skipdit::emu::mma_warp<typename E::tag, E::kBytes == 2 ? 16 : 8, double>(
+                  af[mt], bfr[nt], acc[warp][mt][nt]);
             }
         }
       }
@@ -286,13 +205,14 @@ int run(int M, int N, int D, int pad_x, int pad_s, int pad_w, bool with_bias, ui
               if (row >= M) continue;
               if (acc_col(warp, lane, nt, 1) != acc_col(warp, lane, nt, 0) + 1 ||
                   acc_row(warp, lane, mt, 2 * hr + 1) != acc_row(warp, lane, mt, 2 * hr)) {
-                std::printf("FAIL %s: accumulator pair is not (row, col), (row, col + 1)\n", E::name());
+                log += std::string("FAIL ") + E::name() + ": accumulator pair is not (row, col), (row, col + 1)\n";
                 return 1;
               }
               double& y0 = y[row * N + col];
               double& y1 = y[row * N + col + 1];
               if (!std::isnan(y0) || !std::isnan(y1)) {
-                std::printf("FAIL %s: y[%lld, %d] written twice\n", E::name(), (long long)row, col);
+                log += std::string("FAIL ") + E::name() + ": y[" + std::to_string(row) + ", " +
+                       std::to_string(col) + "] written twice\n";
                 return 1;
               }
               y0 = acc[warp][mt][nt][lane][2 * hr] + b0;
@@ -303,32 +223,34 @@ int run(int M, int N, int D, int pad_x, int pad_s, int pad_w, bool with_bias, ui
   double max_err = 0, max_ref = 0;
   for (size_t i = 0; i < y.size(); ++i) {
     if (std::isnan(y[i])) {
-      std::printf("FAIL %s: y[%zu, %zu] never written\n", E::name(), i / N, i % N);
+      log += std::string("FAIL ") + E::name() + ": y[" + std::to_string(i / N) + ", " +
+             std::to_string(i % N) + "] never written\n";
       return 1;
     }
     max_err = std::fmax(max_err, std::fabs(y[i] - y_ref[i]));
     max_ref = std::fmax(max_ref, std::fabs(y_ref[i]));
   }
   const bool ok = max_err <= 1e-9 * (1 + max_ref);
-  std::printf("%s %s M=%d N=%d D=%d bias=%d: max |y - y_ref| = %.3e (max |y_ref| %.3e)\n",
-              ok ? "ok  " : "FAIL", E::name(), M, N, D, with_bias ? 1 : 0, max_err, max_ref);
+  char line[256];
+  std::snprintf(line, sizeof line, "%s %s M=%d N=%d D=%d bias=%d: max |y - y_ref| = %.3e (max |y_ref| %.3e)\n",
+                ok ? "ok  " : "FAIL", E::name(), M, N, D, with_bias ? 1 : 0, max_err, max_ref);
+  log += line;
   return ok ? 0 : 1;
 }
 
 }  // namespace
 
-int main() {
-  int fails = 0;
-  // Ragged M (2 tiles, 37 rows in the last), ragged N (136 = 128 + 8), K = 144 not a
-  // multiple of the k-tile, x/skip boundary inside a k-tile, padded strides.
-  fails += run<BF16>(165, 136, 72, 24, 8, 16, true, 1);
-  fails += run<F32>(165, 136, 72, 24, 8, 16, true, 2);
-  // One row, D spanning several k-tiles, no bias.
-  fails += run<BF16>(1, 64, 200, 0, 8, 0, false, 3);
-  fails += run<F32>(1, 64, 200, 0, 8, 0, false, 4);
-  // Exact tile multiples.
-  fails += run<BF16>(128, 128, 64, 0, 0, 0, true, 5);
-  fails += run<F32>(128, 256, 32, 8, 0, 8, true, 6);
-  std::printf(fails ? "FAILED (%d)\n" : "all ok\n", fails);
-  return fails ? 1 : 0;
+extern "C" {
+
+// One replay: dtype 1 bf16 (m16n8k16), 2 fp32 (tf32 m16n8k8); row strides D + pad_x,
+// D + pad_s, 2D + pad_w. Returns the number of failures; log gets one line.
+int emu_skip_fuse_tiles(int dtype, int M, int N, int D, int pad_x, int pad_s, int pad_w, int bias,
+                        uint32_t seed, char* log, int log_len) {
+  std::string text;
+  const int fails = dtype == 1 ? run<BF16>(M, N, D, pad_x, pad_s, pad_w, bias != 0, seed, text)
+                               : run<F32>(M, N, D, pad_x, pad_s, pad_w, bias != 0, seed, text);
+  std::snprintf(log, log_len, "%s", text.c_str());
+  return fails;
 }
+
+}  // extern "C"
