@@ -76,3 +76,25 @@ def assert_budget(out: torch.Tensor, ref_lowp: torch.Tensor, truth: torch.Tensor
 def interpreter_dot_ok(dtype: torch.dtype) -> bool:
     """Triton 3.8's interpreter computes tl.dot wrongly on bf16 (DESIGN.md 5.4)."""
     return not (triton_ops.interpreting() and dtype == torch.bfloat16)
+
+
+def attention_pt(q, k, v, scale=None):
+    """PyTorch's own low-precision attention, the error-budget baseline (flash-attn's
+    reference with upcast=False): q @ k^T in the input dtype (rounded there), softmax
+    in fp32, probabilities rounded, @ v. The `reference` backend keeps the scores in
+    fp32 (its contract: no overflow), which is more accurate than what a user of the
+    16-bit PyTorch ops gets, so it is the truth's neighbour, not the baseline."""
+    s = q.shape[-1] ** -0.5 if scale is None else scale
+    acc = torch.float32 if q.dtype in (torch.float16, torch.bfloat16) else q.dtype
+    qh, kh, vh = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
+    scores = torch.matmul(qh, kh.transpose(-1, -2)).to(acc) * s
+    p = torch.softmax(scores, dim=-1).to(q.dtype)
+    return torch.matmul(p, vh).transpose(1, 2).contiguous()
+
+
+def attention_lse_pt(q, k, v, scale=None):
+    """The log-sum-exp of attention_pt's scores, [B, H, Nq]."""
+    s = q.shape[-1] ** -0.5 if scale is None else scale
+    acc = torch.float32 if q.dtype in (torch.float16, torch.bfloat16) else q.dtype
+    scores = torch.matmul(q.transpose(1, 2), k.transpose(1, 2).transpose(-1, -2)).to(acc) * s
+    return torch.logsumexp(scores, dim=-1)

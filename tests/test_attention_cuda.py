@@ -24,7 +24,7 @@ import torch
 from skipdit_fast.ops import backends, native, reference
 from skipdit_fast.ops.testing import poison_outputs
 import emu_build
-from helpers import FAMILIES, assert_budget, rows, strided_like
+from helpers import FAMILIES, assert_budget, attention_lse_pt, attention_pt, rows, strided_like
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -57,15 +57,15 @@ def check_against_truth(out, lse, q, k, v, scale, what):
     """out / lse against fp64 truth with the DESIGN.md budget (reference in q's dtype)."""
     qd, kd, vd = (t.detach().cpu().double() for t in (q, k, v))
     truth = reference.attention(qd, kd, vd, scale)
-    ref_lowp = reference.attention(q, k, v, scale)
-    ref_lse = reference.attention_lse(q, k, v, scale)
+    ref_lowp = attention_pt(q, k, v, scale)
+    ref_lse = attention_lse_pt(q, k, v, scale)
     if not (torch.isfinite(ref_lowp).all() and torch.isfinite(ref_lse).all()):
         # fp16 scores of the offset1000 family overflow in the reference (its q @ k^T is
         # rounded to fp16); the kernel accumulates scores in fp32 and stays finite. The
         # budget then comes from the bf16 reference, the nearest one with a finite error.
         assert q.dtype == torch.float16, what
         lo = [t.to(torch.bfloat16) for t in (q, k, v)]
-        ref_lowp, ref_lse = reference.attention(*lo, scale), reference.attention_lse(*lo, scale)
+        ref_lowp, ref_lse = attention_pt(*lo, scale), attention_lse_pt(*lo, scale)
     assert out.is_contiguous()
     assert_budget(out.cpu(), ref_lowp.cpu(), truth, atol=1e-3, what=f"{what} out")
     truth_lse = reference.attention_lse(qd, kd, vd, scale)
@@ -258,7 +258,7 @@ def test_emulated_nonfinite_inputs(emu, where, value, Nq, Nk):
     else:
         {"q": q, "k": k, "v": v}[where][0, 2, 1, 3] = val
     out, lse, info = emu(q, k, v)
-    ref, ref_lse = reference.attention(q, k, v), reference.attention_lse(q, k, v)
+    ref, ref_lse = attention_pt(q, k, v), attention_lse_pt(q, k, v)
     assert torch.equal(out.isnan(), ref.isnan()), info
     assert torch.equal(out.isposinf(), ref.isposinf()) and torch.equal(out.isneginf(), ref.isneginf()), info
     assert torch.equal(lse.isnan(), ~ref_lse.isfinite()), info
@@ -329,7 +329,7 @@ def test_gpu_latte_temporal_shape_and_public_api():
     sel = backends.select(backends.Query("attention", q.device, q.dtype, False, (72,)))
     assert sel.backend in ("cuda",)
     truth = reference.attention(q.double(), k.double(), v.double())  # fp64 on the GPU: large
-    ref = reference.attention(q, k, v)
+    ref = attention_pt(q, k, v)
     assert_budget(out, ref, truth, atol=1e-3, what="latte temporal")
 
 

@@ -15,7 +15,7 @@ import torch
 import skipdit_fast
 from skipdit_fast.ops import reference
 from skipdit_fast.ops.testing import poison_outputs
-from helpers import assert_budget, rows, strided_like
+from helpers import assert_budget, attention_lse_pt, attention_pt, rows, strided_like
 
 attn = pytest.importorskip("skipdit_fast.kernels.attention")
 
@@ -112,8 +112,8 @@ def check_case(B, Nq, Nk, H, Dh, dtype, layout, family, scale, backward=True, de
     assert out.is_contiguous() and out.shape == q.shape and out.dtype == dtype
     assert lse.is_contiguous() and lse.shape == (B, H, Nq) and lse.dtype == torch.float32
     truth, truth_lse = _truth_fwd(q, k, v, s)
-    assert_budget(out, reference.attention(q, k, v, s), truth, atol=_atol(dtype, v), what=f"out {what}")
-    assert_budget(lse, reference.attention_lse(q, k, v, s), truth_lse,
+    assert_budget(out, attention_pt(q, k, v, s), truth, atol=_atol(dtype, v), what=f"out {what}")
+    assert_budget(lse, attention_lse_pt(q, k, v, s), truth_lse,
                   atol=_atol(dtype, truth_lse), what=f"lse {what}")
     if not backward:
         return
@@ -121,7 +121,7 @@ def check_case(B, Nq, Nk, H, Dh, dtype, layout, family, scale, backward=True, de
     with poison_outputs():
         dq, dk, dv = BWD(g, q, k, v, out, lse, s)
     gt = _grads(reference.attention, q, k, v, g, s, torch.float64)
-    gl = _grads(reference.attention, q, k, v, g, s)
+    gl = _grads(attention_pt, q, k, v, g, s)
     extra = _grad_atols(q, k, v, g, s, dtype)
     for name, got, ref_lowp, tr, x, ex in zip(("dq", "dk", "dv"), (dq, dk, dv), gl, gt, (q, k, v), extra):
         assert got.is_contiguous() and got.shape == x.shape and got.dtype == dtype, name
@@ -185,9 +185,9 @@ def test_public_op_autograd_and_default_scale():
     g = torch.randn_like(out)
     out.backward(g)
     truth = reference.attention(q.double(), k.double(), v.double())
-    assert_budget(out.detach(), reference.attention(q, k, v), truth, atol=2e-3, what="public out")
+    assert_budget(out.detach(), attention_pt(q, k, v), truth, atol=2e-3, what="public out")
     gt = _grads(reference.attention, q, k, v, g, None, torch.float64)
-    gl = _grads(reference.attention, q, k, v, g, None)
+    gl = _grads(attention_pt, q, k, v, g, None)
     for name, x, a, b in zip("qkv", ins, gl, gt):
         assert_budget(x.grad, a, b, atol=_atol(F16, b), what=f"public d{name}")
 
@@ -204,7 +204,7 @@ def test_expanded_grad_out():
         skipdit_fast.ops.attention(q, k, v).sum().backward()
     ones = torch.ones(1, 16, 2, 72, dtype=API_DT, device=q.device)
     gt = _grads(reference.attention, q, k, v, ones, None, torch.float64)
-    gl = _grads(reference.attention, q, k, v, ones, None)
+    gl = _grads(attention_pt, q, k, v, ones, None)
     extra = _grad_atols(q, k, v, ones, 72 ** -0.5, API_DT)
     for x, a, b, ex in zip((q, k, v), gl, gt, extra):
         assert_budget(x.grad, a, b, atol=_TOL[API_DT] * b.abs().max().item() + ex, what="expanded grad")
@@ -372,11 +372,11 @@ def test_gpu_int64_offsets():
         q, k, v = (t[:, :n] for t in qkv.unbind(2))
         out, lse = FWD(q, k, v, Dh ** -0.5)
         truth = reference.attention(q.double(), k.double(), v.double())
-        assert_budget(out, reference.attention(q, k, v), truth, atol=1.6e-2, what=f"int64 offsets N={n}")
+        assert_budget(out, attention_pt(q, k, v), truth, atol=1.6e-2, what=f"int64 offsets N={n}")
         g = torch.randn_like(out)
         dq, dk, dv = BWD(g, q, k, v, out, lse, Dh ** -0.5)
         gt = _grads(reference.attention, q, k, v, g, Dh ** -0.5, torch.float64)
-        gl = _grads(reference.attention, q, k, v, g, Dh ** -0.5)
+        gl = _grads(attention_pt, q, k, v, g, Dh ** -0.5)
         for got, a, b in zip((dq, dk, dv), gl, gt):
             assert_budget(got, a, b, atol=_atol(torch.bfloat16, b), what=f"int64 offsets grad N={n}")
 

@@ -20,13 +20,37 @@ def skip_fuse(x, skip, norm_weight, norm_bias, weight, bias=None, eps: float = 1
     return F.linear(h, weight, bias)
 
 
+class _Scores(torch.autograd.Function):
+    """q @ k^T of 16-bit BHSD tensors with the products summed and kept in fp32, so that
+    scores never overflow where the truth is finite; the backward rounds the score
+    gradient to the input dtype before its two matmuls, as autograd through a 16-bit
+    matmul would."""
+
+    @staticmethod
+    def forward(ctx, q, k):
+        ctx.save_for_backward(q, k)
+        return torch.matmul(q.float(), k.float().transpose(-1, -2))
+
+    @staticmethod
+    def backward(ctx, grad):
+        q, k = ctx.saved_tensors
+        g = grad.to(q.dtype)
+        return torch.matmul(g, k), torch.matmul(g.transpose(-1, -2), q)
+
+
+def _scores(q, k):
+    """q @ k^T (BHSD) in the accumulation dtype."""
+    if acc_dtype(q.dtype) == q.dtype:  # fp32 / fp64: plain, differentiable to any order
+        return torch.matmul(q, k.transpose(-1, -2))
+    return _Scores.apply(q, k)
+
+
 def attention(q, k, v, scale: float | None = None):
     """Non-causal attention over BSHD tensors: scores and softmax in the
     accumulation dtype, probabilities rounded to the input dtype before @ v."""
     s = check_attention("attention[reference]", q, k, v, scale)
-    acc = acc_dtype(q.dtype)
     qh, kh, vh = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # BHSD views
-    scores = torch.matmul(qh, kh.transpose(-1, -2)).to(acc) * s
+    scores = _scores(qh, kh) * s
     p = torch.softmax(scores, dim=-1).to(q.dtype)
     return torch.matmul(p, vh).transpose(1, 2).contiguous()
 
@@ -34,8 +58,7 @@ def attention(q, k, v, scale: float | None = None):
 def attention_lse(q, k, v, scale: float | None = None):
     """Row log-sum-exp of the scaled scores, [B, H, Nq], in the accumulation dtype."""
     s = check_attention("attention[reference]", q, k, v, scale)
-    acc = acc_dtype(q.dtype)
-    scores = torch.matmul(q.transpose(1, 2), k.transpose(1, 2).transpose(-1, -2)).to(acc) * s
+    scores = _scores(q.transpose(1, 2), k.transpose(1, 2)) * s
     return torch.logsumexp(scores, dim=-1)
 
 
