@@ -23,9 +23,9 @@ from dataclasses import dataclass, replace
 import torch
 import torch.nn as nn
 
-from .checkpoint import check_state_dict, load_checkpoint
-from .layers import (BlockState, DiTBlock, FinalLayer, LabelEmbedder, PatchEmbed, TimestepEmbedder,
-                     long_skip_merges, merge, sincos_pos_embed)
+from .checkpoint import StrictLoading
+from .layers import (BlockState, DiTBlock, FinalLayer, LabelEmbedder, PatchEmbed, TimestepEmbedder, dit_initialization,
+                     guide, long_skip_merges, merge, sincos_pos_embed, unpatchify)
 
 # name -> (depth, hidden_size, num_heads); patch size from the name's "/p"
 SIZES = {"S": (12, 384, 6), "B": (12, 768, 12), "L": (24, 1024, 16), "XL": (28, 1152, 16)}
@@ -53,6 +53,15 @@ class DiTConfig:
     def num_patches(self) -> int:
         return (self.input_size // self.patch_size) ** 2
 
+    @property
+    def class_conditional(self) -> bool:
+        return True
+
+    @property
+    def latent_shape(self) -> tuple[int, ...]:
+        """One sample's latents: (C, H, W)."""
+        return (self.in_channels, self.input_size, self.input_size)
+
     @classmethod
     def from_name(cls, name: str, image_size: int = 256, **overrides) -> "DiTConfig":
         """'DiT-XL/2', 'DiT-S/8-skip', ... (and the official alias 'DiT-skip' for
@@ -67,7 +76,7 @@ class DiTConfig:
             patch = int(patch)
             assert prefix == "DiT" and patch in PATCHES
         except (ValueError, KeyError, AssertionError):
-            raise ValueError(f"unknown model {name!r}; known: {', '.join(model_names())}") from None
+            raise ValueError(f"unknown model {name!r}; known: {', '.join(dit_names())}") from None
         if image_size % 8 or (image_size // 8) % patch:
             raise ValueError(f"image_size {image_size} must be a multiple of 8 * patch size ({8 * patch})")
         cfg = cls(depth=depth, hidden_size=hidden, num_heads=heads, patch_size=patch,
@@ -75,12 +84,14 @@ class DiTConfig:
         return replace(cfg, **overrides)
 
 
-def model_names() -> list[str]:
+def dit_names() -> list[str]:
     return [f"DiT-{s}/{p}{k}" for s in SIZES for p in PATCHES for k in ("", "-skip")]
 
 
-class DiT(nn.Module):
+class DiT(StrictLoading, nn.Module):
     """DiT (config.skip=False) or Skip-DiT (config.skip=True)."""
+
+    SKIP_NAME = "Skip-DiT"
 
     def __init__(self, config: DiTConfig):
         super().__init__()
@@ -122,7 +133,7 @@ class DiT(nn.Module):
         for i in range(start, stop):
             if self.config.skip and i >= half:
                 h = self.merge(i - half, h, state.skips.pop())
-            h = self.blocks[i](h, state.c)
+            h = state.block(i, self.blocks[i], h)
             if self.config.skip and i < half:
                 state.skips.append(h)
         return h
@@ -132,12 +143,7 @@ class DiT(nn.Module):
 
     def head(self, h, state: BlockState):
         """Final layer and unpatchify: [B, out_channels, H, W]."""
-        h = self.final_layer(h, state.c)
-        B, T, _ = h.shape
-        p, C = self.config.patch_size, self.config.out_channels
-        g = self.config.input_size // p
-        h = h.view(B, g, g, p, p, C).permute(0, 5, 1, 3, 2, 4)
-        return h.reshape(B, C, g * p, g * p)
+        return unpatchify(self.final_layer(h, state.c), self.config.patch_size, self.config.out_channels)
 
     def block_flops(self, h) -> list[float]:
         """Estimated multiply-add FLOPs (x2) of each block, its merge included, for
@@ -170,40 +176,11 @@ class DiT(nn.Module):
         with fewer input channels guides those, not its variance outputs."""
         half = x[: len(x) // 2]
         out = self.forward(torch.cat([half, half], dim=0), t, y, cache=cache)
-        g = min(3, self.config.in_channels)
-        eps, rest = out[:, :g], out[:, g:]
-        cond, uncond = torch.split(eps, len(eps) // 2, dim=0)
-        guided = uncond + cfg_scale * (cond - uncond)
-        return torch.cat([torch.cat([guided, guided], dim=0), rest], dim=1)
+        return guide(out, cfg_scale, min(3, self.config.in_channels), dim=1)
 
     # ---- weights --------------------------------------------------------------------
     def initialize_weights(self):
-        """DiT's training initialization (adaLN-Zero: every block starts as the
-        identity, the output is zero). The constructor's default initialization is
-        PyTorch's, so that a model with random weights computes something."""
-        for m in self.modules():
-            if isinstance(m, nn.Linear):
-                nn.init.xavier_uniform_(m.weight)
-                nn.init.zeros_(m.bias)
-        w = self.x_embedder.proj.weight
-        nn.init.xavier_uniform_(w.view(w.shape[0], -1))
-        nn.init.zeros_(self.x_embedder.proj.bias)
-        nn.init.normal_(self.y_embedder.embedding_table.weight, std=0.02)
-        nn.init.normal_(self.t_embedder.mlp[0].weight, std=0.02)
-        nn.init.normal_(self.t_embedder.mlp[2].weight, std=0.02)
-        for m in [*self.blocks, self.final_layer]:
-            nn.init.zeros_(m.adaLN_modulation[-1].weight)
-            nn.init.zeros_(m.adaLN_modulation[-1].bias)
-        nn.init.zeros_(self.final_layer.linear.weight)
-        nn.init.zeros_(self.final_layer.linear.bias)
-        return self
-
-    def load_state_dict_strict(self, state_dict) -> None:
-        """Loads official-key weights; any missing, unexpected or mis-shaped key is a
-        CheckpointError that names it. Values are cast to the model's dtype."""
-        check_state_dict(self, state_dict)
-        self.load_state_dict(state_dict, strict=True)
-
-    def load_checkpoint(self, path) -> "DiT":
-        self.load_state_dict_strict(load_checkpoint(path))
-        return self
+        """DiT's training initialization (layers.dit_initialization: adaLN-Zero). The
+        constructor's default initialization is PyTorch's, so that a model with random
+        weights computes something."""
+        return dit_initialization(self)
