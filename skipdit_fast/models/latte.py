@@ -34,17 +34,13 @@ from __future__ import annotations
 
 from dataclasses import dataclass, replace
 
-import torch
-import torch.nn as nn
-
-from .checkpoint import StrictLoading
-from .dit import PATCHES, SIZES
-from .layers import (BlockState, DiTBlock, FinalLayer, LabelEmbedder, PatchEmbed, TimestepEmbedder, dit_initialization,
-                     guide, long_skip_merges, merge, sincos_1d, sincos_pos_embed, unpatchify)
+from .base import DiTFamily
+from .dit import PATCHES, SIZES, LatentGrid, sized_name
+from .layers import BlockState, merge, unpatchify
 
 
 @dataclass(frozen=True)
-class LatteConfig:
+class LatteConfig(LatentGrid):
     depth: int = 28               # blocks: depth // 2 spatial/temporal pairs
     hidden_size: int = 1152
     num_heads: int = 16
@@ -57,14 +53,6 @@ class LatteConfig:
     learn_sigma: bool = True      # output channels 2 * in_channels
     mlp_ratio: float = 4.0
     skip: bool = False            # Latte-skip long-skip connections over the pairs
-
-    @property
-    def out_channels(self) -> int:
-        return self.in_channels * 2 if self.learn_sigma else self.in_channels
-
-    @property
-    def num_patches(self) -> int:
-        return (self.input_size // self.patch_size) ** 2
 
     @property
     def class_conditional(self) -> bool:
@@ -80,22 +68,7 @@ class LatteConfig:
         """'Latte-XL/2', 'Latte-S/4-skip', ... (and the official alias 'Latte-skip'
         for 'Latte-XL/2-skip'); image_size in pixels (the latent is image_size // 8).
         overrides: num_frames, extras, num_classes, ..."""
-        base = "Latte-XL/2-skip" if name == "Latte-skip" else name
-        skip = base.endswith("-skip")
-        core = base[: -len("-skip")] if skip else base
-        try:
-            prefix, size_patch = core.split("-", 1)
-            size, patch = size_patch.split("/")
-            depth, hidden, heads = SIZES[size]
-            patch = int(patch)
-            assert prefix == "Latte" and patch in PATCHES
-        except (ValueError, KeyError, AssertionError):
-            raise ValueError(f"unknown model {name!r}; known: {', '.join(latte_names())}") from None
-        if image_size % 8 or (image_size // 8) % patch:
-            raise ValueError(f"image_size {image_size} must be a multiple of 8 * patch size ({8 * patch})")
-        cfg = cls(depth=depth, hidden_size=hidden, num_heads=heads, patch_size=patch,
-                  input_size=image_size // 8, skip=skip)
-        return replace(cfg, **overrides)
+        return replace(cls(**sized_name(name, "Latte", image_size, latte_names)), **overrides)
 
 
 def latte_names() -> list[str]:
@@ -108,10 +81,12 @@ def _reorder(h, a: int, b: int):
     return h.view(B, a, b, D).transpose(1, 2).reshape(B, b * a, D)
 
 
-class Latte(StrictLoading, nn.Module):
+class Latte(DiTFamily):
     """Latte (config.skip=False) or Latte-skip (config.skip=True)."""
 
     SKIP_NAME = "Latte-skip"
+    CFG_CHANNELS, CFG_DIM = 4, 2     # official: guidance on channels [:4] along dim 2 of [B, F, C, H, W]
+    CONFIG = LatteConfig
     cache_unit = "block pairs"
     # the official Latte_skip_cache settings (skipdit_fast.cache.SkipCache.for_model):
     # skip_at_branch 1 pair, full while t >= 900, reset after a call with t < 50
@@ -123,26 +98,9 @@ class Latte(StrictLoading, nn.Module):
             raise ValueError(f"Latte needs an even depth (spatial/temporal pairs), got {config.depth}")
         if config.skip and config.depth % 4:
             raise ValueError(f"Latte-skip needs a depth divisible by 4 (an even number of pairs), got {config.depth}")
-        if config.hidden_size % config.num_heads:
-            raise ValueError("hidden_size must be a multiple of num_heads")
         if config.extras not in (1, 2):
             raise ValueError(f"extras must be 1 (unconditional) or 2 (class-conditional), got {config.extras}")
-        self.config = config
-        D = config.hidden_size
-        self.x_embedder = PatchEmbed(config.input_size, config.in_channels, D, config.patch_size)
-        self.t_embedder = TimestepEmbedder(D)
-        if config.class_conditional:
-            self.y_embedder = LabelEmbedder(config.num_classes, D)
-        self.register_buffer("pos_embed", sincos_pos_embed(D, config.input_size // config.patch_size)[None])
-        self.register_buffer("temp_embed", torch.from_numpy(sincos_1d(D, range(config.num_frames))).float()[None])
-        self.blocks = nn.ModuleList(DiTBlock(D, config.num_heads, config.mlp_ratio) for _ in range(config.depth))
-        self.final_layer = FinalLayer(D, config.patch_size, config.out_channels)
-        if config.skip:
-            self.skip_norms, self.skip_linears = long_skip_merges(D, config.depth // 4)
-
-    @classmethod
-    def from_name(cls, name: str, image_size: int = 256, **overrides) -> "Latte":
-        return cls(LatteConfig.from_name(name, image_size, **overrides))
+        self._add_parts(config, config.depth // 4, frames=config.num_frames)
 
     @property
     def depth(self) -> int:
@@ -209,32 +167,3 @@ class Latte(StrictLoading, nn.Module):
         merge = 2 * B * N * 2 * D * D
         half = self.depth // 2
         return [float(pair + (merge if self.config.skip and p >= half else 0)) for p in range(self.depth)]
-
-    # ---- forward ------------------------------------------------------------------------
-    def forward(self, x, t, y=None, cache=None):
-        """x [B, F, C, H, W] latents, t [B] timesteps, y [B] labels (extras 2;
-        num_classes = null label) or None (extras 1). cache: a SkipCache for this
-        sampling run, or None."""
-        h, state = self.embed(x, t, y)
-        if cache is None:
-            h = self.run_blocks(h, 0, self.depth, state)
-        else:
-            if not self.config.skip:
-                raise ValueError("SkipCache needs a model with long skips (a '-skip' model); this is a vanilla Latte")
-            h = cache.run(self, h, state, t)
-        return self.head(h, state)
-
-    def forward_with_cfg(self, x, t, y, cfg_scale: float, cache=None):
-        """Classifier-free guidance, official convention: x holds [cond; uncond]
-        halves (the second half of x is replaced by the first), y their labels; one
-        forward for both halves; guidance on channels [:4] along dim 2 of
-        [B, F, C, H, W] (the official choice; never past the noise channels)."""
-        half = x[: len(x) // 2]
-        out = self.forward(torch.cat([half, half], dim=0), t, y, cache=cache)
-        return guide(out, cfg_scale, min(4, self.config.in_channels), dim=2)
-
-    # ---- weights ------------------------------------------------------------------------
-    def initialize_weights(self):
-        """Latte's training initialization (the same as DiT's: adaLN-Zero). The
-        constructor's default initialization is PyTorch's."""
-        return dit_initialization(self)
