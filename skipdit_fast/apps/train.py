@@ -389,7 +389,7 @@ def default_train_config(name: str) -> TrainConfig:
     return TrainConfig(model=name)
 
 
-VIDEO_STEPS, VIDEO_BATCH = 800, 32
+VIDEO_STEPS, VIDEO_BATCH = 2400, 32
 
 
 def train_default(out_dir: Path = WEIGHTS_DIR, work_dir: Path = Path("build/train"), steps: int | None = None,
