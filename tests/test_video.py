@@ -300,7 +300,7 @@ def test_frame_classifier(frame_classifier):
 
 @pytest.mark.parametrize("name", PAIRS["video"])
 def test_shipped_video_models_denoise_moving_digits(name, frame_classifier):
-    """What the shipped (undertrained, see bench/results/fidelity-cpu/FINDINGS.md)
+    """What the shipped (weak, see bench/results/fidelity-cpu/FINDINGS.md)
     video models do: they denoise real clips at small noise levels into recognizable
     digits, and their samples are finite videos in which something moves."""
     from skipdit_fast.sampling.diffusion import Diffusion
