@@ -38,8 +38,9 @@ demo train-default: export OMP_WAIT_POLICY ?= PASSIVE
 demo: build
 	$(VENV)/bin/skipdit-fast demo
 
-# Trains the shipped tiny DiT and Skip-DiT (same config but the long skips, same seed,
-# steps and batches) on scikit-learn's digits and the digit classifier; writes
+# Trains the shipped tiny models, each pair with the same config but the long skips, same
+# seed, steps and batches: DiT and Skip-DiT on scikit-learn's digits, Latte and Latte-skip
+# on moving digits (skipdit_fast/data), and the digit / frame classifiers; writes
 # skipdit_fast/weights/*.safetensors and the training logs. Resumes from build/train/.
 # Each model is sized to take under 20 minutes on an idle 2-core machine.
 train-default: build

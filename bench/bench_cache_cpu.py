@@ -1,11 +1,15 @@
-"""Skip-Cache on the CPU: sampling time with Skip-Cache N = 2, 3, 4 (K = 4) against no
-cache, next to the ideal block-count ratio (DESIGN.md sections 5.7 and 6: target
->= 0.95x ideal).
+"""Skip-Cache on the CPU: sampling time with Skip-Cache N = 2, 3, 4 against no cache,
+next to the ideal block-count ratio (DESIGN.md sections 5.7 and 6: target >= 0.95x
+ideal).
 
     PYTHONPATH=. python bench/bench_cache_cpu.py [--threads 2] [--repeats 3]
+    PYTHONPATH=. python bench/bench_cache_cpu.py --video --threads 1
 
-Model: Skip-DiT, depth 28, width 384 (6 heads), 256 tokens (32x32 latents, patch 2),
-batch 4, 20 DDPM steps, random weights, fp32. Runs are interleaved (none, N=2, N=3,
+Model (image): Skip-DiT, depth 28, width 384 (6 heads), 256 tokens (32x32 latents,
+patch 2), batch 4, K = 4 blocks. --video: Latte-skip, depth 28 (14 spatial/temporal
+pairs), width 384, 16 frames of 8x8 tokens (16x16 latents, patch 2), batch 2, K = 1
+pair, the official Latte thresholds (full while t >= 900: the first 2 of 20 steps).
+Both: 20 DDPM steps, random weights, fp32. Runs are interleaved (none, N=2, N=3,
 N=4, none, ...) so that load changes on a shared machine hit all of them alike; the
 best time of each is reported, as wall-clock time and as the process's CPU time (on a
 machine shared with other jobs the CPU time of a single-threaded run is the steadier
@@ -28,7 +32,15 @@ import torch
 
 from skipdit_fast import SkipCache
 from skipdit_fast.sampling.diffusion import sample
-from skipdit_fast.models import DiT, DiTConfig
+from skipdit_fast.models import DiT, DiTConfig, Latte, LatteConfig
+
+# kind -> (config, batch, K, description)
+SETUPS = {
+    "image": (DiTConfig(depth=28, hidden_size=384, num_heads=6, patch_size=2, input_size=32, num_classes=1000,
+                        skip=True), 4, 4, "Skip-DiT depth 28, D 384, T 256"),
+    "video": (LatteConfig(depth=28, hidden_size=384, num_heads=6, patch_size=2, input_size=16, num_frames=16,
+                          extras=2, num_classes=101, skip=True), 2, 1, "Latte-skip depth 28, D 384, 16 frames x 64 tokens"),
+}
 
 
 def main() -> None:
@@ -36,14 +48,16 @@ def main() -> None:
     p.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--steps", type=int, default=20)
-    p.add_argument("--batch", type=int, default=4)
+    p.add_argument("--batch", type=int, help="default 4 (--video: 2)")
+    p.add_argument("--video", action="store_true", help="Latte-skip on videos instead of Skip-DiT on images")
     p.add_argument("--json", help="write the results here")
     args = p.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
-    cfg = DiTConfig(depth=28, hidden_size=384, num_heads=6, patch_size=2, input_size=32, num_classes=1000, skip=True)
+    cfg, batch, K, what = SETUPS["video" if args.video else "image"]
+    args.batch = args.batch or batch
     torch.manual_seed(0)
-    model = DiT(cfg).eval()
+    model = (Latte if args.video else DiT)(cfg).eval()
     labels = list(range(args.batch))
     configs = {"none": None, "N=2": 2, "N=3": 3, "N=4": 4}
     times: dict[str, list[float]] = {k: [] for k in configs}
@@ -53,7 +67,7 @@ def main() -> None:
     sample(model, labels, steps=2, seed=0)  # warm-up
     for rep in range(args.repeats):
         for name, n in configs.items():
-            cache = SkipCache(interval=n, branch=4) if n else None
+            cache = SkipCache.for_model(model, interval=n, branch=K) if n else None
             stamps = []
             t0, c0 = time.perf_counter(), time.process_time()
             res = sample(model, labels, steps=args.steps, cache=cache, seed=0,
@@ -69,7 +83,7 @@ def main() -> None:
                 inrun[name].append(r.steps * full / (r.full_steps * full + r.cached_steps * cached))
             print(f"  run {rep + 1} {name:5s} wall {times[name][-1]:7.2f} s  cpu {cpu[name][-1]:7.2f} s", flush=True)
     rows = []
-    print(f"\nSkip-DiT depth 28, D 384, T 256, batch {args.batch}, {args.steps} DDPM steps, fp32, "
+    print(f"\n{what}, batch {args.batch}, K={K}, {args.steps} DDPM steps, fp32, "
           f"{torch.get_num_threads()} threads, {platform.processor() or platform.machine()}")
     print(f"{'cache':6s} {'ideal':>6s} | {'wall s':>7s} {'speedup':>8s} {'of ideal':>8s} | "
           f"{'cpu s':>7s} {'speedup':>8s} {'of ideal':>8s} | {'in-run':>7s} {'of ideal':>8s} | full/cached")
@@ -90,7 +104,7 @@ def main() -> None:
         print(line + f" | {r.full_steps}/{r.cached_steps}")
     if args.json:
         with open(args.json, "w") as f:
-            json.dump(dict(threads=torch.get_num_threads(), steps=args.steps, batch=args.batch,
+            json.dump(dict(model=what, K=K, threads=torch.get_num_threads(), steps=args.steps, batch=args.batch,
                            none_wall=times["none"], none_cpu=cpu["none"], rows=rows), f, indent=1)
 
 

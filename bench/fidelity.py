@@ -1,6 +1,7 @@
 """Caching fidelity study on the shipped tiny models (skipdit_fast/weights/).
 
     OMP_WAIT_POLICY=PASSIVE python bench/fidelity.py [--out bench/results/fidelity-cpu] [--quick]
+    OMP_WAIT_POLICY=PASSIVE python bench/fidelity.py --video    # -> bench/results/fidelity-cpu/video
 
 (OMP_WAIT_POLICY=PASSIVE: on a shared machine, OpenMP threads that spin while waiting
 make every op several times slower; it must be set before torch is imported.)
@@ -26,8 +27,14 @@ data (skipdit_fast/digits.py): its accuracy on the samples (does a sample of cla
 look like a c) and the Frechet distance of its penultimate features to those of the
 1797 real digits. Also the training curves of the two models (their logs).
 
+--video: the same question for video, on the shipped tiny Latte / Latte-skip (moving
+digits, 8 frames): latte-skip+skipcache (Skip-Cache with the official Latte
+thresholds, K in block pairs), latte+fora, latte+split and latte-skip+fora; PSNR / SSIM
+over all frames, accuracy and FD from the frame classifier on every frame (against
+the frames of real moving-digit clips).
+
 Writes <out>/fidelity.json (every number), fidelity.csv, README.md (tables and what
-they show), psnr_vs_speedup.png, training_curves.png and sample grids.
+they show), psnr_vs_speedup.png, training_curves.png and sample grids (GIFs for video).
 """
 
 from __future__ import annotations
@@ -51,11 +58,12 @@ if str(ROOT) not in sys.path:
 from skipdit_fast import SkipCache  # noqa: E402
 from skipdit_fast.cache.baselines import CachedModel, ForaCache  # noqa: E402
 from skipdit_fast.sampling.diffusion import sample  # noqa: E402
-from skipdit_fast.data.digits import digits, to_unit  # noqa: E402
-from skipdit_fast.evaluation.digits import DigitClassifier  # noqa: E402
+from skipdit_fast.data.digits import digits, split, to_unit  # noqa: E402
+from skipdit_fast.data.moving_digits import clip_split, frames, moving_digits  # noqa: E402
+from skipdit_fast.evaluation.digits import DigitClassifier, frame_classifier_path  # noqa: E402
 from skipdit_fast.evaluation.metrics import frechet_distance, psnr, ssim  # noqa: E402
 from skipdit_fast.apps.train import machine_info  # noqa: E402
-from skipdit_fast.pretrained import MODELS, WEIGHTS_DIR, load_pretrained  # noqa: E402
+from skipdit_fast.pretrained import PAIRS, WEIGHTS_DIR, load_pretrained  # noqa: E402
 
 METHODS = {
     "skipdit+skipcache": ("tiny-skipdit", "skipcache"),
@@ -63,8 +71,22 @@ METHODS = {
     "dit+split": ("tiny-dit", "skipcache"),
     "skipdit+fora": ("tiny-skipdit", "fora"),
 }
-COLORS = {"skipdit+skipcache": "tab:red", "dit+fora": "tab:blue", "dit+split": "tab:green",
-          "skipdit+fora": "tab:orange"}
+VIDEO_METHODS = {
+    "latte-skip+skipcache": ("tiny-latte-skip", "skipcache"),
+    "latte+fora": ("tiny-latte", "fora"),
+    "latte+split": ("tiny-latte", "skipcache"),
+    "latte-skip+fora": ("tiny-latte-skip", "fora"),
+}
+# the same colour for the same role in both studies
+COLORS = dict(zip([*METHODS, *VIDEO_METHODS], ["tab:red", "tab:blue", "tab:green", "tab:orange"] * 2))
+# kind -> what the study compares and how its samples are scored
+STUDIES = {
+    "image": dict(methods=METHODS, pair=PAIRS["image"], what="DiT", skip_what="Skip-DiT", out="fidelity-cpu",
+                  desc="depth 12, width 64, 16x16x1 digits", unit="blocks"),
+    "video": dict(methods=VIDEO_METHODS, pair=PAIRS["video"], what="Latte", skip_what="Latte-skip",
+                  out="fidelity-cpu/video", desc="6 spatial/temporal block pairs, width 64, patch 4, "
+                  "8 frames of 16x16x1 moving digits", unit="block pairs"),
+}
 
 
 def timed_sample(model, labels, steps, seed, cache=None, repeats=1):
@@ -82,33 +104,58 @@ def timed_sample(model, labels, steps, seed, cache=None, repeats=1):
     return best, cpu
 
 
+def as_images(x: torch.Tensor) -> torch.Tensor:
+    """Samples as images: videos [N, F, C, H, W] -> their frames [N * F, C, H, W]."""
+    return frames(x) if x.dim() == 5 else x
+
+
 def scores(clf, real_feats, x, labels) -> dict:
-    return {"accuracy": clf.accuracy(x, labels), "fd": frechet_distance(clf.features(x), real_feats)}
+    """Classifier accuracy (every frame of a video against its label) and the FD of
+    the classifier features of the samples (all frames) to the real ones'."""
+    per = x.shape[1] if x.dim() == 5 else 1
+    imgs = as_images(x)
+    return {"accuracy": clf.accuracy(imgs, torch.as_tensor(labels).repeat_interleave(per)),
+            "fd": frechet_distance(clf.features(imgs), real_feats)}
+
+
+def real_data(kind: str, clf):
+    """(real samples, labels, train indices, test indices): the digits, or the
+    moving-digit clips at the shipped video models' frames and canvas."""
+    if kind == "video":
+        cfg = load_pretrained(PAIRS["video"][1]).config
+        x, y = moving_digits(cfg.num_frames, cfg.input_size)
+        tr, te = clip_split()
+        return x, y, tr, te
+    x, y = digits(clf.size)
+    tr, te = split(len(x))
+    return x, y, tr, te
 
 
 def run_study(args) -> dict:
+    study = STUDIES[args.kind]
+    methods = study["methods"]
     torch.manual_seed(0)
-    clf = DigitClassifier.load()
-    real, real_y = digits(clf.size)
-    real_feats = clf.features(real)
+    clf = DigitClassifier.load(frame_classifier_path() if args.kind == "video" else None)
+    real, real_y, tr, te = real_data(args.kind, clf)
+    real_feats = clf.features(as_images(real))
     labels = torch.arange(10).repeat(args.per_class)
-    models = {name: CachedModel(load_pretrained(name)) for name in MODELS}
-    out = {"settings": {"steps": args.steps, "sampler": "ddpm", "samples": len(labels), "seed": args.seed,
-                        "repeats": args.repeats,
+    models = {name: CachedModel(load_pretrained(name)) for name in study["pair"]}
+    out = {"settings": {"kind": args.kind, "steps": args.steps, "sampler": "ddpm", "samples": len(labels),
+                        "seed": args.seed, "repeats": args.repeats,
                         "intervals": args.intervals, "branches": args.branches,
                         "threads": torch.get_num_threads()},
            "machine_start": machine_info(), "torch": torch.__version__,
            "classifier": {"test_accuracy_real": clf.test_accuracy,
                           "fd_real_train_vs_test": None}, "baselines": {}, "runs": []}
-    from skipdit_fast.data.digits import split
-    tr, te = split(len(real))
-    out["classifier"]["fd_real_train_vs_test"] = frechet_distance(clf.features(real[tr]), clf.features(real[te]))
-    # the floor at this sample size: real digits, as many per class as the samples
+    out["classifier"]["fd_real_train_vs_test"] = frechet_distance(clf.features(as_images(real[tr])),
+                                                                  clf.features(as_images(real[te])))
+    # the floor at this sample size: real digits (clips), as many per class as the samples
     g = torch.Generator().manual_seed(args.seed)
     pick = torch.cat([torch.nonzero(real_y == c)[:, 0][torch.randperm(int((real_y == c).sum()), generator=g)]
                       [:args.per_class] for c in range(10)])
-    out["classifier"]["fd_real_subset"] = frechet_distance(clf.features(real[pick]), real_feats)
-    out["classifier"]["accuracy_real_subset"] = clf.accuracy(real[pick], real_y[pick])
+    sub = scores(clf, real_feats, real[pick], real_y[pick])
+    out["classifier"]["fd_real_subset"] = sub["fd"]
+    out["classifier"]["accuracy_real_subset"] = sub["accuracy"]
 
     # warm-up, then the uncached reference of each model
     for m in models.values():
@@ -123,11 +170,11 @@ def run_study(args) -> dict:
               f"acc {out['baselines'][name]['accuracy']:.3f}, FD {out['baselines'][name]['fd']:.1f}", flush=True)
     grids = {name: to_unit(base[name][2]) for name in models}
 
-    for method, (mname, kind) in METHODS.items():
+    for method, (mname, kind) in methods.items():
         m = models[mname]
         for n in args.intervals:
             for k in (args.branches if kind == "skipcache" else [None]):
-                cache = SkipCache(interval=n, branch=k) if kind == "skipcache" else ForaCache(n)
+                cache = SkipCache.for_model(m, interval=n, branch=k) if kind == "skipcache" else ForaCache(n)
                 r, cpu = timed_sample(m, labels, args.steps, args.seed, cache=cache, repeats=args.repeats)
                 bw, bc, bx = base[mname]
                 a, b = to_unit(bx), to_unit(r.latents)
@@ -136,7 +183,8 @@ def run_study(args) -> dict:
                        "wall_s": r.seconds, "cpu_s": cpu, "speedup_wall": bw / r.seconds, "speedup_cpu": bc / cpu,
                        "ideal_speedup": rep.steps / rep.full_steps if kind == "fora" else rep.ideal_speedup,
                        "full_steps": rep.full_steps, "cached_steps": rep.cached_steps,
-                       "psnr": psnr(a, b), "ssim": ssim(a, b), **scores(clf, real_feats, r.latents, labels)}
+                       "psnr": psnr(a, b), "ssim": ssim(as_images(a), as_images(b)),
+                       **scores(clf, real_feats, r.latents, labels)}
                 out["runs"].append(row)
                 if n == args.grid_interval and k in (None, args.grid_branch):
                     grids[f"{method} N={n}" + (f" K={k}" if k else "")] = b
@@ -170,40 +218,41 @@ def psnr_at(front, s):
     return max(vals) if vals else None
 
 
-def compare_at_equal_speedup(runs, key="speedup_cpu", grid=(1.25, 1.5, 1.75, 2.0, 2.5, 3.0)):
-    fronts = {m: envelope([r for r in runs if r["method"] == m], key) for m in METHODS}
+def compare_at_equal_speedup(runs, key="speedup_cpu", grid=(1.25, 1.5, 1.75, 2.0, 2.5, 3.0), methods=METHODS):
+    fronts = {m: envelope([r for r in runs if r["method"] == m], key) for m in methods}
     table = []
     for s in grid:
-        table.append({"speedup": s, **{m: psnr_at(fronts[m], s) for m in METHODS}})
+        table.append({"speedup": s, **{m: psnr_at(fronts[m], s) for m in methods}})
     return table
 
 
-def training_summary(weights_dir: Path) -> dict:
+def training_summary(weights_dir: Path, pair=PAIRS["image"]) -> dict:
+    base, skip = pair
     logs = {}
-    for name in MODELS:
+    for name in pair:
         j = json.loads((weights_dir / f"{name}.train.json").read_text())
         rows = list(csv.DictReader(open(weights_dir / f"{name}.train.csv")))
         logs[name] = {"eval": j["eval"], "loss": [float(r["loss"]) for r in rows],
                       "mse": [float(r["mse"]) for r in rows], "wall_s": j["wall_s"], "cpu_s": j["cpu_s"],
                       "steps": j["steps"]}
     ev = {n: {e["step"]: e["loss"] for e in logs[n]["eval"]} for n in logs}
-    common = sorted(set(ev["tiny-dit"]) & set(ev["tiny-skipdit"]))
+    common = sorted(set(ev[base]) & set(ev[skip]))
     later = [s for s in common if s >= 100]
-    lower = sum(ev["tiny-skipdit"][s] < ev["tiny-dit"][s] for s in later)
-    diff = [ev["tiny-skipdit"][s] - ev["tiny-dit"][s] for s in later]
+    lower = sum(ev[skip][s] < ev[base][s] for s in later)
+    diff = [ev[skip][s] - ev[base][s] for s in later]
 
     def first_below(name, thr):
         return next((s for s in common if ev[name][s] <= thr), None)
 
-    final_dit = ev["tiny-dit"][common[-1]]
-    thresholds = {f"{thr:.4f}": {n: first_below(n, thr) for n in MODELS}
+    final_dit = ev[base][common[-1]]
+    thresholds = {f"{thr:.4f}": {n: first_below(n, thr) for n in pair}
                   for thr in (final_dit * 1.25, final_dit * 1.1, final_dit * 1.02)}
     return {"logs": logs, "eval_steps": common, "skip_lower_count": lower, "points": len(later),
             "mean_eval_diff_skip_minus_dit": float(np.mean(diff)) if diff else None,
-            "final_eval": {n: ev[n][common[-1]] for n in MODELS}, "first_reaching": thresholds}
+            "final_eval": {n: ev[n][common[-1]] for n in pair}, "first_reaching": thresholds}
 
 
-def plots(res: dict, train: dict, out: Path) -> list[str]:
+def plots(res: dict, train: dict, out: Path, methods=METHODS, pair=PAIRS["image"]) -> list[str]:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -213,10 +262,10 @@ def plots(res: dict, train: dict, out: Path) -> list[str]:
     fig, axes = plt.subplots(1, 2, figsize=(12, 4.5))
     for ax, key, title in ((axes[0], "speedup_cpu", "speedup (process CPU time)"),
                            (axes[1], "ideal_speedup", "ideal speedup (block count)")):
-        for m in METHODS:
+        for m in methods:
             rows = [r for r in res["runs"] if r["method"] == m]
             ax.scatter([r[key] for r in rows], [r["psnr"] for r in rows], color=COLORS[m], label=m, s=22,
-                       marker="o" if m.startswith("dit") else "^")
+                       marker="^" if methods[m][0] == pair[1] else "o")
             front = envelope(rows, key)
             ax.plot([p[0] for p in front], [p[1] for p in front], color=COLORS[m], lw=1)
             for r in rows:
@@ -226,7 +275,7 @@ def plots(res: dict, train: dict, out: Path) -> list[str]:
         ax.set_ylabel("PSNR cached vs uncached (dB)")
         ax.grid(alpha=0.3)
         ax.legend(fontsize=8)
-    fig.suptitle(f"tiny models on digits, DDPM {res['settings']['steps']} steps, "
+    fig.suptitle(f"tiny {res['settings']['kind']} models on digits, DDPM {res['settings']['steps']} steps, "
                  f"{res['settings']['samples']} samples; labels N/K")
     fig.tight_layout()
     p = out / "psnr_vs_speedup.png"
@@ -235,7 +284,7 @@ def plots(res: dict, train: dict, out: Path) -> list[str]:
     written.append(p.name)
 
     fig, axes = plt.subplots(1, 2, figsize=(12, 4.2))
-    for name, color in (("tiny-dit", "tab:blue"), ("tiny-skipdit", "tab:red")):
+    for name, color in zip(pair, ("tab:blue", "tab:red")):
         lg = train["logs"][name]
         loss = np.array(lg["loss"])
         k = 25
@@ -260,13 +309,17 @@ def plots(res: dict, train: dict, out: Path) -> list[str]:
 
 def write_grids(grids: dict, out: Path) -> list[str]:
     from skipdit_fast.apps.demo import digit_grid
-    from skipdit_fast.apps.common import write_png
+    from skipdit_fast.apps.common import video_grid, write_png, write_video
 
     names = []
     for title, img in grids.items():
-        fn = "samples_" + title.replace(" ", "_").replace("=", "").replace("+", "-") + ".png"
-        write_png(str(out / fn), digit_grid(img[:30], 10, scale=3))
-        names.append((title, fn))
+        stem = "samples_" + title.replace(" ", "_").replace("=", "").replace("+", "-")
+        if img.dim() == 5:  # videos: a GIF, 10 per row (one of each class)
+            write_video(str(out / f"{stem}.gif"), video_grid(img[:20], cols=10, scale=3), fps=4)
+            names.append((title, f"{stem}.gif"))
+        else:
+            write_png(str(out / f"{stem}.png"), digit_grid(img[:30], 10, scale=3))
+            names.append((title, f"{stem}.png"))
     return names
 
 
@@ -278,48 +331,60 @@ def fmt(v, spec=".2f"):
     return format(v, spec)
 
 
-def verdict(cmp) -> str:
-    """Skip-DiT + Skip-Cache against the better of the two vanilla-DiT caches, at the
-    speedups all three reach."""
-    rows = [r for r in cmp if all(r[m] is not None for m in ("skipdit+skipcache", "dit+fora", "dit+split"))]
+def verdict(cmp, methods=METHODS, names=("Skip-DiT", "DiT")) -> str:
+    """Skip-Cache on the model with skips against the better of the two caches of the
+    vanilla model (FORA, the split), at the speedups all three reach."""
+    ours, fora, split_ = list(methods)[:3]
+    rows = [r for r in cmp if all(r[m] is not None for m in (ours, fora, split_))]
     if not rows:
         return "no speedup level is reached by all three methods"
-    wins = [r for r in rows if r["skipdit+skipcache"] > max(r["dit+fora"], r["dit+split"])]
-    margins = ", ".join(f"{r['speedup']:.2f}x: {r['skipdit+skipcache'] - max(r['dit+fora'], r['dit+split']):+.1f} dB"
-                        for r in rows)
-    return (f"Skip-DiT + Skip-Cache has the higher PSNR at {len(wins)} of the {len(rows)} speedup levels that all "
-            f"three reach (its PSNR minus the better vanilla-DiT cache's: {margins})")
+    wins = [r for r in rows if r[ours] > max(r[fora], r[split_])]
+    margins = ", ".join(f"{r['speedup']:.2f}x: {r[ours] - max(r[fora], r[split_]):+.1f} dB" for r in rows)
+    return (f"{names[0]} + Skip-Cache has the higher PSNR at {len(wins)} of the {len(rows)} speedup levels that all "
+            f"three reach (its PSNR minus the better vanilla-{names[1]} cache's: {margins})")
 
 
 def readme(res: dict, train: dict, cmp_cpu, cmp_ideal, grid_files, out: Path) -> str:
     st = res["settings"]
-    L = [f"# Caching fidelity: Skip-DiT + Skip-Cache vs vanilla DiT + FORA / split ({date.today()})", "",
-         f"Generated by `bench/fidelity.py` on {res['machine_start'].get('cpu_model', '?')} "
+    study = STUDIES[st.get("kind", "image")]
+    methods, (base, skip) = study["methods"], study["pair"]
+    W, S = study["what"], study["skip_what"]
+    video = st.get("kind") == "video"
+    unit = "frames" if video else "samples"
+    L = [f"# Caching fidelity: {S} + Skip-Cache vs vanilla {W} + FORA / split ({date.today()})", "",
+         f"Generated by `bench/fidelity.py{' --video' if video else ''}` on "
+         f"{res['machine_start'].get('cpu_model', '?')} "
          f"({res['machine_start']['cpus']} cores, {st['threads']} torch threads), torch {res['torch']}. "
          f"Load average at start {res['machine_start'].get('load_average')}, at end "
          f"{res['machine_end'].get('load_average')}: the machine was shared, so wall times are noisy; "
          "the speedups use process CPU time (wall speedups are in the table and fidelity.json).", "",
-         f"Models: the shipped tiny DiT and Skip-DiT (skipdit_fast/weights/, same config but the long skips: "
-         "depth 12, width 64, 16x16x1 digits). "
-         f"Sampling: DDPM {st['steps']} steps, {st['samples']} samples ({st['samples'] // 10} per class), "
+         f"Models: the shipped tiny {W} and {S} (skipdit_fast/weights/, same config but the long skips: "
+         f"{study['desc']}). "
+         f"Sampling: DDPM {st['steps']} steps, {st['samples']} {'videos' if video else 'samples'} "
+         f"({st['samples'] // 10} per class), "
          f"seed {st['seed']}, cached and uncached runs from the same noise. PSNR / SSIM: cached vs uncached "
-         "samples of the same model, on images in [0, 1]. Quality: a small CNN trained on the same digits "
-         f"({100 * res['classifier']['test_accuracy_real']:.1f}% on held-out real digits): accuracy = share of "
-         "samples it labels as their class (chance 10%), FD = Frechet distance of its 64 penultimate features "
-         f"to the 1797 real digits' (the same for {st['samples']} real digits, {st['samples'] // 10} per class: "
+         f"samples of the same model, on {'all frames' if video else 'images'} in [0, 1]. Quality: a small CNN "
+         f"trained on the same {'frames' if video else 'digits'} "
+         f"({100 * res['classifier']['test_accuracy_real']:.1f}% on held-out real {unit}): accuracy = share of "
+         f"{unit} it labels as their {'video' if video else 'sample'}'s class (chance 10%), FD = Frechet "
+         f"distance of its 64 penultimate features to those of the real {unit} (the same for "
+         f"{st['samples']} real {'clips' if video else 'digits'}, {st['samples'] // 10} per class: "
          f"FD {res['classifier']['fd_real_subset']:.1f}, accuracy {res['classifier']['accuracy_real_subset']:.3f}; "
          f"real train split vs test split: FD {res['classifier']['fd_real_train_vs_test']:.1f}). "
-         f"Timing: the fastest of {st['repeats']} runs per setting ({st['repeats'] + 1} for the uncached ones).", ""]
+         f"Timing: the fastest of {st['repeats']} runs per setting ({st['repeats'] + 1} for the uncached ones)."
+         + (" Skip-Cache with the official Latte thresholds (full while t >= 900, reset after t < 50); K counts "
+            "spatial/temporal block pairs, FORA reuses every block's attention and MLP outputs."
+            if video else ""), ""]
     L += ["## Uncached baselines", "", "| model | wall s | CPU s | accuracy | FD |", "| --- | --- | --- | --- | --- |"]
     for n, b in res["baselines"].items():
         L.append(f"| {n} | {b['wall_s']:.2f} | {b['cpu_s']:.2f} | {b['accuracy']:.3f} | {b['fd']:.1f} |")
     L += ["", "## PSNR at equal speedup", "",
           "Best PSNR each method reaches at a speedup of at least s (over its N, K settings; `-`: never that fast).", ""]
-    for title, cmp in (("measured speedup (CPU time)", cmp_cpu), ("ideal speedup (block count)", cmp_ideal)):
-        L += [f"By {title}:", "", "| s | " + " | ".join(METHODS) + " |", "| --- " * (len(METHODS) + 1) + "|"]
+    for title, cmp in (("measured speedup (CPU time)", cmp_cpu), (f"ideal speedup ({study['unit']} count)", cmp_ideal)):
+        L += [f"By {title}:", "", "| s | " + " | ".join(methods) + " |", "| --- " * (len(methods) + 1) + "|"]
         for row in cmp:
-            L.append(f"| {row['speedup']:.2f} | " + " | ".join(fmt(row[m], ".1f") for m in METHODS) + " |")
-        L += ["", f"By {title}: {verdict(cmp)}.", ""]
+            L.append(f"| {row['speedup']:.2f} | " + " | ".join(fmt(row[m], ".1f") for m in methods) + " |")
+        L += ["", f"By {title}: {verdict(cmp, methods, (S, W))}.", ""]
     L += ["## All runs", "",
           "| method | N | K | speedup CPU | speedup wall | ideal | PSNR dB | SSIM | accuracy | FD |",
           "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
@@ -330,22 +395,22 @@ def readme(res: dict, train: dict, cmp_cpu, cmp_ideal, grid_files, out: Path) ->
     L += ["", "![PSNR vs speedup](psnr_vs_speedup.png)", ""]
     t = train
     L += ["## Training curves (equal steps, equal batches)", "",
-          f"Both models: {t['logs']['tiny-dit']['steps']} steps, same seed, data order and noise. "
-          f"Fixed-batch loss at the last step: DiT {t['final_eval']['tiny-dit']:.4f}, "
-          f"Skip-DiT {t['final_eval']['tiny-skipdit']:.4f}. From step 100 on, Skip-DiT's fixed-batch loss is the "
-          f"lower one at {t['skip_lower_count']} of {t['points']} evaluation points (mean difference Skip-DiT - DiT "
+          f"Both models: {t['logs'][base]['steps']} steps, same seed, data order and noise. "
+          f"Fixed-batch loss at the last step: {W} {t['final_eval'][base]:.4f}, "
+          f"{S} {t['final_eval'][skip]:.4f}. From step 100 on, {S}'s fixed-batch loss is the "
+          f"lower one at {t['skip_lower_count']} of {t['points']} evaluation points (mean difference {S} - {W} "
           f"{t['mean_eval_diff_skip_minus_dit']:+.4f}). First step at which the fixed-batch loss reaches "
-          "a level (levels relative to DiT's final loss):", "",
-          "| level | tiny-dit | tiny-skipdit |", "| --- | --- | --- |"]
+          f"a level (levels relative to {W}'s final loss):", "",
+          f"| level | {base} | {skip} |", "| --- | --- | --- |"]
     for thr, d in t["first_reaching"].items():
-        L.append(f"| {thr} | {d['tiny-dit']} | {d['tiny-skipdit']} |")
+        L.append(f"| {thr} | {d[base]} | {d[skip]} |")
     faster = t["skip_lower_count"] > t["points"] / 2 and t["mean_eval_diff_skip_minus_dit"] < 0
     L += ["", "Faster convergence with long skips on these tiny models: " +
-          ("yes: Skip-DiT's fixed-batch loss is lower at most evaluation points." if faster else
-           "no: Skip-DiT's fixed-batch loss is not lower at most evaluation points.") +
+          (f"yes: {S}'s fixed-batch loss is lower at most evaluation points." if faster else
+           f"no: {S}'s fixed-batch loss is not lower at most evaluation points.") +
           " (One training run per model, one seed: a small difference may not hold for other seeds.)"]
     L += ["", "![training curves](training_curves.png)", ""]
-    L += ["## Sample grids", ""]
+    L += ["## Sample grids" + (" (GIFs: one clip of each class per row)" if video else ""), ""]
     for title, fn in grid_files:
         L.append(f"- {title}: ![{title}]({fn})")
     L.append("")
@@ -354,28 +419,35 @@ def readme(res: dict, train: dict, cmp_cpu, cmp_ideal, grid_files, out: Path) ->
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--out", default=str(ROOT / "bench" / "results" / "fidelity-cpu"))
+    p.add_argument("--video", action="store_true", help="the video study (tiny Latte / Latte-skip)")
+    p.add_argument("--out", help="default bench/results/fidelity-cpu (--video: bench/results/fidelity-cpu/video)")
     p.add_argument("--steps", type=int, default=50)
-    p.add_argument("--per-class", type=int, default=10)
+    p.add_argument("--per-class", type=int, help="samples per class (default 10; --video: 4)")
     p.add_argument("--intervals", type=int, nargs="+", default=[2, 3, 4, 5, 6])
-    p.add_argument("--branches", type=int, nargs="+", default=[1, 2, 3])
+    p.add_argument("--branches", type=int, nargs="+", help="Skip-Cache K (default 1 2 3; --video: 1 2 pairs)")
     p.add_argument("--grid-interval", type=int, default=4)
-    p.add_argument("--grid-branch", type=int, default=2)
+    p.add_argument("--grid-branch", type=int, help="default 2 (--video: 1)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--repeats", type=int, default=2, help="timed runs per setting, the fastest counts "
                    "(the uncached baselines: one more)")
-    p.add_argument("--quick", action="store_true", help="a smoke run: 10 steps, 2 per class, N = 2 3, K = 2")
+    p.add_argument("--quick", action="store_true", help="a smoke run: 10 steps, 2 per class, N = 2 3, K = 1")
     args = p.parse_args(argv)
+    args.kind = "video" if args.video else "image"
+    video = args.video
+    args.per_class = args.per_class or (4 if video else 10)
+    args.branches = args.branches or ([1, 2] if video else [1, 2, 3])
+    args.grid_branch = args.grid_branch or (1 if video else 2)
     if args.quick:
-        args.steps, args.per_class, args.intervals, args.branches = 10, 2, [2, 3], [2]
-        args.grid_interval = 2
-    out = Path(args.out)
+        args.steps, args.per_class, args.intervals, args.branches = 10, 2, [2, 3], [1]
+        args.grid_interval, args.grid_branch = 2, 1
+    study = STUDIES[args.kind]
+    out = Path(args.out or ROOT / "bench" / "results" / study["out"])
     out.mkdir(parents=True, exist_ok=True)
     res = run_study(args)
     grids = res.pop("_grids")
-    train = training_summary(WEIGHTS_DIR)
-    cmp_cpu = compare_at_equal_speedup(res["runs"], "speedup_cpu")
-    cmp_ideal = compare_at_equal_speedup(res["runs"], "ideal_speedup")
+    train = training_summary(WEIGHTS_DIR, study["pair"])
+    cmp_cpu = compare_at_equal_speedup(res["runs"], "speedup_cpu", methods=study["methods"])
+    cmp_ideal = compare_at_equal_speedup(res["runs"], "ideal_speedup", methods=study["methods"])
     res["equal_speedup_cpu"], res["equal_speedup_ideal"] = cmp_cpu, cmp_ideal
     res["training"] = {k: v for k, v in train.items() if k != "logs"}
     (out / "fidelity.json").write_text(json.dumps(res, indent=1, default=str) + "\n")
@@ -383,7 +455,7 @@ def main(argv=None) -> int:
         w = csv.DictWriter(f, fieldnames=list(res["runs"][0]))
         w.writeheader()
         w.writerows(res["runs"])
-    plots(res, train, out)
+    plots(res, train, out, study["methods"], study["pair"])
     grid_files = write_grids(grids, out)
     (out / "README.md").write_text(readme(res, train, cmp_cpu, cmp_ideal, grid_files, out))
     print(f"wrote {out}/README.md, fidelity.json, fidelity.csv, plots and grids")

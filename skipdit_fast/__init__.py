@@ -11,7 +11,7 @@ The package is built in layers; each imports only the layers below it:
     integrations/  patch() / enable_skip_cache() for DiTs people already have
     sampling/      diffusion math, samplers, the training loss
     cache/         the Skip-Cache engine and caching baselines
-    models/        DiT / Skip-DiT on the ops
+    models/        DiT / Skip-DiT, Latte / Latte-skip on the ops
     ops/           the ops, their backends and the backend choice (bottom)
     kernels/       the Triton kernels, called by ops (they import only ops.checks)
 
@@ -35,6 +35,8 @@ _EXPORTS = {
     "reference": ("skipdit_fast.ops.reference", None),
     "DiT": ("skipdit_fast.models", "DiT"),
     "DiTConfig": ("skipdit_fast.models", "DiTConfig"),
+    "Latte": ("skipdit_fast.models", "Latte"),
+    "LatteConfig": ("skipdit_fast.models", "LatteConfig"),
     "SkipCache": ("skipdit_fast.cache", "SkipCache"),
     "diffusion": ("skipdit_fast.sampling.diffusion", None),
     "PatchReport": ("skipdit_fast.integrations", "PatchReport"),

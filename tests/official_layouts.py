@@ -1,7 +1,7 @@
 """Small re-creations of the module layouts skipdit_fast.patch() must find by structure:
 timm's `Attention` (the 0.6 version the official DiT code imported and the 0.9+ one
 with q/k norms and fused SDPA), Latte's own `Attention` (attention_mode), and the
-official DiT / Skip-DiT (class-to-image/models.py) and Latte-skip
+official DiT / Skip-DiT (class-to-image/models.py) and Latte / Latte-skip
 (class-to-video/models/latte.py) models with their `skip_norms` (FP32_Layernorm) /
 `skip_linears` (ResidualLinear holding `.linear`) lists and block loops. Written here
 because neither timm nor the official code is installable in CI; the forward code
@@ -245,23 +245,26 @@ class OfficialDiT(nn.Module):
 
 
 class OfficialLatteSkip(nn.Module):
-    """Latte_skip of the official Skip-DiT code (class-to-video), tiny: blocks alternate
-    spatial / temporal, the pairs form the U, skip_norms / skip_linears have depth//4
-    entries; the block index of a merge is (i - depth // 2) // 2 (the original has 14
-    for depth 28)."""
+    """Latte_skip (skip=True) or Latte (skip=False) of the official Skip-DiT code
+    (class-to-video), tiny, unconditional (extras 1): blocks alternate spatial /
+    temporal, the pairs form the U, skip_norms / skip_linears have depth//4 entries;
+    the block index of a merge is (i - depth // 2) // 2 (the original has 14 for
+    depth 28)."""
 
     def __init__(self, input_size=8, patch_size=2, in_channels=4, hidden_size=64, depth=8, num_heads=4,
-                 num_frames=4, attention_mode="math"):
+                 num_frames=4, attention_mode="math", skip=True):
         super().__init__()
         self.out_channels = in_channels * 2
+        self.skip = skip
         self.x_embedder = PatchEmbed(input_size, patch_size, in_channels, hidden_size)
         self.t_embedder = TimestepEmbedder(hidden_size)
-        self.skip_norms = nn.ModuleList(FP32_Layernorm(2 * hidden_size, elementwise_affine=True, eps=1e-6)
-                                        for _ in range(depth // 4))
-        self.skip_linears = nn.ModuleList(ResidualLinearLatte(hidden_size) for _ in range(depth // 4))
-        for n in self.skip_norms:
-            nn.init.normal_(n.weight, 1.0, 0.2)
-            nn.init.normal_(n.bias, 0.0, 0.2)
+        if skip:
+            self.skip_norms = nn.ModuleList(FP32_Layernorm(2 * hidden_size, elementwise_affine=True, eps=1e-6)
+                                            for _ in range(depth // 4))
+            self.skip_linears = nn.ModuleList(ResidualLinearLatte(hidden_size) for _ in range(depth // 4))
+            for n in self.skip_norms:
+                nn.init.normal_(n.weight, 1.0, 0.2)
+                nn.init.normal_(n.bias, 0.0, 0.2)
         self.pos_embed = nn.Parameter(0.1 * torch.randn(1, self.x_embedder.num_patches, hidden_size),
                                       requires_grad=False)
         self.temp_embed = nn.Parameter(0.1 * torch.randn(1, num_frames, hidden_size), requires_grad=False)
@@ -286,7 +289,7 @@ class OfficialLatteSkip(nn.Module):
         depth = len(self.blocks)
         for i in range(0, depth, 2):
             spatial_block, temp_block = self.blocks[i:i + 2]
-            if i >= depth // 2:
+            if self.skip and i >= depth // 2:
                 skip_linear = self.skip_linears[(i - depth // 2) // 2]
                 skip_norm = self.skip_norms[(i - depth // 2) // 2]
                 cat = torch.cat([x, skips.pop()], dim=-1)
@@ -298,7 +301,7 @@ class OfficialLatteSkip(nn.Module):
                 x = x + self.temp_embed
             x = temp_block(x, t_temp)
             x = x.reshape(b, T, f, -1).transpose(1, 2).reshape(b * f, T, -1)  # (b t) f d -> (b f) t d
-            if i < depth // 2:
+            if self.skip and i < depth // 2:
                 skips.append(x)
         x = self.unpatchify(self.final_layer(x, t_spatial))
         return x.reshape(b, f, *x.shape[1:])

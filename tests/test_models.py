@@ -219,8 +219,9 @@ def test_pos_embed_is_official_sincos():
 
 
 def test_names_and_sizes():
-    names = model_names()
+    names = model_names("dit")
     assert len(names) == 24 and "DiT-XL/2-skip" in names and "DiT-S/8" in names
+    assert model_names() == names + model_names("latte")
     expect = {"S": (12, 384, 6), "B": (12, 768, 12), "L": (24, 1024, 16), "XL": (28, 1152, 16)}
     for name in names:
         for size in (256, 512):

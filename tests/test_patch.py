@@ -44,6 +44,7 @@ CASES = {
     "Latte_skip": (lambda: OL.OfficialLatteSkip(depth=8).eval(), OL.latte_inputs, 8, 2),
     "Latte_skip (flash mode)": (lambda: OL.OfficialLatteSkip(depth=8, attention_mode="flash").eval(),
                                 OL.latte_inputs, 8, 2),
+    "Latte (no skips)": (lambda: OL.OfficialLatteSkip(depth=8, skip=False).eval(), OL.latte_inputs, 8, 0),
 }
 
 

@@ -12,9 +12,11 @@ import sys
 COMMANDS = {
     "info": ("skipdit_fast.apps.info", "versions, build, and which backends run here (and why not)"),
     "bench": ("skipdit_fast.benchmark", "kernel and end-to-end benchmarks"),
-    "sample": ("skipdit_fast.apps.sample", "sample images from a DiT / Skip-DiT, with or without Skip-Cache"),
-    "demo": ("skipdit_fast.apps.demo", "the package doing its job on the shipped model"),
-    "train": ("skipdit_fast.apps.train", "train a tiny DiT / Skip-DiT, or the shipped models (--default)"),
+    "sample": ("skipdit_fast.apps.sample",
+               "sample images from a DiT / Skip-DiT or videos from a Latte / Latte-skip, with or without Skip-Cache"),
+    "demo": ("skipdit_fast.apps.demo", "the package doing its job on the shipped model (--video: on video)"),
+    "train": ("skipdit_fast.apps.train", "train a tiny DiT / Latte (with or without skips), or the shipped models "
+              "(--default)"),
     "probe": ("skipdit_fast.apps.probe", "feature stability across steps and error amplification, model vs model"),
 }
 

@@ -1,5 +1,6 @@
-"""What the applications share: the device / dtype arguments, a progress bar, PNG
-writing (no imaging library needed) and image grids."""
+"""What the applications share: the device / dtype arguments, a progress bar, atomic
+file writing, PNG and GIF writing (no imaging library needed), MP4 through the
+optional imageio-ffmpeg, and image / video grids."""
 
 from __future__ import annotations
 
@@ -85,10 +86,11 @@ def write_png(path: str, rgb: torch.Tensor) -> None:
     write_atomic(path, png)
 
 
-def make_grid(images: torch.Tensor, pad: int = 2) -> torch.Tensor:
-    """images [N, 3, H, W] in [0, 1] -> uint8 [H', W', 3], ceil(sqrt(N)) per row."""
+def make_grid(images: torch.Tensor, pad: int = 2, cols: int | None = None) -> torch.Tensor:
+    """images [N, 3, H, W] in [0, 1] -> uint8 [H', W', 3], `cols` per row (default
+    ceil(sqrt(N))), image k in row k // cols."""
     n, _, h, w = images.shape
-    cols = math.ceil(math.sqrt(n))
+    cols = cols or math.ceil(math.sqrt(n))
     rows = math.ceil(n / cols)
     grid = torch.ones(3, rows * (h + pad) + pad, cols * (w + pad) + pad)
     for k in range(n):
@@ -96,3 +98,136 @@ def make_grid(images: torch.Tensor, pad: int = 2) -> torch.Tensor:
         y0, x0 = pad + r * (h + pad), pad + c * (w + pad)
         grid[:, y0:y0 + h, x0:x0 + w] = images[k]
     return (grid.clamp(0, 1) * 255 + 0.5).to(torch.uint8).permute(1, 2, 0).contiguous()
+
+
+def video_grid(videos: torch.Tensor, cols: int | None = None, scale: int = 1, pad: int = 2) -> torch.Tensor:
+    """videos [N, F, C, H, W] in [0, 1] (C = 1 grey or 3 RGB) -> the frames of a grid
+    video, uint8 [F, H', W', 3]: frame f shows frame f of every video, video k in
+    row k // cols (make_grid), each pixel `scale` x `scale`."""
+    if videos.dim() != 5 or videos.shape[2] not in (1, 3):
+        raise ValueError(f"videos must be [N, F, C, H, W] with C = 1 or 3, got shape {list(videos.shape)}")
+    v = videos.float()
+    if scale > 1:
+        v = v.repeat_interleave(scale, dim=3).repeat_interleave(scale, dim=4)
+    v = v.expand(-1, -1, 3, -1, -1)
+    return torch.stack([make_grid(v[:, f], pad, cols) for f in range(v.shape[1])])
+
+
+def _lzw(indices: bytes, min_code_size: int = 8) -> bytes:
+    """GIF's variable-length LZW code stream of palette indices (clear code first,
+    a clear whenever the 4096-entry table is full, end code last)."""
+    clear, end = 1 << min_code_size, (1 << min_code_size) + 1
+    out = bytearray()
+    acc = nbits = 0
+    size, nxt, table = min_code_size + 1, end + 1, {}
+
+    def emit(code: int) -> None:
+        nonlocal acc, nbits
+        acc |= code << nbits
+        nbits += size
+        while nbits >= 8:
+            out.append(acc & 0xFF)
+            acc >>= 8
+            nbits -= 8
+
+    emit(clear)
+    code = indices[0]
+    for b in indices[1:]:
+        key = (code << 8) | b
+        hit = table.get(key)
+        if hit is not None:
+            code = hit
+            continue
+        emit(code)
+        if nxt < 4096:
+            table[key] = nxt
+            nxt += 1
+            if nxt > (1 << size) and size < 12:
+                size += 1
+        else:
+            emit(clear)
+            size, nxt, table = min_code_size + 1, end + 1, {}
+        code = b
+    emit(code)
+    emit(end)
+    if nbits:
+        out.append(acc & 0xFF)
+    return bytes(out)
+
+
+def _gif_palette(frames: torch.Tensor) -> tuple[torch.Tensor, bytes]:
+    """(palette indices uint8 [F, H, W], 256-entry RGB palette): 256 grey levels,
+    exact, when every pixel is grey; else a fixed 3-3-2 bit RGB palette."""
+    if bool((frames[..., 0] == frames[..., 1]).all() and (frames[..., 1] == frames[..., 2]).all()):
+        return frames[..., 0].contiguous(), bytes(v for i in range(256) for v in (i, i, i))
+    f = frames.to(torch.int32)
+    idx = ((f[..., 0] >> 5) << 5) | ((f[..., 1] >> 5) << 2) | (f[..., 2] >> 6)
+    pal = bytes(v for i in range(256) for v in ((i >> 5) * 255 // 7, ((i >> 2) & 7) * 255 // 7, (i & 3) * 255 // 3))
+    return idx.to(torch.uint8).contiguous(), pal
+
+
+def gif_bytes(frames: torch.Tensor, fps: float = 8.0, loop: int = 0) -> bytes:
+    """An animated GIF89a of uint8 RGB frames [F, H, W, 3], looping (`loop` = 0:
+    forever), one frame every 1/fps s (GIF counts in 1/100 s)."""
+    if frames.dtype != torch.uint8 or frames.dim() != 4 or frames.shape[3] != 3:
+        raise ValueError(f"gif_bytes wants uint8 frames [F, H, W, 3], got {frames.dtype} {list(frames.shape)}")
+    if not fps > 0:
+        raise ValueError(f"fps must be > 0, got {fps}")
+    n, h, w, _ = frames.shape
+    if not (0 < h < 65536 and 0 < w < 65536 and n > 0):
+        raise ValueError(f"GIF frames must be 1..65535 pixels per side, got {h}x{w} ({n} frames)")
+    idx, palette = _gif_palette(frames)
+    delay = max(1, round(100 / fps))
+    parts = [b"GIF89a", struct.pack("<HHBBB", w, h, 0xF7, 0, 0), palette,
+             b"\x21\xff\x0bNETSCAPE2.0\x03\x01" + struct.pack("<H", loop) + b"\x00"]
+    for k in range(n):
+        data = _lzw(idx[k].numpy().tobytes())
+        blocks = b"".join(bytes([len(data[i:i + 255])]) + data[i:i + 255] for i in range(0, len(data), 255))
+        parts += [b"\x21\xf9\x04\x04" + struct.pack("<H", delay) + b"\x00\x00",
+                  b"\x2c" + struct.pack("<HHHHB", 0, 0, w, h, 0), b"\x08", blocks, b"\x00"]
+    parts.append(b"\x3b")
+    return b"".join(parts)
+
+
+def _write_mp4(path: str, frames: torch.Tensor, fps: float) -> None:
+    try:
+        import imageio_ffmpeg
+    except ImportError as e:
+        raise ImportError("writing .mp4 needs imageio-ffmpeg (pip install 'skipdit-fast[video]'); "
+                          "or write a .gif") from e
+    n, h, w, _ = frames.shape
+    # yuv420p needs even sides: pad with white
+    even = torch.full((n, h + h % 2, w + w % 2, 3), 255, dtype=torch.uint8)
+    even[:, :h, :w] = frames
+    tmp = f"{path}.tmp-{os.getpid()}.mp4"
+    try:
+        gen = imageio_ffmpeg.write_frames(tmp, (even.shape[2], even.shape[1]), fps=fps, macro_block_size=1,
+                                          pix_fmt_out="yuv420p", quality=9)
+        gen.send(None)
+        for f in even:
+            gen.send(f.contiguous().numpy().tobytes())
+        gen.close()
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+
+
+VIDEO_FORMATS = (".gif", ".mp4")
+
+
+def write_video(path: str, frames: torch.Tensor, fps: float = 8.0) -> None:
+    """Writes uint8 RGB frames [F, H, W, 3] as .gif (no imaging library needed) or
+    .mp4 (needs the optional imageio-ffmpeg: pip install 'skipdit-fast[video]'),
+    through a temporary file and a rename."""
+    path = os.fspath(path)
+    ext = os.path.splitext(path)[1].lower()
+    if ext == ".gif":
+        write_atomic(path, gif_bytes(frames, fps))
+    elif ext == ".mp4":
+        if frames.dtype != torch.uint8 or frames.dim() != 4 or frames.shape[3] != 3:
+            raise ValueError(f"write_video wants uint8 frames [F, H, W, 3], got {frames.dtype} {list(frames.shape)}")
+        _write_mp4(path, frames, fps)
+    else:
+        raise ValueError(f"video files are {' or '.join(VIDEO_FORMATS)}, got {path!r}")

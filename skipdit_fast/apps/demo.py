@@ -5,9 +5,17 @@ Loads the shipped tiny Skip-DiT (trained on scikit-learn's digits by
 `make train-default`), samples every digit class without cache and with Skip-Cache
 from the same seed, and prints the time of each, the speedup, the PSNR / SSIM
 between the two grids and how many samples a small digit classifier recognizes as
-their class; writes both grids as PNG (one column per class). On a machine with a
-CUDA GPU it runs there in bf16 on our GPU kernels; on the CPU in fp32 on our C++
-kernels. Under a minute on 2 CPU cores with the defaults.
+their class; writes both grids as PNG (one column per class).
+
+`--video`: the same with the shipped tiny Latte-skip on moving digits: writes
+nocache.gif and skipcache.gif (one row per class), prints both times, the speedup,
+the PSNR of every frame between cached and uncached videos, the temporal
+consistency (mean frame-to-frame change of the cached videos next to the uncached
+ones': a cache that made the videos flicker or freeze would show there) and how
+many frames the frame classifier recognizes as their video's class.
+
+On a machine with a CUDA GPU it runs there in bf16 on our GPU kernels; on the CPU in
+fp32 on our C++ kernels. Under a minute on 2 CPU cores with the defaults (each mode).
 """
 
 from __future__ import annotations
@@ -19,24 +27,41 @@ import time
 
 import torch
 
-from .common import DTYPES, Progress, default_dtype, device_from_arg, write_png
+from .common import DTYPES, Progress, default_dtype, device_from_arg, video_grid, write_png, write_video
+
+
+# the defaults of each mode (an argument left at None takes its mode's)
+IMAGE_DEFAULTS = dict(weights="tiny-skipdit", per_class=4, steps=100, interval=3, branch=2)
+VIDEO_DEFAULTS = dict(weights="tiny-latte-skip", per_class=2, steps=50, interval=3, branch=1)
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--weights", default="tiny-skipdit",
-                   help="shipped model name or a .safetensors written by `skipdit-fast train` (default tiny-skipdit)")
-    p.add_argument("--per-class", type=int, default=4, help="samples per digit class (default 4)")
-    p.add_argument("--steps", type=int, default=100, help="DDPM sampling steps (default 100)")
-    p.add_argument("--interval", type=int, default=3, help="Skip-Cache interval N (default 3)")
-    p.add_argument("--branch", type=int, default=2, help="Skip-Cache branch K (default 2)")
+    p.add_argument("--video", action="store_true",
+                   help="the video demo: the shipped tiny Latte-skip on moving digits, GIFs")
+    p.add_argument("--weights", help="shipped model name or a .safetensors written by `skipdit-fast train` "
+                   "(default tiny-skipdit; --video: tiny-latte-skip)")
+    p.add_argument("--per-class", type=int, help="samples per digit class (default 4; --video: 2)")
+    p.add_argument("--steps", type=int, help="DDPM sampling steps (default 100; --video: 50)")
+    p.add_argument("--interval", type=int, help="Skip-Cache interval N (default 3)")
+    p.add_argument("--branch", type=int, help="Skip-Cache branch K (default 2 blocks; --video: 1 pair)")
     p.add_argument("--repeats", type=int, default=2,
                    help="timed runs of each path, interleaved; the fastest counts (default 2)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", default="auto", help="cpu, cuda, cuda:N or auto (the GPU when there is one)")
     p.add_argument("--dtype", choices=tuple(DTYPES), help="default: bf16 on CUDA, fp32 on CPU")
-    p.add_argument("--out-dir", default="demo-out", help="where the PNGs go (default demo-out/)")
-    p.add_argument("--scale", type=int, default=4, help="pixel scale of the PNG grids (default 4)")
+    p.add_argument("--out-dir", default="demo-out", help="where the PNGs / GIFs go (default demo-out/)")
+    p.add_argument("--scale", type=int, default=4, help="pixel scale of the PNG grids and GIFs (default 4)")
     p.add_argument("--no-progress", action="store_true")
+
+
+def resolve(args: argparse.Namespace) -> argparse.Namespace:
+    """args with the mode's defaults filled in."""
+    defaults = VIDEO_DEFAULTS if getattr(args, "video", False) else IMAGE_DEFAULTS
+    out = argparse.Namespace(**vars(args))
+    for k, v in defaults.items():
+        if getattr(out, k, None) is None:
+            setattr(out, k, v)
+    return out
 
 
 def digit_grid(images: torch.Tensor, cols: int, scale: int = 4, pad: int = 2) -> torch.Tensor:
@@ -61,47 +86,81 @@ def backends_used(device: torch.device, dtype: torch.dtype, head_dim: int, hidde
             "skip_fuse": pick("skip_fuse", device, dtype, False, (hidden, hidden)).backend}
 
 
-def run(args: argparse.Namespace, log=print) -> dict:
-    """The demo; returns what it printed as numbers (tests use it)."""
-    from ..cache import SkipCache
-    from ..data.digits import to_unit
-    from ..evaluation.digits import DigitClassifier, default_classifier_path
-    from ..evaluation.metrics import psnr, ssim
-    from ..pretrained import load_pretrained
+def time_both(model, labels, args, cache) -> tuple:
+    """Warm-up, then `args.repeats` interleaved runs without and with the cache from
+    the same seed (a shared machine's load spikes hit single runs, rarely all of
+    them): (uncached result, cached result, uncached times, cached times), times as
+    (wall, process CPU) seconds: on a shared machine the CPU time is the steadier."""
     from ..sampling import sample
+
+    # warm-up (allocator, kernel compilation on a GPU): a short run of each path
+    sample(model, labels, steps=min(6, args.steps), seed=args.seed)
+    sample(model, labels, steps=min(6, args.steps), seed=args.seed, cache=cache)
+    show = not args.no_progress
+    base_t, fast_t = [], []
+    for _ in range(max(1, args.repeats)):
+        c0 = time.process_time()
+        base = sample(model, labels, steps=args.steps, seed=args.seed, progress=Progress("no cache  ", show))
+        c1 = time.process_time()
+        fast = sample(model, labels, steps=args.steps, seed=args.seed, cache=cache,
+                      progress=Progress("Skip-Cache", show))
+        base_t.append((base.seconds, c1 - c0))
+        fast_t.append((fast.seconds, time.process_time() - c1))
+    return base, fast, base_t, fast_t
+
+
+def timing(base_t, fast_t, fast) -> dict:
+    """The fastest wall and CPU time of each path and their ratios."""
+    bw, bc = min(t[0] for t in base_t), min(t[1] for t in base_t)
+    fw, fc = min(t[0] for t in fast_t), min(t[1] for t in fast_t)
+    return {"seconds_nocache": bw, "seconds_cache": fw, "speedup": bw / fw, "cpu_seconds_nocache": bc,
+            "cpu_seconds_cache": fc, "cpu_speedup": bc / fc, "ideal_speedup": fast.report.ideal_speedup}
+
+
+def _load(args, log):
+    from ..cache import SkipCache
+    from ..pretrained import load_pretrained
 
     device = device_from_arg(args.device)
     dtype = default_dtype(device, args.dtype)
     model = load_pretrained(args.weights, device=device, dtype=dtype)
     cfg = model.config
     if not cfg.skip:
-        raise ValueError(f"{args.weights} has no long skips: the demo needs a Skip-DiT")
-    labels = torch.arange(cfg.num_classes).repeat(args.per_class)  # row r: one sample of every class
-    cache = SkipCache(interval=args.interval, branch=args.branch)
+        raise ValueError(f"{args.weights} has no long skips: the demo needs a {type(model).SKIP_NAME}")
+    cache = SkipCache.for_model(model, interval=args.interval, branch=args.branch)
     used = backends_used(device, dtype, cfg.hidden_size // cfg.num_heads, cfg.hidden_size)
-    log(f"{args.weights}: depth {cfg.depth}, width {cfg.hidden_size}, {cfg.input_size}x{cfg.input_size}x"
-        f"{cfg.in_channels} latents, {cfg.num_classes} classes; {len(labels)} samples, DDPM {args.steps} steps, "
-        f"{str(dtype).replace('torch.', '')} on {device} (ops: attention -> {used['attention']}, "
-        f"skip_fuse -> {used['skip_fuse']})")
+    frames = f"{cfg.num_frames} frames of " if hasattr(cfg, "num_frames") else ""
+    log(f"{args.weights}: {type(model).__name__}, {cfg.depth} blocks, width {cfg.hidden_size}, {frames}"
+        f"{cfg.input_size}x{cfg.input_size}x{cfg.in_channels} latents, {cfg.num_classes} classes; "
+        f"DDPM {args.steps} steps, {str(dtype).replace('torch.', '')} on {device} "
+        f"(ops: attention -> {used['attention']}, skip_fuse -> {used['skip_fuse']})")
+    return model, cache, {"device": str(device), "backends": used}
 
-    # warm-up (allocator, kernel compilation on a GPU): a short run of each path
-    sample(model, labels, steps=min(6, args.steps), seed=args.seed)
-    sample(model, labels, steps=min(6, args.steps), seed=args.seed, cache=cache)
 
-    # interleaved repeats, the fastest of each counts: a shared machine's load spikes
-    # hit single runs, rarely all of them
-    show = not args.no_progress
-    base_t, fast_t = [], []
-    for _ in range(max(1, args.repeats)):
-        base = sample(model, labels, steps=args.steps, seed=args.seed, progress=Progress("no cache  ", show))
-        fast = sample(model, labels, steps=args.steps, seed=args.seed, cache=cache,
-                      progress=Progress("Skip-Cache", show))
-        base_t.append(base.seconds)
-        fast_t.append(fast.seconds)
+def _timing_lines(res, args, fast, n_runs, log) -> None:
+    runs = f" (fastest of {n_runs})" if n_runs > 1 else ""
+    log(f"no cache:   {res['seconds_nocache']:.2f} s, CPU {res['cpu_seconds_nocache']:.2f} s{runs}")
+    log(f"Skip-Cache: {res['seconds_cache']:.2f} s, CPU {res['cpu_seconds_cache']:.2f} s{runs}  "
+        f"(N={args.interval}, K={args.branch}: {fast.report})")
+
+
+def run(args: argparse.Namespace, log=print) -> dict:
+    """The demo (the video demo with args.video); returns what it printed as numbers
+    (tests use it)."""
+    args = resolve(args)
+    if args.video:
+        return run_video(args, log)
+    from ..data.digits import to_unit
+    from ..evaluation.digits import DigitClassifier, default_classifier_path
+    from ..evaluation.metrics import psnr, ssim
+
+    model, cache, info = _load(args, log)
+    cfg = model.config
+    labels = torch.arange(cfg.num_classes).repeat(args.per_class)  # row r: one sample of every class
+    log(f"{len(labels)} samples")
+    base, fast, base_t, fast_t = time_both(model, labels, args, cache)
     a, b = to_unit(base.latents.cpu()), to_unit(fast.latents.cpu())
-    res = {"seconds_nocache": min(base_t), "seconds_cache": min(fast_t),
-           "speedup": min(base_t) / min(fast_t), "ideal_speedup": fast.report.ideal_speedup,
-           "psnr": psnr(a, b), "ssim": ssim(a, b), "device": str(device), "backends": used}
+    res = {**timing(base_t, fast_t, fast), "psnr": psnr(a, b), "ssim": ssim(a, b), **info}
     if default_classifier_path().exists():
         clf = DigitClassifier.load()
         res["accuracy_nocache"] = clf.accuracy(a * 2 - 1, labels)
@@ -113,16 +172,63 @@ def run(args: argparse.Namespace, log=print) -> dict:
         write_png(path, digit_grid(img, cfg.num_classes, args.scale))
     res["pngs"] = paths
 
-    runs = f" (fastest of {len(base_t)})" if len(base_t) > 1 else ""
-    log(f"no cache:   {res['seconds_nocache']:.2f} s{runs}")
-    log(f"Skip-Cache: {res['seconds_cache']:.2f} s{runs}  (N={args.interval}, K={args.branch}: {fast.report})")
-    log(f"speedup {res['speedup']:.2f}x (ideal {res['ideal_speedup']:.2f}x); cached vs uncached: "
+    _timing_lines(res, args, fast, len(base_t), log)
+    log(f"speedup {res['speedup']:.2f}x wall, {res['cpu_speedup']:.2f}x CPU (ideal {res['ideal_speedup']:.2f}x); "
+        f"cached vs uncached: "
         f"PSNR {res['psnr']:.1f} dB, SSIM {res['ssim']:.3f}")
     if "accuracy_cache" in res:
         log(f"digit classifier recognizes {100 * res['accuracy_nocache']:.0f}% (no cache) and "
             f"{100 * res['accuracy_cache']:.0f}% (Skip-Cache) of the samples as their class "
             f"(chance: {100 / cfg.num_classes:.0f}%)")
     log(f"wrote {paths[0]} and {paths[1]} (one column per digit 0..9)")
+    return res
+
+
+def temporal_change(videos: torch.Tensor) -> float:
+    """Mean absolute frame-to-frame change of videos [N, F, ...] in [0, 1]."""
+    return float((videos[:, 1:].double() - videos[:, :-1].double()).abs().mean())
+
+
+def run_video(args: argparse.Namespace, log=print) -> dict:
+    """The video demo (args resolved); returns what it printed as numbers."""
+    from ..data.digits import to_unit
+    from ..evaluation.digits import DigitClassifier, frame_accuracy, frame_classifier_path
+    from ..evaluation.metrics import psnr
+
+    model, cache, info = _load(args, log)
+    cfg = model.config
+    if not hasattr(cfg, "num_frames"):
+        raise ValueError(f"{args.weights} is not a video model: --video needs a Latte-skip")
+    labels = torch.arange(cfg.num_classes).repeat_interleave(args.per_class)  # row c: the videos of class c
+    log(f"{len(labels)} videos ({args.per_class} per class)")
+    base, fast, base_t, fast_t = time_both(model, labels, args, cache)
+    a, b = to_unit(base.latents.cpu()), to_unit(fast.latents.cpu())   # [N, F, 1, H, W]
+    per_frame = [psnr(a[:, f], b[:, f]) for f in range(cfg.num_frames)]
+    res = {**timing(base_t, fast_t, fast), "psnr": psnr(a, b), "psnr_per_frame": per_frame,
+           "temporal_change_nocache": temporal_change(a), "temporal_change_cache": temporal_change(b), **info}
+    if frame_classifier_path().exists():
+        clf = DigitClassifier.load(frame_classifier_path())
+        res["accuracy_nocache"] = frame_accuracy(clf, a * 2 - 1, labels)
+        res["accuracy_cache"] = frame_accuracy(clf, b * 2 - 1, labels)
+
+    os.makedirs(args.out_dir, exist_ok=True)
+    paths = [os.path.join(args.out_dir, f) for f in ("nocache.gif", "skipcache.gif")]
+    for path, vid in zip(paths, (a, b)):
+        write_video(path, video_grid(vid, cols=args.per_class, scale=args.scale), fps=4)
+    res["gifs"] = paths
+
+    _timing_lines(res, args, fast, len(base_t), log)
+    log(f"speedup {res['speedup']:.2f}x wall, {res['cpu_speedup']:.2f}x CPU (ideal {res['ideal_speedup']:.2f}x); "
+        f"cached vs uncached: "
+        f"PSNR {res['psnr']:.1f} dB; per frame " + " ".join(f"{p:.1f}" for p in per_frame))
+    log(f"temporal consistency: mean frame-to-frame change {res['temporal_change_nocache']:.4f} (no cache), "
+        f"{res['temporal_change_cache']:.4f} (Skip-Cache): ratio "
+        f"{res['temporal_change_cache'] / max(res['temporal_change_nocache'], 1e-12):.2f}")
+    if "accuracy_cache" in res:
+        log(f"frame classifier recognizes {100 * res['accuracy_nocache']:.0f}% (no cache) and "
+            f"{100 * res['accuracy_cache']:.0f}% (Skip-Cache) of the frames as their video's class "
+            f"(chance: {100 / cfg.num_classes:.0f}%)")
+    log(f"wrote {paths[0]} and {paths[1]} (one row per digit 0..9)")
     return res
 
 

@@ -1,7 +1,9 @@
-"""`skipdit-fast train`: a small trainer for our DiT / Skip-DiT, and the training of
-the shipped tiny models.
+"""`skipdit-fast train`: a small trainer for our models (DiT / Skip-DiT, Latte /
+Latte-skip: anything models.from_config builds), and the training of the shipped tiny
+models.
 
     skipdit-fast train --model tiny-skipdit --steps 1200 --out runs/skip
+    skipdit-fast train --model tiny-latte-skip --out runs/video
     skipdit-fast train --default            # what `make train-default` runs
 
 Training is DiT's: AdamW, an EMA of the weights, and the diffusion loss of DiT's
@@ -27,11 +29,15 @@ generator seeded with (seed, s), and the data order from a permutation seeded wi
 (seed, epoch), so a run resumed from its checkpoint (model, EMA, optimizer, step,
 log) continues exactly as the uninterrupted run would.
 
-The shipped models (`--default`): a vanilla DiT and a Skip-DiT of the same width and
-depth (TINY: depth 12, width 64, 4 heads of 16, patch 2, 16x16x1 "latents", 10 classes,
-learn_sigma) trained on scikit-learn's digits with the same seed, steps and batch
-size; EMA weights in fp16 safetensors under skipdit_fast/weights/ with the model
-config in the metadata, and their training logs (CSV per step, JSON summary).
+The shipped models (`--default`, skipdit_fast.pretrained): two pairs, each trained
+with the same seed, steps and batches and the same config but the long skips: a
+vanilla DiT and a Skip-DiT (TINY: depth 12, width 64, 4 heads of 16, patch 2, 16x16x1
+"latents", 10 classes, learn_sigma) on scikit-learn's digits, and a vanilla Latte and
+a Latte-skip (TINY_VIDEO: 6 spatial/temporal pairs of the same blocks, 8 frames) on
+moving digits (data.moving_digits); EMA weights in fp16 safetensors under
+skipdit_fast/weights/ with the model config in the metadata, their training logs (CSV
+per step, JSON summary), and the digit classifiers that score their samples (one for
+digits, one for the frames of moving digits).
 """
 
 from __future__ import annotations
@@ -51,8 +57,9 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from ..models import DiT, DiTConfig
-from ..pretrained import MODELS, TINY, WEIGHTS_DIR, model_config, weights_path
+from ..models import MODEL_CLASSES, from_config
+from ..pretrained import (PAIRS, SHIPPED, TINY, TINY_VIDEO, VIDEO_MODELS, WEIGHTS_DIR, config_metadata, model_config,
+                          training_data, weights_path)
 from ..sampling import DiffusionLoss
 
 @dataclass
@@ -108,20 +115,22 @@ class Trainer:
     (model, EMA, optimizer, step, log), `export` writes the EMA weights."""
 
     def __init__(self, cfg: TrainConfig, data: tuple[torch.Tensor, torch.Tensor] | None = None,
-                 model_cfg: DiTConfig | None = None):
-        from ..data.digits import digits
-
+                 model_cfg=None):
+        """cfg.model names a shipped model (its config and data), or model_cfg (any
+        config models.from_config builds) and data (x [N, *latent_shape], y [N])."""
         self.cfg = cfg
         self.model_cfg = model_cfg or model_config(cfg.model)
-        self.x, self.y = data if data is not None else digits(self.model_cfg.input_size)
-        if self.x.shape[1:] != (self.model_cfg.in_channels, self.model_cfg.input_size, self.model_cfg.input_size):
-            raise ValueError(f"data {tuple(self.x.shape[1:])} does not fit the model's latents")
+        self.x, self.y = data if data is not None else training_data(self.model_cfg)
+        if tuple(self.x.shape[1:]) != tuple(self.model_cfg.latent_shape):
+            raise ValueError(f"data {tuple(self.x.shape[1:])} does not fit the model's latents "
+                             f"{tuple(self.model_cfg.latent_shape)}")
         if cfg.batch_size > len(self.x):
-            raise ValueError(f"batch_size {cfg.batch_size} > {len(self.x)} training images")
+            raise ValueError(f"batch_size {cfg.batch_size} > {len(self.x)} training samples")
+        self.conditional = self.model_cfg.class_conditional
         with torch.random.fork_rng():
             torch.manual_seed(cfg.seed)
-            self.model = DiT(self.model_cfg).initialize_weights()
-            if cfg.label_embed_std != 0.02:
+            self.model = from_config(self.model_cfg).initialize_weights()
+            if self.conditional and cfg.label_embed_std != 0.02:
                 torch.nn.init.normal_(self.model.y_embedder.embedding_table.weight, std=cfg.label_embed_std)
         self.model.train()
         self.ema = copy.deepcopy(self.model).eval().requires_grad_(False)
@@ -157,6 +166,8 @@ class Trainer:
         t = torch.randint(0, self.loss_fn.num_timesteps, (bs,), generator=g)
         noise = torch.randn(x0.shape, generator=g)
         drop = torch.rand(bs, generator=g) < self.cfg.class_dropout
+        if not self.conditional:
+            return x0, t, None, noise
         y[drop] = self.model_cfg.num_classes
         return x0, t, y, noise
 
@@ -167,7 +178,7 @@ class Trainer:
         n = min(self.cfg.eval_size, len(self.x))
         idx = torch.randperm(len(self.x), generator=g)[:n]
         t = torch.randint(0, self.loss_fn.num_timesteps, (n,), generator=g)
-        return self.x[idx], t, self.y[idx], torch.randn(self.x[idx].shape, generator=g)
+        return self.x[idx], t, self.y[idx] if self.conditional else None, torch.randn(self.x[idx].shape, generator=g)
 
     @torch.no_grad()
     def eval_loss(self, model=None) -> dict[str, float]:
@@ -236,7 +247,8 @@ class Trainer:
     # ---- checkpoints -------------------------------------------------------------------
     def state_dict(self) -> dict:
         return {"format": "skipdit_fast.train/1", "train_config": asdict(self.cfg),
-                "model_config": asdict(self.model_cfg), "step": self.step,
+                "model_config": asdict(self.model_cfg), "model_class": MODEL_CLASSES[type(self.model_cfg)].__name__,
+                "step": self.step,
                 "model": self.model.state_dict(), "ema": self.ema.state_dict(),
                 "opt": self.opt.state_dict(), "log": [asdict(r) for r in self.log],
                 "wall_s": self.wall_s, "cpu_s": self.cpu_s}
@@ -251,8 +263,10 @@ class Trainer:
     def load_state_dict(self, sd: dict) -> None:
         if sd.get("format") != "skipdit_fast.train/1":
             raise ValueError("not a skipdit_fast.train checkpoint")
-        if DiTConfig(**sd["model_config"]) != self.model_cfg:
-            raise ValueError(f"checkpoint model config {sd['model_config']} != {asdict(self.model_cfg)}")
+        kind = MODEL_CLASSES[type(self.model_cfg)].__name__
+        if sd["model_config"] != asdict(self.model_cfg) or sd.get("model_class", "DiT") != kind:
+            raise ValueError(f"checkpoint model {sd.get('model_class', 'DiT')} {sd['model_config']} != "
+                             f"{kind} {asdict(self.model_cfg)}")
         mine = {k: v for k, v in asdict(self.cfg).items() if k != "steps"}
         theirs = {k: v for k, v in sd["train_config"].items() if k != "steps"}
         if mine != theirs:
@@ -277,7 +291,7 @@ class Trainer:
 
         sd = {k: v.detach().to(dtype if v.is_floating_point() else v.dtype).contiguous()
               for k, v in self.ema.state_dict().items()}
-        meta = {"model_config": json.dumps(asdict(self.model_cfg)), "name": self.cfg.model,
+        meta = {**config_metadata(self.model_cfg), "name": self.cfg.model,
                 "train_config": json.dumps(asdict(self.cfg)), "step": str(self.step)}
         Path(path).parent.mkdir(parents=True, exist_ok=True)
         save_file(sd, str(path), metadata=meta)
@@ -366,19 +380,32 @@ class TrainProgress:
 # ---------------------------------------------------------------------------------
 # the shipped weights
 
+def default_train_config(name: str) -> TrainConfig:
+    """The recipe of a shipped model: TrainConfig's defaults for the image pair; for
+    the video pair (8 frames of 16 tokens each) batches of 32 clips and 2400 steps:
+    about 14 minutes per model with one thread on 2 nearly idle cores (the logs)."""
+    if name in VIDEO_MODELS:
+        return TrainConfig(model=name, steps=VIDEO_STEPS, batch_size=VIDEO_BATCH)
+    return TrainConfig(model=name)
+
+
+VIDEO_STEPS, VIDEO_BATCH = 2400, 32
+
+
 def train_default(out_dir: Path = WEIGHTS_DIR, work_dir: Path = Path("build/train"), steps: int | None = None,
-                  resume: bool = True, progress: bool = True, names=tuple(MODELS), classifier: bool = True) -> dict:
-    """Trains the shipped pair (same seed, steps and batch) and the digit classifier;
-    writes <out_dir>/{tiny-dit,tiny-skipdit}.safetensors, their logs
-    (<name>.train.csv / .json) and digit-classifier.safetensors. Checkpoints in
-    work_dir let an interrupted run resume."""
-    from ..data.digits import DigitClassifier
+                  resume: bool = True, progress: bool = True, names=tuple(SHIPPED), classifier: bool = True) -> dict:
+    """Trains the shipped pairs (each pair: same seed, steps and batch) and the digit
+    classifiers; writes <out_dir>/<name>.safetensors, their logs (<name>.train.csv /
+    .json), digit-classifier.safetensors (when an image model is trained) and
+    frame-classifier.safetensors (when a video model is). Checkpoints in work_dir let
+    an interrupted run resume."""
+    from ..evaluation.digits import DigitClassifier, FRAME_CLASSIFIER, fit_frame_classifier
 
     out_dir, work_dir = Path(out_dir), Path(work_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     results = {}
     for name in names:
-        cfg = TrainConfig(model=name)
+        cfg = default_train_config(name)
         if steps is not None:
             cfg.steps = steps
         tr = Trainer(cfg)
@@ -394,58 +421,71 @@ def train_default(out_dir: Path = WEIGHTS_DIR, work_dir: Path = Path("build/trai
                          "loss_last_50": float(np.mean([r.loss for r in tr.log[-50:]]))}
         print(f"{name}: {tr.step} steps in {tr.wall_s / 60:.1f} min wall, {tr.cpu_s / 60:.1f} min CPU "
               f"(load average {machine_info().get('load_average')})", file=sys.stderr)
-    if classifier:
+    if classifier and any(n in PAIRS["image"] for n in names):
         clf = DigitClassifier.fit(seed=0)
         clf.save(out_dir / "digit-classifier.safetensors")
         print(f"digit classifier: {100 * clf.test_accuracy:.1f}% on held-out real digits", file=sys.stderr)
+    if classifier and any(n in PAIRS["video"] for n in names):
+        clf = fit_frame_classifier(VIDEO_MODELS[PAIRS["video"][1]])
+        clf.save(out_dir / FRAME_CLASSIFIER)
+        print(f"frame classifier: {100 * clf.test_accuracy:.1f}% on frames of held-out moving digits", file=sys.stderr)
     (out_dir / "README.md").write_text(_weights_readme(out_dir))
     return results
 
 
 def _weights_readme(out_dir: Path) -> str:
     """The weights folder's README from the logs and files that are there."""
-    from ..data.digits import DigitClassifier
+    from ..evaluation.digits import DigitClassifier, FRAME_CLASSIFIER
 
     results = {}
-    for name in MODELS:
+    for name in SHIPPED:
         log = out_dir / f"{name}.train.json"
         if log.exists():
             j = json.loads(log.read_text())
             results[name] = {"steps": j["steps"], "wall_s": j["wall_s"], "cpu_s": j["cpu_s"],
                              "loss_last_50": j["mean_loss_last_50"], "load": j.get("load_average_at_start"),
-                             "threads": j.get("threads")}
-    clf_path = out_dir / "digit-classifier.safetensors"
-    results["digit-classifier"] = {"test_accuracy": DigitClassifier.load(clf_path).test_accuracy
-                                   if clf_path.exists() else float("nan")}
+                             "threads": j.get("threads"), "batch": j["train_config"]["batch_size"]}
+
+    def accuracy(fn):
+        path = out_dir / fn
+        return DigitClassifier.load(path).test_accuracy if path.exists() else float("nan")
+
     lines = ["# Shipped weights (written by `make train-default`, skipdit_fast/apps/train.py)", "",
-             "Tiny class-conditional DiT and Skip-DiT trained on scikit-learn's digits (16x16x1, "
-             "bilinearly upsampled from 8x8), identical config except the long skips: "
-             f"`{json.dumps(TINY)}`.", "EMA weights in fp16; load with "
-             "`skipdit_fast.pretrained.load_pretrained('tiny-skipdit')`.", "",
-             "| file | steps | threads | wall (min) | CPU (min) | load average at start | mean loss, last 50 steps |",
-             "| --- | --- | --- | --- | --- | --- | --- |"]
-    for name in MODELS:
+             "Two pairs, each identical in config except the long skips and trained with the same seed, "
+             "steps and batches (EMA weights in fp16; load with "
+             "`skipdit_fast.pretrained.load_pretrained(name)`):", "",
+             "- tiny DiT / Skip-DiT, class-conditional, on scikit-learn's digits (16x16x1, bilinearly upsampled "
+             f"from 8x8): `{json.dumps(TINY)}`;",
+             "- tiny Latte / Latte-skip, class-conditional, on moving digits (skipdit_fast/data/moving_digits.py: "
+             "8 frames of 16x16x1, each 8x8 digit sliding and bouncing; patch 4): "
+             f"`{json.dumps(TINY_VIDEO)}`.", "",
+             "| file | steps | batch | threads | wall (min) | CPU (min) | load average at start | "
+             "mean loss, last 50 steps |",
+             "| --- | --- | --- | --- | --- | --- | --- | --- |"]
+    for name in SHIPPED:
         if name not in results:
             continue
         r = results[name]
-        lines.append(f"| {name}.safetensors | {r['steps']} | {r['threads']} | {r['wall_s'] / 60:.1f} | "
+        lines.append(f"| {name}.safetensors | {r['steps']} | {r['batch']} | {r['threads']} | {r['wall_s'] / 60:.1f} | "
                      f"{r['cpu_s'] / 60:.1f} | {r['load']} | {r['loss_last_50']:.4f} |")
     lines += ["", "Times are measured on a shared machine (the load average says how shared): an idle "
               "machine of the same kind is faster."]
-    lines += ["", f"digit-classifier.safetensors: a small CNN (skipdit_fast/digits.py), "
-              f"{100 * results['digit-classifier']['test_accuracy']:.1f}% on its held-out split of the real digits.",
+    lines += ["", "digit-classifier.safetensors: a small CNN (skipdit_fast/evaluation/digits.py), "
+              f"{100 * accuracy('digit-classifier.safetensors'):.1f}% on its held-out split of the real digits.",
+              "", f"{FRAME_CLASSIFIER}: the same CNN trained on the frames of moving digits, "
+              f"{100 * accuracy(FRAME_CLASSIFIER):.1f}% on the frames of clips of held-out digits.",
               "", "Training logs: `<name>.train.csv` (per step) and `<name>.train.json` (settings, times, "
               "machine and load average, the fixed-batch evaluation curve).", ""]
     return "\n".join(lines)
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--default", action="store_true", help="train the shipped pair into skipdit_fast/weights/")
-    p.add_argument("--model", default="tiny-skipdit", choices=tuple(MODELS))
-    p.add_argument("--only", choices=tuple(MODELS), nargs="+", help="with --default: train only these")
-    p.add_argument("--no-classifier", action="store_true", help="with --default: do not (re)fit the classifier")
+    p.add_argument("--default", action="store_true", help="train the shipped models into skipdit_fast/weights/")
+    p.add_argument("--model", default="tiny-skipdit", choices=tuple(SHIPPED))
+    p.add_argument("--only", choices=tuple(SHIPPED), nargs="+", help="with --default: train only these")
+    p.add_argument("--no-classifier", action="store_true", help="with --default: do not (re)fit the classifiers")
     p.add_argument("--threads", type=int, help="torch threads (default: torch's, the core count)")
-    p.add_argument("--steps", type=int, help="total steps (default: TrainConfig.steps)")
+    p.add_argument("--steps", type=int, help="total steps (default: the model's recipe, default_train_config)")
     p.add_argument("--batch-size", type=int)
     p.add_argument("--lr", type=float)
     p.add_argument("--seed", type=int)
@@ -459,9 +499,9 @@ def main(args: argparse.Namespace) -> int:
         torch.set_num_threads(args.threads)
     if args.default:
         train_default(steps=args.steps, resume=not args.no_resume, progress=not args.no_progress,
-                      names=args.only or tuple(MODELS), classifier=not args.no_classifier)
+                      names=args.only or tuple(SHIPPED), classifier=not args.no_classifier)
         return 0
-    cfg = TrainConfig(model=args.model)
+    cfg = default_train_config(args.model)
     for k in ("steps", "batch_size", "lr", "seed"):
         if getattr(args, k) is not None:
             setattr(cfg, k, getattr(args, k))
@@ -476,4 +516,3 @@ def main(args: argparse.Namespace) -> int:
     tr.write_logs(out / f"{args.model}.train")
     print(f"{args.model}: {tr.step} steps, {tr.wall_s:.0f} s wall, {tr.cpu_s:.0f} s CPU; wrote {out}", file=sys.stderr)
     return 0
-

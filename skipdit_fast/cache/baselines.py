@@ -1,13 +1,13 @@
 """Caching baselines for the fidelity study (bench/fidelity.py): what Skip-Cache is
 compared with on models of the same size.
 
-- ForaCache: FORA-style static caching (Selvaraju et al., 2024) for our DiT: every N-th
+- ForaCache: FORA-style static caching (Selvaraju et al., 2024) for our DiT and Latte: every N-th
   forward call is full and keeps, for every block, the outputs of its attention and
   its MLP (before the adaLN gate); the N-1 calls after it reuse them, so a cached
   call runs only the cheap parts of each block (adaLN modulation from the current
   timestep, the gates, the residual adds, and the long-skip merges of a Skip-DiT).
-- CachedModel: runs a DiT with any cache through the block protocol
-  (embed -> cache.run -> head), so that a SkipCache can also drive a *vanilla* DiT:
+- CachedModel: runs a DiT or Latte with any cache through the block protocol
+  (embed -> cache.run -> head), so that a SkipCache can also drive a *vanilla* model:
   the Skip-Cache-like shallow/deep split without long skips. There the cached step
   runs blocks 0..K-1 (whose outputs nothing uses: no skips carry them) and
   blocks depth-K..depth-1 from the cached tensor, the same blocks as Skip-Cache
@@ -20,6 +20,8 @@ compared with on models of the same size.
 
 from __future__ import annotations
 
+import functools
+
 import torch
 import torch.nn as nn
 
@@ -30,8 +32,9 @@ from ..models.layers import layer_norm, modulate
 class ForaCache:
     """FORA-style static cache over a sampling run: a full step every `interval`
     forward calls (the first call is full), the attention and MLP outputs of each
-    block kept from it and reused on the other calls. Only for
-    CachedModel / run(model, h, state, t) of a models.DiT."""
+    block kept from it and reused on the other calls. For CachedModel /
+    run(model, h, state, t) of our models (models.DiT, models.Latte: any model whose
+    run_blocks calls its DiT blocks through BlockState.block)."""
 
     def __init__(self, interval: int = 2):
         if int(interval) != interval or interval < 1:
@@ -50,7 +53,7 @@ class ForaCache:
         self._report = SkipCacheReport()
 
     def report(self) -> SkipCacheReport:
-        """blocks_run counts the blocks whose attention and MLP ran."""
+        """blocks_run counts the blocks (units) whose attention and MLP ran."""
         return self._report
 
     def next_timestep(self, t: float) -> None:  # the samplers call this; FORA's schedule is static
@@ -60,38 +63,40 @@ class ForaCache:
         """The tensors held now: per block, its attention and MLP outputs."""
         return {"attn": list(self._attn), "mlp": list(self._mlp)}
 
+    def _block(self, full: bool, i: int, block, h, c, seq_len):
+        """One DiT block with its attention / MLP output computed and kept (full) or
+        reused (cached); the modulation, gates and residuals always run."""
+        shift1, scale1, gate1, shift2, scale2, gate2 = block.modulation(c)
+        if full:
+            self._attn[i] = block.attn(modulate(layer_norm(h), shift1, scale1), seq_len)
+        h = h + gate1 * self._attn[i]
+        if full:
+            self._mlp[i] = block.mlp(modulate(layer_norm(h), shift2, scale2))
+        return h + gate2 * self._mlp[i]
+
     def run(self, model, h: torch.Tensor, state, t) -> torch.Tensor:
-        depth = model.depth
+        n = len(model.blocks)
         key = (tuple(h.shape), h.dtype, h.device)
         if self._shape is not None and key != self._shape:
             raise ValueError(f"ForaCache: this run started with hidden states {self._shape[0]} and now gets "
                              f"{tuple(h.shape)}; call reset() for each run")
         self._shape = key
-        kind = FULL if self._counter % self.interval == 0 or len(self._attn) != depth else CACHED
+        kind = FULL if self._counter % self.interval == 0 or len(self._attn) != n else CACHED
         if kind == FULL:
-            self._attn, self._mlp = [None] * depth, [None] * depth
-        half = depth // 2
-        skip = model.config.skip
-        for i, block in enumerate(model.blocks):
-            if skip and i >= half:
-                h = model.merge(i - half, h, state.skips.pop())
-            shift1, scale1, gate1, shift2, scale2, gate2 = \
-                block.adaLN_modulation(state.c).unsqueeze(1).chunk(6, dim=-1)
-            if kind == FULL:
-                self._attn[i] = block.attn(modulate(layer_norm(h), shift1, scale1))
-            h = h + gate1 * self._attn[i]
-            if kind == FULL:
-                self._mlp[i] = block.mlp(modulate(layer_norm(h), shift2, scale2))
-            h = h + gate2 * self._mlp[i]
-            if skip and i < half:
-                state.skips.append(h)
+            self._attn, self._mlp = [None] * n, [None] * n
+        state.run_block = functools.partial(self._block, kind == FULL)
+        try:
+            h = model.run_blocks(h, 0, model.depth, state)  # the model's merges, pushes and reorders
+        finally:
+            state.run_block = None
         r = self._report
+        r.unit = getattr(model, "cache_unit", "blocks")
         r.steps += 1
         r.kinds.append(kind)
-        r.blocks_total += depth
+        r.blocks_total += model.depth
         if kind == FULL:
             r.full_steps += 1
-            r.blocks_run += depth
+            r.blocks_run += model.depth
         else:
             r.cached_steps += 1
         self._counter += 1
@@ -99,8 +104,9 @@ class ForaCache:
 
 
 class CachedModel(nn.Module):
-    """A models.DiT whose forward takes any cache with run(model, h, state, t)
-    (SkipCache, ForaCache), long skips or not; everything else is the model's."""
+    """One of our models (models.DiT, models.Latte) whose forward takes any cache
+    with run(model, h, state, t) (SkipCache, ForaCache), long skips or not;
+    everything else is the model's."""
 
     def __init__(self, model):
         super().__init__()
@@ -114,7 +120,11 @@ class CachedModel(nn.Module):
     def depth(self) -> int:
         return self.model.depth
 
-    def forward(self, x, t, y, cache=None):
+    @property
+    def cache_defaults(self) -> dict:
+        return getattr(self.model, "cache_defaults", {})
+
+    def forward(self, x, t, y=None, cache=None):
         if cache is None:
             return self.model(x, t, y)
         h, state = self.model.embed(x, t, y)

@@ -6,14 +6,24 @@
     print(cache.report())
     cache.reset()                                  # before the next run
 
+    cache = SkipCache.for_model(latte, interval=2) # official Latte_skip_cache: K=1 pair,
+                                                   # start 900, stop 50 (strict)
+
 Semantics (DESIGN.md section 3; the official `DiT_cache` by default). A counter runs
 over the forward calls of a run. A step is *full* when counter % interval == 0, or
-nothing is cached, or t >= start; it runs every block and keeps the input of block
-depth-K (K = branch), taken before that block's long-skip merge. Any other step is
-*cached*: it runs blocks 0..K-1 (which push their skips) and depth-K..depth-1 (whose
-merges pop them), block depth-K taking the kept tensor as its input: 2K blocks instead
-of depth. After a step with t <= stop the cache is dropped and the counter restarts,
-so later steps (t decreasing) are full.
+nothing is cached, or t >= start; it runs every unit of the model's U (a block of a
+DiT; a spatial/temporal block pair of a Latte) and keeps the input of unit depth-K
+(K = branch), taken before that unit's long-skip merge. Any other step is *cached*:
+it runs units 0..K-1 (which push their skips) and depth-K..depth-1 (whose merges pop
+them), unit depth-K taking the kept tensor as its input: 2K units instead of depth.
+After a step with t <= stop (strict_stop: t < stop) the cache is dropped and the
+counter restarts, so later steps (t decreasing) are full.
+
+The official thresholds differ between the official models: DiT_cache uses start
+1000, stop 20 (t <= stop), the class-to-video Latte_skip_cache start 900, stop 50 with
+t < stop and K counted in block pairs. They are the same engine with other arguments;
+a model states its own as `cache_defaults` (models.Latte does), and
+SkipCache.for_model(model, ...) starts from them.
 
 Beyond the official code:
 - state per run: reset() (the samplers call it) starts a run; the first forward of a
@@ -37,8 +47,9 @@ Beyond the official code:
 - a per-run report(): steps full / cached, blocks run, estimated FLOPs saved.
 
 The engine works for any model with the skip structure (protocol SkipModel below):
-ours (models.DiT with config.skip) and, through an adapter, e.g. diffusers'
-HunyuanDiT2DModel.
+ours (models.DiT and models.Latte with config.skip), images or videos alike (the
+engine only sees hidden states [B, tokens, D]) and, through an adapter, e.g.
+diffusers' HunyuanDiT2DModel.
 """
 
 from __future__ import annotations
@@ -58,10 +69,12 @@ FULL, CACHED = "full", "cached"
 class SkipModel(Protocol):
     """What SkipCache needs from a model with long-skip connections.
 
-    The blocks 0..depth-1 form a U: each block of the shallow range [0, K) pushes its
-    output on a stack kept in `state`, each block of the last range [depth-K, depth)
-    first merges (pops) the top of the stack, so that block depth-1-i pairs with
-    block i. SkipCache runs blocks in three ranges, always in order:
+    The model is a sequence of `depth` units (DiT: its blocks; Latte: its spatial /
+    temporal block pairs, so depth = config.depth // 2 there) that form a U: each unit
+    of the shallow range [0, K) pushes its output on a stack kept in `state`, each
+    unit of the last range [depth-K, depth) first merges (pops) the top of the stack,
+    so that unit depth-1-i pairs with unit i; the cache's branch K counts units. Below,
+    "block" means unit. SkipCache runs blocks in three ranges, always in order:
 
         shallow  run_blocks(h, 0, K, state)
         deep     run_blocks(h, K, depth - K, state)       (full steps only)
@@ -74,7 +87,11 @@ class SkipModel(Protocol):
     `max_branch` (optional, default depth // 2) is the largest K for which the
     shallow range only pushes and the last range only pops (HunyuanDiT, with 40
     blocks of which 19 and 20 neither push nor pop: 19). `block_flops(h)` (optional)
-    gives the estimated FLOPs of each block for the report.
+    gives the estimated FLOPs of each block for the report, `cache_unit` (optional,
+    default "blocks") what a unit is called in it, `cache_defaults` (optional) the
+    model's official SkipCache arguments (SkipCache.for_model). The hidden states h
+    are [B, ...] with the batch first (classifier-free guidance keeps the cond and
+    uncond halves along it); everything else about their layout is the model's.
 
     An adapter for a model whose forward is not split this way wraps it: embed the
     inputs, call cache.run(adapter, h, state, t) where the model loops over its
@@ -106,6 +123,7 @@ class SkipCacheReport:
     cached_steps: int = 0
     blocks_run: int = 0
     blocks_total: int = 0        # blocks an uncached run would have run
+    unit: str = "blocks"         # what a block is (the model's cache_unit: Latte "block pairs")
     flops_run: float = 0.0       # estimated, when the model gives block_flops
     flops_total: float = 0.0
     checks: int = 0              # adaptive mode: cache_delta decisions (host syncs)
@@ -123,7 +141,7 @@ class SkipCacheReport:
 
     def __str__(self) -> str:
         s = (f"{self.steps} steps: {self.full_steps} full, {self.cached_steps} cached; "
-             f"blocks {self.blocks_run}/{self.blocks_total} run (ideal {self.ideal_speedup:.2f}x)")
+             f"{self.unit} {self.blocks_run}/{self.blocks_total} run (ideal {self.ideal_speedup:.2f}x)")
         if self.flops_total:
             s += f"; ~{_flop_str(self.flops_saved)} saved ({100 * self.flops_saved / self.flops_total:.0f}%)"
         if self.checks:
@@ -142,15 +160,17 @@ class SkipCache:
     """Skip-Cache for one sampling run at a time; see the module docstring.
 
     interval: N, a full step every N forward calls (adaptive mode: at the latest).
-    branch:   K, the cached step runs blocks 0..K-1 and depth-K..depth-1.
-    start:    steps with t >= start are full (official 1000: never for t < 1000).
-    stop:     after a step with t <= stop the cache is dropped (official 20).
+    branch:   K, the cached step runs blocks (units) 0..K-1 and depth-K..depth-1.
+    start:    steps with t >= start are full (official DiT 1000: never for t < 1000;
+              Latte 900).
+    stop:     after a step with t <= stop the cache is dropped (official DiT 20).
+    strict_stop: drop it after a step with t < stop instead (official Latte, stop 50).
     threshold: adaptive mode when set (see the module docstring).
     static:   keep the cached tensors in static buffers (CUDA graphs).
     """
 
     def __init__(self, interval: int = 2, branch: int = 4, start: float = 1000, stop: float = 20, *,
-                 threshold: float | None = None, static: bool = False):
+                 strict_stop: bool = False, threshold: float | None = None, static: bool = False):
         if int(interval) != interval or interval < 1:
             raise ValueError(f"interval must be an integer >= 1, got {interval}")
         if int(branch) != branch or branch < 1:
@@ -159,6 +179,7 @@ class SkipCache:
             raise ValueError(f"threshold must be >= 0, got {threshold}")
         self.interval, self.branch = int(interval), int(branch)
         self.start, self.stop = start, stop
+        self.strict_stop = bool(strict_stop)
         self.threshold = threshold
         self.static = static
         self._buf: torch.Tensor | None = None   # input of block depth-K at the last full step
@@ -167,12 +188,20 @@ class SkipCache:
         self._t = 0.0
         self.reset()
 
+    @classmethod
+    def for_model(cls, model, **kwargs) -> "SkipCache":
+        """A SkipCache with the model's official arguments (its `cache_defaults`,
+        e.g. models.Latte: branch 1, start 900, stop 50, strict_stop), overridden by
+        kwargs; a model without cache_defaults gets SkipCache's (official DiT)."""
+        return cls(**{**getattr(model, "cache_defaults", {}), **kwargs})
+
     @property
     def adaptive(self) -> bool:
         return self.threshold is not None
 
     def __repr__(self) -> str:
-        extra = f", threshold={self.threshold}" if self.adaptive else ""
+        extra = ", strict_stop=True" if self.strict_stop else ""
+        extra += f", threshold={self.threshold}" if self.adaptive else ""
         extra += ", static=True" if self.static else ""
         return (f"SkipCache(interval={self.interval}, branch={self.branch}, start={self.start}, "
                 f"stop={self.stop}{extra})")
@@ -215,8 +244,10 @@ class SkipCache:
             return FULL if self._cached_in_row >= self.interval - 1 else "check"
         return FULL if self._counter % self.interval == 0 else CACHED
 
-    def _commit(self, kind: str, t: float, depth: int, flops: Sequence[float] | None) -> None:
+    def _commit(self, kind: str, t: float, depth: int, flops: Sequence[float] | None,
+                unit: str = "blocks") -> None:
         r, K = self._report, self.branch
+        r.unit = unit
         r.steps += 1
         r.kinds.append(kind)
         r.blocks_total += depth
@@ -236,7 +267,7 @@ class SkipCache:
                 r.flops_run += sum(flops[:K]) + sum(flops[depth - K:])
             self._cached_in_row += 1
         self._counter += 1
-        if t <= self.stop:  # official: drop the cache after a step at t <= stop
+        if t < self.stop if self.strict_stop else t <= self.stop:  # official: then drop the cache
             self._counter = 0
             self._valid = False
             self._cached_in_row = 0
@@ -328,7 +359,8 @@ class SkipCache:
         if self._forced is not None:
             return
         flops_fn = getattr(model, "block_flops", None)
-        self._commit(kind, self._t, model.depth, flops_fn(h) if flops_fn is not None else None)
+        self._commit(kind, self._t, model.depth, flops_fn(h) if flops_fn is not None else None,
+                     getattr(model, "cache_unit", "blocks"))
 
     def _full(self, model, h, state, K, depth):
         s = model.run_blocks(h, 0, K, state)
@@ -374,5 +406,5 @@ class SkipCache:
         kind = self._plan(t)
         flops_fn = getattr(model, "block_flops", None)
         flops = flops_fn(torch.empty(self._buf.shape, device="meta")) if flops_fn is not None else None
-        self._commit(kind, t, model.depth, flops)
+        self._commit(kind, t, model.depth, flops, getattr(model, "cache_unit", "blocks"))
         return kind

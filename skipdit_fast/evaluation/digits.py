@@ -1,11 +1,13 @@
 """A small digit classifier trained on the shipped models' data (skipdit_fast.data.
 digits) that scores generated samples without a download: its accuracy on them (does
 a sample of class c look like a c?) and its penultimate features for the Frechet
-distance (an FID on digits, metrics.frechet_distance).
+distance (an FID on digits, metrics.frechet_distance). The same network trained on
+the frames of moving digits (fit_frame_classifier) scores the video models' frames.
 
     clf = DigitClassifier.fit(seed=0) # ~98% on its held-out split, a few s on 2 cores
     clf.accuracy(samples, labels)
     frechet_distance(clf.features(samples), clf.features(x))
+    frame_accuracy(DigitClassifier.load(frame_classifier_path()), videos, labels)
 """
 
 from __future__ import annotations
@@ -46,19 +48,25 @@ class DigitClassifier:
     test_accuracy: float  # on the held-out split of the real digits
 
     @classmethod
-    def fit(cls, size: int = 16, seed: int = 0, epochs: int = 20, batch_size: int = 64) -> "DigitClassifier":
+    def fit(cls, size: int = 16, seed: int = 0, epochs: int = 20, batch_size: int = 64,
+            data: tuple | None = None) -> "DigitClassifier":
         """Trains on 80% of the digits (fixed split), reports accuracy on the rest.
         Light augmentation (random shifts by up to one 8x8 pixel, small noise) so that
-        it judges shapes, not exact pixel positions. Deterministic for a seed."""
-        x, y = digits(size)
-        tr, te = split(len(x), seed=0)
+        it judges shapes, not exact pixel positions. Deterministic for a seed.
+        data: (x_train, y_train, x_test, y_test) images [N, 1, size, size] instead of
+        the digits (fit_frame_classifier: frames of moving digits)."""
+        if data is None:
+            x, y = digits(size)
+            tr, te = split(len(x), seed=0)
+            xtr, ytr, xte, yte = x[tr], y[tr], x[te], y[te]
+        else:
+            xtr, ytr, xte, yte = data
         g = torch.Generator().manual_seed(seed)
         with torch.random.fork_rng():
             torch.manual_seed(seed)
             net = _Net(size)
         opt = torch.optim.Adam(net.parameters(), lr=2e-3)
         shift = size // 8
-        xtr, ytr = x[tr], y[tr]
         for _ in range(epochs):
             perm = torch.randperm(len(xtr), generator=g)
             for k in range(0, len(perm), batch_size):
@@ -73,7 +81,7 @@ class DigitClassifier:
                 opt.step()
         net.eval()
         clf = cls(net, size, 0.0)
-        clf.test_accuracy = clf.accuracy(x[te], y[te])
+        clf.test_accuracy = clf.accuracy(xte, yte)
         return clf
 
     def save(self, path) -> None:
@@ -120,3 +128,32 @@ def default_classifier_path():
     from ..pretrained import WEIGHTS_DIR
 
     return WEIGHTS_DIR / "digit-classifier.safetensors"
+
+
+FRAME_CLASSIFIER = "frame-classifier.safetensors"
+
+
+def frame_classifier_path():
+    from ..pretrained import WEIGHTS_DIR
+
+    return WEIGHTS_DIR / FRAME_CLASSIFIER
+
+
+def fit_frame_classifier(config, seed: int = 0, epochs: int = 4) -> DigitClassifier:
+    """The classifier of the video models' frames: the same CNN trained on the frames
+    of moving digits (data.moving_digits at the config's frames and canvas) of the
+    train split of the digits; test_accuracy on the frames of the other clips."""
+    from ..data.moving_digits import clip_split, frames, moving_digits
+
+    x, y = moving_digits(config.num_frames, config.input_size)
+    tr, te = clip_split()
+    per_clip = config.num_frames
+    data = (frames(x[tr]), y[tr].repeat_interleave(per_clip), frames(x[te]), y[te].repeat_interleave(per_clip))
+    return DigitClassifier.fit(config.input_size, seed=seed, epochs=epochs, data=data)
+
+
+def frame_accuracy(clf: DigitClassifier, videos: torch.Tensor, labels) -> float:
+    """Share of the frames of videos [N, F, 1, H, W] (in [-1, 1]) that clf labels as
+    their video's class."""
+    labels = torch.as_tensor(labels).reshape(-1).cpu()
+    return clf.accuracy(videos.reshape(-1, *videos.shape[2:]), labels.repeat_interleave(videos.shape[1]))

@@ -28,7 +28,7 @@ What patch() finds, by structure (never by class name alone):
   `Attention` modules get a processor that calls ops.attention (set_attn_processor on
   models with diffusers' AttentionMixin, set_processor elsewhere), and the blocks of
   HunyuanDiT2DModel merge their long skip with ops.skip_fuse; see diffusers.py.
-- skipdit_fast.models.DiT already runs on the ops: reported, left as it is.
+- skipdit_fast.models.DiT and Latte already run on the ops: reported, left as they are.
 
 Each change keeps the module's parameters, buffers and state-dict keys; unpatch()
 puts the original processors / forwards back. An op runs on the backend patch() was
@@ -37,7 +37,7 @@ SKIPDIT_FAST_BACKEND); an explicit backend that cannot serve the model's device 
 dtype is an error at patch time, and at call time for inputs it cannot serve.
 
 enable_skip_cache() drives a model's block loop with the SkipCache engine (skipdit_fast.cache):
-skipdit_fast.models.DiT with skip=True, diffusers HunyuanDiT2DModel and pipelines
+skipdit_fast.models.DiT and Latte with skip=True, diffusers HunyuanDiT2DModel and pipelines
 holding one as `.transformer` (HunyuanDiTPipeline, classifier-free guidance batched in
 one forward). A sampling run starts when the pipeline sets its timesteps, or, for a
 bare model, when a forward's timestep is above the previous one's.
@@ -121,7 +121,7 @@ def _walk(model, runner, prober, report, attention, skip_fuse, diff) -> None:
         if _RECORD in m.__dict__:  # patched by a patch() call on another module
             report.leave(name, "module", "already patched (by an earlier patch call)")
             continue
-        if isinstance(m, models.DiT) and m.config.skip:
+        if isinstance(m, (models.DiT, models.Latte)) and m.config.skip:
             done.update(id(c) for c in (*m.skip_norms, *m.skip_linears))
         if _ours(name, m, report):
             continue

@@ -385,9 +385,10 @@ def _ours(name, m, report) -> bool:
     if isinstance(m, models.layers.Attention):
         report.leave(name, ATTENTION, "already runs skipdit_fast.ops.attention")
         return True
-    if isinstance(m, models.DiT) and m.config.skip:
+    if isinstance(m, (models.DiT, models.Latte)) and m.config.skip:
         prefix = f"{name}." if name else ""
         for j in range(len(m.skip_linears)):
-            report.leave(f"{prefix}skip_linears.{j}", SKIP_MERGE, "already runs skipdit_fast.ops.skip_fuse (DiT.merge)")
+            report.leave(f"{prefix}skip_linears.{j}", SKIP_MERGE,
+                         f"already runs skipdit_fast.ops.skip_fuse ({type(m).__name__}.merge)")
         return True  # named_modules() still visits its blocks' Attention modules
     return False

@@ -1,5 +1,5 @@
 """enable_skip_cache / disable_skip_cache: drive a model's block loop with the
-SkipCache engine (skipdit_fast.cache): skipdit_fast.models.DiT with long skips, and
+SkipCache engine (skipdit_fast.cache): skipdit_fast.models.DiT / Latte with long skips, and
 through diffusers.py diffusers' HunyuanDiT2DModel and pipelines holding one. A
 sampling run starts when the pipeline sets its timesteps, or, for a bare model, when
 a forward's timestep is above the previous one's."""
@@ -51,7 +51,7 @@ class _ResetOnSetTimesteps:
         return out
 
 
-def _dit_cached_forward(self, x, t, y, cache=None):
+def _dit_cached_forward(self, x, t, y=None, cache=None):
     hook = self.__dict__[_CACHE]
     if cache is None:
         cache = hook.cache
@@ -59,32 +59,38 @@ def _dit_cached_forward(self, x, t, y, cache=None):
     return type(self).forward(self, x, t, y, cache=cache)
 
 
-def enable_skip_cache(target, interval: int = 2, branch: int = 4, *, start: float = 1000, stop: float = 20,
-                      threshold: float | None = None, cache: SkipCache | None = None,
-                      auto_reset: bool = True) -> SkipCache:
+def enable_skip_cache(target, interval: int = 2, branch: int | None = None, *, start: float | None = None,
+                      stop: float | None = None, strict_stop: bool | None = None, threshold: float | None = None,
+                      cache: SkipCache | None = None, auto_reset: bool = True) -> SkipCache:
     """Turns Skip-Cache on for a model with long skips and returns its SkipCache
-    (read .report() after a run). target: skipdit_fast.models.DiT (skip=True), a
-    diffusers HunyuanDiT2DModel, or a pipeline holding one as .transformer
-    (HunyuanDiTPipeline; its classifier-free guidance runs both halves in one
-    forward, so each half keeps its own cached features). interval / branch / start /
-    stop / threshold: SkipCache's arguments (or pass a ready `cache`). auto_reset: a
+    (read .report() after a run). target: skipdit_fast.models.DiT or Latte
+    (skip=True), a diffusers HunyuanDiT2DModel, or a pipeline holding one as
+    .transformer (HunyuanDiTPipeline; its classifier-free guidance runs both halves in
+    one forward, so each half keeps its own cached features). interval / branch /
+    start / stop / strict_stop / threshold: SkipCache's arguments, those left at None
+    the model's official ones (SkipCache.for_model: DiT branch 4, start 1000, stop 20;
+    Latte branch 1 pair, start 900, stop 50 strict), or pass a ready `cache`. auto_reset: a
     forward whose timestep is above the previous one starts a new sampling run (a
     pipeline's set_timesteps always does). Enabling again replaces the cache."""
     pipe = None if isinstance(target, nn.Module) else target
     model = _unwrap(target)
     if cache is None:
-        cache = SkipCache(interval, branch, start, stop, threshold=threshold)
+        given = dict(branch=branch, start=start, stop=stop, strict_stop=strict_stop)
+        cache = SkipCache.for_model(model, interval=interval, threshold=threshold,
+                                    **{k: v for k, v in given.items() if v is not None})
     if _CACHE in model.__dict__:
         disable_skip_cache(target)
     from .. import models
 
-    if isinstance(model, models.DiT):
+    if isinstance(model, (models.DiT, models.Latte)):
+        kind = type(model).__name__
         if not model.config.skip:
-            raise ValueError("Skip-Cache needs long skips: this DiT has none (a '-skip' model has)")
+            raise ValueError(f"Skip-Cache needs long skips: this {kind} has none (a '-skip' model has)")
         if cache.branch > model.depth // 2:
             raise ValueError(f"SkipCache branch {cache.branch} too large for this model "
-                             f"(depth {model.depth}: at most {model.depth // 2})")
-        hook = _CacheHook(cache, auto_reset, "DiT")
+                             f"(depth {model.depth} {getattr(model, 'cache_unit', 'blocks')}: at most "
+                             f"{model.depth // 2})")
+        hook = _CacheHook(cache, auto_reset, kind)
         model.__dict__[_CACHE] = hook
         model.__dict__["forward"] = functools.partial(_dit_cached_forward, model)
     elif uses_diffusers(model):
@@ -95,7 +101,7 @@ def enable_skip_cache(target, interval: int = 2, branch: int = 4, *, start: floa
     else:
         raise ValueError(
             f"enable_skip_cache: {type(model).__name__} is not a model whose block loop skipdit_fast can "
-            "drive (skipdit_fast.models.DiT with skip=True, diffusers HunyuanDiT2DModel or a pipeline "
+            "drive (skipdit_fast.models.DiT / Latte with skip=True, diffusers HunyuanDiT2DModel or a pipeline "
             "holding one as .transformer)")
     sched = getattr(pipe, "scheduler", None) if pipe is not None else None
     if sched is not None and callable(getattr(sched, "set_timesteps", None)) and "set_timesteps" not in vars(sched):

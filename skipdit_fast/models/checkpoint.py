@@ -38,6 +38,22 @@ def save_safetensors(model_or_state_dict, path) -> None:
     save_file({k: v.detach().contiguous().cpu() for k, v in sd.items()}, os.fspath(path))
 
 
+class StrictLoading:
+    """Strict loading of official-key weights, for the models (DiT, Latte)."""
+
+    def load_state_dict_strict(self, state_dict) -> None:
+        """Loads official-key weights; any missing, unexpected or mis-shaped key is a
+        CheckpointError that names it. Values are cast to the model's dtype."""
+        check_state_dict(self, state_dict)
+        self.load_state_dict(state_dict, strict=True)
+
+    def load_checkpoint(self, path):
+        """Loads a .pt / .pth (weights only; a training checkpoint's 'ema' entry) or
+        .safetensors file strictly; returns the model."""
+        self.load_state_dict_strict(load_checkpoint(path))
+        return self
+
+
 def check_state_dict(model: nn.Module, state_dict) -> None:
     expected = model.state_dict()
     missing = [k for k in expected if k not in state_dict]
@@ -58,8 +74,22 @@ def check_state_dict(model: nn.Module, state_dict) -> None:
         msg += listing("unexpected keys", unexpected)
     if shapes:
         msg += listing("mis-shaped keys", shapes)
+    kind = type(model).__name__
+    with_skips = getattr(model, "SKIP_NAME", f"{kind} with long skips")
     if any(k.startswith("skip_") for k in missing):
-        msg += "\n  (the checkpoint has no long-skip weights: a vanilla DiT; use a name without '-skip')"
+        msg += f"\n  (the checkpoint has no long-skip weights: a vanilla {kind}; use a name without '-skip')"
     elif any(k.startswith("skip_") for k in unexpected):
-        msg += "\n  (the checkpoint has long-skip weights: a Skip-DiT; use a '-skip' model name)"
+        msg += f"\n  (the checkpoint has long-skip weights: a {with_skips}; use a '-skip' model name)"
+    label = "y_embedder.embedding_table.weight"
+    if label in missing:
+        msg += "\n  (the checkpoint has no label embedding: an unconditional model (Latte: extras=1))"
+    elif label in unexpected:
+        rows = state_dict[label].shape[0]
+        msg += (f"\n  (the checkpoint is class-conditional with {rows - 1} classes + the null label "
+                f"(Latte: extras=2, num_classes={rows - 1}))")
+    elif label in state_dict and label in expected and state_dict[label].shape != expected[label].shape:
+        msg += f"\n  (the checkpoint's label table has {state_dict[label].shape[0]} rows: num_classes + 1 null label)"
+    if "temp_embed" in state_dict and "temp_embed" in expected and \
+            state_dict["temp_embed"].shape != expected["temp_embed"].shape:
+        msg += f"\n  (temp_embed has one row per frame: the checkpoint is for num_frames={state_dict['temp_embed'].shape[1]})"
     raise CheckpointError(msg)

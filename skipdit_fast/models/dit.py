@@ -13,27 +13,37 @@ skip_norms[i - depth/2] (evaluated in fp32, like the official FP32_Layernorm) an
 skip_linears[i - depth/2].linear. Parameter names are the official state-dict keys.
 
 The model exposes the block structure SkipCache needs (skipdit_fast.cache.SkipModel): `depth`,
-`run_blocks(h, start, stop, state)` and `block_flops(h)`.
+`run_blocks(h, start, stop, state)` and `block_flops(h)`; forward, forward_with_cfg (guidance
+on the first 3 channels, the official choice) and the initialization are base.DiTFamily's.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass, replace
 
-import torch
-import torch.nn as nn
-
-from .checkpoint import check_state_dict, load_checkpoint
-from .layers import (BlockState, DiTBlock, FinalLayer, LabelEmbedder, PatchEmbed, TimestepEmbedder,
-                     long_skip_merges, merge, sincos_pos_embed)
+from .base import DiTFamily
+from .layers import BlockState, merge, unpatchify
 
 # name -> (depth, hidden_size, num_heads); patch size from the name's "/p"
 SIZES = {"S": (12, 384, 6), "B": (12, 768, 12), "L": (24, 1024, 16), "XL": (28, 1152, 16)}
 PATCHES = (2, 4, 8)
 
 
+class LatentGrid:
+    """What the configs derive from their fields: output channels (2x with
+    learn_sigma) and tokens per image / frame."""
+
+    @property
+    def out_channels(self) -> int:
+        return self.in_channels * 2 if self.learn_sigma else self.in_channels
+
+    @property
+    def num_patches(self) -> int:
+        return (self.input_size // self.patch_size) ** 2
+
+
 @dataclass(frozen=True)
-class DiTConfig:
+class DiTConfig(LatentGrid):
     depth: int = 28
     hidden_size: int = 1152
     num_heads: int = 16
@@ -46,62 +56,57 @@ class DiTConfig:
     skip: bool = False            # Skip-DiT long-skip connections
 
     @property
-    def out_channels(self) -> int:
-        return self.in_channels * 2 if self.learn_sigma else self.in_channels
+    def class_conditional(self) -> bool:
+        return True
 
     @property
-    def num_patches(self) -> int:
-        return (self.input_size // self.patch_size) ** 2
+    def latent_shape(self) -> tuple[int, ...]:
+        """One sample's latents: (C, H, W)."""
+        return (self.in_channels, self.input_size, self.input_size)
 
     @classmethod
     def from_name(cls, name: str, image_size: int = 256, **overrides) -> "DiTConfig":
         """'DiT-XL/2', 'DiT-S/8-skip', ... (and the official alias 'DiT-skip' for
         'DiT-XL/2-skip'); image_size in pixels (the latent is image_size // 8)."""
-        base = "DiT-XL/2-skip" if name == "DiT-skip" else name
-        skip = base.endswith("-skip")
-        core = base[: -len("-skip")] if skip else base
-        try:
-            prefix, size_patch = core.split("-", 1)
-            size, patch = size_patch.split("/")
-            depth, hidden, heads = SIZES[size]
-            patch = int(patch)
-            assert prefix == "DiT" and patch in PATCHES
-        except (ValueError, KeyError, AssertionError):
-            raise ValueError(f"unknown model {name!r}; known: {', '.join(model_names())}") from None
-        if image_size % 8 or (image_size // 8) % patch:
-            raise ValueError(f"image_size {image_size} must be a multiple of 8 * patch size ({8 * patch})")
-        cfg = cls(depth=depth, hidden_size=hidden, num_heads=heads, patch_size=patch,
-                  input_size=image_size // 8, skip=skip)
-        return replace(cfg, **overrides)
+        return replace(cls(**sized_name(name, "DiT", image_size, dit_names)), **overrides)
 
 
-def model_names() -> list[str]:
+def sized_name(name: str, family: str, image_size: int, names) -> dict:
+    """The config fields a '<family>-<size>/<patch>[-skip]' name fixes (depth, width,
+    heads, patch, latent size, skip); '<family>-skip' is the official alias of
+    '<family>-XL/2-skip'. names() lists the family's names for the error."""
+    base = f"{family}-XL/2-skip" if name == f"{family}-skip" else name
+    skip = base.endswith("-skip")
+    core = base[: -len("-skip")] if skip else base
+    try:
+        prefix, size_patch = core.split("-", 1)
+        size, patch = size_patch.split("/")
+        depth, hidden, heads = SIZES[size]
+        patch = int(patch)
+        assert prefix == family and patch in PATCHES
+    except (ValueError, KeyError, AssertionError):
+        raise ValueError(f"unknown model {name!r}; known: {', '.join(names())}") from None
+    if image_size % 8 or (image_size // 8) % patch:
+        raise ValueError(f"image_size {image_size} must be a multiple of 8 * patch size ({8 * patch})")
+    return dict(depth=depth, hidden_size=hidden, num_heads=heads, patch_size=patch, input_size=image_size // 8,
+                skip=skip)
+
+
+def dit_names() -> list[str]:
     return [f"DiT-{s}/{p}{k}" for s in SIZES for p in PATCHES for k in ("", "-skip")]
 
 
-class DiT(nn.Module):
+class DiT(DiTFamily):
     """DiT (config.skip=False) or Skip-DiT (config.skip=True)."""
+
+    SKIP_NAME = "Skip-DiT"
+    CONFIG = DiTConfig
 
     def __init__(self, config: DiTConfig):
         super().__init__()
         if config.skip and config.depth % 2:
             raise ValueError(f"Skip-DiT needs an even depth, got {config.depth}")
-        if config.hidden_size % config.num_heads:
-            raise ValueError("hidden_size must be a multiple of num_heads")
-        self.config = config
-        D = config.hidden_size
-        self.x_embedder = PatchEmbed(config.input_size, config.in_channels, D, config.patch_size)
-        self.t_embedder = TimestepEmbedder(D)
-        self.y_embedder = LabelEmbedder(config.num_classes, D)
-        self.register_buffer("pos_embed", sincos_pos_embed(D, config.input_size // config.patch_size)[None])
-        self.blocks = nn.ModuleList(DiTBlock(D, config.num_heads, config.mlp_ratio) for _ in range(config.depth))
-        self.final_layer = FinalLayer(D, config.patch_size, config.out_channels)
-        if config.skip:
-            self.skip_norms, self.skip_linears = long_skip_merges(D, config.depth // 2)
-
-    @classmethod
-    def from_name(cls, name: str, image_size: int = 256, **overrides) -> "DiT":
-        return cls(DiTConfig.from_name(name, image_size, **overrides))
+        self._add_parts(config, config.depth // 2)
 
     @property
     def depth(self) -> int:
@@ -122,7 +127,7 @@ class DiT(nn.Module):
         for i in range(start, stop):
             if self.config.skip and i >= half:
                 h = self.merge(i - half, h, state.skips.pop())
-            h = self.blocks[i](h, state.c)
+            h = state.block(i, self.blocks[i], h)
             if self.config.skip and i < half:
                 state.skips.append(h)
         return h
@@ -132,12 +137,7 @@ class DiT(nn.Module):
 
     def head(self, h, state: BlockState):
         """Final layer and unpatchify: [B, out_channels, H, W]."""
-        h = self.final_layer(h, state.c)
-        B, T, _ = h.shape
-        p, C = self.config.patch_size, self.config.out_channels
-        g = self.config.input_size // p
-        h = h.view(B, g, g, p, p, C).permute(0, 5, 1, 3, 2, 4)
-        return h.reshape(B, C, g * p, g * p)
+        return unpatchify(self.final_layer(h, state.c), self.config.patch_size, self.config.out_channels)
 
     def block_flops(self, h) -> list[float]:
         """Estimated multiply-add FLOPs (x2) of each block, its merge included, for
@@ -148,62 +148,3 @@ class DiT(nn.Module):
         merge = 2 * B * T * 2 * D * D
         half = self.config.depth // 2
         return [float(block + (merge if self.config.skip and i >= half else 0)) for i in range(self.depth)]
-
-    # ---- forward ------------------------------------------------------------------
-    def forward(self, x, t, y, cache=None):
-        """x [B, C, H, W] latents, t [B] timesteps, y [B] labels (num_classes = null
-        label). cache: a SkipCache for this sampling run, or None."""
-        h, state = self.embed(x, t, y)
-        if cache is None:
-            h = self.run_blocks(h, 0, self.depth, state)
-        else:
-            if not self.config.skip:
-                raise ValueError("SkipCache needs a model with long skips (a '-skip' model); this is a vanilla DiT")
-            h = cache.run(self, h, state, t)
-        return self.head(h, state)
-
-    def forward_with_cfg(self, x, t, y, cfg_scale: float, cache=None):
-        """Classifier-free guidance, official convention: x holds [cond; uncond]
-        halves (the second half of x is replaced by the first), y their labels; one
-        forward for both halves; guidance on the first 3 channels only (the official
-        code's choice for 4-channel latents), never past the noise channels: a model
-        with fewer input channels guides those, not its variance outputs."""
-        half = x[: len(x) // 2]
-        out = self.forward(torch.cat([half, half], dim=0), t, y, cache=cache)
-        g = min(3, self.config.in_channels)
-        eps, rest = out[:, :g], out[:, g:]
-        cond, uncond = torch.split(eps, len(eps) // 2, dim=0)
-        guided = uncond + cfg_scale * (cond - uncond)
-        return torch.cat([torch.cat([guided, guided], dim=0), rest], dim=1)
-
-    # ---- weights --------------------------------------------------------------------
-    def initialize_weights(self):
-        """DiT's training initialization (adaLN-Zero: every block starts as the
-        identity, the output is zero). The constructor's default initialization is
-        PyTorch's, so that a model with random weights computes something."""
-        for m in self.modules():
-            if isinstance(m, nn.Linear):
-                nn.init.xavier_uniform_(m.weight)
-                nn.init.zeros_(m.bias)
-        w = self.x_embedder.proj.weight
-        nn.init.xavier_uniform_(w.view(w.shape[0], -1))
-        nn.init.zeros_(self.x_embedder.proj.bias)
-        nn.init.normal_(self.y_embedder.embedding_table.weight, std=0.02)
-        nn.init.normal_(self.t_embedder.mlp[0].weight, std=0.02)
-        nn.init.normal_(self.t_embedder.mlp[2].weight, std=0.02)
-        for m in [*self.blocks, self.final_layer]:
-            nn.init.zeros_(m.adaLN_modulation[-1].weight)
-            nn.init.zeros_(m.adaLN_modulation[-1].bias)
-        nn.init.zeros_(self.final_layer.linear.weight)
-        nn.init.zeros_(self.final_layer.linear.bias)
-        return self
-
-    def load_state_dict_strict(self, state_dict) -> None:
-        """Loads official-key weights; any missing, unexpected or mis-shaped key is a
-        CheckpointError that names it. Values are cast to the model's dtype."""
-        check_state_dict(self, state_dict)
-        self.load_state_dict(state_dict, strict=True)
-
-    def load_checkpoint(self, path) -> "DiT":
-        self.load_state_dict_strict(load_checkpoint(path))
-        return self

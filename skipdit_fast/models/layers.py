@@ -62,15 +62,21 @@ class PatchEmbed(nn.Module):
 
 
 class Attention(nn.Module):
+    """Fused-qkv self-attention on ops.attention. x [B, N, D]; with seq_len = L, the
+    N tokens of each sample are N / L independent sequences of L consecutive tokens
+    (Latte: the tokens of one frame, or the frames of one token): q, k and v are BSHD
+    views [B * N / L, L, H, Dh] of the one qkv projection output, never copies."""
+
     def __init__(self, hidden: int, heads: int):
         super().__init__()
         self.heads = heads
         self.qkv = nn.Linear(hidden, 3 * hidden)
         self.proj = nn.Linear(hidden, hidden)
 
-    def forward(self, x):
+    def forward(self, x, seq_len: int | None = None):
         B, N, D = x.shape
-        q, k, v = self.qkv(x).view(B, N, 3, self.heads, D // self.heads).unbind(2)  # BSHD views
+        L = N if seq_len is None else seq_len
+        q, k, v = self.qkv(x).view(B * N // L, L, 3, self.heads, D // self.heads).unbind(2)  # BSHD views
         return self.proj(ops.attention(q, k, v).reshape(B, N, D))
 
 
@@ -85,7 +91,9 @@ class Mlp(nn.Module):
 
 
 class DiTBlock(nn.Module):
-    """adaLN-Zero block: x += gate * attn(modulate(ln(x))); x += gate * mlp(modulate(ln(x)))."""
+    """adaLN-Zero block: x += gate * attn(modulate(ln(x))); x += gate * mlp(modulate(ln(x))).
+    x [B, N, D], c [B, D]: one conditioning vector per sample for all its N tokens;
+    seq_len: see Attention (Latte's spatial and temporal blocks)."""
 
     def __init__(self, hidden: int, heads: int, mlp_ratio: float = 4.0):
         super().__init__()
@@ -94,9 +102,13 @@ class DiTBlock(nn.Module):
         self.mlp = Mlp(D, int(D * mlp_ratio))
         self.adaLN_modulation = nn.Sequential(nn.SiLU(), nn.Linear(D, 6 * D))
 
-    def forward(self, x, c):
-        shift1, scale1, gate1, shift2, scale2, gate2 = self.adaLN_modulation(c).unsqueeze(1).chunk(6, dim=-1)
-        x = x + gate1 * self.attn(modulate(layer_norm(x), shift1, scale1))
+    def modulation(self, c):
+        """(shift1, scale1, gate1, shift2, scale2, gate2), each [B, 1, D]."""
+        return self.adaLN_modulation(c).unsqueeze(1).chunk(6, dim=-1)
+
+    def forward(self, x, c, seq_len: int | None = None):
+        shift1, scale1, gate1, shift2, scale2, gate2 = self.modulation(c)
+        x = x + gate1 * self.attn(modulate(layer_norm(x), shift1, scale1), seq_len)
         return x + gate2 * self.mlp(modulate(layer_norm(x), shift2, scale2))
 
 
@@ -132,13 +144,70 @@ def merge(norm: nn.LayerNorm, lin: nn.Linear, x, skip):
 
 
 class BlockState:
-    """Per-forward state the blocks share: conditioning c and the long-skip stack."""
+    """Per-forward state the blocks share: conditioning c, the long-skip stack, and
+    `run_block`: None (each block runs its forward), or a function
+    run_block(i, block, h, c, seq_len) -> h that a cache puts there to run the blocks
+    its own way (FORA-style reuse of each block's attention and MLP outputs,
+    skipdit_fast.cache.baselines); the models call every block through block()."""
 
-    __slots__ = ("c", "skips")
+    __slots__ = ("c", "skips", "run_block")
 
     def __init__(self, c):
         self.c = c
         self.skips: list[torch.Tensor] = []
+        self.run_block = None
+
+    def block(self, i: int, block: DiTBlock, h, seq_len: int | None = None):
+        if self.run_block is None:
+            return block(h, self.c, seq_len)
+        return self.run_block(i, block, h, self.c, seq_len)
+
+
+def unpatchify(h, patch: int, channels: int):
+    """Tokens [..., T, patch * patch * channels] of a square grid (row-major) back to
+    [..., channels, H, W] (the official einsum 'nhwpqc->nchpwq')."""
+    *lead, T, _ = h.shape
+    g = math.isqrt(T)
+    if g * g != T:
+        raise ValueError(f"{T} tokens are not a square grid")
+    h = h.reshape(-1, g, g, patch, patch, channels).permute(0, 5, 1, 3, 2, 4)
+    return h.reshape(*lead, channels, g * patch, g * patch)
+
+
+def guide(out, cfg_scale: float, channels: int, dim: int):
+    """Classifier-free guidance the official way on a model output whose batch holds
+    [cond; uncond] halves: the first `channels` channels along `dim` (the noise
+    prediction) become uncond + cfg_scale * (cond - uncond) in both halves; the others
+    (the variance outputs) are kept."""
+    eps, rest = out.split([channels, out.shape[dim] - channels], dim=dim)
+    cond, uncond = torch.split(eps, len(eps) // 2, dim=0)
+    guided = uncond + cfg_scale * (cond - uncond)
+    return torch.cat([torch.cat([guided, guided], dim=0), rest], dim=dim)
+
+
+def dit_initialization(model: nn.Module) -> nn.Module:
+    """DiT's (and Latte's) training initialization of a model with DiT's attribute
+    names (x_embedder, t_embedder, optional y_embedder, blocks, final_layer):
+    xavier-uniform linears with zero biases, the patch embedding like a linear,
+    N(0, 0.02) label and timestep embeddings, and adaLN-Zero: every block starts as
+    the identity, the output is zero."""
+    for m in model.modules():
+        if isinstance(m, nn.Linear):
+            nn.init.xavier_uniform_(m.weight)
+            nn.init.zeros_(m.bias)
+    w = model.x_embedder.proj.weight
+    nn.init.xavier_uniform_(w.view(w.shape[0], -1))
+    nn.init.zeros_(model.x_embedder.proj.bias)
+    if getattr(model, "y_embedder", None) is not None:
+        nn.init.normal_(model.y_embedder.embedding_table.weight, std=0.02)
+    nn.init.normal_(model.t_embedder.mlp[0].weight, std=0.02)
+    nn.init.normal_(model.t_embedder.mlp[2].weight, std=0.02)
+    for m in [*model.blocks, model.final_layer]:
+        nn.init.zeros_(m.adaLN_modulation[-1].weight)
+        nn.init.zeros_(m.adaLN_modulation[-1].bias)
+    nn.init.zeros_(model.final_layer.linear.weight)
+    nn.init.zeros_(model.final_layer.linear.bias)
+    return model
 
 
 def sincos_1d(dim: int, pos: np.ndarray) -> np.ndarray:

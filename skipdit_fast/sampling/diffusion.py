@@ -5,8 +5,9 @@ official convention (model.forward_with_cfg), and a Skip-Cache per run.
 
     result = sample(model, labels=[207, 360], steps=250, cfg_scale=4.0,
                     cache=SkipCache(interval=2, branch=4), seed=0)
-    result.latents      # [2, 4, 32, 32]
+    result.latents      # [2, 4, 32, 32]; a Latte: [2, 16, 4, 32, 32] (B, F, C, H, W)
     result.report       # what the cache did in this run
+    sample(latte_sky, num_samples=2, steps=250, cache=dict(interval=3))   # unconditional video
 
 Coefficients are computed in float64 (numpy) and applied to float32 latents; the
 model runs in its own dtype. Everything random comes from one seeded generator, so a
@@ -17,12 +18,14 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass
-from typing import Callable, Sequence
+from typing import Any, Callable, Protocol, Sequence
 
 import numpy as np
 import torch
 
 from ..cache import SkipCache, SkipCacheReport
+
+CHANNELS = -3  # the channel dim of latents [..., C, H, W]: images [B, C, H, W], videos [B, F, C, H, W]
 
 
 def linear_betas(num_timesteps: int = 1000) -> np.ndarray:
@@ -89,17 +92,19 @@ class Diffusion:
 
     def p_mean_variance(self, out: torch.Tensor, x: torch.Tensor, i):
         """(mean, log_variance, pred_x0, eps) of p(x_{i-1} | x_i) from the model output
-        (DiT: eps, then the variance interpolation values in [-1, 1] if learn_sigma).
-        i: the step (int), or one step per sample (LongTensor [B])."""
-        C = x.shape[1]
+        (DiT / Latte: eps, then the variance interpolation values in [-1, 1] if
+        learn_sigma). Latents are [..., C, H, W] with the channels at dim -3: images
+        [B, C, H, W], videos [B, F, C, H, W]. i: the step (int), or one step per
+        sample (LongTensor [B])."""
+        C = x.shape[CHANNELS]
         if self.learn_sigma:
-            if out.shape[1] != 2 * C:
-                raise ValueError(f"learn_sigma model output must have {2 * C} channels, got {out.shape[1]}")
-            eps, v = out[:, :C], out[:, C:]
+            if out.shape[CHANNELS] != 2 * C:
+                raise ValueError(f"learn_sigma model output must have {2 * C} channels, got {out.shape[CHANNELS]}")
+            eps, v = out.split(C, dim=CHANNELS)
             frac = (v + 1) / 2
             log_var = frac * self.coef("log_betas", i, x) + (1 - frac) * self.coef("post_log_var_clipped", i, x)
         else:
-            eps = out[:, :C]
+            eps = out.narrow(CHANNELS, 0, C)
             fixed = self.coef("fixed_log_var", i, x)
             log_var = torch.full_like(x, fixed) if isinstance(fixed, float) else fixed.expand_as(x).clone()
         x0 = self.coef("sqrt_recip_ac", i, x) * x - self.coef("sqrt_recipm1_ac", i, x) * eps
@@ -136,36 +141,68 @@ class Diffusion:
 
 @dataclass
 class SampleResult:
-    latents: torch.Tensor                # [n, C, L, L], float32
+    latents: torch.Tensor                # [n, *latent_shape], float32: [n, C, L, L] or [n, F, C, L, L]
     seconds: float
     report: SkipCacheReport | None       # the cache's report for this run, if any
 
 
-@torch.no_grad()
-def sample(model, labels: Sequence[int] | torch.Tensor, *, steps: int = 250, sampler: str = "ddpm",
-           cfg_scale: float = 1.0, cache: SkipCache | dict | None = None, seed: int = 0,
-           eta: float = 0.0, noise: torch.Tensor | None = None,
-           progress: Callable[[int, int], None] | None = None) -> SampleResult:
-    """Samples latents for `labels` with a DiT / Skip-DiT (models.DiT).
+class Sampleable(Protocol):
+    """What sample() needs from a model (models.DiT, models.Latte, cache.baselines.
+    CachedModel, or an adapter): parameters (their device and dtype are the run's),
+    `config` with `latent_shape` (one sample's latents, channels at dim -3: (C, H, W)
+    or (F, C, H, W)), `learn_sigma`, `class_conditional` and `num_classes` (the null
+    label for CFG), `forward(x, t, y, cache=None)` (y None for an unconditional
+    model) and, for cfg_scale > 1, `forward_with_cfg(x, t, y, cfg_scale, cache=None)`."""
 
-    sampler: 'ddpm' (DiT's default) or 'ddim' (eta, default 0). cfg_scale > 1 uses
-    classifier-free guidance the official way: the latents are doubled, the second
-    half labelled with the null class, one forward_with_cfg per step. cache: a
-    SkipCache (reset here: its state is this run's) or a dict of SkipCache arguments
-    (a new one is made). noise: the initial latents [n, C, L, L] (else drawn from the
-    seeded generator). progress(done, total) is called after each step.
+    config: Any
+
+    def forward(self, x: torch.Tensor, t: torch.Tensor, y: torch.Tensor | None, cache=None) -> torch.Tensor: ...
+
+
+@torch.no_grad()
+def sample(model: Sampleable, labels: Sequence[int] | torch.Tensor | None = None, *, num_samples: int | None = None,
+           steps: int = 250, sampler: str = "ddpm", cfg_scale: float = 1.0, cache: SkipCache | dict | None = None,
+           seed: int = 0, eta: float = 0.0, noise: torch.Tensor | None = None,
+           progress: Callable[[int, int], None] | None = None) -> SampleResult:
+    """Samples latents with a DiT / Skip-DiT (images [n, C, L, L]) or a Latte /
+    Latte-skip (videos [n, F, C, L, L]); see Sampleable for other models.
+
+    labels: one class per sample for a class-conditional model; an unconditional
+    model (Latte extras=1) takes num_samples instead. sampler: 'ddpm' (DiT's default)
+    or 'ddim' (eta, default 0). cfg_scale > 1 uses classifier-free guidance the
+    official way: the latents are doubled, the second half labelled with the null
+    class, one forward_with_cfg per step. cache: a SkipCache (reset here: its state is
+    this run's; a ForaCache works the same way with CachedModel) or a dict of
+    SkipCache arguments (a new one is made with SkipCache.for_model: the model's
+    official thresholds, overridden by the dict). noise: the initial latents
+    [n, *latent_shape] (else drawn from the seeded generator). progress(done, total)
+    is called after each step.
     """
     if sampler not in ("ddpm", "ddim"):
         raise ValueError(f"sampler must be 'ddpm' or 'ddim', got {sampler!r}")
     cfg = model.config
     param = next(model.parameters())
     device, dtype = param.device, param.dtype
-    y = torch.as_tensor(labels, dtype=torch.long, device=device).reshape(-1)
-    if ((y < 0) | (y > cfg.num_classes)).any():
-        raise ValueError(f"labels must be in 0..{cfg.num_classes} ({cfg.num_classes} = null label)")
-    n = y.numel()
+    conditional = getattr(cfg, "class_conditional", True)
+    if conditional:
+        if labels is None:
+            raise ValueError("this model is class-conditional: pass labels (one class per sample)")
+        y = torch.as_tensor(labels, dtype=torch.long, device=device).reshape(-1)
+        if ((y < 0) | (y > cfg.num_classes)).any():
+            raise ValueError(f"labels must be in 0..{cfg.num_classes} ({cfg.num_classes} = null label)")
+        if num_samples is not None and num_samples != y.numel():
+            raise ValueError(f"num_samples {num_samples} != {y.numel()} labels")
+        n = y.numel()
+    else:
+        if labels is not None:
+            raise ValueError("this model is unconditional: pass num_samples, not labels")
+        if cfg_scale > 1.0:
+            raise ValueError("classifier-free guidance needs a class-conditional model")
+        if num_samples is None or int(num_samples) < 1:
+            raise ValueError(f"an unconditional model needs num_samples >= 1, got {num_samples}")
+        y, n = None, int(num_samples)
     gen = torch.Generator(device=device).manual_seed(seed)
-    shape = (n, cfg.in_channels, cfg.input_size, cfg.input_size)
+    shape = (n, *cfg.latent_shape)
     if noise is None:
         x = torch.randn(shape, generator=gen, device=device, dtype=torch.float32)
     else:
@@ -177,7 +214,7 @@ def sample(model, labels: Sequence[int] | torch.Tensor, *, steps: int = 250, sam
         x = torch.cat([x, x])
         y = torch.cat([y, torch.full_like(y, cfg.num_classes)])
     if isinstance(cache, dict):
-        cache = SkipCache(**cache)
+        cache = SkipCache.for_model(model, **cache)
     elif cache is not None:
         cache.reset()
     diffusion = Diffusion(steps, learn_sigma=cfg.learn_sigma)

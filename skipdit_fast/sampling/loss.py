@@ -13,12 +13,13 @@ import math
 
 import torch
 
-from .diffusion import Diffusion
+from .diffusion import CHANNELS, Diffusion
 
 
 class DiffusionLoss:
     """Per-sample DiT loss terms; coefficients in float64, gathered per sample and
-    applied in float32."""
+    applied in float32. Latents [..., C, H, W] (images or videos, channels at dim -3);
+    y None for an unconditional model."""
 
     def __init__(self, num_timesteps: int = 1000, learn_sigma: bool = True):
         self.diffusion = Diffusion(num_timesteps, num_timesteps, learn_sigma=learn_sigma)
@@ -32,15 +33,16 @@ class DiffusionLoss:
         """Per-sample terms [B]: 'loss', 'mse' and (learn_sigma) 'vb' in bits/dim."""
         xt = self.diffusion.q_sample(x0, t, noise)
         out = model(xt, t, y)
-        C = x0.shape[1]
-        eps = out[:, :C]
+        C = x0.shape[CHANNELS]
+        eps = out.narrow(CHANNELS, 0, C)
         dims = tuple(range(1, x0.dim()))
         mse = (eps.float() - noise).square().mean(dims)
         terms = {"mse": mse}
         if self.learn_sigma:
-            v = out[:, C:2 * C].float()
+            v = out.narrow(CHANNELS, C, C).float()
             # the model's p(x_{t-1} | x_t) from the frozen eps: the VB term trains the variance only
-            mean, log_var, _, _ = self.diffusion.p_mean_variance(torch.cat([eps.detach().float(), v], 1), xt, t)
+            frozen = torch.cat([eps.detach().float(), v], CHANNELS)
+            mean, log_var, _, _ = self.diffusion.p_mean_variance(frozen, xt, t)
             true_mean, true_log_var = self.diffusion.q_posterior(x0, xt, t)
             kl = normal_kl(true_mean, true_log_var, mean, log_var).mean(dims) / math.log(2.0)
             nll = -discretized_gaussian_log_likelihood(x0, mean, 0.5 * log_var).mean(dims) / math.log(2.0)
