@@ -10,13 +10,22 @@ import sys
 import time
 import zlib
 
-import torch
+from typing import TYPE_CHECKING
 
-DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+if TYPE_CHECKING:
+    import torch
+
+# torch is imported in the functions that use it: the subcommands' add_arguments (and
+# so `skipdit-fast CMD --help`) must not pay for it.
+
+# --dtype names -> torch dtype attribute
+DTYPES = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16"}
 
 
 def device_from_arg(name: str) -> torch.device:
     """--device: cpu, cuda, cuda:N, or auto (the GPU when there is one)."""
+    import torch
+
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     return torch.device(name)
@@ -24,8 +33,10 @@ def device_from_arg(name: str) -> torch.device:
 
 def default_dtype(device: torch.device, name: str | None) -> torch.dtype:
     """--dtype, or bf16 on CUDA and fp32 on the CPU."""
+    import torch
+
     if name:
-        return DTYPES[name]
+        return getattr(torch, DTYPES[name])
     return torch.bfloat16 if device.type == "cuda" else torch.float32
 
 
@@ -71,6 +82,8 @@ class Progress:
 
 def write_png(path: str, rgb: torch.Tensor) -> None:
     """Writes an 8-bit RGB PNG from a uint8 tensor [H, W, 3] (no imaging library needed)."""
+    import torch
+
     if rgb.dtype != torch.uint8 or rgb.dim() != 3 or rgb.shape[2] != 3:
         raise ValueError("write_png wants a uint8 tensor [H, W, 3]")
     h, w, _ = rgb.shape
@@ -87,6 +100,8 @@ def write_png(path: str, rgb: torch.Tensor) -> None:
 
 def make_grid(images: torch.Tensor, pad: int = 2) -> torch.Tensor:
     """images [N, 3, H, W] in [0, 1] -> uint8 [H', W', 3], ceil(sqrt(N)) per row."""
+    import torch
+
     n, _, h, w = images.shape
     cols = math.ceil(math.sqrt(n))
     rows = math.ceil(n / cols)

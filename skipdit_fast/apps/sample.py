@@ -15,7 +15,10 @@ from __future__ import annotations
 import argparse
 import sys
 
-import torch
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    import torch
 
 from .common import DTYPES, Progress, default_dtype, device_from_arg, make_grid, write_png
 
@@ -64,6 +67,8 @@ def decode_with_vae(latents: torch.Tensor, vae_path: str, device: torch.device) 
     cls, why = _autoencoder_class()
     if cls is None:
         raise ImportError(f"--vae needs the diffusers package ({why})")
+    import torch
+
     vae = cls.from_pretrained(vae_path).to(device)
     with torch.no_grad():
         imgs = vae.decode(latents.to(device) / 0.18215).sample
@@ -71,6 +76,8 @@ def decode_with_vae(latents: torch.Tensor, vae_path: str, device: torch.device) 
 
 
 def main(args: argparse.Namespace) -> int:
+    import torch
+
     from ..cache import SkipCache
     from ..models import CheckpointError, DiT
     from ..sampling import sample
