@@ -105,6 +105,13 @@ def backward_chunks(dh: int) -> tuple[int, int, int]:
 # tile helpers
 
 @triton.jit
+def _strides(sb, sn, sh, SU: tl.constexpr):
+    """A [B, N, H, Dh] view's batch / token / head strides as int64 element counts (the
+    launcher passes them divided by SU, the row alignment the compiler may assume)."""
+    return sb.to(tl.int64) * SU, sn.to(tl.int64) * SU, sh.to(tl.int64) * SU
+
+
+@triton.jit
 def _ld(base, rows, stride, rmask, DOFF: tl.constexpr, DC: tl.constexpr, HEAD_DIM: tl.constexpr,
         MASK_ROWS: tl.constexpr):
     """[len(rows), DC] tile of columns DOFF.. of a row-major matrix at base (row
@@ -212,15 +219,9 @@ def _attn_fwd(Q, K, V, O, LSE, qk_scale, Nq, Nk, H,
               VD0: tl.constexpr, VD1: tl.constexpr, VD2: tl.constexpr,
               BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, SU: tl.constexpr,
               SCALE_NEG: tl.constexpr, DOT_PREC: tl.constexpr):
-    sqb = stride_qb.to(tl.int64) * SU
-    sqn = stride_qn.to(tl.int64) * SU
-    sqh = stride_qh.to(tl.int64) * SU
-    skb = stride_kb.to(tl.int64) * SU
-    skn = stride_kn.to(tl.int64) * SU
-    skh = stride_kh.to(tl.int64) * SU
-    svb = stride_vb.to(tl.int64) * SU
-    svn = stride_vn.to(tl.int64) * SU
-    svh = stride_vh.to(tl.int64) * SU
+    sqb, sqn, sqh = _strides(stride_qb, stride_qn, stride_qh, SU)
+    skb, skn, skh = _strides(stride_kb, stride_kn, stride_kh, SU)
+    svb, svn, svh = _strides(stride_vb, stride_vn, stride_vh, SU)
 
     # programs of one (batch, head) are adjacent: they share its K/V in L2
     pid = tl.program_id(0)
@@ -287,15 +288,9 @@ def _attn_fwd_short(Q, K, V, O, LSE, qk_scale, Nq, Nk, H, BH,
                     VD0: tl.constexpr, VD1: tl.constexpr, VD2: tl.constexpr,
                     G: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, SU: tl.constexpr,
                     DOT_PREC: tl.constexpr):
-    sqb = stride_qb.to(tl.int64) * SU
-    sqn = stride_qn.to(tl.int64) * SU
-    sqh = stride_qh.to(tl.int64) * SU
-    skb = stride_kb.to(tl.int64) * SU
-    skn = stride_kn.to(tl.int64) * SU
-    skh = stride_kh.to(tl.int64) * SU
-    svb = stride_vb.to(tl.int64) * SU
-    svn = stride_vn.to(tl.int64) * SU
-    svh = stride_vh.to(tl.int64) * SU
+    sqb, sqn, sqh = _strides(stride_qb, stride_qn, stride_qh, SU)
+    skb, skn, skh = _strides(stride_kb, stride_kn, stride_kh, SU)
+    svb, svn, svh = _strides(stride_vb, stride_vn, stride_vh, SU)
 
     pairs = tl.program_id(0) * G + tl.arange(0, G)  # (batch, head) pairs of this program
     pmask = pairs < BH
@@ -365,12 +360,8 @@ def _attn_bwd_delta(O, DO, DELTA, Nq, H, stride_ob, stride_on, stride_oh,
                     HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr,
                     SU: tl.constexpr):
     """delta[b, h, n] = sum_d dO[b, n, h, d] * O[b, n, h, d] in fp32."""
-    sob = stride_ob.to(tl.int64) * SU
-    son = stride_on.to(tl.int64) * SU
-    soh = stride_oh.to(tl.int64) * SU
-    sdb = stride_db.to(tl.int64) * SU
-    sdn = stride_dn.to(tl.int64) * SU
-    sdh = stride_dh.to(tl.int64) * SU
+    sob, son, soh = _strides(stride_ob, stride_on, stride_oh, SU)
+    sdb, sdn, sdh = _strides(stride_db, stride_dn, stride_dh, SU)
     pid = tl.program_id(0)
     n_mb = tl.cdiv(Nq, BLOCK_M)
     bh = pid // n_mb
@@ -386,6 +377,13 @@ def _attn_bwd_delta(O, DO, DELTA, Nq, H, stride_ob, stride_on, stride_oh,
     tl.store(DELTA + bh.to(tl.int64) * Nq + start_m + rows, tl.sum(o * do, 1), mask=rmask)
 
 
+# The backward is flash-attention 2's split: _attn_bwd_dkdv walks all query blocks
+# for one key block, _attn_bwd_dq all key blocks for one query block (the *_short
+# kernels do both for whole short sequences). Their pid -> (batch, head, block)
+# decomposition and their loads of the D0 / D1 / D2 head-dim chunks read alike on
+# purpose: each keeps its own set of chunked accumulators live in registers across its
+# loop (dK and dV here, dQ there), which a shared @triton.jit helper would have to take
+# and return as tuples of up to nine tensors; the strides are shared (_strides).
 @triton.jit(do_not_specialize=_RUNTIME_INTS)
 def _attn_bwd_dkdv(Q, K, V, DO, LSE, DELTA, DK, DV, qk_scale, sm_scale, Nq, Nk, H,
                    stride_qb, stride_qn, stride_qh, stride_kb, stride_kn, stride_kh,
@@ -396,18 +394,10 @@ def _attn_bwd_dkdv(Q, K, V, DO, LSE, DELTA, DK, DV, qk_scale, sm_scale, Nq, Nk, 
     """dK, dV of one block of BLOCK_N keys, looping over all query blocks:
     P^T = exp2(K Q^T * c - lse2), dV += P^T dO, dP^T = V dO^T,
     dS^T = P^T (dP^T - delta), dK += dS^T Q; dK *= scale at the end."""
-    sqb = stride_qb.to(tl.int64) * SU
-    sqn = stride_qn.to(tl.int64) * SU
-    sqh = stride_qh.to(tl.int64) * SU
-    skb = stride_kb.to(tl.int64) * SU
-    skn = stride_kn.to(tl.int64) * SU
-    skh = stride_kh.to(tl.int64) * SU
-    svb = stride_vb.to(tl.int64) * SU
-    svn = stride_vn.to(tl.int64) * SU
-    svh = stride_vh.to(tl.int64) * SU
-    sdb = stride_db.to(tl.int64) * SU
-    sdn = stride_dn.to(tl.int64) * SU
-    sdh = stride_dh.to(tl.int64) * SU
+    sqb, sqn, sqh = _strides(stride_qb, stride_qn, stride_qh, SU)
+    skb, skn, skh = _strides(stride_kb, stride_kn, stride_kh, SU)
+    svb, svn, svh = _strides(stride_vb, stride_vn, stride_vh, SU)
+    sdb, sdn, sdh = _strides(stride_db, stride_dn, stride_dh, SU)
 
     pid = tl.program_id(0)
     n_nb = tl.cdiv(Nk, BLOCK_N)
@@ -506,18 +496,10 @@ def _attn_bwd_dq(Q, K, V, DO, LSE, DELTA, DQ, qk_scale, sm_scale, Nq, Nk, H,
                  DOT_PREC: tl.constexpr):
     """dQ of one block of BLOCK_M queries, looping over all key blocks:
     P = exp2(Q K^T * c - lse2), dP = dO V^T, dS = P (dP - delta), dQ += dS K."""
-    sqb = stride_qb.to(tl.int64) * SU
-    sqn = stride_qn.to(tl.int64) * SU
-    sqh = stride_qh.to(tl.int64) * SU
-    skb = stride_kb.to(tl.int64) * SU
-    skn = stride_kn.to(tl.int64) * SU
-    skh = stride_kh.to(tl.int64) * SU
-    svb = stride_vb.to(tl.int64) * SU
-    svn = stride_vn.to(tl.int64) * SU
-    svh = stride_vh.to(tl.int64) * SU
-    sdb = stride_db.to(tl.int64) * SU
-    sdn = stride_dn.to(tl.int64) * SU
-    sdh = stride_dh.to(tl.int64) * SU
+    sqb, sqn, sqh = _strides(stride_qb, stride_qn, stride_qh, SU)
+    skb, skn, skh = _strides(stride_kb, stride_kn, stride_kh, SU)
+    svb, svn, svh = _strides(stride_vb, stride_vn, stride_vh, SU)
+    sdb, sdn, sdh = _strides(stride_db, stride_dn, stride_dh, SU)
 
     pid = tl.program_id(0)
     n_mb = tl.cdiv(Nq, BLOCK_M)
@@ -599,21 +581,11 @@ def _attn_bwd_short(Q, K, V, O, DO, LSE, DQ, DK, DV, qk_scale, sm_scale, Nq, Nk,
                     G: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, SU: tl.constexpr,
                     DOT_PREC: tl.constexpr):
     """N <= 64: dQ, dK, dV of G (batch, head) pairs, whole sequences in registers."""
-    sqb = stride_qb.to(tl.int64) * SU
-    sqn = stride_qn.to(tl.int64) * SU
-    sqh = stride_qh.to(tl.int64) * SU
-    skb = stride_kb.to(tl.int64) * SU
-    skn = stride_kn.to(tl.int64) * SU
-    skh = stride_kh.to(tl.int64) * SU
-    svb = stride_vb.to(tl.int64) * SU
-    svn = stride_vn.to(tl.int64) * SU
-    svh = stride_vh.to(tl.int64) * SU
-    sob = stride_ob.to(tl.int64) * SU
-    son = stride_on.to(tl.int64) * SU
-    soh = stride_oh.to(tl.int64) * SU
-    sdb = stride_db.to(tl.int64) * SU
-    sdn = stride_dn.to(tl.int64) * SU
-    sdh = stride_dh.to(tl.int64) * SU
+    sqb, sqn, sqh = _strides(stride_qb, stride_qn, stride_qh, SU)
+    skb, skn, skh = _strides(stride_kb, stride_kn, stride_kh, SU)
+    svb, svn, svh = _strides(stride_vb, stride_vn, stride_vh, SU)
+    sob, son, soh = _strides(stride_ob, stride_on, stride_oh, SU)
+    sdb, sdn, sdh = _strides(stride_db, stride_dn, stride_dh, SU)
 
     pairs = tl.program_id(0) * G + tl.arange(0, G)
     pmask = pairs < BH

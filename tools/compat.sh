@@ -10,8 +10,10 @@
 # pinned requirements with the versions above swapped in, the native library built
 # CPU-only (SKIPDIT_FAST_CUDA=0: the index's torch wheels are CUDA builds, a CUDA
 # compile would take most of an hour on 2 cores), then pytest on COMPAT_TESTS. Prints
-# the versions and pass / fail counts of each and writes them to
-# build/compat/summary.md; exit status 1 when any environment failed.
+# the versions and pass / fail counts of each, then fingerprints the diffusers code
+# skipdit_fast mirrors in every release of the supported range
+# (tools/diffusers_fingerprints.py), and writes it all to build/compat/summary.md; exit
+# status 1 when any environment or release failed.
 #
 #   COMPAT_ENVS="oldest newest"   which environments (default: both)
 #   COMPAT_KEEP=1                 reuse an environment's venv when it is there
@@ -115,7 +117,28 @@ EOF
     echo "$build"
   fi
   echo "| $name | $pyv | $(ver torch) | $(ver triton) | $(ver diffusers) | $(ver transformers) | $build | $counts | $(( $(date +%s) - t0 )) |" >> "$summary"
+  [ "$build" = ok ] && scan_env=$dir
 done
+
+# The mirrored diffusers code in every release of the supported range (read off the
+# release wheels, ~3 MB each, cached in build/compat/diffusers-wheels/), with the
+# first environment that built.
+{
+  echo
+  echo "## diffusers releases: tools/diffusers_fingerprints.py"
+  echo
+} >> "$summary"
+if [ -n "${scan_env:-}" ]; then
+  if (cd "$scan_env/src" && "$scan_env/venv/bin/python" tools/diffusers_fingerprints.py \
+      --download "$OUT/diffusers-wheels") > "$OUT/fingerprints.md" 2> "$OUT/fingerprints.err"; then
+    cat "$OUT/fingerprints.md" >> "$summary"
+  else
+    status=1
+    { cat "$OUT/fingerprints.md"; echo; echo '```'; cat "$OUT/fingerprints.err"; echo '```'; } >> "$summary"
+  fi
+else
+  echo "not run: no environment built" >> "$summary"
+fi
 echo
 cat "$summary"
 exit $status
