@@ -4,7 +4,7 @@ PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
 DEPS_STAMP := $(VENV)/.deps-stamp
-NATIVE_SOURCES := $(shell find csrc tools -type f) CMakeLists.txt setup.py pyproject.toml
+NATIVE_SOURCES := $(shell find csrc -type f) tools/ptxas_log.sh tools/join_ptxas_logs.cmake CMakeLists.txt setup.py pyproject.toml
 PYTEST_ARGS ?=
 
 .PHONY: all venv build demo train-default test test-fast bench gpu-check info sdist dist package-check compat clean

@@ -309,20 +309,26 @@ def apply_rotary_emb(x, freqs_cis, use_real=True, use_real_unbind_dim=-1):
         return x_out.type_as(x)
 
 
-def test_hunyuan_attention_on_pre_0_35_rotary_embedding(monkeypatch):
-    """Releases 0.30-0.34: apply_rotary_emb takes [B, H, S, D] only. The processors run it
-    on the transposed BSHD view (and the original processor, which imports it at call
-    time, runs the same old code): every attention patched, the same output."""
+def patched_hunyuan_with_rotary(monkeypatch, fn):
+    """(report, patched output, unpatched output) of a tiny HunyuanDiT patched while
+    diffusers' apply_rotary_emb is fn."""
     from diffusers.models import embeddings
 
-    assert _diffusers.variant("apply_rotary_emb", apply_rotary_emb) == "bhsd"
-    monkeypatch.setattr(embeddings, "apply_rotary_emb", apply_rotary_emb)
+    monkeypatch.setattr(embeddings, "apply_rotary_emb", fn)
     model = M.hunyuan(num_layers=6)
     inputs = M.hunyuan_inputs()
     with torch.no_grad():
         want = hy_forward(model, inputs)
         report = patch(model)
-        got = hy_forward(model, inputs)
+        return report, hy_forward(model, inputs), want
+
+
+def test_hunyuan_attention_on_pre_0_35_rotary_embedding(monkeypatch):
+    """Releases 0.30-0.34: apply_rotary_emb takes [B, H, S, D] only. The processors run it
+    on the transposed BSHD view (and the original processor, which imports it at call
+    time, runs the same old code): every attention patched, the same output."""
+    assert _diffusers.variant("apply_rotary_emb", apply_rotary_emb) == "bhsd"
+    report, got, want = patched_hunyuan_with_rotary(monkeypatch, apply_rotary_emb)
     assert report.counts() == {"attention": 12, "skip merge": 2} and not report.left_alone, str(report)
     assert all(p.rope == "bhsd" for p in report._processors.values())
     assert rel_err(got, want) <= 1e-5
@@ -338,13 +344,8 @@ def test_hunyuan_attention_left_alone_on_unknown_rotary_embedding(monkeypatch):
     def changed(x, freqs_cis, use_real=True, use_real_unbind_dim=-1, sequence_dim=2):
         return real(x, freqs_cis, use_real, use_real_unbind_dim, sequence_dim) * 1.0
 
-    monkeypatch.setattr(embeddings, "apply_rotary_emb", changed)
-    model = M.hunyuan(num_layers=6)
-    inputs = M.hunyuan_inputs()
-    with torch.no_grad():
-        want = hy_forward(model, inputs)
-        report = patch(model)
-        assert rel_err(hy_forward(model, inputs), want) <= 1e-5
+    report, got, want = patched_hunyuan_with_rotary(monkeypatch, changed)
+    assert rel_err(got, want) <= 1e-5
     assert report.counts() == {"attention": 0, "skip merge": 2}
     assert len(report.left_alone) == 12
     assert all("apply_rotary_emb of diffusers" in a.reason and "0.30.0 to 0.42.1" in a.reason
