@@ -10,6 +10,10 @@ from __future__ import annotations
 import torch
 
 SKIP_FUSE_MIN_D, SKIP_FUSE_MAX_D = 64, 4096
+# The oldest triton the kernels are tested on (CI: 3.8; `make compat`: 3.9). Triton 3.2,
+# which torch 2.6 brings, fails them (tl.dot needs M, N, K >= 16; its interpreter
+# cannot permute 3-D blocks): with an older triton the triton backend is unavailable.
+MIN_TRITON = (3, 8)
 _INTERPRETER_BF16 = ("Triton's interpreter computes bf16 tl.dot wrongly (DESIGN.md 5.4; "
                      "CPU tensors run interpreted)")
 

@@ -355,10 +355,8 @@ def test_hunyuan_attention_left_alone_on_unknown_rotary_embedding(monkeypatch):
 
 def test_head_dim_the_op_cannot_serve_is_left_alone():
     model = M.hunyuan(num_attention_heads=2, attention_head_dim=12, hidden_size=24)
-    from diffusers.models.embeddings import get_2d_rotary_pos_embed
-
     x, t, kw = M.hunyuan_inputs()
-    kw["image_rotary_emb"] = get_2d_rotary_pos_embed(12, ((0, 0), (4, 4)), (4, 4), output_type="pt")
+    kw["image_rotary_emb"] = M.rotary(12, 4)
     with torch.no_grad():
         want = model(x, t, **kw)[0]
         report = patch(model)
@@ -378,13 +376,12 @@ def test_hooked_skip_linear_is_left_alone():
 def hunyuan_bf16_check(device):
     """bf16, DESIGN.md rule: the patched model's error against fp64 truth is at most 2x
     the unpatched model's bf16 error plus a small atol; head dim 88 as in HunyuanDiT."""
-    from diffusers.models.embeddings import get_2d_rotary_pos_embed
     from skipdit_fast.ops import backends
 
     model = M.hunyuan(num_layers=6, num_attention_heads=4, attention_head_dim=88, hidden_size=352, sample_size=16)
     x, t, kw = M.hunyuan_inputs(size=16, dtype=torch.float64, device=device)
     xl, tl, kwl = M.hunyuan_inputs(size=16, dtype=torch.bfloat16, device=device)
-    rope = get_2d_rotary_pos_embed(88, ((0, 0), (8, 8)), (8, 8), output_type="pt")
+    rope = M.rotary(88, 8)
     kw["image_rotary_emb"] = tuple(r.to(device).double() for r in rope)
     kwl["image_rotary_emb"] = tuple(r.to(device) for r in rope)
     with torch.no_grad():

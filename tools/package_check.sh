@@ -43,7 +43,7 @@ from skipdit_fast.ops import backends, native
 
 root = os.path.realpath(sys.argv[1])
 pkg = os.path.realpath(os.path.dirname(sf.__file__))
-assert not pkg.startswith(root + os.sep), f"imported the source tree's copy: {pkg}"
+assert pkg != os.path.join(root, "skipdit_fast") and "site-packages" in pkg, f"not the installed copy: {pkg}"
 lib = os.path.join(pkg, "_C.so")
 assert native.available(), native.load_error()
 rpath = subprocess.run(["readelf", "-d", lib], capture_output=True, text=True).stdout
