@@ -128,6 +128,7 @@ def test_gradcheck_fp64():
         assert torch.autograd.gradcheck(sf.ops.cache_delta, (a, bb))
 
 
+@pytest.mark.skipif(triton_ops.triton_missing_reason() is not None, reason=f"{triton_ops.triton_missing_reason()}")
 def test_triton_cache_delta_gradcheck():
     if not triton_ops.interpreting():
         pytest.skip("CPU gradcheck of a Triton op needs the interpreter")
