@@ -81,7 +81,7 @@ dist: $(DIST_STAMP)
 
 # Installs the sdist into a fresh venv (build/package-check/) with the pinned torch,
 # CPU-only build, then imports it, runs one op and `skipdit-fast info` from outside the
-# source tree. About 5 minutes on 2 cores.
+# source tree. About 15 minutes on a shared 2-core machine, most of it installing torch.
 package-check: sdist
 	PYTHON=$(PYTHON) bash tools/package_check.sh dist/skipdit_fast-*.tar.gz
 
@@ -89,7 +89,7 @@ package-check: sdist
 # (2.6.0 + 0.30.0) and the newest (2.15.0 + 0.42.1), each in a throw-away venv under
 # build/compat/, and the diffusers code skipdit_fast mirrors fingerprinted in every
 # release of the supported range. Not part of `make test` (CI runs the pinned versions).
-# Needs the package index and ~12 GB of disk; about 30 minutes on 2 cores.
+# Needs the package index and ~12 GB of disk; 30-40 minutes per environment on 2 cores.
 compat:
 	PYTHON=$(PYTHON) bash tools/compat.sh
 

@@ -22,7 +22,7 @@
 #   PYTHON=python3                the interpreter the venvs are made from
 #
 # Needs the package index (torch wheels: ~3 GB per environment, cached by pip) and
-# about 12 GB of disk; about 15 minutes per environment on 2 cores.
+# about 12 GB of disk; 30-40 minutes per environment on a shared 2-core machine.
 set -u -o pipefail
 cd "$(dirname "$0")/.."
 ROOT=$PWD
