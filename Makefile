@@ -4,10 +4,10 @@ PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
 DEPS_STAMP := $(VENV)/.deps-stamp
-NATIVE_SOURCES := $(shell find csrc tools -type f) CMakeLists.txt setup.py pyproject.toml
+NATIVE_SOURCES := $(shell find csrc -type f) tools/ptxas_log.sh tools/join_ptxas_logs.cmake CMakeLists.txt setup.py pyproject.toml
 PYTEST_ARGS ?=
 
-.PHONY: all venv build demo train-default test test-fast bench gpu-check info clean
+.PHONY: all venv build demo train-default test test-fast bench gpu-check info sdist dist package-check compat clean
 
 all: test
 
@@ -57,11 +57,42 @@ bench: build
 	$(PY) -m skipdit_fast bench --save bench/results
 	$(PY) -m pytest bench -q -p no:cacheprovider --benchmark-columns=median,iqr,rounds --benchmark-sort=name
 
-# On a machine with an NVIDIA GPU and no network (DESIGN.md 5.5): build for the
+# On a machine with an NVIDIA GPU and no network: build for the
 # device's arch with the Python that is there (python3, or PYTHON=...), GPU tests,
 # compute-sanitizer, benchmarks; results in bench/results/<date>-<gpu>/. < 8 min on an H100.
 gpu-check:
 	PYTHON=$(PYTHON) bash tools/gpu_check.sh
 
+# The sdist (sources, build description, tools the build calls, weights, kernels; no
+# build output) and the wheel built from it, in dist/. The wheel's native library is
+# built like `make build` (CUDA kernels when nvcc and a CUDA torch are there;
+# SKIPDIT_FAST_CUDA=0 for the CPU library only). Needs `build` (requirements-dist.txt).
+DIST_STAMP := $(VENV)/.dist-stamp
+$(DIST_STAMP): requirements-dist.txt $(DEPS_STAMP)
+	$(PY) -m pip install -r requirements-dist.txt
+	@touch $@
+
+sdist: $(DIST_STAMP)
+	rm -f dist/skipdit_fast-*.tar.gz
+	$(PY) -m build --sdist --no-isolation --outdir dist .
+
+dist: $(DIST_STAMP)
+	rm -f dist/skipdit_fast-*
+	$(PY) -m build --no-isolation --outdir dist .
+
+# Installs the sdist into a fresh venv (build/package-check/) with the pinned torch,
+# CPU-only build, then imports it, runs one op and `skipdit-fast info` from outside the
+# source tree. About 15 minutes on a shared 2-core machine, most of it installing torch.
+package-check: sdist
+	PYTHON=$(PYTHON) bash tools/package_check.sh dist/skipdit_fast-*.tar.gz
+
+# The CPU op, model and patch tests against the oldest supported torch + diffusers
+# (2.6.0 + 0.30.0) and the newest (2.15.0 + 0.42.1), each in a throw-away venv under
+# build/compat/, and the diffusers code skipdit_fast mirrors fingerprinted in every
+# release of the supported range. Not part of `make test` (CI runs the pinned versions).
+# Needs the package index and ~12 GB of disk; 30-40 minutes per environment on 2 cores.
+compat:
+	PYTHON=$(PYTHON) bash tools/compat.sh
+
 clean:
-	rm -rf build skipdit_fast/_C.so skipdit_fast/_C.ptxas.txt
+	rm -rf build dist skipdit_fast.egg-info skipdit_fast/_C.so skipdit_fast/_C.ptxas.txt

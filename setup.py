@@ -8,8 +8,16 @@ Environment:
     TORCH_CUDA_ARCH_LIST         e.g. "8.0;9.0a" (default: sm_80 and sm_90a)
     MAX_JOBS                     parallel compile jobs (default: from cores and memory)
     CUDA_HOME / CUDACXX          where the CUDA toolkit / nvcc is
+
+The CMake build folder is build/cmake-<cpu|cuda>-<key>, keyed by this interpreter and
+the torch it builds against, so that two environments never share a CMake cache (a
+shared one would link, and put in the library's RPATH, the other environment's torch).
+The automatic CUDA build refuses an nvcc whose major version differs from the CUDA
+major version torch was built with (both libcudart would load; kernels compiled for one
+runtime then run under the other).
 """
 
+import hashlib
 import os
 import re
 import shutil
@@ -58,6 +66,36 @@ def find_nvcc() -> str | None:
                 return real
         return os.path.realpath(nvcc)
     return None
+
+
+def nvcc_version(nvcc: str) -> str | None:
+    """'13.0' from `nvcc --version` ("Cuda compilation tools, release 13.0, V13.0.88")."""
+    try:
+        out = subprocess.run([nvcc, "--version"], capture_output=True, text=True, timeout=60).stdout
+    except (OSError, subprocess.TimeoutExpired):
+        return None
+    m = re.search(r"release (\d+)\.(\d+)", out)
+    return f"{m.group(1)}.{m.group(2)}" if m else None
+
+
+def cuda_mismatch(nvcc_ver: str | None, torch_cuda: str | None) -> str | None:
+    """Why nvcc cannot build kernels for this torch (different CUDA major versions), else None."""
+    if not nvcc_ver or not torch_cuda:
+        return None
+    if nvcc_ver.split(".")[0] != torch_cuda.split(".")[0]:
+        return (f"nvcc is CUDA {nvcc_ver} but torch was built with CUDA {torch_cuda}: the major versions "
+                "differ (point CUDA_HOME / CUDACXX at a CUDA "
+                f"{torch_cuda.split('.')[0]} toolkit, or install the torch build for CUDA {nvcc_ver.split('.')[0]})")
+    return None
+
+
+def build_key(torch_module) -> str:
+    """This interpreter + the torch it builds against, as a folder name: one CMake
+    build folder (and cache) per environment."""
+    torch_dir = os.path.dirname(os.path.realpath(torch_module.__file__))
+    ident = "\n".join([os.path.realpath(sys.executable), sys.prefix, torch_dir, torch_module.__version__])
+    tv = re.sub(r"[^0-9A-Za-z.]+", "_", torch_module.__version__)
+    return f"py{sys.version_info[0]}{sys.version_info[1]}-torch{tv}-{hashlib.sha256(ident.encode()).hexdigest()[:10]}"
 
 
 def default_jobs() -> int:
@@ -131,9 +169,12 @@ class CMakeBuild(build_ext):
         nvcc = find_nvcc() if mode != "OFF" else None
         if mode == "ON" and (nvcc is None or torch.version.cuda is None):
             raise SystemExit(f"SKIPDIT_FAST_CUDA=1 but nvcc={nvcc}, torch CUDA={torch.version.cuda}")
-        use_cuda = nvcc is not None and torch.version.cuda is not None
+        mismatch = cuda_mismatch(nvcc_version(nvcc), torch.version.cuda) if nvcc else None
+        if mismatch and mode == "ON":
+            raise SystemExit(f"SKIPDIT_FAST_CUDA=1: {mismatch}")
+        use_cuda = nvcc is not None and torch.version.cuda is not None and mismatch is None
         tag = "cuda" if use_cuda else "cpu"
-        build_dir = ROOT / "build" / f"cmake-{tag}-py{sys.version_info[0]}{sys.version_info[1]}"
+        build_dir = ROOT / "build" / f"cmake-{tag}-{build_key(torch)}"
         build_dir.mkdir(parents=True, exist_ok=True)
         cmake = _tool("cmake")
         args = [
@@ -148,7 +189,7 @@ class CMakeBuild(build_ext):
         if use_cuda:
             args.append(f"-DCMAKE_CUDA_COMPILER={nvcc}")
         if not use_cuda and mode == "AUTO":
-            why = "no nvcc found" if nvcc is None else "torch is a CPU build"
+            why = "no nvcc found" if nvcc is None else mismatch or "torch is a CPU build"
             print(f"skipdit_fast: building the CPU library only ({why})", flush=True)
         subprocess.run(args, check=True)
         subprocess.run([cmake, "--build", str(build_dir), "-j", str(default_jobs())], check=True)

@@ -105,6 +105,13 @@ def backward_chunks(dh: int) -> tuple[int, int, int]:
 # tile helpers
 
 @triton.jit
+def _strides(sb, sn, sh, SU: tl.constexpr):
+    """A [B, N, H, Dh] view's batch / token / head strides as int64 element counts (the
+    launcher passes them divided by SU, the row alignment the compiler may assume)."""
+    return sb.to(tl.int64) * SU, sn.to(tl.int64) * SU, sh.to(tl.int64) * SU
+
+
+@triton.jit
 def _ld(base, rows, stride, rmask, DOFF: tl.constexpr, DC: tl.constexpr, HEAD_DIM: tl.constexpr,
         MASK_ROWS: tl.constexpr):
     """[len(rows), DC] tile of columns DOFF.. of a row-major matrix at base (row
@@ -133,13 +140,6 @@ def _st(base, rows, stride, rmask, x, DOFF: tl.constexpr, DC: tl.constexpr, HEAD
         tl.store(ptrs, x, mask=rmask[:, None] & (cols < HEAD_DIM)[None, :])
     else:
         tl.store(ptrs, x, mask=rmask[:, None])
-
-
-@triton.jit
-def _strides64(stride_b, stride_n, stride_h, SU: tl.constexpr):
-    """(batch, token, head) strides of a BSHD tensor in elements, as int64 (the
-    launcher passes them divided by SU, see _stride_args)."""
-    return stride_b.to(tl.int64) * SU, stride_n.to(tl.int64) * SU, stride_h.to(tl.int64) * SU
 
 
 @triton.jit
@@ -267,9 +267,9 @@ def _attention_fwd_kernel(Q, K, V, O, LSE, qk_scale, Nq, Nk, H,
               VD0: tl.constexpr, VD1: tl.constexpr, VD2: tl.constexpr,
               BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, SU: tl.constexpr,
               SCALE_NEG: tl.constexpr, DOT_PREC: tl.constexpr):
-    sqb, sqn, sqh = _strides64(stride_qb, stride_qn, stride_qh, SU)
-    skb, skn, skh = _strides64(stride_kb, stride_kn, stride_kh, SU)
-    svb, svn, svh = _strides64(stride_vb, stride_vn, stride_vh, SU)
+    sqb, sqn, sqh = _strides(stride_qb, stride_qn, stride_qh, SU)
+    skb, skn, skh = _strides(stride_kb, stride_kn, stride_kh, SU)
+    svb, svn, svh = _strides(stride_vb, stride_vn, stride_vh, SU)
 
     # programs of one (batch, head) are adjacent: they share its K/V in L2
     bh, start_m, b, h = _tile_of(tl.program_id(0), Nq, H, BLOCK_M)
@@ -316,9 +316,9 @@ def _attention_fwd_short_kernel(Q, K, V, O, LSE, qk_scale, Nq, Nk, H, BH,
                     VD0: tl.constexpr, VD1: tl.constexpr, VD2: tl.constexpr,
                     G: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, SU: tl.constexpr,
                     DOT_PREC: tl.constexpr):
-    sqb, sqn, sqh = _strides64(stride_qb, stride_qn, stride_qh, SU)
-    skb, skn, skh = _strides64(stride_kb, stride_kn, stride_kh, SU)
-    svb, svn, svh = _strides64(stride_vb, stride_vn, stride_vh, SU)
+    sqb, sqn, sqh = _strides(stride_qb, stride_qn, stride_qh, SU)
+    skb, skn, skh = _strides(stride_kb, stride_kn, stride_kh, SU)
+    svb, svn, svh = _strides(stride_vb, stride_vn, stride_vh, SU)
 
     pairs = tl.program_id(0) * G + tl.arange(0, G)  # (batch, head) pairs of this program
     pmask = pairs < BH
@@ -388,8 +388,8 @@ def _attention_bwd_delta_kernel(O, DO, DELTA, Nq, H, stride_ob, stride_on, strid
                     HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr,
                     SU: tl.constexpr):
     """delta[b, h, n] = sum_d dO[b, n, h, d] * O[b, n, h, d] in fp32."""
-    sob, son, soh = _strides64(stride_ob, stride_on, stride_oh, SU)
-    sdb, sdn, sdh = _strides64(stride_db, stride_dn, stride_dh, SU)
+    sob, son, soh = _strides(stride_ob, stride_on, stride_oh, SU)
+    sdb, sdn, sdh = _strides(stride_db, stride_dn, stride_dh, SU)
     bh, start_m, b, h = _tile_of(tl.program_id(0), Nq, H, BLOCK_M)
     rows = tl.arange(0, BLOCK_M)
     rmask = start_m + rows < Nq
@@ -400,6 +400,13 @@ def _attention_bwd_delta_kernel(O, DO, DELTA, Nq, H, stride_ob, stride_on, strid
     tl.store(DELTA + bh.to(tl.int64) * Nq + start_m + rows, tl.sum(o * do, 1), mask=rmask)
 
 
+# The backward is flash-attention 2's split: _attn_bwd_dkdv walks all query blocks
+# for one key block, _attn_bwd_dq all key blocks for one query block (the *_short
+# kernels do both for whole short sequences). Their pid -> (batch, head, block)
+# decomposition and their loads of the D0 / D1 / D2 head-dim chunks read alike on
+# purpose: each keeps its own set of chunked accumulators live in registers across its
+# loop (dK and dV here, dQ there), which a shared @triton.jit helper would have to take
+# and return as tuples of up to nine tensors; the strides are shared (_strides).
 @triton.jit(do_not_specialize=_RUNTIME_INTS)
 def _attention_bwd_dkdv_kernel(Q, K, V, DO, LSE, DELTA, DK, DV, qk_scale, sm_scale, Nq, Nk, H,
                    stride_qb, stride_qn, stride_qh, stride_kb, stride_kn, stride_kh,
@@ -410,10 +417,10 @@ def _attention_bwd_dkdv_kernel(Q, K, V, DO, LSE, DELTA, DK, DV, qk_scale, sm_sca
     """dK, dV of one block of BLOCK_N keys, looping over all query blocks:
     P^T = exp2(K Q^T * c - lse2), dV += P^T dO, dP^T = V dO^T,
     dS^T = P^T (dP^T - delta), dK += dS^T Q; dK *= scale at the end."""
-    sqb, sqn, sqh = _strides64(stride_qb, stride_qn, stride_qh, SU)
-    skb, skn, skh = _strides64(stride_kb, stride_kn, stride_kh, SU)
-    svb, svn, svh = _strides64(stride_vb, stride_vn, stride_vh, SU)
-    sdb, sdn, sdh = _strides64(stride_db, stride_dn, stride_dh, SU)
+    sqb, sqn, sqh = _strides(stride_qb, stride_qn, stride_qh, SU)
+    skb, skn, skh = _strides(stride_kb, stride_kn, stride_kh, SU)
+    svb, svn, svh = _strides(stride_vb, stride_vn, stride_vh, SU)
+    sdb, sdn, sdh = _strides(stride_db, stride_dn, stride_dh, SU)
     bh, start_n, b, h = _tile_of(tl.program_id(0), Nk, H, BLOCK_N)
     rn = tl.arange(0, BLOCK_N)
     rm = tl.arange(0, BLOCK_M)
@@ -479,10 +486,10 @@ def _attention_bwd_dq_kernel(Q, K, V, DO, LSE, DELTA, DQ, qk_scale, sm_scale, Nq
                  DOT_PREC: tl.constexpr):
     """dQ of one block of BLOCK_M queries, looping over all key blocks:
     P = exp2(Q K^T * c - lse2), dP = dO V^T, dS = P (dP - delta), dQ += dS K."""
-    sqb, sqn, sqh = _strides64(stride_qb, stride_qn, stride_qh, SU)
-    skb, skn, skh = _strides64(stride_kb, stride_kn, stride_kh, SU)
-    svb, svn, svh = _strides64(stride_vb, stride_vn, stride_vh, SU)
-    sdb, sdn, sdh = _strides64(stride_db, stride_dn, stride_dh, SU)
+    sqb, sqn, sqh = _strides(stride_qb, stride_qn, stride_qh, SU)
+    skb, skn, skh = _strides(stride_kb, stride_kn, stride_kh, SU)
+    svb, svn, svh = _strides(stride_vb, stride_vn, stride_vh, SU)
+    sdb, sdn, sdh = _strides(stride_db, stride_dn, stride_dh, SU)
     bh, start_m, b, h = _tile_of(tl.program_id(0), Nq, H, BLOCK_M)
     rm = tl.arange(0, BLOCK_M)
     rn = tl.arange(0, BLOCK_N)
@@ -537,11 +544,11 @@ def _attention_bwd_short_kernel(Q, K, V, O, DO, LSE, DQ, DK, DV, qk_scale, sm_sc
                     G: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, SU: tl.constexpr,
                     DOT_PREC: tl.constexpr):
     """N <= 64: dQ, dK, dV of G (batch, head) pairs, whole sequences in registers."""
-    sqb, sqn, sqh = _strides64(stride_qb, stride_qn, stride_qh, SU)
-    skb, skn, skh = _strides64(stride_kb, stride_kn, stride_kh, SU)
-    svb, svn, svh = _strides64(stride_vb, stride_vn, stride_vh, SU)
-    sob, son, soh = _strides64(stride_ob, stride_on, stride_oh, SU)
-    sdb, sdn, sdh = _strides64(stride_db, stride_dn, stride_dh, SU)
+    sqb, sqn, sqh = _strides(stride_qb, stride_qn, stride_qh, SU)
+    skb, skn, skh = _strides(stride_kb, stride_kn, stride_kh, SU)
+    svb, svn, svh = _strides(stride_vb, stride_vn, stride_vh, SU)
+    sob, son, soh = _strides(stride_ob, stride_on, stride_oh, SU)
+    sdb, sdn, sdh = _strides(stride_db, stride_dn, stride_dh, SU)
 
     pairs = tl.program_id(0) * G + tl.arange(0, G)
     pmask = pairs < BH

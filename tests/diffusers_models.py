@@ -2,9 +2,16 @@
 built locally (no downloads): HunyuanDiT2DModel, DiTTransformer2DModel,
 PixArtTransformer2DModel, LatteTransformer3DModel, and a whole HunyuanDiTPipeline with
 tiny BERT / T5 text encoders, tokenizers made from an in-memory vocabulary, a tiny VAE
-(8x downsampling, as the pipeline's rotary grid assumes) and the DDPM scheduler."""
+(8x downsampling, as the pipeline's rotary grid assumes) and the DDPM scheduler.
+
+They build on every diffusers release skipdit_fast supports (0.30.0 to 0.42.1) and on
+transformers 4 and 5 (`make compat` runs both ends)."""
 
 from __future__ import annotations
+
+import inspect
+import os
+import tempfile
 
 import torch
 
@@ -20,11 +27,19 @@ def hunyuan(num_layers=6, seed=0, **kw):
     return HunyuanDiT2DModel(num_layers=num_layers, **{**HY, **kw}).eval()
 
 
+def rotary(head_dim: int, grid: int):
+    """HunyuanDiT's 2-D rotary embedding (cos, sin) for a grid x grid image, as torch
+    tensors (releases before 0.31 return them without being asked, later ones want
+    output_type="pt")."""
+    from diffusers.models.embeddings import get_2d_rotary_pos_embed
+
+    kw = {"output_type": "pt"} if "output_type" in inspect.signature(get_2d_rotary_pos_embed).parameters else {}
+    return get_2d_rotary_pos_embed(head_dim, ((0, 0), (grid, grid)), (grid, grid), **kw)
+
+
 def hunyuan_inputs(batch=2, t=500.0, seed=0, text_len=5, text_len_t5=7, size=8, dtype=torch.float32,
                    device="cpu", padded=False):
     """(hidden_states, timestep, kwargs) the way HunyuanDiTPipeline calls the model."""
-    from diffusers.models.embeddings import get_2d_rotary_pos_embed
-
     g = torch.Generator().manual_seed(seed)
     mask = torch.ones(batch, text_len, dtype=torch.long)
     mask5 = torch.ones(batch, text_len_t5, dtype=torch.long)
@@ -39,8 +54,7 @@ def hunyuan_inputs(batch=2, t=500.0, seed=0, text_len=5, text_len_t5=7, size=8, 
         text_embedding_mask_t5=mask5,
         image_meta_size=torch.tensor([[size * 8, size * 8, size * 8, size * 8, 0, 0]] * batch, dtype=torch.float32),
         style=torch.zeros(batch, dtype=torch.long),
-        image_rotary_emb=get_2d_rotary_pos_embed(HY["attention_head_dim"], ((0, 0), (grid, grid)), (grid, grid),
-                                                 output_type="pt"),
+        image_rotary_emb=rotary(HY["attention_head_dim"], grid),
         return_dict=False)
     x = torch.randn(batch, 4, size, size, generator=g)
     tt = torch.full((batch,), float(t))
@@ -113,21 +127,46 @@ def latte_inputs(batch=2, seed=0):
 WORDS = ["a", "cat", "dog", "red", "blue", "photo", "of", "the", "on", "mat", "green", "sky"]
 
 
+def _tokenizers(vocab: dict[str, int], t5_vocab: list[tuple[str, float]]):
+    """A BERT WordPiece and a T5 Unigram tokenizer from in-memory vocabularies:
+    transformers 5 builds both from the vocabularies; transformers 4 wants a BERT vocab
+    file and builds T5 (a sentencepiece model there) as a fast tokenizer instead."""
+    import transformers
+    from transformers import BertTokenizer
+
+    if int(transformers.__version__.split(".")[0]) >= 5:
+        from transformers import T5Tokenizer
+
+        return (BertTokenizer(vocab=vocab, model_max_length=77),
+                T5Tokenizer(vocab=t5_vocab, extra_ids=0, model_max_length=256))
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+    from transformers import T5TokenizerFast
+
+    path = os.path.join(tempfile.mkdtemp(prefix="bert-vocab-"), "vocab.txt")
+    with open(path, "w", encoding="utf-8") as f:
+        f.write("".join(f"{w}\n" for w, _ in sorted(vocab.items(), key=lambda kv: kv[1])))
+    t5 = Tokenizer(models.Unigram(t5_vocab, unk_id=2))
+    t5.pre_tokenizer = pre_tokenizers.Metaspace()
+    t5.decoder = decoders.Metaspace()
+    return (BertTokenizer(path, model_max_length=77),
+            T5TokenizerFast(tokenizer_object=t5, eos_token="</s>", unk_token="<unk>", pad_token="<pad>",
+                            extra_ids=0, model_max_length=256))
+
+
 def hunyuan_pipeline(num_layers=10, seed=0):
     """A whole HunyuanDiTPipeline, tiny and random (BERT: text_len 77, T5: 256 tokens,
     as the pipeline pads them). Call it with height = width = 64 and
     use_resolution_binning=False (the pipeline otherwise resizes to 1024 px)."""
     from diffusers import AutoencoderKL, DDPMScheduler, HunyuanDiTPipeline
-    from transformers import BertConfig, BertModel, BertTokenizer, T5Config, T5EncoderModel, T5Tokenizer
+    from transformers import BertConfig, BertModel, T5Config, T5EncoderModel
 
     torch.manual_seed(seed)
     vocab = {w: i for i, w in enumerate(["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"] + WORDS)}
-    tokenizer = BertTokenizer(vocab=vocab, model_max_length=77)
     text_encoder = BertModel(BertConfig(vocab_size=len(vocab), hidden_size=32, num_hidden_layers=1,
                                         num_attention_heads=2, intermediate_size=37, max_position_embeddings=80),
                              add_pooling_layer=False).eval()
     t5_vocab = [("<pad>", 0.0), ("</s>", 0.0), ("<unk>", 0.0)] + [("\u2581" + w, -1.0 - i) for i, w in enumerate(WORDS)]
-    tokenizer_2 = T5Tokenizer(vocab=t5_vocab, extra_ids=0, model_max_length=256)
+    tokenizer, tokenizer_2 = _tokenizers(vocab, t5_vocab)
     text_encoder_2 = T5EncoderModel(T5Config(vocab_size=len(t5_vocab), d_model=24, d_kv=8, d_ff=37, num_layers=1,
                                              num_heads=3, relative_attention_num_buckets=8)).eval()
     vae = AutoencoderKL(in_channels=3, out_channels=3, down_block_types=["DownEncoderBlock2D"] * 4,

@@ -13,10 +13,12 @@ import pytest
 import torch
 
 import skipdit_fast
-from skipdit_fast.ops import reference
+from skipdit_fast.ops import reference, triton_ops
 from skipdit_fast.ops.testing import poison_outputs
 from helpers import assert_budget, attention_lse_pt, attention_pt, rows, strided_like
 
+if triton_ops.triton_missing_reason() is not None:
+    pytest.skip(triton_ops.triton_missing_reason(), allow_module_level=True)
 attn = pytest.importorskip("skipdit_fast.kernels.attention")
 
 FWD = torch.ops.skipdit.attention_forward_triton

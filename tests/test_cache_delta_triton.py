@@ -10,8 +10,10 @@ from skipdit_fast.ops import reference, triton_ops
 from skipdit_fast.ops.testing import poison_outputs
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
-pytestmark = pytest.mark.skipif(DEVICE == "cpu" and not triton_ops.interpreting(),
-                                reason="needs a GPU or TRITON_INTERPRET=1")
+pytestmark = [pytest.mark.skipif(DEVICE == "cpu" and not triton_ops.interpreting(),
+                                 reason="needs a GPU or TRITON_INTERPRET=1"),
+              pytest.mark.skipif(triton_ops.triton_missing_reason() is not None,
+                                 reason=f"{triton_ops.triton_missing_reason()}")]
 
 
 @pytest.mark.parametrize("family", FAMILIES)

@@ -59,6 +59,7 @@ def test_opcheck_native(case):
 
 
 @pytest.mark.skipif(not triton_ops.interpreting(), reason="Triton ops run on CPU only in the interpreter")
+@pytest.mark.skipif(triton_ops.triton_missing_reason() is not None, reason=f"{triton_ops.triton_missing_reason()}")
 @pytest.mark.parametrize("op", sorted(op for d in defs.OPS.values() for op in d.kernel_ops()))
 def test_opcheck_triton(op):
     cases = {
@@ -127,6 +128,7 @@ def test_gradcheck_fp64():
         assert torch.autograd.gradcheck(sf.ops.cache_delta, (a, bb))
 
 
+@pytest.mark.skipif(triton_ops.triton_missing_reason() is not None, reason=f"{triton_ops.triton_missing_reason()}")
 def test_triton_cache_delta_gradcheck():
     if not triton_ops.interpreting():
         pytest.skip("CPU gradcheck of a Triton op needs the interpreter")

@@ -165,7 +165,7 @@ def test_hunyuan_enable_refusals():
             return super().forward(*args, **kwargs)
 
     torch.manual_seed(0)
-    with pytest.raises(ValueError, match="differs from the 0.42.1"):
+    with pytest.raises(ValueError, match="differs from the HunyuanDiT2DModel.forward"):
         enable_skip_cache(Scaled(num_layers=6, **M.HY), branch=2)
     with pytest.raises(ValueError, match="not a diffusers model"):
         enable_skip_cache(M.dit())

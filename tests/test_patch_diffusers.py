@@ -34,15 +34,28 @@ def hy_forward(model, inputs):
     return model(x, t, **kw)[0]
 
 
-def test_installed_diffusers_is_the_mirrored_code():
-    """The pin: every method skipdit_fast/_diffusers.py mirrors has the 0.42.1 fingerprint."""
-    from diffusers.models import attention_processor as ap
-    from diffusers.models.transformers.hunyuan_transformer_2d import HunyuanDiT2DModel, HunyuanDiTBlock
+def test_installed_diffusers_is_mirrored_code():
+    """Every function skipdit_fast/integrations/diffusers.py mirrors has, in the
+    installed diffusers, one of the fingerprints recorded for the supported range."""
+    from packaging.version import Version
 
-    owners = {"HunyuanDiTBlock": HunyuanDiTBlock, "HunyuanDiT2DModel": HunyuanDiT2DModel}
-    for name, fp in _diffusers.MIRRORED.items():
-        cls, meth = name.split(".")
-        assert _diffusers.fingerprint(getattr(owners.get(cls) or getattr(ap, cls), meth)) == fp, name
+    import diffusers
+
+    first, last = (Version(v) for v in _diffusers.SUPPORTED)
+    assert first <= Version(diffusers.__version__) <= last, diffusers.__version__
+    for name, known in _diffusers.MIRRORED.items():
+        assert _diffusers.fingerprint(_diffusers.installed(name)) in known, name
+    rope = _diffusers.variant("apply_rotary_emb", _diffusers.installed("apply_rotary_emb"))
+    assert rope == ("sequence_dim" if Version(diffusers.__version__) >= Version("0.35.0") else "bhsd")
+
+
+def test_fingerprint_of_source_text_is_fingerprint_of_function():
+    """tools/diffusers_fingerprints.py reads the release archives' source text."""
+    import inspect
+
+    for name in _diffusers.MIRRORED:
+        fn = _diffusers.installed(name)
+        assert _diffusers.fingerprint_source(inspect.getsource(fn)) == _diffusers.fingerprint(fn), name
 
 
 def test_fingerprint_ignores_docstrings_annotations_and_comments():
@@ -259,17 +272,91 @@ def test_other_processors_and_changed_code_are_left_alone():
     why = {a.module: a.reason for a in report.left_alone}
     assert set(why) == {"blocks.0.attn1", "blocks.0.attn2", "blocks.5"}
     assert "MyProcessor: not one skipdit_fast stands in for" in why["blocks.0.attn1"]
-    assert "differs from the 0.42.1 code" in why["blocks.0.attn2"]
-    assert "GatedBlock.forward" in why["blocks.5"] and "differs" in why["blocks.5"]
+    assert "differs from the code skipdit_fast mirrors (HunyuanAttnProcessor2_0.__call__ of diffusers 0.30.0 " \
+        "to 0.42.1)" in why["blocks.0.attn2"]
+    assert "GatedBlock.forward" in why["blocks.5"] and "differs" in why["blocks.5"] and "0.30.0" in why["blocks.5"]
     assert report.counts() == {"attention": 10, "skip merge": 1}
+
+
+def apply_rotary_emb(x, freqs_cis, use_real=True, use_real_unbind_dim=-1):
+    # diffusers 0.30.0-0.34.0 apply_rotary_emb (Apache-2.0, The HuggingFace Team), verbatim
+    # but for its docstring and annotations: [B, H, S, D] only, no sequence_dim.
+    if use_real:
+        cos, sin = freqs_cis  # [S, D]
+        cos = cos[None, None]
+        sin = sin[None, None]
+        cos, sin = cos.to(x.device), sin.to(x.device)
+
+        if use_real_unbind_dim == -1:
+            # Use for example in Lumina
+            x_real, x_imag = x.reshape(*x.shape[:-1], -1, 2).unbind(-1)  # [B, S, H, D//2]
+            x_rotated = torch.stack([-x_imag, x_real], dim=-1).flatten(3)
+        elif use_real_unbind_dim == -2:
+            # Use for example in Stable Audio
+            x_real, x_imag = x.reshape(*x.shape[:-1], 2, -1).unbind(-2)  # [B, S, H, D//2]
+            x_rotated = torch.cat([-x_imag, x_real], dim=-1)
+        else:
+            raise ValueError(f"`use_real_unbind_dim={use_real_unbind_dim}` but should be -1 or -2.")
+
+        out = (x.float() * cos + x_rotated.float() * sin).to(x.dtype)
+
+        return out
+    else:
+        x_rotated = torch.view_as_complex(x.float().reshape(*x.shape[:-1], -1, 2))
+        freqs_cis = freqs_cis.unsqueeze(2)
+        x_out = torch.view_as_real(x_rotated * freqs_cis).flatten(3)
+
+        return x_out.type_as(x)
+
+
+def patched_hunyuan_with_rotary(monkeypatch, fn):
+    """(report, patched output, unpatched output) of a tiny HunyuanDiT patched while
+    diffusers' apply_rotary_emb is fn."""
+    from diffusers.models import embeddings
+
+    monkeypatch.setattr(embeddings, "apply_rotary_emb", fn)
+    model = M.hunyuan(num_layers=6)
+    inputs = M.hunyuan_inputs()
+    with torch.no_grad():
+        want = hy_forward(model, inputs)
+        report = patch(model)
+        return report, hy_forward(model, inputs), want
+
+
+def test_hunyuan_attention_on_pre_0_35_rotary_embedding(monkeypatch):
+    """Releases 0.30-0.34: apply_rotary_emb takes [B, H, S, D] only. The processors run it
+    on the transposed BSHD view (and the original processor, which imports it at call
+    time, runs the same old code): every attention patched, the same output."""
+    assert _diffusers.variant("apply_rotary_emb", apply_rotary_emb) == "bhsd"
+    report, got, want = patched_hunyuan_with_rotary(monkeypatch, apply_rotary_emb)
+    assert report.counts() == {"attention": 12, "skip merge": 2} and not report.left_alone, str(report)
+    assert all(p.rope == "bhsd" for p in report._processors.values())
+    assert rel_err(got, want) <= 1e-5
+
+
+def test_hunyuan_attention_left_alone_on_unknown_rotary_embedding(monkeypatch):
+    """apply_rotary_emb code skipdit_fast does not know: the attention of HunyuanDiT is
+    left alone with the reason; the skip merges and the other models are not affected."""
+    from diffusers.models import embeddings
+
+    real = embeddings.apply_rotary_emb
+
+    def changed(x, freqs_cis, *args, **kwargs):
+        return real(x, freqs_cis, *args, **kwargs) * 1.0
+
+    report, got, want = patched_hunyuan_with_rotary(monkeypatch, changed)
+    assert rel_err(got, want) <= 1e-5
+    assert report.counts() == {"attention": 0, "skip merge": 2}
+    assert len(report.left_alone) == 12
+    assert all("apply_rotary_emb of diffusers" in a.reason and "0.30.0 to 0.42.1" in a.reason
+               for a in report.left_alone)
+    assert patch(M.dit()).counts()["attention"] == 2
 
 
 def test_head_dim_the_op_cannot_serve_is_left_alone():
     model = M.hunyuan(num_attention_heads=2, attention_head_dim=12, hidden_size=24)
-    from diffusers.models.embeddings import get_2d_rotary_pos_embed
-
     x, t, kw = M.hunyuan_inputs()
-    kw["image_rotary_emb"] = get_2d_rotary_pos_embed(12, ((0, 0), (4, 4)), (4, 4), output_type="pt")
+    kw["image_rotary_emb"] = M.rotary(12, 4)
     with torch.no_grad():
         want = model(x, t, **kw)[0]
         report = patch(model)
@@ -289,13 +376,12 @@ def test_hooked_skip_linear_is_left_alone():
 def hunyuan_bf16_check(device):
     """bf16, DESIGN.md rule: the patched model's error against fp64 truth is at most 2x
     the unpatched model's bf16 error plus a small atol; head dim 88 as in HunyuanDiT."""
-    from diffusers.models.embeddings import get_2d_rotary_pos_embed
     from skipdit_fast.ops import backends
 
     model = M.hunyuan(num_layers=6, num_attention_heads=4, attention_head_dim=88, hidden_size=352, sample_size=16)
     x, t, kw = M.hunyuan_inputs(size=16, dtype=torch.float64, device=device)
     xl, tl, kwl = M.hunyuan_inputs(size=16, dtype=torch.bfloat16, device=device)
-    rope = get_2d_rotary_pos_embed(88, ((0, 0), (8, 8)), (8, 8), output_type="pt")
+    rope = M.rotary(88, 8)
     kw["image_rotary_emb"] = tuple(r.to(device).double() for r in rope)
     kwl["image_rotary_emb"] = tuple(r.to(device) for r in rope)
     with torch.no_grad():

@@ -350,7 +350,7 @@ def test_demo_video_numbers(tmp_path):
     res = demo.run(_demo_args(tmp_path, "--interval", "2"), log=lambda *a: None)
     assert res["speedup"] == pytest.approx(res["seconds_nocache"] / res["seconds_cache"])
     assert res["cpu_speedup"] == pytest.approx(res["cpu_seconds_nocache"] / res["cpu_seconds_cache"])
-    assert res["ideal_speedup"] > 1.0 and len(res["psnr_per_frame"]) == 8
+    assert res["block_ratio"] > 1.0 and len(res["psnr_per_frame"]) == 8
     assert 5.0 < res["psnr"] < math.inf and all(p > 5.0 for p in res["psnr_per_frame"])
     assert res["temporal_change_nocache"] > 0 and res["temporal_change_cache"] > 0
     assert 0.0 <= res["accuracy_cache"] <= 1.0

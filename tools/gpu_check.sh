@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # `make gpu-check`: the one command for a machine with an NVIDIA GPU and no network
-# (DESIGN.md 5.5). With the Python that is there (python3, or $PYTHON):
+# access (nothing is downloaded). With the Python that is there (python3, or $PYTHON):
 #
 #   1. build the native library in place for this GPU's arch only (SKIPDIT_FAST_CUDA=1,
 #      TORCH_CUDA_ARCH_LIST from torch.cuda.get_device_capability(), MAX_JOBS<=16)

@@ -11,13 +11,22 @@ import sys
 import time
 import zlib
 
-import torch
+from typing import TYPE_CHECKING
 
-DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+if TYPE_CHECKING:
+    import torch
+
+# torch is imported in the functions that use it: the subcommands' add_arguments (and
+# so `skipdit-fast CMD --help`) must not pay for it.
+
+# --dtype names -> torch dtype attribute
+DTYPES = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16"}
 
 
 def device_from_arg(name: str) -> torch.device:
     """--device: cpu, cuda, cuda:N, or auto (the GPU when there is one)."""
+    import torch
+
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     return torch.device(name)
@@ -25,8 +34,10 @@ def device_from_arg(name: str) -> torch.device:
 
 def default_dtype(device: torch.device, name: str | None) -> torch.dtype:
     """--dtype, or bf16 on CUDA and fp32 on the CPU."""
+    import torch
+
     if name:
-        return DTYPES[name]
+        return getattr(torch, DTYPES[name])
     return torch.bfloat16 if device.type == "cuda" else torch.float32
 
 
@@ -72,6 +83,8 @@ class Progress:
 
 def write_png(path: str, rgb: torch.Tensor) -> None:
     """Writes an 8-bit RGB PNG from a uint8 tensor [H, W, 3] (no imaging library needed)."""
+    import torch
+
     if rgb.dtype != torch.uint8 or rgb.dim() != 3 or rgb.shape[2] != 3:
         raise ValueError("write_png wants a uint8 tensor [H, W, 3]")
     h, w, _ = rgb.shape
@@ -89,6 +102,8 @@ def write_png(path: str, rgb: torch.Tensor) -> None:
 def make_grid(images: torch.Tensor, pad: int = 2, cols: int | None = None) -> torch.Tensor:
     """images [N, 3, H, W] in [0, 1] -> uint8 [H', W', 3], `cols` per row (default
     ceil(sqrt(N))), image k in row k // cols."""
+    import torch
+
     n, _, h, w = images.shape
     cols = cols or math.ceil(math.sqrt(n))
     rows = math.ceil(n / cols)
@@ -104,6 +119,8 @@ def video_grid(videos: torch.Tensor, cols: int | None = None, scale: int = 1, pa
     """videos [N, F, C, H, W] in [0, 1] (C = 1 grey or 3 RGB) -> the frames of a grid
     video, uint8 [F, H', W', 3]: frame f shows frame f of every video, video k in
     row k // cols (make_grid), each pixel `scale` x `scale`."""
+    import torch
+
     if videos.dim() != 5 or videos.shape[2] not in (1, 3):
         raise ValueError(f"videos must be [N, F, C, H, W] with C = 1 or 3, got shape {list(videos.shape)}")
     v = videos.float()
@@ -158,6 +175,8 @@ def _lzw(indices: bytes, min_code_size: int = 8) -> bytes:
 def _gif_palette(frames: torch.Tensor) -> tuple[torch.Tensor, bytes]:
     """(palette indices uint8 [F, H, W], 256-entry RGB palette): 256 grey levels,
     exact, when every pixel is grey; else a fixed 3-3-2 bit RGB palette."""
+    import torch
+
     if bool((frames[..., 0] == frames[..., 1]).all() and (frames[..., 1] == frames[..., 2]).all()):
         return frames[..., 0].contiguous(), bytes(v for i in range(256) for v in (i, i, i))
     f = frames.to(torch.int32)
@@ -169,6 +188,8 @@ def _gif_palette(frames: torch.Tensor) -> tuple[torch.Tensor, bytes]:
 def gif_bytes(frames: torch.Tensor, fps: float = 8.0, loop: int = 0) -> bytes:
     """An animated GIF89a of uint8 RGB frames [F, H, W, 3], looping (`loop` = 0:
     forever), one frame every 1/fps s (GIF counts in 1/100 s)."""
+    import torch
+
     if frames.dtype != torch.uint8 or frames.dim() != 4 or frames.shape[3] != 3:
         raise ValueError(f"gif_bytes wants uint8 frames [F, H, W, 3], got {frames.dtype} {list(frames.shape)}")
     if not fps > 0:
@@ -190,6 +211,8 @@ def gif_bytes(frames: torch.Tensor, fps: float = 8.0, loop: int = 0) -> bytes:
 
 
 def _write_mp4(path: str, frames: torch.Tensor, fps: float) -> None:
+    import torch
+
     try:
         import imageio_ffmpeg
     except ImportError as e:
@@ -221,6 +244,8 @@ def write_video(path: str, frames: torch.Tensor, fps: float = 8.0) -> None:
     """Writes uint8 RGB frames [F, H, W, 3] as .gif (no imaging library needed) or
     .mp4 (needs the optional imageio-ffmpeg: pip install 'skipdit-fast[video]'),
     through a temporary file and a rename."""
+    import torch
+
     path = os.fspath(path)
     ext = os.path.splitext(path)[1].lower()
     if ext == ".gif":

@@ -7,14 +7,14 @@ import importlib.util
 import json
 import platform
 
-import torch
-
 from .. import __version__
-from ..ops import backends, defs, native, triton_ops
+
+# torch and the op layer are imported where they are used, not here: the command line
+# parses its arguments (and answers --help) before paying for them.
 
 # A representative query per op: typical DiT shapes; bf16 on GPU, fp32 on CPU.
 _FEATURES = {"skip_fuse": (1152, 1152), "attention": (72,), "cache_delta": ()}
-_DTYPE = {"cpu": torch.float32, "cuda": torch.bfloat16}
+_DTYPE = {"cpu": "float32", "cuda": "bfloat16"}
 
 
 def _triton_version() -> str | None:
@@ -35,6 +35,8 @@ def _merge(fwd: list[str], bwd: list[str]) -> str:
 
 def _status_without_gpu(op: str, name: str) -> str:
     """What a backend would do on a GPU, read off this machine's build."""
+    from ..ops import backends, defs, native, triton_ops
+
     if name == "reference":
         return "any device (no GPU here)"
     if name == "cpu":
@@ -55,6 +57,10 @@ def _status_without_gpu(op: str, name: str) -> str:
 
 
 def collect() -> dict:
+    import torch
+
+    from ..ops import backends, native, triton_ops
+
     info: dict = {
         "skipdit_fast": __version__,
         "python": platform.python_version(),
@@ -87,8 +93,9 @@ def collect() -> dict:
             if dev == "cuda" and not torch.cuda.is_available():
                 row["backends"] = {n: _status_without_gpu(op, n) for n in backends.BACKENDS}
             else:
-                q = backends.Query(op, torch.device(dev), _DTYPE[dev], False, _FEATURES[op])
-                qg = backends.Query(op, torch.device(dev), _DTYPE[dev], True, _FEATURES[op])
+                dtype = getattr(torch, _DTYPE[dev])
+                q = backends.Query(op, torch.device(dev), dtype, False, _FEATURES[op])
+                qg = backends.Query(op, torch.device(dev), dtype, True, _FEATURES[op])
                 fwd, bwd = backends.explain(q), backends.explain(qg)
                 row["backends"] = {n: _merge(fwd[n], bwd[n]) for n in backends.BACKENDS}
                 try:
@@ -114,7 +121,8 @@ def format_text(info: dict) -> str:
         b = lib["build"]
         lines.append(f"  built against torch {b.get('torch')} with {b.get('cxx')}, OpenMP {b.get('openmp')}")
         lines.append("  CUDA: " + (f"nvcc {b['cuda']}, archs {b.get('cuda_archs')}" if b.get("cuda")
-                                   else "not built (no nvcc or CPU-only torch at build time)"))
+                                   else "not built (no nvcc, a CPU-only torch, or an nvcc of another CUDA "
+                                   "major version than torch's at build time)"))
         k = lib.get("cuda_kernels")
         if k:
             lines.append(f"  CUDA kernels: {k['count']} for {', '.join(k['archs'])}; max {k['max_registers']} "

@@ -27,7 +27,10 @@ import math
 import os
 import sys
 
-import torch
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    import torch
 
 from .common import (DTYPES, VIDEO_FORMATS, Progress, default_dtype, device_from_arg, make_grid, video_grid,
                      write_png, write_video)
@@ -102,6 +105,8 @@ def decode_with_vae(latents: torch.Tensor, vae_path: str, device: torch.device, 
     `chunk` images (or frames of a video) per decode call so that memory stays
     bounded: images [N, 4, h, w] -> [N, 3, H, W], videos [N, F, 4, h, w] ->
     [N, F, 3, H, W] (a temporal decoder gets the frames of one video per call)."""
+    import torch
+
     if chunk < 1:
         raise ValueError(f"--vae-chunk must be >= 1, got {chunk}")
     cls, why = _diffusers_vae(vae_path)
@@ -158,6 +163,8 @@ def build_model(args, log=print):
 
 
 def main(args: argparse.Namespace) -> int:
+    import torch
+
     from ..cache import SkipCache
     from ..models import CheckpointError
     from ..sampling import sample

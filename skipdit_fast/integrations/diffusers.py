@@ -19,11 +19,15 @@ points only when needed; nothing generic imports it.
   SkipModel over its blocks (blocks 0..P-1 push, the last P pop, P = the blocks with a
   skip_linear: 19 of 40), and the model's forward becomes embed -> cache.run -> head.
 
-Each helper here mirrors one piece of diffusers 0.42.1 code. Before using it on a
-module, the code of the method it stands in for is fingerprinted (its AST without
-docstrings and annotations) and must match the 0.42.1 fingerprint recorded in
-MIRRORED: another diffusers version with other code there is left alone (patch) or
-refused (Skip-Cache) with a message that says so, never run with the wrong semantics.
+Each helper here mirrors one piece of diffusers code. Before using it on a module, the
+code of the function it stands in for is fingerprinted (its AST without docstrings,
+annotations and comments) and must match a fingerprint recorded in MIRRORED, each read
+off the releases it names: code that differs (another release, a subclass, a local
+change) is left alone (patch) or refused (Skip-Cache) with a message that says so,
+never run with the wrong semantics. Every release from SUPPORTED[0] to SUPPORTED[1]
+was fingerprinted (tools/diffusers_fingerprints.py; `make compat` runs it and the
+tests at both ends); the one difference in that range is apply_rotary_emb, which takes
+[B, S, H, D] (sequence_dim=1) from 0.35.0 on and [B, H, S, D] only before.
 """
 
 from __future__ import annotations
@@ -31,6 +35,7 @@ from __future__ import annotations
 import ast
 import functools
 import hashlib
+import importlib
 import inspect
 import textwrap
 
@@ -41,17 +46,36 @@ import torch.nn as nn
 from .common import (_CACHE, _RECORD, ATTENTION, SKIP_MERGE, Change, _has_hooks, _set_forward,
                      attention_head_dim_reason)
 
-TARGET_VERSION = "0.42.1"
+# The first release with all four model classes patched (LatteTransformer3DModel came
+# in 0.30.0) and the newest release; every release between was fingerprinted.
+SUPPORTED = ("0.30.0", "0.42.1")
 
-# name -> fingerprint of that method in diffusers 0.42.1 (fingerprint() below)
+# name -> {fingerprint (fingerprint() below): variant}; the comment says which releases
+# have that code. Functions are looked up where SOURCES says.
 MIRRORED = {
-    "AttnProcessor.__call__": "163252e6b6139fcb",
-    "AttnProcessor2_0.__call__": "de5b13d70ef535c3",
-    "FusedAttnProcessor2_0.__call__": "fc988485cb8c2903",
-    "HunyuanAttnProcessor2_0.__call__": "e3b6c2d3deeb2974",
-    "FusedHunyuanAttnProcessor2_0.__call__": "1b7b8458bc5bc283",
-    "HunyuanDiTBlock.forward": "f852d87fdc9bc90a",
-    "HunyuanDiT2DModel.forward": "014daff031caa22b",
+    "AttnProcessor.__call__": {"163252e6b6139fcb": "mirrored"},               # 0.30.0-0.42.1
+    "AttnProcessor2_0.__call__": {"de5b13d70ef535c3": "mirrored"},            # 0.30.0-0.42.1
+    "FusedAttnProcessor2_0.__call__": {"fc988485cb8c2903": "mirrored"},       # 0.30.0-0.42.1
+    "HunyuanAttnProcessor2_0.__call__": {"e3b6c2d3deeb2974": "mirrored"},     # 0.30.0-0.42.1
+    "FusedHunyuanAttnProcessor2_0.__call__": {"1b7b8458bc5bc283": "mirrored"},  # 0.30.0-0.42.1
+    "HunyuanDiTBlock.forward": {"f852d87fdc9bc90a": "mirrored"},              # 0.30.0-0.42.1
+    "HunyuanDiT2DModel.forward": {"014daff031caa22b": "mirrored"},            # 0.30.0-0.42.1
+    "apply_rotary_emb": {
+        "6d290b424e048f86": "sequence_dim",  # 0.35.0-0.42.1: q / k as [B, S, H, D] with sequence_dim=1
+        "84094b6a86bbd3b3": "bhsd",          # 0.30.0-0.34.0: [B, H, S, D] only
+    },
+}
+
+# where each mirrored function lives: (module, class or None)
+SOURCES = {
+    "AttnProcessor": ("diffusers.models.attention_processor", "AttnProcessor"),
+    "AttnProcessor2_0": ("diffusers.models.attention_processor", "AttnProcessor2_0"),
+    "FusedAttnProcessor2_0": ("diffusers.models.attention_processor", "FusedAttnProcessor2_0"),
+    "HunyuanAttnProcessor2_0": ("diffusers.models.attention_processor", "HunyuanAttnProcessor2_0"),
+    "FusedHunyuanAttnProcessor2_0": ("diffusers.models.attention_processor", "FusedHunyuanAttnProcessor2_0"),
+    "HunyuanDiTBlock": ("diffusers.models.transformers.hunyuan_transformer_2d", "HunyuanDiTBlock"),
+    "HunyuanDiT2DModel": ("diffusers.models.transformers.hunyuan_transformer_2d", "HunyuanDiT2DModel"),
+    "apply_rotary_emb": ("diffusers.models.embeddings", None),
 }
 
 
@@ -59,14 +83,32 @@ def version() -> str:
     return diffusers.__version__
 
 
+def _range() -> str:
+    return f"diffusers {SUPPORTED[0]} to {SUPPORTED[1]}"
+
+
+def installed(name: str):
+    """The installed diffusers' function for a MIRRORED name."""
+    owner, _, meth = name.partition(".")
+    module, cls = SOURCES[owner]
+    obj = importlib.import_module(module)
+    return getattr(getattr(obj, cls), meth) if cls else getattr(obj, owner)
+
+
 def fingerprint(fn) -> str | None:
     """sha256 (16 hex digits) of fn's source AST without its name, docstrings,
     annotations, comments or formatting; None when the source is not available."""
     try:
-        src = textwrap.dedent(inspect.getsource(fn))
+        src = inspect.getsource(fn)
     except (OSError, TypeError):
         return None
-    tree = ast.parse(src)
+    return fingerprint_source(src)
+
+
+def fingerprint_source(src: str) -> str:
+    """fingerprint() of one function given as source text (the function alone, any
+    indentation): what tools/diffusers_fingerprints.py reads off release archives."""
+    tree = ast.parse(textwrap.dedent(src))
     if tree.body and isinstance(tree.body[0], (ast.FunctionDef, ast.AsyncFunctionDef)):
         tree.body[0].name = "_"
     for node in ast.walk(tree):
@@ -83,22 +125,42 @@ def fingerprint(fn) -> str | None:
     return hashlib.sha256(ast.dump(tree, include_attributes=False).encode()).hexdigest()[:16]
 
 
+def variant(name: str, fn) -> str | None:
+    """The MIRRORED variant fn's code is, None when it is none of them."""
+    return MIRRORED[name].get(fingerprint(fn))
+
+
 def _mirrors(name: str, fn) -> bool:
-    return fingerprint(fn) == MIRRORED[name]
+    return variant(name, fn) is not None
 
 
 # ---------------------------------------------------------------------------------------
 # attention processors
 
-# fingerprint -> (name, fused projections, softmax scale from attn.scale, rotary embedding)
+# processor -> (fused projections, softmax scale from attn.scale, rotary embedding)
+PROCESSORS = {
+    "AttnProcessor": (False, True, False),
+    "AttnProcessor2_0": (False, False, False),
+    "FusedAttnProcessor2_0": (True, False, False),
+    "HunyuanAttnProcessor2_0": (False, False, True),
+    "FusedHunyuanAttnProcessor2_0": (True, False, True),
+}
+
+
 def _processor_kinds() -> dict[str, tuple[str, bool, bool, bool]]:
-    return {
-        MIRRORED["AttnProcessor.__call__"]: ("AttnProcessor", False, True, False),
-        MIRRORED["AttnProcessor2_0.__call__"]: ("AttnProcessor2_0", False, False, False),
-        MIRRORED["FusedAttnProcessor2_0.__call__"]: ("FusedAttnProcessor2_0", True, False, False),
-        MIRRORED["HunyuanAttnProcessor2_0.__call__"]: ("HunyuanAttnProcessor2_0", False, False, True),
-        MIRRORED["FusedHunyuanAttnProcessor2_0.__call__"]: ("FusedHunyuanAttnProcessor2_0", True, False, True),
-    }
+    """fingerprint -> (name, fused projections, softmax scale from attn.scale, rotary embedding)"""
+    return {fp: (name, *flags) for name, flags in PROCESSORS.items() for fp in MIRRORED[f"{name}.__call__"]}
+
+
+def _rotary(x, emb, rope: str):
+    """diffusers' own apply_rotary_emb on x [B, S, H, D] (a view); rope is its MIRRORED variant."""
+    from diffusers.models.embeddings import apply_rotary_emb
+
+    if rope == "sequence_dim":
+        return apply_rotary_emb(x, emb, sequence_dim=1)
+    # releases before 0.35 rotate [B, H, S, D] only: the same elementwise product on the
+    # transposed view, transposed back (the op takes strided q / k)
+    return apply_rotary_emb(x.transpose(1, 2), emb).transpose(1, 2)
 
 
 def _attend(proc, attn, hidden_states, encoder_hidden_states, temb, image_rotary_emb):
@@ -133,11 +195,9 @@ def _attend(proc, attn, hidden_states, encoder_hidden_states, temb, image_rotary
     if attn.norm_k is not None:
         k = attn.norm_k(k)
     if image_rotary_emb is not None:
-        from diffusers.models.embeddings import apply_rotary_emb
-
-        q = apply_rotary_emb(q, image_rotary_emb, sequence_dim=1)
+        q = _rotary(q, image_rotary_emb, proc.rope)
         if not attn.is_cross_attention:
-            k = apply_rotary_emb(k, image_rotary_emb, sequence_dim=1)
+            k = _rotary(k, image_rotary_emb, proc.rope)
     o = proc.runner.attention(q, k, v, attn.scale if proc.attn_scale else None)
     hidden_states = o.reshape(B, -1, H * dh).to(q.dtype)
     hidden_states = attn.to_out[0](hidden_states)
@@ -154,7 +214,7 @@ class SkipditAttnProcessor:
     for AttnProcessor / AttnProcessor2_0 / FusedAttnProcessor2_0 (`original`), which
     still serves calls with an attention mask."""
 
-    def __init__(self, original, runner, *, fused: bool, attn_scale: bool, rope: bool = False):
+    def __init__(self, original, runner, *, fused: bool, attn_scale: bool, rope: str | None = None):
         self.original, self.runner = original, runner
         self.fused, self.attn_scale, self.rope = fused, attn_scale, rope
         self.served = self.delegated = 0
@@ -215,11 +275,11 @@ def _attention_module(name, attn, runner, report, pending) -> None:
         report.leave(name, ATTENTION, reason)
 
     if kind is None:
-        known = ", ".join(v[0] for v in kinds.values())
+        known = ", ".join(PROCESSORS)
         pname = type(proc).__name__
-        if pname in {v[0] for v in kinds.values()}:
-            skip(f"processor {pname} of diffusers {version()} differs from the {TARGET_VERSION} code "
-                 f"skipdit_fast mirrors")
+        if pname in PROCESSORS:
+            skip(f"processor {pname} of diffusers {version()} differs from the code skipdit_fast mirrors "
+                 f"({pname}.__call__ of {_range()})")
         else:
             skip(f"processor {pname}: not one skipdit_fast stands in for ({known})")
         return
@@ -234,11 +294,14 @@ def _attention_module(name, attn, runner, report, pending) -> None:
         return skip(why)
     if not (_qk_norm_ok(attn.norm_q, dh) and _qk_norm_ok(attn.norm_k, dh)):
         return skip(f"QK-norm {type(attn.norm_q).__name__} is not a per-head LayerNorm / RMSNorm / LpNorm")
-    if rope and "sequence_dim" not in inspect.signature(
-            __import__("diffusers.models.embeddings", fromlist=["x"]).apply_rotary_emb).parameters:
-        return skip("this diffusers' apply_rotary_emb has no sequence_dim (BSHD) argument")
+    rope_variant = None
+    if rope:
+        rope_variant = variant("apply_rotary_emb", installed("apply_rotary_emb"))
+        if rope_variant is None:
+            return skip(f"apply_rotary_emb of diffusers {version()} differs from the code skipdit_fast mirrors "
+                        f"({_range()})")
     cls = SkipditHunyuanAttnProcessor if rope else SkipditAttnProcessor
-    ours = cls(proc, runner, fused=fused, attn_scale=attn_scale, rope=rope)
+    ours = cls(proc, runner, fused=fused, attn_scale=attn_scale, rope=rope_variant)
     pending[attn] = (name, ours)
     p = attn.to_out[0].weight if attn.to_out is not None else next(attn.parameters())
     detail = "cross" if attn.is_cross_attention else "self"
@@ -258,7 +321,7 @@ def _attention_module(name, attn, runner, report, pending) -> None:
 
 def _hunyuan_block_forward(self, hidden_states, encoder_hidden_states=None, temb=None, image_rotary_emb=None,
                            skip=None):
-    """HunyuanDiTBlock.forward (diffusers 0.42.1) with the long-skip merge on ops.skip_fuse."""
+    """HunyuanDiTBlock.forward (diffusers 0.30.0-0.42.1) with the long-skip merge on ops.skip_fuse."""
     if self.skip_linear is not None:
         n, lin = self.skip_norm, self.skip_linear
         x = hidden_states if hidden_states.stride(-1) == 1 else hidden_states.contiguous()
@@ -279,8 +342,8 @@ def _hunyuan_block(name, m, runner, report) -> bool:
         return report.leave(name, SKIP_MERGE, reason)
 
     if not _mirrors("HunyuanDiTBlock.forward", type(m).forward):
-        return skip(f"{type(m).__name__}.forward of diffusers {version()} differs from the {TARGET_VERSION} "
-                    "HunyuanDiTBlock.forward skipdit_fast mirrors")
+        return skip(f"{type(m).__name__}.forward of diffusers {version()} differs from the "
+                    f"HunyuanDiTBlock.forward skipdit_fast mirrors ({_range()})")
     if "forward" in m.__dict__:
         return skip("its forward was already replaced (another library's hooks)")
     why = _has_hooks(norm) or _has_hooks(lin)
@@ -337,16 +400,15 @@ class Walk:
 
     def finish(self, root: nn.Module) -> None:
         """Sets the chosen processors: set_attn_processor on each outermost model with
-        diffusers' AttentionMixin (with every processor, the others unchanged), and
+        diffusers' processor API (with every processor, the others unchanged), and
         set_processor on attention modules outside such a model."""
         pending = self.pending
         if not pending:
             return
-        try:
-            from diffusers.models.attention import AttentionMixin
-        except ImportError:
-            AttentionMixin = ()
-        mixins = [m for m in root.modules() if isinstance(m, AttentionMixin) and hasattr(m, "set_attn_processor")]
+        # diffusers' processor API: from AttentionMixin since 0.35, defined on each model
+        # class (HunyuanDiT2DModel, PixArtTransformer2DModel, ...) before
+        mixins = [m for m in root.modules()
+                  if isinstance(getattr(type(m), "attn_processors", None), property) and hasattr(m, "set_attn_processor")]
         inner = {id(c) for m in mixins for c in m.modules() if c is not m}
         done = set()
         for model in (m for m in mixins if id(m) not in inner):
@@ -445,7 +507,7 @@ class HunyuanSkipModel:
 def _hunyuan_cached_forward(self, hidden_states, timestep, encoder_hidden_states=None, text_embedding_mask=None,
                             encoder_hidden_states_t5=None, text_embedding_mask_t5=None, image_meta_size=None,
                             style=None, image_rotary_emb=None, controlnet_block_samples=None, return_dict=True):
-    """HunyuanDiT2DModel.forward (diffusers 0.42.1) with its block loop run by the SkipCache."""
+    """HunyuanDiT2DModel.forward (diffusers 0.30.0-0.42.1) with its block loop run by the SkipCache."""
     hook = self.__dict__[_CACHE]
     adapter = hook.adapter
     height, width = hidden_states.shape[-2:]
@@ -481,8 +543,8 @@ def enable_cache(model: nn.Module, hook) -> None:
     if not hasattr(model, "blocks") or not _mirrors("HunyuanDiT2DModel.forward", type(model).forward):
         if type(model).__name__ == "HunyuanDiT2DModel" or hasattr(model, "blocks"):
             raise ValueError(f"{type(model).__name__}.forward of diffusers {version()} differs from the "
-                             f"{TARGET_VERSION} HunyuanDiT2DModel.forward that skipdit_fast's Skip-Cache mirrors "
-                             f"(pin diffusers=={TARGET_VERSION})")
+                             "HunyuanDiT2DModel.forward that skipdit_fast's Skip-Cache mirrors "
+                             f"({_range()}, verified release by release)")
         raise ValueError(f"enable_skip_cache: {type(model).__name__} is not a diffusers model skipdit_fast can "
                          "drive with Skip-Cache (HunyuanDiT2DModel)")
     if "forward" in model.__dict__:

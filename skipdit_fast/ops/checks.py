@@ -146,6 +146,9 @@ def check_attention_backward(op, grad_out, q, k, v, out, lse, scale):
 
 
 def check_cache_delta(op, a, b):
+    # Reads like check_skip_fuse's x / skip checks on purpose: each check function
+    # states its op's checks in the order and words of its C++ twin in csrc/ops.cpp
+    # (the same bad input gets the same message from every backend).
     _float(op, "a", a)
     _last_contig(op, "a", a)
     _last_contig(op, "b", b)

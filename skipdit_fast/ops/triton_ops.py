@@ -11,8 +11,10 @@ that runs the same Triton code in Triton's interpreter.
 from __future__ import annotations
 
 import importlib
+import importlib.metadata
 import importlib.util
 import os
+import re
 
 import torch
 
@@ -21,9 +23,31 @@ def interpreting() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 
-def triton_missing_reason() -> str | None:
+def triton_version() -> str | None:
+    """The installed triton's version, read without importing it; None without triton."""
     if importlib.util.find_spec("triton") is None:
+        return None
+    for dist in ("triton", "pytorch-triton"):
+        try:
+            return importlib.metadata.version(dist)
+        except importlib.metadata.PackageNotFoundError:
+            pass
+    import triton
+
+    return triton.__version__
+
+
+def triton_missing_reason() -> str | None:
+    """Why the Triton kernels cannot run with this installation, or None."""
+    from ..kernels.limits import MIN_TRITON
+
+    v = triton_version()
+    if v is None:
         return "triton is not installed"
+    have = tuple(int(p) for p in re.findall(r"\d+", v)[:2])
+    if have < MIN_TRITON:
+        return (f"triton {v} is older than {'.'.join(map(str, MIN_TRITON))}, the oldest the kernels support "
+                "(a newer torch brings a newer triton)")
     return None
 
 
