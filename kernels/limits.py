@@ -10,12 +10,15 @@ from __future__ import annotations
 import torch
 
 SKIP_FUSE_MIN_D, SKIP_FUSE_MAX_D = 64, 4096
-# The oldest triton the kernels run on: 3.6, the GPU test machine's (tools/gpu_check.sh;
-# `make compat` COMPAT_ENVS=gpu runs the interpreter and AOT tests on it); CI tests 3.8,
-# `make compat` also 3.9. Triton 3.2, which torch 2.6 brings, fails them (tl.dot needs
-# M, N, K >= 16; its interpreter cannot permute 3-D blocks): with a triton older than
-# this the triton backend is unavailable, with the reason.
+# The oldest triton the kernels run on: 3.6, the GPU test machine's (tools/gpu_check.sh).
+# `make compat` COMPAT_ENVS=gpu compiles every AOT spec with triton 3.6 for sm_80 and sm_90
+# (0 spills), but 3.6's interpreter cannot run them (it passes runtime ints and program
+# ids as 1-element arrays, which Python's range() in the kernels' loops refuses): CPU
+# tensors through the interpreter (TRITON_INTERPRET=1) need 3.8, what CI tests. Triton
+# 3.2, which torch 2.6 brings, fails them (tl.dot needs M, N, K >= 16). With an older
+# triton the triton backend is unavailable, with the reason.
 MIN_TRITON = (3, 6)
+MIN_TRITON_INTERPRETER = (3, 8)
 _INTERPRETER_BF16 = ("Triton's interpreter computes bf16 tl.dot wrongly (DESIGN.md 5.4; "
                      "CPU tensors run interpreted)")
 

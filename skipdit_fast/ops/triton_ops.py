@@ -39,14 +39,16 @@ def triton_version() -> str | None:
 
 def triton_missing_reason() -> str | None:
     """Why the Triton kernels cannot run with this installation, or None."""
-    from ..kernels.limits import MIN_TRITON
+    from ..kernels.limits import MIN_TRITON, MIN_TRITON_INTERPRETER
 
     v = triton_version()
     if v is None:
         return "triton is not installed"
     have = tuple(int(p) for p in re.findall(r"\d+", v)[:2])
-    if have < MIN_TRITON:
-        return (f"triton {v} is older than {'.'.join(map(str, MIN_TRITON))}, the oldest the kernels support "
+    floor, what = (MIN_TRITON_INTERPRETER, "the kernels in Triton's interpreter (TRITON_INTERPRET=1)") \
+        if interpreting() else (MIN_TRITON, "the kernels")
+    if have < floor:
+        return (f"triton {v} is older than {'.'.join(map(str, floor))}, the oldest {what} support "
                 "(a newer torch brings a newer triton)")
     return None
 
