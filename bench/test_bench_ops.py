@@ -16,7 +16,7 @@ import pytest
 import torch
 
 from skipdit_fast.ops import backends
-from skipdit_fast.benchmark import SPECS, Runner, _elem
+from skipdit_fast.benchmark import SPECS, BenchRunner, elem_size
 
 DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
 DTYPE = torch.bfloat16 if DEVICE.type == "cuda" else torch.float32
@@ -44,13 +44,13 @@ def test_op(benchmark, op, case, backend, direction):
     if backend == "triton" and DEVICE.type == "cpu":
         pytest.skip("Triton on CPU tensors is the interpreter: not timed")
     inputs = spec.make(case.params, DEVICE, DTYPE, direction == "fwd+bwd")
-    step = Runner._step(spec.ours, direction)
+    step = BenchRunner._step(spec.ours, direction)
 
     def run():
         step(inputs)
         _sync()
 
-    flops, nbytes = spec.cost(case.params, direction, _elem(DTYPE))
+    flops, nbytes = spec.cost(case.params, direction, elem_size(DTYPE))
     benchmark.extra_info.update(op=op, shape=case.label, backend=backend, direction=direction,
                                 dtype=str(DTYPE), flops=flops, bytes=nbytes, device=str(DEVICE))
     with backends.use_backend(**{op: backend}):

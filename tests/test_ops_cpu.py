@@ -170,7 +170,8 @@ def test_skip_fuse_cpu_peak_memory_forward():
     """Issue 3 (CPU): no (M, 2D) temporary. The kernel normalizes row chunks into one
     buffer of at most CPU_SKIP_FUSE_CHUNK_BYTES; here the (M, 2D) tensor would be 48 MiB,
     eager holds the concatenation and its normalized copy (96 MiB) on top of the output."""
-    from skipdit_fast.benchmark import CPU_SKIP_FUSE_CHUNK_BYTES, peak_memory_bytes
+    from skipdit_fast.benchmark import peak_memory_bytes
+    from skipdit_fast.ops.native import CPU_SKIP_FUSE_CHUNK_BYTES
 
     M, D = 16384, 384
     x, s, nw, nb, w, b = _skip_fuse_args(M, D)
@@ -188,6 +189,7 @@ def test_skip_fuse_cpu_peak_memory_backward():
     gradient straight into grad_x / grad_skip: its temporaries stay bounded (two chunk
     buffers and the weight-sized partial sums) as M grows, below one (M, 2D) tensor."""
     from skipdit_fast.benchmark import peak_memory_bytes
+    from skipdit_fast.ops.native import CPU_SKIP_FUSE_BWD_CHUNK_BYTES
 
     M, D = 32768, 384
     x, s, nw, nb, w, b = _skip_fuse_args(M, D)
@@ -196,5 +198,5 @@ def test_skip_fuse_cpu_peak_memory_backward():
     cat_bytes = M * 2 * D * 4
     temp = peak_memory_bytes(torch.device("cpu"), lambda: torch.ops.skipdit.skip_fuse_backward(
         g, x, s, nw, nb, w, b, 1e-6)) - grads_bytes
-    assert 0 < temp <= 2 * (24 << 20) + 8 * D * 2 * D * 4, temp
+    assert 0 < temp <= 2 * CPU_SKIP_FUSE_BWD_CHUNK_BYTES + 8 * D * 2 * D * 4, temp
     assert temp < cat_bytes

@@ -16,6 +16,13 @@ _PACKAGE = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))  # skipdi
 LIBRARY_PATH = os.path.join(_PACKAGE, "_C.so")
 PTXAS_REPORT_PATH = os.path.join(_PACKAGE, "_C.ptxas.txt")
 
+# The row-chunk buffers of the C++ CPU skip_fuse kernel (csrc/cpu/skip_fuse.cpp:
+# kFwdChunkBytes, kBwdChunkBytes): its temporaries stay within them at every M. Stated
+# here once, for the tests and the benchmark, until build_info() exports them under
+# "constants".
+CPU_SKIP_FUSE_CHUNK_BYTES = 16 << 20
+CPU_SKIP_FUSE_BWD_CHUNK_BYTES = 24 << 20
+
 _load_error: str | None = None
 _loaded = False
 
