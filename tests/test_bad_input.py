@@ -9,7 +9,7 @@ import torch
 import skipdit_fast as sf
 from skipdit_fast.ops import triton_ops
 
-BACKENDS = ["cpu", "reference"] + (["triton"] if triton_ops.interpreting() else [])
+BACKENDS = ["auto", "cpu", "reference", "torch"] + (["triton"] if triton_ops.interpreting() else [])
 
 
 def _good(D=8):

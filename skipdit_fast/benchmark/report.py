@@ -60,7 +60,7 @@ def _short(msg: str, n: int = 160) -> str:
 
 def format_table(rows: list[dict], floor_col: bool = False) -> str:
     """A markdown table of benchmark rows (one op and direction)."""
-    extra = [k for k in ("vs_compile", "vs_sdpa") if any(k in r for r in rows)]
+    extra = [k for k in ("vs_compile", "vs_sdpa", "vs_best_backend") if any(k in r for r in rows)]
     head = ["shape", "impl", "median", "IQR", "p10-p90", "rate", "% roofline", "peak mem", "vs eager"]
     head += [k.replace("_", " ") for k in extra] + ["vs best"]
     if floor_col:
@@ -75,7 +75,7 @@ def format_table(rows: list[dict], floor_col: bool = False) -> str:
             pct = f"{r['pct_roofline']:.0f}%"
         else:
             rate = pct = "-"
-        name = r["impl"] + (f" ({r['note']})" if r.get("note") and r["impl"] == "sdpa" else "")
+        name = r["impl"] + (f" ({r['note']})" if r.get("note") and r["impl"] in ("sdpa", "auto") else "")
         if r.get("mismatch"):
             name += " MISMATCH"
         if r.get("impl") == r.get("best_competitor"):
@@ -89,8 +89,9 @@ def format_table(rows: list[dict], floor_col: bool = False) -> str:
 
 
 def check_targets(result: dict) -> list[dict]:
-    """The DESIGN.md section 6 (and issue 3/4) targets this run can judge, per backend of
-    ours: {"target", "backend", "value", "ok"} (value is the worst case over the shapes)."""
+    """The DESIGN.md section 6 (and issue 3/4/12) targets this run can judge, per backend
+    of ours, and auto against its candidates: {"target", "backend", "value", "ok"}
+    (value is the worst case over the shapes)."""
     rows, out = result["rows"], []
     gpu = result["env"]["device"]["type"] == "cuda"
     bf16 = result["settings"]["dtype"] == "bfloat16"
@@ -132,6 +133,12 @@ def check_targets(result: dict) -> list[dict]:
                 "at every M (no (M, 2D) tensor beyond that), MiB", b,
                 sfm, "temp_MiB", max, CPU_SKIP_FUSE_CHUNK_BYTES / (1 << 20),
                 ge=False)
+    # issue 12: auto within 3% of the fastest single backend (its candidates) on every row
+    for op in OPS:
+        for direction in ("fwd", "fwd+bwd"):
+            sel = [r for r in rows if r["op"] == op and r["direction"] == direction and r["impl"] == "auto"]
+            add(f"{op} {direction}: auto >= 0.97x the fastest single backend", "auto", sel, "vs_best_backend",
+                min, 0.97)
     for d in result.get("dispatch") or []:
         if "extra_vs_direct_us" in d:
             out.append({"target": f"dispatch overhead of ops.{d['op']}: <= 5 us", "backend": "auto",
@@ -161,14 +168,16 @@ def format_targets(items: list[dict]) -> str:
 
 
 def format_dispatch(rows: list[dict]) -> str:
-    lines = ["| op | skipdit_fast.ops | torch.ops.skipdit (direct) | extra (target <= 5 us) | ATen call of similar cost | ops - ATen |",
-             "|---|---|---|---|---|---|"]
+    lines = ["| op | first call (auto measures) | auto chose | skipdit_fast.ops, decided | the chosen backend, "
+             "direct | extra (target <= 5 us) | ATen call of similar cost | ops - ATen |",
+             "|---|---|---|---|---|---|---|---|"]
     for r in rows:
         if "error" in r:
-            lines.append(f"| {r['op']} | error: {r['error']} | | | | |")
+            lines.append(f"| {r['op']} | error: {r['error']} | | | | | | |")
             continue
         ok = "ok" if r["meets_target"] else "OVER"
-        lines.append(f"| {r['op']} | {r['ops_us']:.1f} us | {r['direct_op_us']:.1f} us | "
+        lines.append(f"| {r['op']} | {_fmt_time(r.get('first_call_ms'))} | {r.get('backend', '-')} | "
+                     f"{r['ops_us']:.1f} us | {r['direct_op_us']:.1f} us | "
                      f"{r['extra_vs_direct_us']:+.1f} us ({ok}) | {r['aten_call']}: {r['aten_us']:.1f} us | "
                      f"{r['extra_vs_aten_us']:+.1f} us |")
     return "\n".join(lines)

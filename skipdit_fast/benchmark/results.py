@@ -8,41 +8,21 @@ import json
 import os
 import platform
 import re
-import subprocess
 import sys
 
 import torch
 
+from ..ops.decisions import cpu_name, run_git
 from .report import format_report, write_plot
 
 # ---------------------------------------------------------------------------
 # environment
 
 def git_info() -> dict:
-    root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-
-    def git(*a):
-        try:
-            r = subprocess.run(["git", "-C", root, *a], capture_output=True, text=True, timeout=10)
-            return r.stdout.strip() if r.returncode == 0 else None
-        except (OSError, subprocess.TimeoutExpired):
-            return None
-
-    commit = git("rev-parse", "HEAD")
-    status = git("status", "--porcelain", "--untracked-files=no")
-    return {"commit": commit, "branch": git("rev-parse", "--abbrev-ref", "HEAD"),
+    commit = run_git("rev-parse", "HEAD")
+    status = run_git("status", "--porcelain", "--untracked-files=no")
+    return {"commit": commit, "branch": run_git("rev-parse", "--abbrev-ref", "HEAD"),
             "dirty": bool(status) if status is not None else None}
-
-
-def _cpu_name() -> str:
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
 
 
 def environment(device: torch.device) -> dict:
@@ -56,7 +36,7 @@ def environment(device: torch.device) -> dict:
                    sm_count=p.multi_processor_count, memory_bytes=p.total_memory,
                    l2_bytes=int(getattr(p, "L2_cache_size", 0) or 0))
     else:
-        dev.update(name=_cpu_name(), cores=os.cpu_count(), torch_threads=torch.get_num_threads())
+        dev.update(name=cpu_name(), cores=os.cpu_count(), torch_threads=torch.get_num_threads())
     versions = {"python": platform.python_version(), "torch": torch.__version__,
                 "cuda": torch.version.cuda, "skipdit_fast": __version__}
     try:

@@ -16,6 +16,7 @@ from typing import Any, Callable
 import torch
 import torch.nn.functional as F
 
+from ..ops.reference import sdpa_bshd
 from .cases import SPECS, Case, InputSet, elem_size, set_bytes
 from .report import _fmt_ratio, _fmt_time, _short
 from .timing import Timer, n_sets_for, peak_memory_bytes, summarize
@@ -48,7 +49,7 @@ class Row:
     that does not run here)."""
 
     name: str
-    kind: str  # eager | compile | ours | sdpa | floor
+    kind: str  # eager | compile | sdpa | floor | torch (our torch backend) | ours | auto
     fn: Callable | None = None  # args -> output
     ctx: Callable[[], Any] = contextlib.nullcontext
     sets: Callable | None = None  # (case, direction) -> list[InputSet]; None: the shared sets
@@ -79,10 +80,8 @@ def _sdpa_backends():
     return out
 
 
-def _sdpa_call(args, scale=None):
-    q, k, v = args
-    o = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), scale=scale)
-    return o.transpose(1, 2).contiguous()  # the op's contract: contiguous BSHD
+def _sdpa_call(args):
+    return sdpa_bshd(*args, None)  # the op's contract: contiguous BSHD out (what the torch backend runs)
 
 
 def sdpa_choice(args) -> str | None:
@@ -149,10 +148,13 @@ class BenchRunner:
             if name == "triton" and self.device.type == "cpu" and not why:
                 why = ["Triton on CPU tensors runs in the interpreter (TRITON_INTERPRET=1): "
                        "a correctness tool, not timed"]
-            impl = Row(name, "ours", spec.ours, backend=name,
-                        ctx=(lambda n=name: backends.use_backend(**{spec.op: n})),
-                        reason="; ".join(why) if why else None)
-            out.append(impl)
+            out.append(Row(name, "torch" if name == "torch" else "ours", spec.ours, backend=name,
+                           ctx=(lambda n=name: backends.use_backend(**{spec.op: n})),
+                           reason="; ".join(why) if why else None))
+        # `auto`: measures its candidates on its first call (the tuner of this run has no
+        # cache file: bench.run), then runs its choice
+        out.append(Row("auto", "auto", spec.ours, backend="auto",
+                       ctx=lambda: backends.use_backend(**{spec.op: "auto"})))
         return out
 
     def _compile_rows(self, spec, case, direction) -> list[Row]:
@@ -383,6 +385,25 @@ class BenchRunner:
         finally:
             self._sync_quietly()
 
+    def _auto_decision(self, row: dict) -> None:
+        """The decision the auto row ran: its backend, the tuning time, the ratio vs torch."""
+        from ..ops import autotune, backends
+
+        spec = SPECS[row["op"]]
+        q = backends.Query(row["op"], self.device, self.dtype, row["direction"] == "fwd+bwd",
+                           spec.query_features(row["params"]),
+                           tuple(backends.bucket(n) for n in spec.query_sizes(row["params"])))
+        try:
+            d = autotune.TUNER.lookup(q, backends.candidates(q))
+        except backends.BackendError:
+            d = None
+        if d is None:
+            row["note"] = "auto: no measured decision (static order)"
+            return
+        row["chosen"] = d.backend
+        row["tune_s"] = round(d.tune_s, 3)
+        row["note"] = f"-> {d.backend}, measured in {d.tune_s:.2f} s"
+
     def _sync_quietly(self) -> None:
         if self.device.type == "cuda":
             try:
@@ -415,8 +436,10 @@ class BenchRunner:
             row["backend"] = impl.backend
         if impl.note:
             row["note"] = impl.note
-        if impl.kind == "compile":
+        if impl.kind in ("compile", "auto"):
             row["first_call_s"] = round(p["first_s"], 3)
+        if impl.kind == "auto":
+            self._auto_decision(row)
         if impl.kind != "floor" and ref_out is not None:
             err = (p["first"].float() - ref_out).abs().max().item()
             scale = ref_out.abs().max().item() or 1.0
@@ -445,7 +468,12 @@ def add_ratios(case_rows: list[dict]) -> None:
         rows = [r for r in case_rows if r["kind"] == kind]
         if rows:
             fastest[kind] = min(r["median_ms"] for r in rows)
+    backends_ = [r for r in case_rows if r["kind"] in ("ours", "torch")]
+    best_backend = min(backends_, key=lambda r: r["median_ms"]) if backends_ else None
     for r in case_rows:
+        if r["kind"] == "auto" and best_backend is not None:
+            r["vs_best_backend"] = best_backend["median_ms"] / r["median_ms"]
+            r["best_backend"] = best_backend["impl"]
         r["vs_eager"] = eager["median_ms"] / r["median_ms"] if eager else None
         for kind, t in fastest.items():
             r[f"vs_{kind}"] = t / r["median_ms"]
