@@ -474,6 +474,8 @@ def add_ratios(case_rows: list[dict]) -> None:
         if r["kind"] == "auto" and best_backend is not None:
             r["vs_best_backend"] = best_backend["median_ms"] / r["median_ms"]
             r["best_backend"] = best_backend["impl"]
+            if r.get("chosen") in by:  # the choice alone, without the auto row's own timing noise
+                r["choice_vs_best"] = best_backend["median_ms"] / by[r["chosen"]]["median_ms"]
         r["vs_eager"] = eager["median_ms"] / r["median_ms"] if eager else None
         for kind, t in fastest.items():
             r[f"vs_{kind}"] = t / r["median_ms"]
