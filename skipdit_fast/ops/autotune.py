@@ -45,7 +45,7 @@ from .decisions import Decision, DecisionFile, Result, device_name, dtype_name, 
 TOL = {torch.float64: 1e-10, torch.float32: 1e-5, torch.float16: 2e-3, torch.bfloat16: 1e-2}
 # timing budget per decision (all candidates together), and the rounds it buys
 TIME_BUDGET_S = {"cuda": 0.05, "cpu": 0.3}
-MIN_ROUNDS, MAX_ROUNDS = 3, 40
+MIN_ROUNDS, MAX_ROUNDS = 5, 40
 MIN_SAMPLE_S = {"cuda": 1e-4, "cpu": 5e-4}   # calls batched so that one sample takes at least this
 
 Timer = Callable[[dict[str, Callable[[], Any]], torch.device], dict[str, float]]
