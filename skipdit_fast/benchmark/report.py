@@ -227,7 +227,7 @@ def format_report(result: dict) -> str:
             out.append("")
     tg = check_targets(result)
     if tg:
-        out.append("### targets (DESIGN.md section 6, issues 3-4)")
+        out.append("### targets (DESIGN.md section 6, issues 3-4 and 12)")
         out.append("")
         out.append(format_targets(tg))
         out.append("")
