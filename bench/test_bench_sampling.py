@@ -1,7 +1,6 @@
 """End-to-end sampling benchmark (pytest-benchmark): Skip-DiT with and without
 Skip-Cache, with our kernels (backend auto) and with the eager reference ops, through
-skipdit_fast.diffusion.sample. Skipped, with the reason, while skipdit_fast.models /
-skipdit_fast.diffusion are not there.
+skipdit_fast.sampling.diffusion.sample.
 
 On a GPU: DiT-XL/2-skip, 256 px, batch 8 + CFG, bf16 (the DESIGN.md section 6 target
 row); on the CPU: DiT-S/4-skip at 128 px (16 tokens per image), batch 2 + CFG, fp32."""
@@ -12,7 +11,9 @@ import pytest
 import torch
 
 from skipdit_fast.ops import backends
-from skipdit_fast.benchmark import _resolve_sampling_api, sampling_configs, sampling_model
+from skipdit_fast.benchmark import sampling_configs, sampling_model
+from skipdit_fast.models import DiT
+from skipdit_fast.sampling.diffusion import sample
 
 DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
 DTYPE = torch.bfloat16 if DEVICE.type == "cuda" else torch.float32
@@ -23,10 +24,7 @@ BATCH = 8 if DEVICE.type == "cuda" else 2
 
 @pytest.fixture(scope="module")
 def api():
-    from_name, sample, why = _resolve_sampling_api()
-    if why:
-        pytest.skip(why)
-    model = from_name(MODEL, image_size=IMAGE_SIZE).to(device=DEVICE, dtype=DTYPE).eval()
+    model = DiT.from_name(MODEL, image_size=IMAGE_SIZE).to(device=DEVICE, dtype=DTYPE).eval()
     return model, sample
 
 

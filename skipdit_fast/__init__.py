@@ -32,6 +32,7 @@ _EXPORTS = {
     "get_backend": ("skipdit_fast.ops.backends", "get_backend"),
     "set_backend": ("skipdit_fast.ops.backends", "set_backend"),
     "use_backend": ("skipdit_fast.ops.backends", "use_backend"),
+    "tune": ("skipdit_fast.ops.tuning", "tune"),
     "reference": ("skipdit_fast.ops.reference", None),
     "DiT": ("skipdit_fast.models", "DiT"),
     "DiTConfig": ("skipdit_fast.models", "DiTConfig"),

@@ -7,6 +7,12 @@ import torch
 
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
+# `auto`'s decisions (skipdit_fast.ops.autotune) go to a cache file: the suite writes its
+# own, never the user's ~/.cache/skipdit_fast (subprocesses inherit it).
+if "SKIPDIT_FAST_CACHE_DIR" not in os.environ:
+    import tempfile
+
+    os.environ["SKIPDIT_FAST_CACHE_DIR"] = tempfile.mkdtemp(prefix="skipdit-autotune-tests-")
 # The interpreter runs tl.dot through numpy: a multithreaded BLAS on a small shared
 # machine makes those tiny matmuls many times slower.
 os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")

@@ -9,8 +9,8 @@ import torch
 import skipdit_fast as sf
 from skipdit_fast.ops import triton_ops
 
-BACKENDS = ["cpu", "reference"] + (["triton"] if triton_ops.interpreting() and triton_ops.triton_missing_reason()
-                                    is None else [])
+BACKENDS = ["auto", "cpu", "reference", "torch"] + (["triton"] if triton_ops.interpreting()
+                                                    and triton_ops.triton_missing_reason() is None else [])
 
 
 def _good(D=8):

@@ -11,13 +11,11 @@ import math
 from dataclasses import replace
 from pathlib import Path
 
-import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
 from helpers import rel_err
 
-import skipdit_fast
 from skipdit_fast import SkipCache, enable_skip_cache, disable_skip_cache, patch, unpatch
 from skipdit_fast.cache import CACHED, FULL
 from skipdit_fast.cache.baselines import CachedModel, ForaCache

@@ -27,6 +27,10 @@ SUBSTITUTIONS = [
      "a small model of the same family: DiT-XL/2 takes minutes per step on 2 CPU cores"),
     ('.load_checkpoint("DiT-XL-2-skip.pt")', ".load_checkpoint(CHECKPOINT)",
      "a temporary checkpoint of random weights of that model, written as an official .pt state dict"),
+    ('Latte.from_name("Latte-XL/2-skip"', 'Latte.from_name("Latte-S/8-skip"',
+     "a small Latte-skip of the same layout (16 frames, 32x32 latents: 16 tokens a frame)"),
+    ('.load_checkpoint("UCF101-skip.pt")', ".load_checkpoint(CHECKPOINT)",
+     "a temporary checkpoint of random weights of that model"),
     ("steps=250", "steps=2", "two sampling steps: one full, one cached (interval 2)"),
     ('HunyuanDiTPipeline.from_pretrained("Tencent-Hunyuan/HunyuanDiT-v1.2-Diffusers")', "tiny_hunyuan_pipeline()",
      "the tiny random HunyuanDiTPipeline of tests/diffusers_models.py, built locally (no download)"),
@@ -75,12 +79,13 @@ def test_every_substitution_is_used():
 def _namespace(code: str, tmp_path) -> dict:
     ns: dict = {"__name__": "__readme__"}
     if "CHECKPOINT" in code:
-        from skipdit_fast import DiT
+        import skipdit_fast
 
-        name = re.search(r'DiT\.from_name\("([^"]+)"\)', code).group(1)
+        m = re.search(r'(DiT|Latte)\.from_name\(("[^"]+"[^)]*)\)', code)
         path = tmp_path / "checkpoint.pt"
         torch.manual_seed(0)
-        torch.save(DiT.from_name(name).state_dict(), path)
+        model = eval(f"skipdit_fast.{m.group(1)}.from_name({m.group(2)})", {"skipdit_fast": skipdit_fast})
+        torch.save(model.state_dict(), path)
         ns["CHECKPOINT"] = str(path)
     if "tiny_hunyuan_pipeline" in code:
         import diffusers_models

@@ -9,9 +9,12 @@
 #      (tests marked gpu plus the op tests parametrized on CUDA / Triton)
 #   4. tools/exercise_ops.py: every CUDA/Triton op once, then the same under
 #      compute-sanitizer memcheck
-#   5. the GPU benchmark suite (skipdit-fast bench), under a time budget
+#   5. `skipdit-fast tune`: what `auto` measures and chooses for DiT-XL/2-skip (batch 8 +
+#      CFG, bf16) and HunyuanDiT-sized shapes, with a fresh autotune cache
+#   6. the GPU benchmark suite (skipdit-fast bench), under a time budget
 #
-# Results: bench/results/<date>-<gpu>/{bench.json, bench.md, speedup.png, summary.md};
+# Results: bench/results/<date>-<gpu>/{bench.json, bench.md, speedup.png, summary.md,
+# tune-*.md (every candidate's time and error, the winner, why; JSON in the logs)};
 # logs: build/gpu-check/*.log. Every stage has a time limit and the whole run a budget
 # (GPU_CHECK_BUDGET, default 450 s: under 8 minutes on an H100); a failing stage does
 # not stop the later ones; the exit status is 1 when any stage failed or timed out.
@@ -179,7 +182,19 @@ elif run_stage sanitizer 120 110 env PYTORCH_NO_CUDA_MEMORY_CACHING=1 "$SAN" --t
   fi
 fi
 
-# 5. benchmarks: --budget inside the stage's limit (start-up, peaks, dispatch and
+# 5. autotune decisions (which of our kernels won where, against torch), from an empty
+# cache of this run
+export SKIPDIT_FAST_CACHE_DIR=$LOGDIR/autotune
+for target in "--model DiT-XL/2-skip --batch 8 --cfg" "--shapes hunyuandit --batch 1 --cfg"; do
+  name=tune-$(echo "$target" | awk '{print $2}' | tr 'A-Z/' 'a-z-')
+  # shellcheck disable=SC2086
+  if run_stage "$name" 90 200 "$PY" -m skipdit_fast tune $target --dtype bf16 --force \
+    --markdown "$RESULTS/$name.md" --json "$LOGDIR/$name.json"; then
+    finish "$name" "decision table in $RESULTS/$name.md"
+  fi
+done
+
+# 6. benchmarks: --budget inside the stage's limit (start-up, peaks, dispatch and
 # writing the files take the rest)
 left=$((DEADLINE - $(now) - 15))
 ((left > 330)) && left=330
@@ -206,7 +221,8 @@ TOTAL=$(($(now) - T0))
     echo "| ${STAGES[$i]} | ${STATUS[$i]} | ${SECS[$i]} | ${NOTES[$i]//|/\\|} |"
   done
   echo
-  echo "Benchmark tables: [bench.md](bench.md); raw numbers: bench.json. Logs of every stage"
+  echo "Benchmark tables: [bench.md](bench.md); raw numbers: bench.json. What \`auto\` chose and why:"
+  echo "[tune-dit-xl-2-skip.md](tune-dit-xl-2-skip.md), [tune-hunyuandit.md](tune-hunyuandit.md). Logs of every stage"
   echo "are in build/gpu-check/ on the machine that ran this (logs.tar.gz where copied)."
 } >"$RESULTS/summary.md"
 if [[ -f $RESULTS/bench.json ]]; then

@@ -12,6 +12,7 @@ import sys
 COMMANDS = {
     "info": ("skipdit_fast.apps.info", "versions, build, and which backends run here (and why not)"),
     "bench": ("skipdit_fast.benchmark", "kernel and end-to-end benchmarks"),
+    "tune": ("skipdit_fast.apps.tune", "measure `auto` for a model's shapes now (cache file; per-candidate table)"),
     "sample": ("skipdit_fast.apps.sample",
                "sample images from a DiT / Skip-DiT or videos from a Latte / Latte-skip, with or without Skip-Cache"),
     "demo": ("skipdit_fast.apps.demo", "the package doing its job on the shipped model (--video: on video)"),

@@ -1,5 +1,6 @@
-"""`skipdit-fast info`: versions, what the native library was built for, and which
-backends can run each op on this machine (and, for each that cannot, why)."""
+"""`skipdit-fast info`: versions, what the native library was built for, which
+backends can run each op on this machine (and, for each that cannot, why), and the
+autotune cache (`auto`'s measured decisions: file, key, how many)."""
 
 from __future__ import annotations
 
@@ -37,7 +38,7 @@ def _status_without_gpu(op: str, name: str) -> str:
     """What a backend would do on a GPU, read off this machine's build."""
     from ..ops import backends, defs, native, triton_ops
 
-    if name == "reference":
+    if name in ("reference", "torch"):
         return "any device (no GPU here)"
     if name == "cpu":
         return "CPU tensors only"
@@ -59,7 +60,7 @@ def _status_without_gpu(op: str, name: str) -> str:
 def collect() -> dict:
     import torch
 
-    from ..ops import backends, native, triton_ops
+    from ..ops import autotune, backends, native, triton_ops
 
     info: dict = {
         "skipdit_fast": __version__,
@@ -98,12 +99,13 @@ def collect() -> dict:
                 qg = backends.Query(op, torch.device(dev), dtype, True, _FEATURES[op])
                 fwd, bwd = backends.explain(q), backends.explain(qg)
                 row["backends"] = {n: _merge(fwd[n], bwd[n]) for n in backends.BACKENDS}
-                try:
-                    row["auto"] = backends._select_uncached(q, "auto").backend
+                try:  # the static order; `auto` measures per shape (the autotune section)
+                    row["auto"] = backends.candidates(q)[0].backend
                 except backends.BackendError:
                     pass
             table[op][dev] = row
     info["backends"] = table
+    info["autotune"] = autotune.status()
     return info
 
 
@@ -129,7 +131,8 @@ def format_text(info: dict) -> str:
                          f"registers, {k['spill_bytes']} spill bytes (ptxas report)")
     else:
         lines.append(f"  NOT LOADED: {lib['error']}")
-    lines += ["", "backends per op (typical DiT shapes; fp32 on CPU, bf16 on GPU):"]
+    lines += ["", "backends per op (typical DiT shapes; fp32 on CPU, bf16 on GPU; auto -> its static first "
+              "choice):"]
     for op, per_dev in info["backends"].items():
         lines.append(f"  {op}")
         for devname, d in per_dev.items():
@@ -138,6 +141,16 @@ def format_text(info: dict) -> str:
             lines.append(f"    on {devname}:{' ' + auto if auto else ''}")
             for name, status in d["backends"].items():
                 lines.append(f"      {name:10s} {status}")
+    at = info["autotune"]
+    lines += ["", "autotune (`auto` measures each shape bucket once and keeps the decision): "
+              + ("on" if at["enabled"] else "off (SKIPDIT_FAST_AUTOTUNE=0: the static order above)"),
+              f"  cache dir: {at['cache_dir']} (SKIPDIT_FAST_CACHE_DIR)"]
+    for f in at["files"]:
+        k = f["key"]
+        lines.append(f"  {f['device']}: {f['path']}")
+        lines.append(f"      key: {k['device']}, torch {k['torch']}, triton {k['triton']}, CUDA {k['cuda']}, "
+                     f"skipdit_fast {k['skipdit_fast']}, commit {k['commit']}")
+        lines.append(f"      {f['decisions']} decisions ({f['state']})")
     return "\n".join(lines)
 
 

@@ -99,12 +99,18 @@ def _diffusers_vae(path: str):
     return AutoencoderKL, None
 
 
-@torch.no_grad()
 def decode_with_vae(latents: torch.Tensor, vae_path: str, device: torch.device, chunk: int = 8) -> torch.Tensor:
     """Decodes as DiT / Latte do it, vae.decode(z / 0.18215), to [0, 1] on the CPU,
     `chunk` images (or frames of a video) per decode call so that memory stays
     bounded: images [N, 4, h, w] -> [N, 3, H, W], videos [N, F, 4, h, w] ->
     [N, F, 3, H, W] (a temporal decoder gets the frames of one video per call)."""
+    import torch
+
+    with torch.no_grad():
+        return _decode(latents, vae_path, device, chunk)
+
+
+def _decode(latents, vae_path: str, device, chunk: int):
     import torch
 
     if chunk < 1:

@@ -14,7 +14,7 @@ import torch
 import torch.nn as nn
 
 from .. import ops
-from ..ops import backends
+from ..ops import autotune, backends
 
 ATTENTION, SKIP_MERGE = "attention", "skip merge"
 _RECORD = "_skipdit_patch"          # on each changed module: how to undo it
@@ -25,6 +25,22 @@ _CACHE = "_skipdit_cache"           # on a model with Skip-Cache enabled: _Cache
 # ---------------------------------------------------------------------------------------
 # the report
 
+class Chosen(str):
+    """Change.backend: the backend's name (a plain str to compare and print) that also
+    carries the query patch() made for the module (op, device, dtype, widths), so that
+    the report can list what `auto` measured for it later."""
+
+    query: tuple = ()
+
+    def __new__(cls, name: str, query: tuple = ()):
+        s = super().__new__(cls, name)
+        s.query = query
+        return s
+
+    def __reduce__(self):
+        return Chosen, (str(self), self.query)
+
+
 @dataclass(frozen=True)
 class Change:
     """One module that patch() changed."""
@@ -32,9 +48,24 @@ class Change:
     module: str      # qualified name in the patched model
     what: str        # "attention" or "skip merge"
     op: str          # the skipdit op it now calls: "attention" or "skip_fuse"
-    backend: str     # the backend that runs it for the model's device and dtype now
+    backend: str     # the backend that runs it for the model's device and dtype before any
+                     # measuring (`auto`: its static order; PatchReport.auto_choices: measured)
     how: str         # what was swapped
     detail: str = ""
+
+    def auto_choices(self) -> list[dict]:
+        """What `auto` measured for this module's op, device, dtype and widths (every
+        shape bucket and direction): the backend chosen and its ratio vs torch."""
+        query = getattr(self.backend, "query", ())
+        if not query:
+            return []
+        op, device, dtype, features = query
+        out = []
+        for d in autotune.TUNER.decisions(device):
+            if (d.op, d.dtype, d.features) == (op, str(dtype).replace("torch.", ""), tuple(features)):
+                out.append({"sizes": d.sizes, "direction": "fwd+bwd" if d.grad else "fwd", "backend": d.backend,
+                            "vs_torch": d.vs_torch(), "source": d.source})
+        return out
 
 
 @dataclass(frozen=True)
@@ -78,11 +109,18 @@ class PatchReport:
         mask), counted in eager mode since patching."""
         return {name: (p.served, p.delegated) for name, p in self._processors.items()}
 
+    def auto_choices(self) -> dict[str, list[dict]]:
+        """Per changed module that runs `auto`: what was measured for it so far (filled
+        by its first calls, or ahead of them by skipdit_fast.tune(model, inputs))."""
+        if self.backend != "auto":
+            return {}
+        return {c.module: c.auto_choices() for c in self.changed}
+
     def to_dict(self) -> dict:
         return {
             "model": self.model, "backend": self.backend, "attention": self.attention,
             "skip_fuse": self.skip_fuse, "counts": self.counts(),
-            "changed": [asdict(c) for c in self.changed],
+            "changed": [{**asdict(c), "backend": str(c.backend), "auto": c.auto_choices()} for c in self.changed],
             "left_alone": [asdict(a) for a in self.left_alone], "notes": list(self.notes),
         }
 
@@ -101,7 +139,8 @@ class PatchReport:
         for (what, op, backend, how), items in groups.items():
             lines.append(f"  {what} x{len(items)} -> ops.{op} [{backend}]: {how}")
             for ch in items[:8]:
-                lines.append(f"      {ch.module}" + (f"  ({ch.detail})" if ch.detail else ""))
+                lines.append(f"      {ch.module}" + (f"  ({ch.detail})" if ch.detail else "")
+                             + (_measured(ch.auto_choices()) if self.backend == "auto" else ""))
             if len(items) > 8:
                 lines.append(f"      ... and {len(items) - 8} more")
         if self.left_alone:
@@ -112,6 +151,15 @@ class PatchReport:
                 lines.append(f"      ... and {len(self.left_alone) - 20} more (see .left_alone)")
         lines += [f"  note: {n}" for n in self.notes]
         return "\n".join(lines)
+
+
+def _measured(choices: list[dict]) -> str:
+    if not choices:
+        return ""
+    parts = [f"{c['backend']} {'-' if c['vs_torch'] is None else format(c['vs_torch'], '.2f')}x torch "
+             f"({c['direction']}, sizes <= {'x'.join(map(str, c['sizes']))})" for c in choices[:4]]
+    more = f", and {len(choices) - 4} more" if len(choices) > 4 else ""
+    return "  auto measured: " + "; ".join(parts) + more
 
 
 # ---------------------------------------------------------------------------------------
@@ -146,18 +194,14 @@ class Runner:
         return impl.fn(x, skip, norm_weight, norm_bias, weight, bias, eps)
 
     def describe(self, op: str, device, dtype, features: tuple) -> str:
-        """The backend that serves op for these inputs now (inference), for the report.
-        Also settles the choice for training (needs_grad) ahead of time: backend
-        selection is not traceable by torch.compile(fullgraph=True) the first time a
-        (device, dtype, shape) combination is seen, so patch() makes it seen."""
+        """The backend that serves op for these inputs (inference) before anything is
+        measured, for the report (an explicit backend is checked here: BackendError
+        when it cannot serve them); its query travels with it (Chosen) so that the report
+        can show what `auto` measures for the module later."""
         if device.type == "meta":
             return f"{self.backend}, chosen per call"
         name = self._pick(op, device, dtype, False, features).backend
-        try:
-            self._pick(op, device, dtype, True, features)
-        except backends.BackendError:  # inference-only inputs; training would say so
-            pass
-        return name
+        return Chosen(name, (op, device, dtype, tuple(features)))
 
     def __repr__(self) -> str:
         return f"Runner({self.backend!r})"

@@ -8,7 +8,10 @@ Triton kernels (skipdit_fast.kernels) import only its checks.
     native       loading of the native library skipdit_fast/_C.so (schemas, C++/CUDA kernels)
     triton_ops   registration of the Triton kernels and their autograd
     defs         one declaration per op, read by the registrations and the registry
+    decisions    the decisions of `auto` and their cache file
+    autotune     `auto` measured: candidates checked against the reference and timed
     backends     the backend registry and choice (use_backend, set_backend, auto)
+    tuning       skipdit_fast.tune(model, example_inputs): measure a model's shapes up front
     testing      NaN-poisoning of outputs, the gpu test marker
 
 Importing this package loads the native library and registers the torch.ops.skipdit.*
@@ -56,9 +59,11 @@ def skip_fuse(x: torch.Tensor, skip: torch.Tensor, norm_weight: torch.Tensor,
     with a contiguous last dim; norm_weight/norm_bias [2D] (fp32 or x's dtype);
     weight [D_out, 2D]; bias [D_out] or None. Returns [..., D_out].
     """
-    features = (_size("skip_fuse", "x", x, -1), _size("skip_fuse", "weight", weight, 0))
-    impl = pick("skip_fuse", x.device, x.dtype, _needs_grad(x, skip, norm_weight, norm_bias, weight, bias), features)
-    return impl.fn(x, skip, norm_weight, norm_bias, weight, bias, eps)
+    D = _size("skip_fuse", "x", x, -1)
+    args = (x, skip, norm_weight, norm_bias, weight, bias, eps)
+    impl = pick("skip_fuse", x.device, x.dtype, _needs_grad(x, skip, norm_weight, norm_bias, weight, bias),
+                (D, _size("skip_fuse", "weight", weight, 0)), sizes=(x.numel() // D if D else 0,), args=args)
+    return impl.fn(*args)
 
 
 def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
@@ -67,11 +72,14 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
     [B, Nk, H, Dh] (strided views of a fused qkv tensor are fine). Returns a
     contiguous [B, Nq, H, Dh]. scale defaults to Dh**-0.5."""
     features = (_size("attention", "q", q, -1),)
-    return pick("attention", q.device, q.dtype, _needs_grad(q, k, v), features).fn(q, k, v, scale)
+    _size("attention", "k", k, 0)
+    sizes = (q.shape[0] * q.shape[2], q.shape[1], k.shape[1]) if q.dim() == 4 and k.dim() == 4 else ()
+    return pick("attention", q.device, q.dtype, _needs_grad(q, k, v), features, sizes=sizes,
+                args=(q, k, v, scale)).fn(q, k, v, scale)
 
 
 def cache_delta(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     """sum|a - b| / sum|b| as a 0-d fp32 tensor on a's device (fp64 for fp64 inputs),
     computed in one pass with no host synchronization."""
     _size("cache_delta", "a", a, -1)
-    return pick("cache_delta", a.device, a.dtype, _needs_grad(a, b)).fn(a, b)
+    return pick("cache_delta", a.device, a.dtype, _needs_grad(a, b), sizes=(a.numel(),), args=(a, b)).fn(a, b)

@@ -20,7 +20,7 @@ from typing import Callable
 from . import fakes, reference, triton_ops
 
 # backend names, in the order `info` and error messages list them
-BACKENDS = ("reference", "cpu", "cuda", "triton")
+BACKENDS = ("reference", "torch", "cpu", "cuda", "triton")
 
 
 @dataclass(frozen=True)
@@ -29,11 +29,16 @@ class OpDef:
     forward: str
     backward: str | None
     reference: Callable
+    torch: Callable                       # the `torch` backend: what users run without this package
+    subproblem: Callable                  # args -> (args of a slice, full output -> that slice)
     fakes: dict[str, Callable]            # op -> fake kernel, forward and backward ops
     triton_module: str                    # launchers named like the ops
     triton_autograd: tuple[Callable, Callable]  # (backward, setup_context) of `forward`_triton
-    feature_names: tuple[str, ...] = ()   # the shape facts backend selection looks at
-    # `auto` without measurements: the order in which backends are tried per device type
+    feature_names: tuple[str, ...] = ()   # the widths the backends' limits look at
+    size_names: tuple[str, ...] = ()      # the sizes `auto` measures per bucket of
+    # the candidates of `auto` per device type, in their static order: the choice when
+    # nothing is measured (SKIPDIT_FAST_AUTOTUNE=0, a trace or capture before tuning),
+    # and the tie-break
     static_order: dict[str, tuple[str, ...]] = field(default_factory=dict)
 
     def kernel_ops(self) -> tuple[str, ...]:
@@ -41,26 +46,31 @@ class OpDef:
         return (self.forward,) + ((self.backward,) if self.backward else ())
 
 
-_ORDER = {"cpu": ("cpu", "reference"), "cuda": ("cuda", "triton", "reference")}
+# CPU: our C++ kernels first (the CPU results in bench/results); CUDA: torch first, until
+# measurements on GPUs say otherwise (issue 12), then ours.
+_ORDER = {"cpu": ("cpu", "torch"), "cuda": ("torch", "cuda", "triton")}
 
 OPS: dict[str, OpDef] = {
     d.name: d for d in (
         OpDef("skip_fuse", "skip_fuse", "skip_fuse_backward", reference.skip_fuse,
+              reference.skip_fuse, reference.skip_fuse_subproblem,
               {"skip_fuse": fakes.skip_fuse_fake, "skip_fuse_backward": fakes.skip_fuse_backward_fake},
               "skipdit_fast.kernels.skip_fuse",
               (triton_ops.skip_fuse_backward, triton_ops.skip_fuse_setup),
-              ("D", "D_out"), dict(_ORDER)),
+              ("D", "D_out"), ("M",), dict(_ORDER)),
         OpDef("attention", "attention_forward", "attention_backward", reference.attention,
+              reference.sdpa_attention, reference.attention_subproblem,
               {"attention_forward": fakes.attention_forward_fake,
                "attention_backward": fakes.attention_backward_fake},
               "skipdit_fast.kernels.attention",
               (triton_ops.attention_backward, triton_ops.attention_setup),
-              ("head_dim",), dict(_ORDER)),
+              ("head_dim",), ("B*H", "Nq", "Nk"), dict(_ORDER)),
         OpDef("cache_delta", "cache_delta", None, reference.cache_delta,
+              reference.cache_delta, reference.cache_delta_subproblem,
               {"cache_delta": fakes.cache_delta_fake},
               "skipdit_fast.kernels.cache_delta",
               (triton_ops.cache_delta_backward, triton_ops.cache_delta_setup),
-              (), dict(_ORDER)),
+              (), ("elements",), dict(_ORDER)),
     )
 }
 
