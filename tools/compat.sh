@@ -34,7 +34,7 @@ OUT=$ROOT/build/compat
 ENVS=${COMPAT_ENVS:-oldest newest}
 # The CPU op, model and patch tests (the Triton kernels in Triton's interpreter);
 # without the GPU-only, AOT-compile, benchmark and training files.
-COMPAT_TESTS=${COMPAT_TESTS:-"tests/test_ops_cpu.py tests/test_op_registration.py tests/test_backends.py
+COMPAT_TESTS=${COMPAT_TESTS:-"tests/test_skip_fuse_cpu.py tests/test_attention_cpu.py tests/test_cache_delta_cpu.py tests/test_op_registration.py tests/test_backends.py
   tests/test_bad_input.py tests/test_build.py tests/test_skip_fuse_triton.py tests/test_attention_triton.py
   tests/test_cache_delta_triton.py tests/test_models.py tests/test_diffusion.py tests/test_cache.py
   tests/test_patch.py tests/test_patch_cache.py tests/test_patch_diffusers.py tests/test_cli.py
