@@ -10,8 +10,9 @@ import struct
 import sys
 import time
 import zlib
-
 from typing import TYPE_CHECKING
+
+from ..files import atomic_path, write_atomic
 
 if TYPE_CHECKING:
     import torch
@@ -39,21 +40,6 @@ def default_dtype(device: torch.device, name: str | None) -> torch.dtype:
     if name:
         return getattr(torch, DTYPES[name])
     return torch.bfloat16 if device.type == "cuda" else torch.float32
-
-
-def write_atomic(path: str, data: bytes) -> None:
-    """Writes data to path through a temporary file in the same folder and a rename, so
-    that a crash never leaves a partial file under the name the user asked for."""
-    path = os.fspath(path)
-    tmp = f"{path}.tmp-{os.getpid()}"
-    try:
-        with open(tmp, "wb") as f:
-            f.write(data)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
 
 
 class Progress:
@@ -222,19 +208,13 @@ def _write_mp4(path: str, frames: torch.Tensor, fps: float) -> None:
     # yuv420p needs even sides: pad with white
     even = torch.full((n, h + h % 2, w + w % 2, 3), 255, dtype=torch.uint8)
     even[:, :h, :w] = frames
-    tmp = f"{path}.tmp-{os.getpid()}.mp4"
-    try:
+    with atomic_path(path, suffix=".mp4") as tmp:
         gen = imageio_ffmpeg.write_frames(tmp, (even.shape[2], even.shape[1]), fps=fps, macro_block_size=1,
                                           pix_fmt_out="yuv420p", quality=9)
         gen.send(None)
         for f in even:
             gen.send(f.contiguous().numpy().tobytes())
         gen.close()
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
 
 
 VIDEO_FORMATS = (".gif", ".mp4")

@@ -18,7 +18,8 @@ import os
 import sys
 import time
 
-from .common import device_from_arg, write_atomic
+from ..files import atomic_path, write_atomic
+from .common import device_from_arg
 
 SHIPPED = ("tiny-dit", "tiny-skipdit")
 
@@ -96,13 +97,8 @@ def write_plots(results: list[dict], out_dir: str) -> list[str]:
 
 
 def _save(fig, path: str) -> str:
-    tmp = f"{path}.tmp-{os.getpid()}.png"
-    try:
+    with atomic_path(path, suffix=".png") as tmp:
         fig.savefig(tmp, dpi=110)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
     return path
 
 

@@ -58,6 +58,7 @@ import numpy as np
 import torch
 
 from ..models import MODEL_CLASSES, from_config
+from ..files import atomic_path
 from ..pretrained import (PAIRS, SHIPPED, TINY, TINY_VIDEO, VIDEO_MODELS, WEIGHTS_DIR, config_metadata, model_config,
                           training_data, weights_path)
 from ..sampling import DiffusionLoss
@@ -256,9 +257,8 @@ class Trainer:
     def save(self, path) -> None:
         path = Path(path)
         path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_suffix(path.suffix + ".tmp")
-        torch.save(self.state_dict(), tmp)
-        os.replace(tmp, path)   # a checkpoint is never half-written
+        with atomic_path(path) as tmp:   # a checkpoint is never half-written
+            torch.save(self.state_dict(), tmp)
 
     def load_state_dict(self, sd: dict) -> None:
         if sd.get("format") != "skipdit_fast.train/1":

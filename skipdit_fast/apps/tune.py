@@ -22,7 +22,8 @@ import sys
 
 import torch
 
-from .common import DTYPES, default_dtype, device_from_arg, write_atomic
+from ..files import write_atomic
+from .common import DTYPES, default_dtype, device_from_arg
 
 # HunyuanDiT-v1.2, 1024 px (diffusers HunyuanDiT2DModel defaults): 128x128 latents, patch 2
 HUNYUANDIT = {"tokens": 4096, "hidden": 1408, "heads": 16, "head_dim": 88, "text_tokens": 77 + 256}

@@ -13,6 +13,7 @@ import sys
 import torch
 
 from ..ops.decisions import cpu_name, run_git
+from ..files import write_atomic
 from .report import format_report, write_plot
 
 # ---------------------------------------------------------------------------
@@ -88,17 +89,11 @@ def backend_status(device: torch.device, dtype: torch.dtype, ops_: list[str]) ->
 
 
 def _write_text(text: str, path: str) -> None:
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    with open(path, "w") as f:
-        f.write(text)
+    write_atomic(path, text)
 
 
 def _write_json(result: dict, path: str) -> None:
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    tmp = path + ".tmp"
-    with open(tmp, "w") as f:
-        json.dump(result, f, indent=1, default=str)
-    os.replace(tmp, path)
+    write_atomic(path, json.dumps(result, indent=1, default=str))
 
 
 def result_folder_name(result: dict) -> str:

@@ -29,6 +29,8 @@ from functools import lru_cache
 
 import torch
 
+from ..files import write_atomic
+
 FORMAT = 1
 _PACKAGE_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))  # skipdit_fast/
 
@@ -230,7 +232,7 @@ class DecisionFile:
                 data = {"format": FORMAT, "key": self.key,
                         "written": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
                         "decisions": [d.to_json() for _, d in sorted(merged.items())]}
-                _write_atomic(self.path, json.dumps(data, indent=1).encode())
+                write_atomic(self.path, json.dumps(data, indent=1), fsync=True)
             self.state, self.count = "ok", len(merged)
         except OSError as e:
             if not self._warned:
@@ -262,15 +264,3 @@ class _locked:
             os.close(self.fd)
 
 
-def _write_atomic(path: str, data: bytes) -> None:
-    tmp = f"{path}.tmp-{os.getpid()}"
-    try:
-        with open(tmp, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
