@@ -20,6 +20,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+import zipfile
 
 CHUNK = 256  # samples per chunk of the pairwise metrics (bounded memory on 50k ImageNet samples)
 
@@ -36,12 +37,13 @@ def load_samples(path: str):
 
     try:
         with np.load(path, allow_pickle=False) as z:
-            if "arr_0" not in z.files:
-                raise ValueError(f"{path}: no arr_0 (not a samples .npz in the ADM layout)")
-            x = z["arr_0"]
-            y = z["arr_1"] if "arr_1" in z.files else None
-    except (OSError, EOFError) as e:
+            files = list(z.files) if hasattr(z, "files") else []
+            x = z["arr_0"] if "arr_0" in files else None
+            y = z["arr_1"] if "arr_1" in files else None
+    except (OSError, EOFError, ValueError, zipfile.BadZipFile) as e:
         raise ValueError(f"{path}: cannot read ({e})") from None
+    if x is None:
+        raise ValueError(f"{path}: no arr_0 (not a samples .npz in the ADM layout)")
     if x.dtype != np.uint8 or x.ndim not in (4, 5):
         raise ValueError(f"{path}: arr_0 must be uint8 N x H x W x C (or N x F x H x W x C), got {x.dtype} "
                          f"{list(x.shape)}")

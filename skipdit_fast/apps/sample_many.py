@@ -40,7 +40,8 @@ import time
 from .common import DTYPES, Progress, default_dtype
 
 DEFAULT_MODEL = "tiny-skipdit"
-# test hook: "fail-rank:R" (rank R raises at its first shard), "kill-after:N" (SIGKILL
+# test hook: "fail-rank:R" (rank R raises at its first shard), "kill-rank:R" (rank R is
+# SIGKILLed at its first shard), "kill-after:N" (SIGKILL
 # after writing N shards), "kill-in-write:N" (SIGKILL halfway through writing shard N+1)
 TEST_HOOK = "SKIPDIT_SAMPLE_MANY_TEST"
 
@@ -151,6 +152,8 @@ class _Hook:
     def before_shard(self) -> None:
         if self.kind == "fail-rank" and self.rank == self.n:
             raise RuntimeError(f"{TEST_HOOK}: rank {self.rank} fails on purpose")
+        if self.kind == "kill-rank" and self.rank == self.n:
+            os.kill(os.getpid(), signal.SIGKILL)
 
     def write(self, write, path: str) -> None:
         if self.kind == "kill-in-write" and self.written == self.n:
@@ -364,7 +367,10 @@ def main(args: argparse.Namespace) -> int:
     try:
         run(args)
     except RankFailed as e:
-        return fail(f"failed: {e}", 1)
+        # every rank gets the same errors: rank 0 says them, the others only exit non-zero
+        if os.environ.get("RANK", "0") == "0" or any(r == int(os.environ.get("RANK", "0")) for r, _ in e.errors):
+            fail(f"failed: {e}", 1)
+        return 1
     except (ValueError, FileNotFoundError, ImportError) as e:
         return fail(str(e), 2)
     return 0

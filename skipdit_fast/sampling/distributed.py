@@ -16,6 +16,7 @@ workers as soon as one exits non-zero). Layer: sampling; imports torch only."""
 
 from __future__ import annotations
 
+import contextlib
 import os
 import traceback
 from dataclasses import dataclass
@@ -95,13 +96,27 @@ class Group:
         if not self.distributed:
             return count, ([(0, message)] if failed else [])
         t = torch.tensor([int(bool(failed)), int(count)], dtype=torch.int64, device=self._comm_device())
-        dist.all_reduce(t)
+        with self._collective("status"):
+            dist.all_reduce(t)
         n_failed, total = (int(v) for v in t.tolist())
         if not n_failed:
             return total, []
         msgs: list[Any] = [None] * self.world_size
-        dist.all_gather_object(msgs, message if failed else None)
+        with self._collective("error exchange"):
+            dist.all_gather_object(msgs, message if failed else None)
         return total, [(r, m) for r, m in enumerate(msgs) if m is not None]
+
+    @contextlib.contextmanager
+    def _collective(self, what: str):
+        """A collective that fails (a rank died, or did not arrive within the
+        timeout) raises RankFailed here too, naming this rank."""
+        try:
+            yield
+        except RankFailed:
+            raise
+        except Exception as e:  # noqa: BLE001 - gloo / NCCL raise RuntimeError and their own types
+            raise RankFailed([(self.rank, f"{what} with the other ranks failed (did a rank die or hang?): "
+                                          f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}")]) from e
 
     def agree(self, fn: Callable[[], Any]) -> Any:
         """Runs fn on this rank; returns its value when it succeeded on every rank,
@@ -119,14 +134,16 @@ class Group:
         if not self.distributed:
             return obj
         box = [obj if self.rank == src else None]
-        dist.broadcast_object_list(box, src=src, device=self._comm_device())
+        with self._collective("broadcast"):
+            dist.broadcast_object_list(box, src=src, device=self._comm_device())
         return box[0]
 
     def all_gather(self, obj: Any) -> list[Any]:
         if not self.distributed:
             return [obj]
         out: list[Any] = [None] * self.world_size
-        dist.all_gather_object(out, obj)
+        with self._collective("gather"):
+            dist.all_gather_object(out, obj)
         return out
 
     def close(self) -> None:
