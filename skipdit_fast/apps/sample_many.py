@@ -124,9 +124,13 @@ def build_model(args, device, dtype, log):
     return model.to(device=device, dtype=dtype).eval(), name, args.ckpt
 
 
-def sample_layout(cfg, vae: bool) -> tuple[int, ...]:
-    """One sample's uint8 shape: (H, W, C), videos (F, H, W, C)."""
-    side, ch = (cfg.input_size * 8, 3) if vae else (cfg.input_size, cfg.in_channels)
+def sample_layout(cfg, vae=None) -> tuple[int, ...]:
+    """One sample's uint8 shape: (H, W, C), videos (F, H, W, C); with a diffusers VAE
+    its upsampling (2 ** (levels - 1): 8 for sd-vae-ft-ema) and RGB."""
+    if vae is not None:
+        side, ch = cfg.input_size * 2 ** (len(vae.config.block_out_channels) - 1), vae.config.out_channels
+    else:
+        side, ch = cfg.input_size, cfg.in_channels
     frames = (cfg.num_frames,) if hasattr(cfg, "num_frames") else ()
     return (*frames, side, side, ch)
 
@@ -222,7 +226,7 @@ def run(args: argparse.Namespace, log=None) -> dict | None:
         cfg_scale = args.cfg if conditional else 1.0
         sha = group.broadcast(group.agree(lambda: S.file_sha256(ckpt) if rank == 0 and ckpt else None))
         plan = S.ShardPlan(args.num_samples, args.shard_size or args.per_proc_batch, args.per_proc_batch)
-        layout = sample_layout(cfg, bool(args.vae))
+        layout = sample_layout(cfg, vae)
         run_key = {"model": name, "checkpoint_sha256": sha, "image_size": None if name in SHIPPED else args.image_size,
                    "num_frames": getattr(cfg, "num_frames", None),
                    "shard_size": plan.shard_size, "batch_size": plan.batch_size, "steps": args.steps,
@@ -256,6 +260,7 @@ def run(args: argparse.Namespace, log=None) -> dict | None:
                        eta=True)
         mine_seconds, mine_samples, reports = 0.0, 0, []
         total_done = 0
+        t_rounds = time.perf_counter()
         for r in range(rounds):
             count, failed, message = 0, False, ""
             if r < len(mine):
@@ -288,6 +293,7 @@ def run(args: argparse.Namespace, log=None) -> dict | None:
                 raise D.RankFailed(errors)
             total_done += n
             bar(total_done, todo_samples)
+        sampling_wall = time.perf_counter() - t_rounds
 
         per_rank = group.all_gather({"rank": rank, "shards": len(mine), "samples": mine_samples,
                                      "seconds": mine_seconds, "cache": S.add_reports(reports),
@@ -326,6 +332,8 @@ def run(args: argparse.Namespace, log=None) -> dict | None:
                 "package": {"version": skipdit_fast.__version__, "commit": package_commit(),
                             "torch": torch.__version__},
                 "timing": {"wall_seconds": wall, "samples_this_run": samples_now,
+                           "sampling_wall_seconds": sampling_wall,
+                           "samples_per_second": samples_now / sampling_wall if samples_now else None,
                            "sampling_seconds_this_run": seconds_now,
                            "seconds_per_sample": seconds_now / samples_now if samples_now else None,
                            "wall_seconds_per_sample": wall / samples_now if samples_now else None,
