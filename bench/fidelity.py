@@ -59,7 +59,7 @@ from skipdit_fast import SkipCache  # noqa: E402
 from skipdit_fast.cache.baselines import CachedModel, ForaCache  # noqa: E402
 from skipdit_fast.sampling.diffusion import sample  # noqa: E402
 from skipdit_fast.data.digits import digits, split, to_unit  # noqa: E402
-from skipdit_fast.data.moving_digits import clip_split, frames, moving_digits  # noqa: E402
+from skipdit_fast.data.moving_digits import clip_split, moving_digits  # noqa: E402
 from skipdit_fast.evaluation.digits import DigitClassifier, as_images, frame_classifier_path, scores  # noqa: E402
 from skipdit_fast.evaluation.metrics import frechet_distance, psnr, ssim  # noqa: E402
 from skipdit_fast.apps.train import machine_info  # noqa: E402
