@@ -336,22 +336,42 @@ def test_sample_seeds_are_per_sample():
         sample(model, [1, 2], steps=3, seeds=[1])
 
 
-def test_model_of_latents_needs_and_uses_a_vae(tmp_path, capsys):
+@pytest.fixture(scope="module")
+def tiny_vae(tmp_path_factory):
+    """A tiny random AutoencoderKL folder (4 latent channels, 2x upsampling)."""
     diffusers = pytest.importorskip("diffusers")
-    argv = ["sample-many", "--model", "DiT-S/8-skip", "--num-samples", "3", "--per-proc-batch", "2", "--steps", "2",
-            "--no-progress"]
-    assert cli.main([*argv, "--out", str(tmp_path / "novae")]) == 1
-    assert "pass --vae" in capsys.readouterr().err
     torch.manual_seed(0)
     vae = diffusers.AutoencoderKL(in_channels=3, out_channels=3, latent_channels=4, block_out_channels=(8, 8),
                                   down_block_types=("DownEncoderBlock2D",) * 2, up_block_types=("UpDecoderBlock2D",) * 2,
                                   layers_per_block=1, norm_num_groups=4, sample_size=16)
-    vae.save_pretrained(tmp_path / "vae")
+    path = tmp_path_factory.mktemp("vae") / "vae"
+    vae.save_pretrained(path)
+    return path
+
+
+def test_model_of_latents_needs_and_uses_a_vae(tmp_path, capsys, tiny_vae):
+    argv = ["sample-many", "--model", "DiT-S/8-skip", "--num-samples", "3", "--per-proc-batch", "2", "--steps", "2",
+            "--no-progress"]
+    assert cli.main([*argv, "--out", str(tmp_path / "novae")]) == 1
+    assert "pass --vae" in capsys.readouterr().err
     out = tmp_path / "vae-out"
-    assert cli.main([*argv, "--vae", str(tmp_path / "vae"), "--vae-chunk", "1", "--out", str(out)]) == 0
+    assert cli.main([*argv, "--vae", str(tiny_vae), "--vae-chunk", "1", "--out", str(out)]) == 0
     assert "random weights" in capsys.readouterr().err
     z = load(out)
     assert z["arr_0"].shape == (3, 64, 64, 3) and z["arr_0"].dtype == np.uint8   # 32x32 latents, 2x upsampling
     assert z["arr_1"].tolist() == [0, 1, 2] and z["arr_0"].std() > 0
     m = json.load(open(out / "manifest.json"))
-    assert m["model"]["vae"] == str(tmp_path / "vae") and m["model"]["checkpoint"] is None
+    assert m["model"]["vae"] == str(tiny_vae) and m["model"]["checkpoint"] is None
+
+
+def test_unconditional_video_model_with_a_vae(tmp_path, tiny_vae):
+    """A Latte without a label table (random weights, no --ckpt): unconditional, no arr_1, no CFG."""
+    out = tmp_path / "latte"
+    assert cli.main(["sample-many", "--model", "Latte-S/8-skip", "--num-frames", "2", "--num-samples", "3",
+                     "--per-proc-batch", "2", "--steps", "2", "--cache-interval", "2", "--vae", str(tiny_vae),
+                     "--no-progress", "--out", str(out)]) == 0
+    z = load(out)
+    assert sorted(z) == ["arr_0"] and z["arr_0"].shape == (3, 2, 64, 64, 3)
+    m = json.load(open(out / "manifest.json"))
+    assert m["layout"]["arr_1"] is None and m["sampler"]["cfg_scale"] == 1.0
+    assert m["sampler"]["class_schedule"] == "unconditional" and m["cache"]["total"]["steps"] == 2 * 2
