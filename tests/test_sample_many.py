@@ -190,6 +190,25 @@ def test_a_failing_rank_fails_every_rank(tmp_path, hook):
     assert not os.path.exists(tmp_path / "fail" / "samples.npz")
 
 
+def test_a_hanging_rank_times_the_others_out(tmp_path):
+    port = free_port()
+    procs = []
+    for r in range(2):
+        env = _env(RANK=str(r), WORLD_SIZE="2", LOCAL_RANK=str(r), MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port),
+                   SKIPDIT_SAMPLE_MANY_TEST="hang-rank:1")
+        procs.append(subprocess.Popen([PY, "-m", "skipdit_fast", "sample-many", *BASE, "--timeout", "8", "--out",
+                                       str(tmp_path / "hang")], env=env, stdout=subprocess.PIPE,
+                                      stderr=subprocess.PIPE, text=True))
+    try:
+        _, err = procs[0].communicate(timeout=90)
+        assert procs[0].returncode == 1 and "did a rank die or hang" in err, err
+        assert procs[1].poll() is None          # still asleep: under torchrun the agent stops it
+    finally:
+        for p in procs:
+            p.kill()
+            p.communicate()
+
+
 def test_video_model_writes_frames(tmp_path):
     out = tmp_path / "video"
     ok(subprocess.run([PY, "-m", "skipdit_fast", "sample-many", "--model", "tiny-latte-skip", "--num-samples", "3",

@@ -41,7 +41,7 @@ from .common import DTYPES, Progress, default_dtype
 
 DEFAULT_MODEL = "tiny-skipdit"
 # test hook: "fail-rank:R" (rank R raises at its first shard), "kill-rank:R" (rank R is
-# SIGKILLed at its first shard), "kill-after:N" (SIGKILL
+# SIGKILLed at its first shard), "hang-rank:R" (rank R sleeps an hour), "kill-after:N" (SIGKILL
 # after writing N shards), "kill-in-write:N" (SIGKILL halfway through writing shard N+1)
 TEST_HOOK = "SKIPDIT_SAMPLE_MANY_TEST"
 
@@ -158,6 +158,8 @@ class _Hook:
             raise RuntimeError(f"{TEST_HOOK}: rank {self.rank} fails on purpose")
         if self.kind == "kill-rank" and self.rank == self.n:
             os.kill(os.getpid(), signal.SIGKILL)
+        if self.kind == "hang-rank" and self.rank == self.n:
+            time.sleep(3600)
 
     def write(self, write, path: str) -> None:
         if self.kind == "kill-in-write" and self.written == self.n:
