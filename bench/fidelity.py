@@ -59,8 +59,8 @@ from skipdit_fast import SkipCache  # noqa: E402
 from skipdit_fast.cache.baselines import CachedModel, ForaCache  # noqa: E402
 from skipdit_fast.sampling.diffusion import sample  # noqa: E402
 from skipdit_fast.data.digits import digits, split, to_unit  # noqa: E402
-from skipdit_fast.data.moving_digits import clip_split, frames, moving_digits  # noqa: E402
-from skipdit_fast.evaluation.digits import DigitClassifier, frame_classifier_path  # noqa: E402
+from skipdit_fast.data.moving_digits import clip_split, moving_digits  # noqa: E402
+from skipdit_fast.evaluation.digits import DigitClassifier, as_images, frame_classifier_path, scores  # noqa: E402
 from skipdit_fast.evaluation.metrics import frechet_distance, psnr, ssim  # noqa: E402
 from skipdit_fast.apps.train import machine_info  # noqa: E402
 from skipdit_fast.pretrained import PAIRS, WEIGHTS_DIR, load_pretrained  # noqa: E402
@@ -102,20 +102,6 @@ def timed_sample(model, labels, steps, seed, cache=None, repeats=1):
             r.seconds = min(r.seconds, best.seconds)
         best = r
     return best, cpu
-
-
-def as_images(x: torch.Tensor) -> torch.Tensor:
-    """Samples as images: videos [N, F, C, H, W] -> their frames [N * F, C, H, W]."""
-    return frames(x) if x.dim() == 5 else x
-
-
-def scores(clf, real_feats, x, labels) -> dict:
-    """Classifier accuracy (every frame of a video against its label) and the FD of
-    the classifier features of the samples (all frames) to the real ones'."""
-    per = x.shape[1] if x.dim() == 5 else 1
-    imgs = as_images(x)
-    return {"accuracy": clf.accuracy(imgs, torch.as_tensor(labels).repeat_interleave(per)),
-            "fd": frechet_distance(clf.features(imgs), real_feats)}
 
 
 def real_data(kind: str, clf):

@@ -19,6 +19,8 @@ COMMANDS = {
     "train": ("skipdit_fast.apps.train", "train a tiny DiT / Latte (with or without skips), or the shipped models "
               "(--default)"),
     "probe": ("skipdit_fast.apps.probe", "feature stability across steps and error amplification, model vs model"),
+    "sample-many": ("skipdit_fast.apps.sample_many", "many samples (FID-50K) on torchrun ranks, resumable, merged npz"),
+    "evaluate": ("skipdit_fast.apps.evaluate", "score a samples.npz: digit accuracy / FD, or PSNR / SSIM vs --ref"),
 }
 
 

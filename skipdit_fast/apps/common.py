@@ -43,10 +43,11 @@ def default_dtype(device: torch.device, name: str | None) -> torch.dtype:
 
 
 class Progress:
-    """A small progress bar on stderr (redrawn in place on a terminal, every 10% otherwise)."""
+    """A small progress bar on stderr (redrawn in place on a terminal, every 10% otherwise):
+    done/total, the rate in `unit`s per second and, with eta, the time left at that rate."""
 
-    def __init__(self, label: str, enabled: bool = True, stream=None):
-        self.label, self.enabled = label, enabled
+    def __init__(self, label: str, enabled: bool = True, stream=None, unit: str = "it", eta: bool = False):
+        self.label, self.enabled, self.unit, self.eta = label, enabled, unit, eta
         self.stream = stream or sys.stderr
         self.tty = getattr(self.stream, "isatty", lambda: False)()
         self.t0 = time.perf_counter()
@@ -62,9 +63,21 @@ class Progress:
         el = time.perf_counter() - self.t0
         bar = "#" * (30 * done // total) + "." * (30 - 30 * done // total)
         rate = done / el if el > 0 else 0.0
-        line = f"{self.label} [{bar}] {done}/{total} {rate:.2f} it/s"
+        line = f"{self.label} [{bar}] {done}/{total} {rate:.2f} {self.unit}/s"
+        if self.eta and 0 < done < total and rate > 0:
+            line += f", ETA {_duration((total - done) / rate)}"
         self.stream.write(("\r" + line if self.tty else line + "\n") + ("\n" if self.tty and done == total else ""))
         self.stream.flush()
+
+
+def _duration(seconds: float) -> str:
+    """12s, 3m05s, 2h07m."""
+    s = int(round(seconds))
+    if s < 60:
+        return f"{s}s"
+    if s < 3600:
+        return f"{s // 60}m{s % 60:02d}s"
+    return f"{s // 3600}h{s % 3600 // 60:02d}m"
 
 
 def write_png(path: str, rgb: torch.Tensor) -> None:

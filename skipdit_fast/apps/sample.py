@@ -99,8 +99,9 @@ def _diffusers_vae(path: str):
     return AutoencoderKL, None
 
 
-def decode_with_vae(latents: torch.Tensor, vae_path: str, device: torch.device, chunk: int = 8) -> torch.Tensor:
-    """Decodes as DiT / Latte do it, vae.decode(z / 0.18215), to [0, 1] on the CPU,
+def decode_with_vae(latents: torch.Tensor, vae_path, device: torch.device, chunk: int = 8) -> torch.Tensor:
+    """Decodes as DiT / Latte do it, vae.decode(z / 0.18215), to [0, 1] on the CPU
+    (vae_path: a VAE folder or id, or a VAE load_vae loaded),
     `chunk` images (or frames of a video) per decode call so that memory stays
     bounded: images [N, 4, h, w] -> [N, 3, H, W], videos [N, F, 4, h, w] ->
     [N, F, 3, H, W] (a temporal decoder gets the frames of one video per call)."""
@@ -110,17 +111,23 @@ def decode_with_vae(latents: torch.Tensor, vae_path: str, device: torch.device, 
         return _decode(latents, vae_path, device, chunk)
 
 
-def _decode(latents, vae_path: str, device, chunk: int):
+def load_vae(vae_path: str, device):
+    """The diffusers VAE at vae_path on device, in eval mode."""
+    cls, why = _diffusers_vae(vae_path)
+    if cls is None:
+        raise ImportError(f"--vae needs the diffusers package ({why})")
+    return cls.from_pretrained(vae_path).to(device).eval()
+
+
+def _decode(latents, vae, device, chunk: int):
     import torch
 
     if chunk < 1:
         raise ValueError(f"--vae-chunk must be >= 1, got {chunk}")
-    cls, why = _diffusers_vae(vae_path)
-    if cls is None:
-        raise ImportError(f"--vae needs the diffusers package ({why})")
-    vae = cls.from_pretrained(vae_path).to(device).eval()
+    if isinstance(vae, (str, os.PathLike)):
+        vae = load_vae(vae, device)
     dtype = next(vae.parameters()).dtype
-    temporal = cls.__name__ == "AutoencoderKLTemporalDecoder"
+    temporal = type(vae).__name__ == "AutoencoderKLTemporalDecoder"
     video = latents.dim() == 5
     groups = latents if video else latents[None]           # [G, frames, 4, h, w]
     out = []

@@ -157,3 +157,34 @@ def frame_accuracy(clf: DigitClassifier, videos: torch.Tensor, labels) -> float:
     their video's class."""
     labels = torch.as_tensor(labels).reshape(-1).cpu()
     return clf.accuracy(videos.reshape(-1, *videos.shape[2:]), labels.repeat_interleave(videos.shape[1]))
+
+
+def as_images(x: torch.Tensor) -> torch.Tensor:
+    """Samples as images: videos [N, F, C, H, W] -> their frames [N * F, C, H, W]."""
+    from ..data.moving_digits import frames
+
+    return frames(x) if x.dim() == 5 else x
+
+
+def scores(clf: DigitClassifier, real_feats: np.ndarray, x: torch.Tensor, labels=None) -> dict:
+    """Classifier accuracy (every frame of a video against its video's label; None
+    without labels) and the Frechet distance of the classifier features of the
+    samples (all frames) to real_feats (metrics.frechet_distance): the scores of
+    bench/fidelity.py and `skipdit-fast evaluate`. x in [-1, 1]."""
+    from .metrics import frechet_distance
+
+    per = x.shape[1] if x.dim() == 5 else 1
+    imgs = as_images(x)
+    acc = None if labels is None else clf.accuracy(imgs, torch.as_tensor(labels).repeat_interleave(per))
+    return {"accuracy": acc, "fd": frechet_distance(clf.features(imgs), real_feats)}
+
+
+def real_samples(video: bool, num_frames: int = 8, size: int = 16) -> tuple[torch.Tensor, torch.Tensor]:
+    """The real data the shipped models learnt, as samples in [-1, 1] with labels:
+    the 1797 digits [N, 1, size, size], or the moving-digit clips
+    [N, num_frames, 1, size, size] (data.moving_digits)."""
+    if video:
+        from ..data.moving_digits import moving_digits
+
+        return moving_digits(num_frames, size)
+    return digits(size)

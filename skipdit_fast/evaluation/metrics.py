@@ -25,8 +25,12 @@ def frechet_distance(a: np.ndarray, b: np.ndarray) -> float:
 def psnr(a: torch.Tensor, b: torch.Tensor) -> float:
     """Peak signal-to-noise ratio in dB of two image sets in [0, 1] (one MSE over all
     pixels of all images; inf when identical)."""
-    mse = float((a.double() - b.double()).square().mean())
-    return float("inf") if mse == 0 else 10.0 * np.log10(1.0 / mse)
+    return psnr_from_mse(float((a.double() - b.double()).square().mean()))
+
+
+def psnr_from_mse(mse: float) -> float:
+    """PSNR in dB for a mean squared error of images in [0, 1] (inf for 0)."""
+    return float("inf") if mse == 0 else float(10.0 * np.log10(1.0 / mse))
 
 
 def ssim(a: torch.Tensor, b: torch.Tensor, window: int = 7, sigma: float = 1.5) -> float:

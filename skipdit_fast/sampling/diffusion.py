@@ -124,7 +124,7 @@ class Diffusion:
         mean, log_var, _, _ = self.p_mean_variance(out, x, i)
         if i == 0:
             return mean
-        noise = torch.randn(x.shape, generator=generator, device=x.device, dtype=x.dtype)
+        noise = randn(x.shape, generator, x.device, x.dtype)
         return mean + torch.exp(0.5 * log_var) * noise
 
     def ddim_step(self, out, x, i: int, generator: torch.Generator | None, eta: float = 0.0):
@@ -135,8 +135,19 @@ class Diffusion:
         x_next = float(np.sqrt(ab_prev)) * x0 + float(np.sqrt(1 - ab_prev - sigma ** 2)) * eps
         if i == 0 or sigma == 0:
             return x_next
-        noise = torch.randn(x.shape, generator=generator, device=x.device, dtype=x.dtype)
+        noise = randn(x.shape, generator, x.device, x.dtype)
         return x_next + float(sigma) * noise
+
+
+def randn(shape, generator, device, dtype=torch.float32) -> torch.Tensor:
+    """Standard normal noise of `shape` from one generator, or from one generator per
+    sample (a list: row j of shape[0] from generator j % len, so that the doubled CFG
+    batch repeats each sample's noise); a sample's noise then depends on its generator
+    only, not on the other samples of its batch."""
+    if not isinstance(generator, (list, tuple)):
+        return torch.randn(shape, generator=generator, device=device, dtype=dtype)
+    rows = torch.stack([torch.randn(shape[1:], generator=g, device=device, dtype=dtype) for g in generator])
+    return rows.repeat(shape[0] // len(generator), *([1] * (len(shape) - 1)))
 
 
 @dataclass
@@ -163,7 +174,7 @@ class Sampleable(Protocol):
 def sample(model: Sampleable, labels: Sequence[int] | torch.Tensor | None = None, *, num_samples: int | None = None,
            steps: int = 250, sampler: str = "ddpm", cfg_scale: float = 1.0, cache: SkipCache | dict | None = None,
            seed: int = 0, eta: float = 0.0, noise: torch.Tensor | None = None,
-           progress: Callable[[int, int], None] | None = None) -> SampleResult:
+           seeds: Sequence[int] | None = None, progress: Callable[[int, int], None] | None = None) -> SampleResult:
     """Samples latents with a DiT / Skip-DiT (images [n, C, L, L]) or a Latte /
     Latte-skip (videos [n, F, C, L, L]); see Sampleable for other models.
 
@@ -175,8 +186,10 @@ def sample(model: Sampleable, labels: Sequence[int] | torch.Tensor | None = None
     this run's; a ForaCache works the same way with CachedModel) or a dict of
     SkipCache arguments (a new one is made with SkipCache.for_model: the model's
     official thresholds, overridden by the dict). noise: the initial latents
-    [n, *latent_shape] (else drawn from the seeded generator). progress(done, total)
-    is called after each step.
+    [n, *latent_shape] (else drawn from the seeded generator). seeds: one seed per
+    sample instead of `seed` (a generator each, for its initial noise and its noise at
+    every step: sample j's result does not depend on the other samples' seeds).
+    progress(done, total) is called after each step.
     """
     if sampler not in ("ddpm", "ddim"):
         raise ValueError(f"sampler must be 'ddpm' or 'ddim', got {sampler!r}")
@@ -201,10 +214,15 @@ def sample(model: Sampleable, labels: Sequence[int] | torch.Tensor | None = None
         if num_samples is None or int(num_samples) < 1:
             raise ValueError(f"an unconditional model needs num_samples >= 1, got {num_samples}")
         y, n = None, int(num_samples)
-    gen = torch.Generator(device=device).manual_seed(seed)
+    if seeds is None:
+        gen = torch.Generator(device=device).manual_seed(seed)
+    else:
+        if len(seeds) != n:
+            raise ValueError(f"seeds must have one seed per sample ({n}), got {len(seeds)}")
+        gen = [torch.Generator(device=device).manual_seed(int(s)) for s in seeds]
     shape = (n, *cfg.latent_shape)
     if noise is None:
-        x = torch.randn(shape, generator=gen, device=device, dtype=torch.float32)
+        x = randn(shape, gen, device)
     else:
         if tuple(noise.shape) != shape:
             raise ValueError(f"noise must have shape {shape}, got {tuple(noise.shape)}")
