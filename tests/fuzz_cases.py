@@ -40,7 +40,7 @@ import subprocess
 import sys
 import threading
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Callable
 
 import torch
@@ -64,6 +64,7 @@ class Probe:
     exc: tuple = (ValueError,)
     xfail: str | None = None   # a known bug: why
     want: Callable | None = field(default=None, repr=False)   # the expected result, where the reference cannot run
+    good: Callable | None = field(default=None, repr=False)   # the target's good arguments for this backend
 
 
 # ----------------------------------------------------------------------------------
@@ -73,23 +74,23 @@ def _r(*shape, dtype=torch.float32):
     return torch.randn(*shape, dtype=torch.float64).to(dtype)
 
 
-def sf_good():
-    D, Do = 8, 12
+def sf_good(wide: bool = False):
+    D, Do = (64, 24) if wide else (8, 12)   # triton serves D in 64..4096
     return dict(x=_r(2, 3, D), skip=_r(2, 3, D), norm_weight=1 + 0.1 * _r(2 * D), norm_bias=0.1 * _r(2 * D),
                 weight=_r(Do, 2 * D) / 4, bias=_r(Do), eps=1e-6)
 
 
-def attn_good(scale=None):
+def attn_good(scale=None, wide: bool = False):
     return dict(q=_r(2, 5, 2, 8), k=_r(2, 7, 2, 8), v=_r(2, 7, 2, 8), scale=scale)
 
 
-def cd_good():
+def cd_good(wide: bool = False):
     return dict(a=_r(3, 8), b=_r(3, 8))
 
 
-def sf_bwd_good():
-    g = sf_good()
-    return dict(grad_out=_r(2, 3, 12), **g)
+def sf_bwd_good(wide: bool = False):
+    g = sf_good(wide)
+    return dict(grad_out=_r(2, 3, g["weight"].shape[0]), **g)
 
 
 def attn_bwd_good():
@@ -376,11 +377,16 @@ def _scale_cases(optional: bool):
     return c
 
 
-def targets() -> list[Target]:
+def public_backends() -> tuple:
+    """reference, torch, cpu; and triton in Triton's interpreter with SKIPDIT_FAST_FUZZ_TRITON=1."""
     from skipdit_fast.ops import triton_ops
 
-    pub = BACKENDS + (("triton",) if os.environ.get("SKIPDIT_FAST_FUZZ_TRITON") == "1" and triton_ops.interpreting()
-                      and triton_ops.triton_missing_reason() is None else ())
+    return BACKENDS + (("triton",) if os.environ.get("SKIPDIT_FAST_FUZZ_TRITON") == "1"
+                       and triton_ops.interpreting() and triton_ops.triton_missing_reason() is None else ())
+
+
+def targets() -> list[Target]:
+    pub = public_backends()
     sfb_call, sfb_ref = _public_backward("skip_fuse", _sf_ref, SF_T)
     ab_call, ab_ref = _public_backward("attention", _attn_ref, ATTN_T)
     cb_call, cb_ref = _public_backward("cache_delta", _cd_ref, CD_T)
@@ -463,13 +469,17 @@ def _all_meta(t: Target):
 
 def probes() -> list[Probe]:
     out = []
-    for t in targets():
-        good = t.good()
-        tensor_names = tuple(n for n in t.tensors if isinstance(good.get(n), torch.Tensor))
-        for backend in t.backends:
-            def add(case, make, expect, exc=(), names=()):
+    for t0 in targets():
+        for backend in t0.backends:
+            t = t0
+            if backend == "triton" and "skip_fuse" in t0.name:   # a width the triton kernels serve
+                t = replace(t0, good=lambda g=t0.good: g(wide=True))
+            good = t.good()
+            tensor_names = tuple(n for n in t.tensors if isinstance(good.get(n), torch.Tensor))
+
+            def add(case, make, expect, exc=(), names=(), t=t):
                 out.append(Probe(f"{t.name}[{backend}]: {case}", t.name, backend, case, make, expect, tuple(names),
-                                 tuple(exc)))
+                                 tuple(exc), good=t.good))
             add("good arguments", _make(t, None, None), "compute")
             for i, name in enumerate(tensor_names):
                 lead = name == (t.lead or tensor_names[0])
@@ -543,7 +553,7 @@ def _special() -> list[Probe]:
         kw["q"][0, 0, 0, 0] = float("inf")
         return kw
 
-    for target, backends in (("ops.attention", BACKENDS), ("skipdit::attention_forward", (NATIVE,))):
+    for target, backends in (("ops.attention", public_backends()), ("skipdit::attention_forward", (NATIVE,))):
         for backend in backends:
             for case, make in (("q: a NaN query row", nan_q_row), ("k: one NaN element", nan_k_row),
                                ("q: an inf element", inf_logit)):
@@ -666,6 +676,9 @@ def run_probe(p: Probe) -> dict:
         msg = f"{type(e).__name__}: {str(e).splitlines()[0][:300] if str(e) else ''}"
         if p.expect == "compute":
             return {"outcome": "fail", "detail": f"raised where it must compute: {msg}"}
+        if p.backend in ("triton", "cpu", "torch", "reference") and type(e).__name__ == "BackendError":
+            # the backend asked for cannot serve these inputs (a dtype, a width, a device): it says why
+            return {"outcome": "error", "detail": msg}
         if not isinstance(e, p.exc):
             return {"outcome": "fail", "detail": f"unclear error: {msg} (want {'/'.join(x.__name__ for x in p.exc)})"}
         if p.names and not _names_arg(str(e), p.names):
@@ -676,7 +689,7 @@ def run_probe(p: Probe) -> dict:
     if any(x.device.type == "meta" for x in _flatten(got)) or any(
             isinstance(v, torch.Tensor) and v.device.type == "meta" for v in kw.values()):
         torch.manual_seed(0)
-        want = t.ref(t.good())   # meta: only the shapes can be checked, the good case's
+        want = t.ref((p.good or t.good)())   # meta: only the shapes can be checked, the good case's
         problem = _compare(got, want)
         return {"outcome": "fail" if problem else "correct",
                 "detail": f"wrong result: {problem}" if problem else "meta: the right shapes"}
@@ -726,44 +739,62 @@ def run_isolated(ids: list[str], probe_timeout: float = 120.0, log=None) -> dict
         proc = subprocess.Popen([sys.executable, os.path.abspath(__file__), "--worker"], stdin=subprocess.PIPE,
                                 stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=worker_env(),
                                 cwd=ROOT)
-        proc.stdin.write("\n".join(todo) + "\n")
-        proc.stdin.close()
         lines: queue.Queue = queue.Queue()
         threading.Thread(target=lambda: [lines.put(x) for x in proc.stdout] + [lines.put(None)], daemon=True).start()
+
+        def feed(ids=tuple(todo), stdin=proc.stdin):   # in a thread: the ids outgrow a pipe's buffer
+            try:
+                stdin.write("\n".join(ids) + "\n")
+                stdin.close()
+            except (BrokenPipeError, OSError):   # the worker died: the loop below says so
+                pass
+        threading.Thread(target=feed, daemon=True).start()
         err_tail: list[str] = []
         threading.Thread(target=lambda: [err_tail.append(x) or err_tail.__delitem__(slice(0, -20))
                                          for x in proc.stderr], daemon=True).start()
-        current = None
-        t_last = time.monotonic()
-        while True:
-            try:
-                line = lines.get(timeout=max(0.1, probe_timeout - (time.monotonic() - t_last)))
-            except queue.Empty:
+        try:
+            _collect(proc, lines, err_tail, results, probe_timeout, len(ids), log)
+        finally:
+            if proc.poll() is None:   # the caller was interrupted: no orphan worker
                 proc.kill()
                 proc.wait()
-                if current is not None:
-                    results[current] = {"outcome": "fail", "detail": f"hang: over {probe_timeout:.0f} s"}
-                break
-            if line is None:
-                proc.wait()
-                if current is not None:
-                    sig = -proc.returncode if proc.returncode and proc.returncode < 0 else None
-                    results[current] = {"outcome": "fail", "detail": (
-                        f"crash: the process died ({'signal ' + str(sig) if sig else 'exit ' + str(proc.returncode)})"
-                        f"; stderr: {''.join(err_tail)[-300:].strip()}")}
-                elif proc.returncode and not results:
-                    raise RuntimeError(f"fuzz worker failed (exit {proc.returncode}):\n{''.join(err_tail)}")
-                break
-            if line.startswith("START "):
-                current, t_last = line[6:].rstrip("\n"), time.monotonic()
-            elif line.startswith("RESULT "):
-                r = json.loads(line[7:])
-                results[r.pop("id")] = r
-                current = None
-                if log:
-                    log(len(results), len(ids))
-        todo = [i for i in todo if i not in results]
+        left = [i for i in todo if i not in results]
+        if len(left) == len(todo):   # the worker died before its first probe: not a probe's doing
+            raise RuntimeError(f"fuzz worker failed (exit {proc.returncode}):\n{''.join(err_tail)}")
+        todo = left
     return results
+
+
+def _collect(proc, lines, err_tail, results, probe_timeout, total, log) -> None:
+    """Reads one worker's START / RESULT lines into results until it ends; a probe
+    it started and did not finish is a crash (the worker died) or a hang (killed)."""
+    current = None
+    t_last = time.monotonic()
+    while True:
+        try:
+            line = lines.get(timeout=max(0.1, probe_timeout - (time.monotonic() - t_last)))
+        except queue.Empty:
+            proc.kill()
+            proc.wait()
+            if current is not None:
+                results[current] = {"outcome": "fail", "detail": f"hang: over {probe_timeout:.0f} s"}
+            break
+        if line is None:
+            proc.wait()
+            if current is not None:
+                sig = -proc.returncode if proc.returncode and proc.returncode < 0 else None
+                results[current] = {"outcome": "fail", "detail": (
+                    f"crash: the process died ({'signal ' + str(sig) if sig else 'exit ' + str(proc.returncode)})"
+                    f"; stderr: {''.join(err_tail)[-300:].strip()}")}
+            break
+        if line.startswith("START "):
+            current, t_last = line[6:].rstrip("\n"), time.monotonic()
+        elif line.startswith("RESULT "):
+            r = json.loads(line[7:])
+            results[r.pop("id")] = r
+            current = None
+            if log:
+                log(len(results), total)
 
 
 def _worker() -> int:

@@ -14,6 +14,9 @@ import sys
 import pytest
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+# triton too, where its kernels run in the interpreter (conftest: no CUDA device); the
+# workers inherit the setting, so that they build the same table
+os.environ.setdefault("SKIPDIT_FAST_FUZZ_TRITON", "1")
 import fuzz_cases as fc  # noqa: E402
 
 PROBES = fc.all_probes()
