@@ -65,6 +65,7 @@ class Probe:
     xfail: str | None = None   # a known bug: why
     want: Callable | None = field(default=None, repr=False)   # the expected result, where the reference cannot run
     good: Callable | None = field(default=None, repr=False)   # the target's good arguments for this backend
+    check: Callable | None = field(default=None, repr=False)  # got -> problem or None, instead of a reference
 
 
 # ----------------------------------------------------------------------------------
@@ -538,6 +539,29 @@ def _special() -> list[Probe]:
         out.append(Probe(f"{target}[{backend}]: a, b: 2**31 + 8 elements (stride-0 rows)", target, backend,
                          "2**31 + 8 elements", huge, "compute", want=lambda: torch.tensor(1.0, dtype=torch.float64)))
 
+    if os.environ.get("SKIPDIT_FAST_FUZZ_HEAVY") == "1":   # tools/fuzz_report.py --heavy: ~20 s and 1 GiB each
+        M = 2 ** 28 + 1   # M * D = 2**31 + 8 elements of x (stride-0 rows), a 1 GiB output
+
+        def huge_sf():
+            torch.manual_seed(0)
+            return dict(x=_r(1, 8).expand(M, 8), skip=_r(1, 8).expand(M, 8), norm_weight=1 + 0.1 * _r(16),
+                        norm_bias=0.1 * _r(16), weight=_r(1, 16), bias=_r(1), eps=1e-6)
+
+        def huge_sf_check(got, kw=None):
+            from skipdit_fast.ops import reference
+
+            kw = huge_sf()
+            want = reference.skip_fuse(*(kw[n][:1].double() if kw[n].dim() == 2 and n in ("x", "skip") else
+                                         kw[n].double() for n in SF_T), eps=1e-6)
+            if tuple(got.shape) != (M, 1):
+                return f"shape {list(got.shape)}, want [{M}, 1]"
+            err = ((got.view(-1) - float(want)).abs().max() / abs(float(want))).item()
+            return None if err <= 1e-5 else f"max error {err:.2e} of the value every row has (tolerance 1e-5)"
+
+        for target, backend in (("skipdit::skip_fuse", NATIVE), ("ops.skip_fuse", "cpu")):
+            out.append(Probe(f"{target}[{backend}]: x, skip: 2**31 + 8 elements (stride-0 rows)", target, backend,
+                             "2**31 + 8 elements of x", huge_sf, "compute", check=huge_sf_check))
+
     def nan_q_row():
         kw = attn_good(0.3)
         kw["q"][0, 1, 0, :] = float("nan")    # one query row all NaN
@@ -693,6 +717,9 @@ def run_probe(p: Probe) -> dict:
         problem = _compare(got, want)
         return {"outcome": "fail" if problem else "correct",
                 "detail": f"wrong result: {problem}" if problem else "meta: the right shapes"}
+    if p.check:
+        problem = p.check(got)
+        return {"outcome": "fail" if problem else "correct", "detail": f"wrong result: {problem}" if problem else ""}
     want = p.want() if p.want else t.ref(kw)
     problem = _compare(got, want, nonfinite_alike="inf" in p.case)
     if problem:

@@ -6,7 +6,7 @@ crash, a hang, an unclear error, or no error where one is due). Issue 16.7.
     python tools/fuzz_report.py                 # the table
     python tools/fuzz_report.py --fails         # and every failing probe, with why
     python tools/fuzz_report.py --json out.json --markdown out.md
-    SKIPDIT_FAST_FUZZ_TRITON=1 python tools/fuzz_report.py   # + triton in the interpreter
+    python tools/fuzz_report.py --triton --heavy   # + triton in the interpreter, + 2**31-element skip_fuse
 
 Each probe runs in a worker subprocess (a crash fails its probe, the next worker
 goes on). Run it from a checkout with the native library built (skipdit_fast/_C.so).
@@ -76,7 +76,15 @@ def main(argv=None) -> int:
     ap.add_argument("--filter", metavar="REGEX", help="only the probes whose id matches")
     ap.add_argument("--json", metavar="PATH", help="write every probe's result as JSON")
     ap.add_argument("--markdown", metavar="PATH", help="write the table as markdown")
+    ap.add_argument("--heavy", action="store_true",
+                    help="also the heavy probes (skip_fuse on 2**31 + 8 elements: ~20 s and 1 GiB each)")
+    ap.add_argument("--triton", action="store_true", help="also the triton backend, in Triton's interpreter")
     args = ap.parse_args(argv)
+    if args.heavy:
+        os.environ["SKIPDIT_FAST_FUZZ_HEAVY"] = "1"   # the workers inherit it
+    if args.triton:
+        os.environ["SKIPDIT_FAST_FUZZ_TRITON"] = "1"
+        os.environ.setdefault("TRITON_INTERPRET", "1")
 
     import fuzz_cases as fc
 
