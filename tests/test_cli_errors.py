@@ -169,6 +169,11 @@ CASES = {
     # info
     "info unknown argument": (["info", "--bogus"], 2, "unrecognized arguments: --bogus"),
 }
+try:
+    import imageio_ffmpeg  # noqa: F401
+except ImportError:   # found before sampling (it was an ImportError after the run)
+    CASES["sample mp4 without imageio-ffmpeg"] = (["sample", "--model", "Latte-S/8", "--steps", "2", "--out",
+                                                   "{dir}/v.mp4"], 1, "--out .mp4 needs imageio-ffmpeg")
 if not torch.cuda.is_available():
     CASES["sample device cuda without one"] = (S + ["--device", "cuda"], 2, "argument --device: cuda: no CUDA device")
     CASES["tune device cuda without one"] = (["tune", "--device", "cuda:0"], 2, "argument --device")
