@@ -41,7 +41,7 @@ def test_demo_numbers(tmp_path):
 
 def test_demo_refuses_a_model_without_skips(tmp_path, capsys):
     rc = cli.main(["demo", "--weights", "tiny-dit", "--steps", "4", "--no-progress", "--out-dir", str(tmp_path)])
-    assert rc == 2 and "long skips" in capsys.readouterr().err
+    assert rc == 1 and "long skips" in capsys.readouterr().err
 
 
 def test_digit_grid_layout():

@@ -227,17 +227,17 @@ def test_cli_sample_end_to_end(tmp_path, capsys):
 def test_cli_errors(tmp_path, capsys):
     bad = tmp_path / "bad.pt"
     torch.save({"blocks.0.attn.qkv.weight": torch.zeros(3, 3)}, bad)
-    assert cli.main(["sample", "--model", "DiT-S/8", "--ckpt", str(bad), "--out", str(tmp_path / "x.png")]) == 2
+    assert cli.main(["sample", "--model", "DiT-S/8", "--ckpt", str(bad), "--out", str(tmp_path / "x.png")]) == 1
     err = capsys.readouterr().err
     assert "missing keys" in err and "x_embedder.proj.weight" in err and "blocks.0.attn.qkv.weight" in err
     assert cli.main(["sample", "--model", "DiT-S/8", "--cache-interval", "2", "--steps", "2",
-                     "--out", str(tmp_path / "x.png")]) == 2
+                     "--out", str(tmp_path / "x.png")]) == 1
     assert "'-skip' model" in capsys.readouterr().err
-    assert cli.main(["sample", "--model", "DiT-Q/8", "--out", str(tmp_path / "x.png")]) == 2
+    assert cli.main(["sample", "--model", "DiT-Q/8", "--out", str(tmp_path / "x.png")]) == 1
     capsys.readouterr()
     try:
         import diffusers  # noqa: F401
     except ImportError:
-        assert cli.main(["sample", "--model", "DiT-S/8", "--vae", "some/vae", "--out", str(tmp_path / "x.png")]) == 2
+        assert cli.main(["sample", "--model", "DiT-S/8", "--vae", "some/vae", "--out", str(tmp_path / "x.png")]) == 1
         assert "--vae needs the diffusers package" in capsys.readouterr().err
     assert not (tmp_path / "x.png").exists()

@@ -112,12 +112,16 @@ def test_cli_on_the_shipped_models(tmp_path, capsys):
     assert seconds < 60, f"the probe of the tiny models took {seconds:.0f} s"
 
 
-@pytest.mark.parametrize("argv, msg", [
-    (["--steps", "1"], "--steps must be >= 2"),
-    (["--model", "DiT-S/8-skip", "--ckpt", "a.pt", "--ckpt", "b.pt"], "give one per such model"),
-    (["--model", "tiny-dit", "--model", "DiT-S/8", "--ckpt", "/nonexistent.pt"], "nonexistent"),
-    (["--model", "DiT-Q/8"], "unknown model"),
+@pytest.mark.parametrize("argv, msg, rc", [
+    (["--steps", "1"], "argument --steps: must be an integer in 2..1000", 2),   # argparse
+    (["--model", "DiT-S/8-skip", "--ckpt", "a.pt", "--ckpt", "b.pt"], "give one per such model", 1),
+    (["--model", "tiny-dit", "--model", "DiT-S/8", "--ckpt", "/nonexistent.pt"], "nonexistent", 1),
+    (["--model", "DiT-Q/8"], "unknown model", 1),
 ])
-def test_cli_bad_arguments(tmp_path, capsys, argv, msg):
-    assert cli.main(["probe", "--out-dir", str(tmp_path), *argv]) == 2
+def test_cli_bad_arguments(tmp_path, capsys, argv, msg, rc):
+    try:
+        got = cli.main(["probe", "--out-dir", str(tmp_path), *argv])
+    except SystemExit as e:
+        got = e.code
+    assert got == rc
     assert msg in capsys.readouterr().err

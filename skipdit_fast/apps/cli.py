@@ -36,7 +36,32 @@ def main(argv: list[str] | None = None) -> int:
             modules[name] = importlib.import_module(mod)
             modules[name].add_arguments(p)
     args = parser.parse_args(argv)
-    return int(modules[args.command].main(args) or 0)
+    try:
+        return int(modules[args.command].main(args) or 0)
+    except Exception as e:
+        if not _user_error(e):
+            raise  # a bug: its traceback is what a report needs
+        print(f"skipdit-fast {args.command}: error: {_one_line(e)}", file=sys.stderr)
+        return 1
+
+
+def _user_error(e: Exception) -> bool:
+    """The errors that are the user's to fix, said in one line: UsageError (the apps'
+    checks after parsing), a checkpoint that does not fit (CheckpointError), a backend
+    that cannot run here (BackendError), a missing input file. Their modules are
+    looked up only if imported: an error cannot be of a class nobody imported."""
+    from .common import UsageError
+
+    kinds = [UsageError, FileNotFoundError]
+    for mod, name in (("skipdit_fast.models.checkpoint", "CheckpointError"), ("skipdit_fast.ops.backends", "BackendError")):
+        if mod in sys.modules:
+            kinds.append(getattr(sys.modules[mod], name))
+    return isinstance(e, tuple(kinds))
+
+
+def _one_line(e: Exception) -> str:
+    text = str(e) if not isinstance(e, FileNotFoundError) or not e.filename else f"{e.filename}: {e.strerror}"
+    return " ".join(text.split()) or type(e).__name__
 
 
 if __name__ == "__main__":

@@ -4,10 +4,13 @@ optional imageio-ffmpeg, and image / video grids."""
 
 from __future__ import annotations
 
+import argparse
 import math
 import os
+import re
 import struct
 import sys
+import tempfile
 import time
 import zlib
 from typing import TYPE_CHECKING
@@ -23,6 +26,88 @@ if TYPE_CHECKING:
 # --dtype names -> torch dtype attribute
 DTYPES = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16"}
 
+# DDPM training timesteps of every model here (sampling.Diffusion's default): the most
+# sampling steps there can be
+TRAINING_TIMESTEPS = 1000
+
+
+class UsageError(Exception):
+    """A problem with the command line found after parsing (a model that cannot do
+    what was asked, an output that cannot be written, a file that is not what its
+    argument says): cli.main prints it as one line, `skipdit-fast CMD: error: ...`,
+    and exits 1. The message names the argument and says what to do."""
+
+
+# ---- argparse type= helpers: a bad value is argparse's one-line
+# `error: argument --x: ...` (exit 2), before any work starts
+
+def _number(text: str, kind):
+    try:
+        return kind(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected {'an integer' if kind is int else 'a number'}, "
+                                         f"got {text!r}") from None
+
+
+def int_range(lo: int | None = None, hi: int | None = None):
+    """type=: an integer in lo..hi (either end open when None)."""
+    def parse(text: str) -> int:
+        v = _number(text, int)
+        if (lo is not None and v < lo) or (hi is not None and v > hi):
+            want = (f"in {lo}..{hi}" if lo is not None and hi is not None
+                    else f">= {lo}" if lo is not None else f"<= {hi}")
+            raise argparse.ArgumentTypeError(f"must be an integer {want}, got {v}")
+        return v
+    parse.__name__ = "integer"   # argparse names the type in `invalid <name> value`
+    return parse
+
+
+positive_int = int_range(1)
+nonneg_int = int_range(0)
+steps_int = int_range(1, TRAINING_TIMESTEPS)   # sampling steps: 1..the training timesteps
+
+
+def float_range(lo: float | None = None, hi: float | None = None, lo_open: bool = False):
+    """type=: a finite float >= lo (> lo with lo_open) and <= hi."""
+    def parse(text: str) -> float:
+        v = _number(text, float)
+        if not math.isfinite(v):
+            raise argparse.ArgumentTypeError(f"must be a finite number, got {text!r}")
+        if lo is not None and (v <= lo if lo_open else v < lo):
+            raise argparse.ArgumentTypeError(f"must be {'>' if lo_open else '>='} {lo}, got {v}")
+        if hi is not None and v > hi:
+            raise argparse.ArgumentTypeError(f"must be <= {hi}, got {v}")
+        return v
+    parse.__name__ = "number"
+    return parse
+
+
+finite_float = float_range()
+nonneg_float = float_range(0.0)
+positive_float = float_range(0.0, lo_open=True)
+
+_DEVICE = re.compile(r"^(auto|cpu|cuda(:\d+)?)$")
+
+
+def device_arg(text: str) -> str:
+    """type= of --device: auto, cpu, cuda or cuda:N, and a CUDA device must exist here
+    (torch is imported only to check a cuda device)."""
+    if not _DEVICE.match(text):
+        raise argparse.ArgumentTypeError(f"must be cpu, cuda, cuda:N or auto, got {text!r}")
+    if text.startswith("cuda"):
+        import torch
+
+        if not torch.cuda.is_available():
+            raise argparse.ArgumentTypeError(f"{text}: no CUDA device here (torch.cuda.is_available() is "
+                                             "False); use --device cpu or auto")
+        n = torch.cuda.device_count()
+        if ":" in text and int(text.split(":")[1]) >= n:
+            raise argparse.ArgumentTypeError(f"{text}: this machine has {n} CUDA device(s), cuda:0..cuda:{n - 1}")
+    return text
+
+
+device_arg.__name__ = "device"
+
 
 def device_from_arg(name: str) -> torch.device:
     """--device: cpu, cuda, cuda:N, or auto (the GPU when there is one)."""
@@ -30,7 +115,99 @@ def device_from_arg(name: str) -> torch.device:
 
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(name)
+    return torch.device(device_arg(name))
+
+
+def check_branch(model, branch: int | None, flag: str, name: str = "this model") -> None:
+    """UsageError unless Skip-Cache branch K fits the model (the cache itself finds
+    out only at the first step of the run)."""
+    if branch is None:
+        return
+    max_k = getattr(model, "max_branch", model.depth // 2)
+    if branch > max_k:
+        raise UsageError(f"{flag} {branch}: too large for {name} (depth {model.depth}: at most {max_k})")
+
+
+# ---- checks of files, before the work
+
+def _probe_dir(folder: str, flag: str, path: str) -> None:
+    """UsageError unless a file can be created in folder (tried: permissions alone do
+    not say it, e.g. for root or on a read-only mount)."""
+    try:
+        fd, tmp = tempfile.mkstemp(dir=folder, prefix=".skipdit-fast-probe-")
+    except OSError as e:
+        raise UsageError(f"{flag} {path}: cannot write in {folder} ({e.strerror or e})") from None
+    os.close(fd)
+    os.unlink(tmp)
+
+
+def check_output_file(path: str, flag: str = "--out") -> None:
+    """UsageError unless `path` can be written: its folder exists and takes a new
+    file, and path is not a folder. Called before the work, so that a long run does
+    not end in an error."""
+    path = os.fspath(path)
+    if not path:
+        raise UsageError(f"{flag}: empty path")
+    if os.path.isdir(path):
+        raise UsageError(f"{flag} {path}: is a folder; give a file name")
+    folder = os.path.dirname(path) or "."
+    if not os.path.isdir(folder):
+        raise UsageError(f"{flag} {path}: folder {folder} does not exist (create it first)")
+    _probe_dir(folder, flag, path)
+
+
+def check_output_dir(path: str, flag: str = "--out-dir") -> None:
+    """Creates folder `path` (and its parents) and checks that it takes files:
+    UsageError if not."""
+    path = os.fspath(path)
+    if not path:
+        raise UsageError(f"{flag}: empty path")
+    if os.path.exists(path) and not os.path.isdir(path):
+        raise UsageError(f"{flag} {path}: is a file, not a folder")
+    try:
+        os.makedirs(path, exist_ok=True)
+    except OSError as e:  # a file in the way, no permission, ...
+        raise UsageError(f"{flag} {path}: cannot create the folder ({e.strerror or e})") from None
+    _probe_dir(path, flag, path)
+
+
+def check_input_file(path: str, flag: str) -> None:
+    """UsageError unless `path` is an existing, non-empty file."""
+    path = os.fspath(path)
+    if not os.path.exists(path):
+        raise UsageError(f"{flag} {path}: no such file")
+    if os.path.isdir(path):
+        raise UsageError(f"{flag} {path}: is a folder, not a file")
+    if os.path.getsize(path) == 0:
+        raise UsageError(f"{flag} {path}: the file is empty")
+
+
+def read_checkpoint(path: str, flag: str = "--ckpt") -> dict:
+    """models.load_checkpoint(path) for a file named on the command line: a missing,
+    empty, truncated or corrupt file is a UsageError that names the flag and the file
+    (torch.load / safetensors say it with EOFError, UnpicklingError, RuntimeError or
+    SafetensorError; only the file read is inside the try)."""
+    import pickle
+
+    from ..models import CheckpointError, load_checkpoint
+
+    check_input_file(path, flag)
+    try:
+        return load_checkpoint(path)
+    except CheckpointError as e:
+        raise UsageError(f"{flag} {e}") from None
+    except (EOFError, pickle.UnpicklingError, RuntimeError, OSError) as e:
+        raise UsageError(f"{flag} {path}: not a readable checkpoint, truncated or corrupt "
+                         f"({type(e).__name__}: {_first_line(e)})") from None
+    except Exception as e:
+        if type(e).__name__ == "SafetensorError":
+            raise UsageError(f"{flag} {path}: not a readable .safetensors file, truncated or corrupt "
+                             f"({_first_line(e)})") from None
+        raise
+
+
+def _first_line(e: BaseException) -> str:
+    return (str(e).strip().splitlines() or [""])[0][:200]
 
 
 def default_dtype(device: torch.device, name: str | None) -> torch.dtype:

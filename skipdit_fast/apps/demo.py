@@ -26,7 +26,9 @@ import sys
 import time
 from typing import TYPE_CHECKING
 
-from .common import DTYPES, Progress, default_dtype, device_from_arg, video_grid, write_png, write_video
+from .common import (DTYPES, Progress, UsageError, check_branch, check_input_file, check_output_dir, default_dtype,
+                     device_arg, device_from_arg, nonneg_int, positive_int, steps_int, video_grid, write_png,
+                     write_video)
 
 if TYPE_CHECKING:
     import torch
@@ -44,17 +46,17 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="the video demo: the shipped tiny Latte-skip on moving digits, GIFs")
     p.add_argument("--weights", help="shipped model name or a .safetensors written by `skipdit-fast train` "
                    "(default tiny-skipdit; --video: tiny-latte-skip)")
-    p.add_argument("--per-class", type=int, help="samples per digit class (default 4; --video: 2)")
-    p.add_argument("--steps", type=int, help="DDPM sampling steps (default 100; --video: 50)")
-    p.add_argument("--interval", type=int, help="Skip-Cache interval N (default 3)")
-    p.add_argument("--branch", type=int, help="Skip-Cache branch K (default 2 blocks; --video: 1 pair)")
-    p.add_argument("--repeats", type=int, default=2,
+    p.add_argument("--per-class", type=positive_int, help="samples per digit class (default 4; --video: 2)")
+    p.add_argument("--steps", type=steps_int, help="DDPM sampling steps, 1..1000 (default 100; --video: 50)")
+    p.add_argument("--interval", type=positive_int, help="Skip-Cache interval N (default 3)")
+    p.add_argument("--branch", type=positive_int, help="Skip-Cache branch K (default 2 blocks; --video: 1 pair)")
+    p.add_argument("--repeats", type=positive_int, default=2,
                    help="timed runs of each path, interleaved; the fastest counts (default 2)")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--device", default="auto", help="cpu, cuda, cuda:N or auto (the GPU when there is one)")
+    p.add_argument("--seed", type=nonneg_int, default=0)
+    p.add_argument("--device", type=device_arg, default="auto", help="cpu, cuda, cuda:N or auto (the GPU when there is one)")
     p.add_argument("--dtype", choices=tuple(DTYPES), help="default: bf16 on CUDA, fp32 on CPU")
     p.add_argument("--out-dir", default="demo-out", help="where the PNGs / GIFs go (default demo-out/)")
-    p.add_argument("--scale", type=int, default=4, help="pixel scale of the PNG grids and GIFs (default 4)")
+    p.add_argument("--scale", type=positive_int, default=4, help="pixel scale of the PNG grids and GIFs (default 4)")
     p.add_argument("--no-progress", action="store_true")
 
 
@@ -126,16 +128,42 @@ def timing(base_t, fast_t, fast) -> dict:
             "cpu_seconds_cache": fc, "cpu_speedup": bc / fc, "block_ratio": fast.report.ideal_speedup}
 
 
+def load_weights(name_or_path: str, flag: str, **kw):
+    """pretrained.load_pretrained for a name or file given on the command line: a
+    missing shipped model, a missing, empty or corrupt file, or a file without our
+    metadata is a UsageError naming the flag (only the load is inside the try)."""
+    from ..pretrained import SHIPPED, load_pretrained
+
+    if name_or_path not in SHIPPED:
+        if not os.path.splitext(name_or_path)[1]:
+            raise UsageError(f"{flag} {name_or_path}: not a shipped model ({', '.join(SHIPPED)}) "
+                             "nor a .safetensors file")
+        check_input_file(name_or_path, flag)
+    try:
+        return load_pretrained(name_or_path, **kw)
+    except (FileNotFoundError, ValueError) as e:   # CheckpointError is a ValueError
+        raise UsageError(f"{flag} {name_or_path}: {e}") from None
+    except Exception as e:
+        if type(e).__name__ == "SafetensorError":
+            raise UsageError(f"{flag} {name_or_path}: not a readable .safetensors file, truncated or corrupt "
+                             f"({e})") from None
+        raise
+
+
 def _load(args, log):
     from ..cache import SkipCache
-    from ..pretrained import load_pretrained
 
     device = device_from_arg(args.device)
     dtype = default_dtype(device, args.dtype)
-    model = load_pretrained(args.weights, device=device, dtype=dtype)
+    model = load_weights(args.weights, "--weights", device=device, dtype=dtype)
     cfg = model.config
     if not cfg.skip:
-        raise ValueError(f"{args.weights} has no long skips: the demo needs a {type(model).SKIP_NAME}")
+        raise UsageError(f"--weights {args.weights} has no long skips: the demo needs a {type(model).SKIP_NAME}")
+    if not args.video and hasattr(cfg, "num_frames"):
+        raise UsageError(f"--weights {args.weights} is a video model: add --video")
+    if args.video and not hasattr(cfg, "num_frames"):
+        raise UsageError(f"--weights {args.weights} is not a video model: --video needs a Latte-skip")
+    check_branch(model, args.branch, "--branch")
     cache = SkipCache.for_model(model, interval=args.interval, branch=args.branch)
     used = backends_used(device, dtype, cfg.hidden_size // cfg.num_heads, cfg.hidden_size)
     frames = f"{cfg.num_frames} frames of " if hasattr(cfg, "num_frames") else ""
@@ -250,10 +278,7 @@ def run_video(args: argparse.Namespace, log=print) -> dict:
 
 def main(args: argparse.Namespace) -> int:
     t0 = time.perf_counter()
-    try:
-        run(args)
-    except (FileNotFoundError, ValueError) as e:
-        print(f"skipdit-fast demo: {e}", file=sys.stderr)
-        return 2
+    check_output_dir(args.out_dir, "--out-dir")   # before the work, not after it
+    run(args)
     print(f"demo done in {time.perf_counter() - t0:.1f} s")
     return 0

@@ -19,7 +19,8 @@ import sys
 import time
 
 from ..files import atomic_path, write_atomic
-from .common import device_from_arg
+from .common import (UsageError, check_branch, check_output_dir, device_arg, device_from_arg, int_range, nonneg_int,
+                     positive_int, read_checkpoint, steps_int)
 
 SHIPPED = ("tiny-dit", "tiny-skipdit")
 
@@ -28,16 +29,17 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", action="append", help="a shipped model (tiny-dit, tiny-skipdit) or a DiT name such as "
                    "DiT-XL/2-skip; repeat to compare (default: tiny-dit and tiny-skipdit)")
     p.add_argument("--ckpt", action="append", help="checkpoint of each non-shipped --model, in order")
-    p.add_argument("--steps", type=int, default=50, help="DDPM steps of the probed run (default 50)")
-    p.add_argument("--branch", type=int, default=2, help="K: the deep features are the input of block depth-K "
+    p.add_argument("--steps", type=int_range(2, 1000), default=50,
+                   help="DDPM steps of the probed run, 2..1000 (default 50)")
+    p.add_argument("--branch", type=positive_int, default=2, help="K: the deep features are the input of block depth-K "
                    "(default 2)")
-    p.add_argument("--power-iters", type=int, default=10, help="power iterations per amplification estimate "
+    p.add_argument("--power-iters", type=positive_int, default=10, help="power iterations per amplification estimate "
                    "(default 10)")
-    p.add_argument("--spectral-every", type=int, default=1, help="estimate the amplification every n-th step "
+    p.add_argument("--spectral-every", type=nonneg_int, default=1, help="estimate the amplification every n-th step "
                    "(default 1; 0: never)")
     p.add_argument("--classes", type=int, nargs="+", help="labels to sample (default: one per class, at most 10)")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--device", default="cpu", help="cpu, cuda, cuda:N or auto (default cpu)")
+    p.add_argument("--seed", type=nonneg_int, default=0)
+    p.add_argument("--device", type=device_arg, default="cpu", help="cpu, cuda, cuda:N or auto (default cpu)")
     p.add_argument("--out-dir", default="probe-out", help="where probe.json and the plots go (default probe-out/)")
 
 
@@ -47,11 +49,17 @@ def _load(name: str, ckpt: str | None, device):
 
     if name in SHIPPED:
         if ckpt:
-            raise ValueError(f"{name} is a shipped model: it takes no --ckpt")
-        return load_pretrained(name, device=device)
-    model = DiT.from_name(name)
+            raise UsageError(f"--model {name} is a shipped model: it takes no --ckpt")
+        try:
+            return load_pretrained(name, device=device)
+        except FileNotFoundError as e:
+            raise UsageError(f"--model {name}: {e}") from None
+    try:
+        model = DiT.from_name(name)
+    except ValueError as e:
+        raise UsageError(f"--model {name}: {e}") from None
     if ckpt:
-        model.load_checkpoint(ckpt)
+        model.load_state_dict_strict(read_checkpoint(ckpt, "--ckpt"))
     else:
         print(f"no --ckpt for {name}: random weights (the probe then says nothing about a trained model)",
               file=sys.stderr)
@@ -131,35 +139,26 @@ def main(args: argparse.Namespace) -> int:
     ckpts = list(args.ckpt or [])
     non_shipped = [n for n in names if n not in SHIPPED]
     if ckpts and len(ckpts) != len(non_shipped):
-        print(f"skipdit-fast probe: {len(ckpts)} --ckpt for {len(non_shipped)} non-shipped --model "
-              f"({', '.join(non_shipped) or 'none'}); give one per such model, in order", file=sys.stderr)
-        return 2
-    for flag, value, low in (("--steps", args.steps, 2), ("--branch", args.branch, 1),
-                             ("--power-iters", args.power_iters, 1), ("--spectral-every", args.spectral_every, 0)):
-        if value < low:
-            print(f"skipdit-fast probe: {flag} must be >= {low}, got {value}", file=sys.stderr)
-            return 2
-    try:
-        os.makedirs(args.out_dir, exist_ok=True)
-        device = device_from_arg(args.device)
-        models = []
-        it = iter(ckpts)
-        for n in names:
-            models.append((n, _load(n, None if n in SHIPPED else next(it, None), device)))
-    except (ValueError, OSError, RuntimeError) as e:
-        print(f"skipdit-fast probe: {e}", file=sys.stderr)
-        return 2
+        raise UsageError(f"{len(ckpts)} --ckpt for {len(non_shipped)} non-shipped --model "
+                         f"({', '.join(non_shipped) or 'none'}); give one per such model, in order")
+    check_output_dir(args.out_dir, "--out-dir")
+    device = device_from_arg(args.device)
+    models = []
+    it = iter(ckpts)
+    for n in names:
+        models.append((n, _load(n, None if n in SHIPPED else next(it, None), device)))
+    for name, model in models:
+        check_branch(model, args.branch, "--branch", name)
+        bad = [c for c in args.classes or [] if not 0 <= c < model.config.num_classes]
+        if bad:
+            raise UsageError(f"--classes: {name} has classes 0..{model.config.num_classes - 1}, got {bad}")
     results = []
     for name, model in models:
         cfg = model.config
         labels = args.classes if args.classes else list(range(min(cfg.num_classes, 10)))
         t0 = time.perf_counter()
-        try:
-            r = probe(model, labels, steps=args.steps, branch=args.branch, power_iters=args.power_iters,
-                      spectral_every=args.spectral_every, seed=args.seed, name=name)
-        except ValueError as e:
-            print(f"skipdit-fast probe: {name}: {e}", file=sys.stderr)
-            return 2
+        r = probe(model, labels, steps=args.steps, branch=args.branch, power_iters=args.power_iters,
+                  spectral_every=args.spectral_every, seed=args.seed, name=name)
         d = r.to_dict()
         d["skip"] = bool(cfg.skip)
         d["seconds"] = time.perf_counter() - t0

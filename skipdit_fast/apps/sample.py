@@ -32,8 +32,9 @@ from typing import TYPE_CHECKING
 if TYPE_CHECKING:
     import torch
 
-from .common import (DTYPES, VIDEO_FORMATS, Progress, default_dtype, device_from_arg, make_grid, video_grid,
-                     write_png, write_video)
+from .common import (DTYPES, VIDEO_FORMATS, Progress, UsageError, check_branch, check_output_file, default_dtype, device_arg,
+                     device_from_arg, finite_float, make_grid, nonneg_float, nonneg_int, positive_float,
+                     positive_int, read_checkpoint, steps_int, video_grid, write_png, write_video)
 
 DEFAULT_CLASSES = [207, 360, 387, 974, 88, 979, 417, 279]  # DiT's sample.py
 UCF101_CLASSES = 101
@@ -44,25 +45,26 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="DiT-{S,B,L,XL}/{2,4,8}[-skip] or Latte-{S,B,L,XL}/{2,4,8}[-skip] (default DiT-XL/2-skip)")
     p.add_argument("--ckpt", help="checkpoint (.pt or .safetensors) with the official keys; random weights without")
     p.add_argument("--image-size", type=int, default=256, choices=(256, 512))
-    p.add_argument("--num-frames", type=int, help="Latte: frames (default: the checkpoint's, else 16)")
+    p.add_argument("--num-frames", type=positive_int, help="Latte: frames (default: the checkpoint's, else 16)")
     p.add_argument("--classes", type=int, nargs="+",
                    help="class ids (DiT default: DiT's eight ImageNet classes; a class-conditional Latte: one video each)")
-    p.add_argument("--num-samples", type=int, default=1, help="unconditional Latte: how many videos (default 1)")
-    p.add_argument("--steps", type=int, default=250, help="sampling steps (default 250)")
+    p.add_argument("--num-samples", type=positive_int, default=1, help="unconditional Latte: how many videos (default 1)")
+    p.add_argument("--steps", type=steps_int, default=250,
+                   help="sampling steps, 1..1000 (the training timesteps; default 250)")
     p.add_argument("--sampler", choices=("ddpm", "ddim"), default="ddpm")
-    p.add_argument("--cfg", type=float, default=4.0,
+    p.add_argument("--cfg", type=finite_float, default=4.0,
                    help="classifier-free guidance scale (<= 1: none; unconditional models: none)")
-    p.add_argument("--cache-interval", type=int, default=0, help="Skip-Cache interval N (0: no cache)")
-    p.add_argument("--cache-branch", type=int,
+    p.add_argument("--cache-interval", type=nonneg_int, default=0, help="Skip-Cache interval N (0: no cache)")
+    p.add_argument("--cache-branch", type=positive_int,
                    help="Skip-Cache branch K (default: the model's official one, DiT 4 blocks, Latte 1 pair)")
-    p.add_argument("--cache-threshold", type=float, help="adaptive Skip-Cache: recompute above this cache_delta")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--device", default="auto", help="cpu, cuda, cuda:N or auto")
+    p.add_argument("--cache-threshold", type=nonneg_float, help="adaptive Skip-Cache: recompute above this cache_delta")
+    p.add_argument("--seed", type=nonneg_int, default=0)
+    p.add_argument("--device", type=device_arg, default="auto", help="cpu, cuda, cuda:N or auto")
     p.add_argument("--dtype", choices=tuple(DTYPES), default=None, help="default: bf16 on CUDA, fp32 on CPU")
     p.add_argument("--vae", help="diffusers AutoencoderKL (or AutoencoderKLTemporalDecoder) folder or id; "
                    "else latents are shown")
-    p.add_argument("--vae-chunk", type=int, default=8, help="frames (or images) per VAE decode call (default 8)")
-    p.add_argument("--fps", type=float, default=8.0, help="video frames per second (default 8)")
+    p.add_argument("--vae-chunk", type=positive_int, default=8, help="frames (or images) per VAE decode call (default 8)")
+    p.add_argument("--fps", type=positive_float, default=8.0, help="video frames per second (default 8)")
     p.add_argument("--out", help="output file: .png for images (default grid.png), .gif / .mp4 for videos "
                    "(default video.gif)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
@@ -116,7 +118,7 @@ def load_vae(vae_path: str, device):
     cls, why = _diffusers_vae(vae_path)
     if cls is None:
         raise ImportError(f"--vae needs the diffusers package ({why})")
-    return cls.from_pretrained(vae_path).to(device).eval()
+    return cls.from_pretrained(vae_path, local_files_only=True).to(device).eval()
 
 
 def _decode(latents, vae, device, chunk: int):
@@ -141,6 +143,22 @@ def _decode(latents, vae, device, chunk: int):
     return torch.stack(out) if video else out[0]
 
 
+def check_vae(path: str) -> None:
+    """UsageError unless --vae can be decoded with here: diffusers installed and path
+    a local folder with a config.json. Nothing is downloaded (a hub id is not
+    fetched: a sampling run must not hang on the network, or fail after its work)."""
+    try:
+        import diffusers  # noqa: F401
+    except ImportError as e:
+        raise UsageError(f"--vae needs the diffusers package ({e}); without --vae the output shows the "
+                         "latents") from None
+    if not os.path.isdir(path):
+        raise UsageError(f"--vae {path}: no such folder (nothing is downloaded: fetch the VAE first, e.g. "
+                         f"`huggingface-cli download stabilityai/sd-vae-ft-ema --local-dir DIR`, and pass DIR)")
+    if not os.path.isfile(os.path.join(path, "config.json")):
+        raise UsageError(f"--vae {path}: no config.json in the folder (not a diffusers AutoencoderKL folder)")
+
+
 def _label_rows(sd: dict) -> int | None:
     w = sd.get("y_embedder.embedding_table.weight")
     return None if w is None else int(w.shape[0])
@@ -149,9 +167,9 @@ def _label_rows(sd: dict) -> int | None:
 def build_model(args, log=print):
     """The model the arguments ask for, with the checkpoint's weights when there is
     one (a Latte's frames and label table read from it first, and logged)."""
-    from ..models import from_name, load_checkpoint
+    from ..models import from_name
 
-    sd = load_checkpoint(args.ckpt) if args.ckpt else None
+    sd = read_checkpoint(args.ckpt) if args.ckpt else None
     overrides = {}
     if args.model.startswith("Latte"):
         frames = args.num_frames
@@ -168,8 +186,11 @@ def build_model(args, log=print):
         else:
             overrides["extras"] = 1
     elif args.num_frames is not None:
-        raise ValueError("--num-frames is for Latte models")
-    model = from_name(args.model, image_size=args.image_size, **overrides)
+        raise UsageError("--num-frames is for Latte models")
+    try:
+        model = from_name(args.model, image_size=args.image_size, **overrides)
+    except ValueError as e:   # an unknown name, a config that cannot be
+        raise UsageError(f"--model {args.model}: {e}") from None
     if sd is not None:
         model.load_state_dict_strict(sd)
     return model
@@ -179,32 +200,31 @@ def main(args: argparse.Namespace) -> int:
     import torch
 
     from ..cache import SkipCache
-    from ..models import CheckpointError
     from ..sampling import sample
 
-    def fail(msg: str) -> int:
-        print(f"skipdit-fast sample: {msg}", file=sys.stderr)
-        return 2
-
+    # everything that can be checked before the work is: the run must not end in an error
     is_video = args.model.startswith("Latte")
     out = args.out or ("video.gif" if is_video else "grid.png")
     ext = os.path.splitext(out)[1].lower()
     if is_video and ext not in VIDEO_FORMATS:
-        return fail(f"a Latte writes a video: --out must end in {' or '.join(VIDEO_FORMATS)}, got {out!r}")
+        raise UsageError(f"a Latte writes a video: --out must end in {' or '.join(VIDEO_FORMATS)}, got {out!r}")
     if not is_video and ext != ".png":
-        return fail(f"a DiT writes an image grid: --out must end in .png, got {out!r}")
-    if args.vae and _diffusers_vae(args.vae)[0] is None:
-        return fail(f"--vae needs the diffusers package ({_diffusers_vae(args.vae)[1]}); "
-                    "without --vae the output shows the latents")
+        raise UsageError(f"a DiT writes an image grid: --out must end in .png, got {out!r}")
+    check_output_file(out, "--out")
+    if ext == ".mp4":
+        try:
+            import imageio_ffmpeg  # noqa: F401
+        except ImportError:
+            raise UsageError("--out .mp4 needs imageio-ffmpeg (pip install 'skipdit-fast[video]'); "
+                             "or write a .gif") from None
+    if args.vae:
+        check_vae(args.vae)
+    if args.cache_interval == 0 and (args.cache_branch is not None or args.cache_threshold is not None):
+        raise UsageError("--cache-branch / --cache-threshold need --cache-interval N >= 1 (0: no cache)")
     device = device_from_arg(args.device)
     dtype = default_dtype(device, args.dtype)
     torch.manual_seed(args.seed)  # random weights (no --ckpt) are reproducible too
-    try:
-        model = build_model(args, log=lambda m: print(m, file=sys.stderr))
-    except (CheckpointError, OSError) as e:
-        return fail(f"{args.ckpt}: {e}")
-    except ValueError as e:
-        return fail(str(e))
+    model = build_model(args, log=lambda m: print(m, file=sys.stderr))
     weights = args.ckpt or "random weights"
     if not args.ckpt:
         print(f"no --ckpt: {args.model} with random weights (the samples are not meaningful)", file=sys.stderr)
@@ -215,31 +235,27 @@ def main(args: argparse.Namespace) -> int:
         classes = args.classes or (DEFAULT_CLASSES if not is_video else [0])
         bad = [c for c in classes if not 0 <= c < cfg.num_classes]
         if bad:
-            return fail(f"class ids must be in 0..{cfg.num_classes - 1}, got {bad}")
+            raise UsageError(f"--classes: class ids must be in 0..{cfg.num_classes - 1}, got {bad}")
         what, kw, cfg_scale = f"{len(classes)} {'videos' if is_video else 'images'}", {"labels": classes}, args.cfg
     else:
         if args.classes:
-            return fail(f"{weights} is an unconditional model (no label table): use --num-samples, not --classes")
-        if args.num_samples < 1:
-            return fail(f"--num-samples must be >= 1, got {args.num_samples}")
+            raise UsageError(f"--classes: {weights} is an unconditional model (no label table): use --num-samples")
         what, kw, cfg_scale = f"{args.num_samples} videos", {"num_samples": args.num_samples}, 1.0
 
     cache = None
     if args.cache_interval > 0:
         if not cfg.skip:
-            return fail(f"Skip-Cache needs a '-skip' model, {args.model} has no long skips")
+            raise UsageError(f"--cache-interval: Skip-Cache needs a '-skip' model, {args.model} has no long skips")
         extra = {} if args.cache_branch is None else {"branch": args.cache_branch}
         try:
             cache = SkipCache.for_model(model, interval=args.cache_interval, threshold=args.cache_threshold, **extra)
         except ValueError as e:
-            return fail(str(e))
+            raise UsageError(f"--cache-branch / --cache-interval: {e}") from None
+        check_branch(model, cache.branch, "--cache-branch")
 
     progress = Progress("sampling", enabled=not args.no_progress)
-    try:
-        result = sample(model, steps=args.steps, sampler=args.sampler, cfg_scale=cfg_scale, cache=cache,
-                        seed=args.seed, progress=progress, **kw)
-    except ValueError as e:
-        return fail(str(e))
+    result = sample(model, steps=args.steps, sampler=args.sampler, cfg_scale=cfg_scale, cache=cache,
+                    seed=args.seed, progress=progress, **kw)
 
     if args.vae:
         images, shown = decode_with_vae(result.latents, args.vae, device, args.vae_chunk), "decoded with the VAE"

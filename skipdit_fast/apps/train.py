@@ -480,24 +480,62 @@ def _weights_readme(out_dir: Path) -> str:
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
+    from .common import nonneg_int, positive_float, positive_int
+
     p.add_argument("--default", action="store_true", help="train the shipped models into skipdit_fast/weights/")
     p.add_argument("--model", default="tiny-skipdit", choices=tuple(SHIPPED))
     p.add_argument("--only", choices=tuple(SHIPPED), nargs="+", help="with --default: train only these")
     p.add_argument("--no-classifier", action="store_true", help="with --default: do not (re)fit the classifiers")
-    p.add_argument("--threads", type=int, help="torch threads (default: torch's, the core count)")
-    p.add_argument("--steps", type=int, help="total steps (default: the model's recipe, default_train_config)")
-    p.add_argument("--batch-size", type=int)
-    p.add_argument("--lr", type=float)
-    p.add_argument("--seed", type=int)
-    p.add_argument("--out", default="runs/train", help="output folder (not with --default)")
+    p.add_argument("--threads", type=positive_int, help="torch threads (default: torch's, the core count)")
+    p.add_argument("--steps", type=positive_int,
+                   help="total steps (default: the model's recipe, default_train_config)")
+    p.add_argument("--batch-size", type=positive_int)
+    p.add_argument("--lr", type=positive_float)
+    p.add_argument("--seed", type=nonneg_int)
+    p.add_argument("--out", help="output folder (default runs/train; not with --default)")
     p.add_argument("--no-resume", action="store_true", help="start over even if a checkpoint exists")
     p.add_argument("--no-progress", action="store_true")
 
 
+def _resume(tr: Trainer, ckpt: Path) -> None:
+    """tr.load(ckpt), a checkpoint that cannot be resumed said as a UsageError (the
+    file read and the settings check are all that is inside the try)."""
+    import pickle
+
+    from .common import UsageError
+
+    if ckpt.stat().st_size == 0:
+        raise UsageError(f"--out: checkpoint {ckpt} is empty; remove it or pass --no-resume to start over")
+    try:
+        sd = torch.load(ckpt, map_location="cpu", weights_only=True)
+    except (EOFError, pickle.UnpicklingError, RuntimeError, OSError) as e:
+        raise UsageError(f"--out: checkpoint {ckpt} is not readable, truncated or corrupt ({type(e).__name__}); "
+                         "remove it or pass --no-resume to start over") from None
+    try:
+        tr.load_state_dict(sd)
+    except (ValueError, KeyError, TypeError) as e:
+        raise UsageError(f"--out: checkpoint {ckpt} does not resume this run ({e}); pass --no-resume to "
+                         "start over, or another --out") from None
+
+
 def main(args: argparse.Namespace) -> int:
+    from .common import UsageError, check_output_dir
+
+    if args.default:
+        given = [f for f, v in (("--out", args.out), ("--batch-size", args.batch_size), ("--lr", args.lr),
+                                ("--seed", args.seed)) if v is not None]
+        if given:
+            raise UsageError(f"{', '.join(given)}: not with --default (it trains the shipped recipes into "
+                             f"{WEIGHTS_DIR}); leave them out, or drop --default")
+    else:
+        given = [f for f, v in (("--only", args.only), ("--no-classifier", args.no_classifier or None))
+                 if v is not None]
+        if given:
+            raise UsageError(f"{', '.join(given)}: only with --default")
     if args.threads:
         torch.set_num_threads(args.threads)
     if args.default:
+        check_output_dir(str(WEIGHTS_DIR), "--default (skipdit_fast/weights)")
         train_default(steps=args.steps, resume=not args.no_resume, progress=not args.no_progress,
                       names=args.only or tuple(SHIPPED), classifier=not args.no_classifier)
         return 0
@@ -505,11 +543,15 @@ def main(args: argparse.Namespace) -> int:
     for k in ("steps", "batch_size", "lr", "seed"):
         if getattr(args, k) is not None:
             setattr(cfg, k, getattr(args, k))
-    out = Path(args.out)
-    tr = Trainer(cfg)
+    out = Path(args.out or "runs/train")
+    check_output_dir(str(out), "--out")   # before the training, not after it
+    try:
+        tr = Trainer(cfg)
+    except ValueError as e:   # a batch larger than the data, ...
+        raise UsageError(f"--batch-size: {e}" if "batch_size" in str(e) else str(e)) from None
     ckpt = out / f"{args.model}.pt"
     if ckpt.exists() and not args.no_resume:
-        tr.load(ckpt)
+        _resume(tr, ckpt)
         print(f"resumed at step {tr.step} from {ckpt}", file=sys.stderr)
     tr.run(checkpoint=ckpt, progress=not args.no_progress)
     tr.export(out / f"{args.model}.safetensors")

@@ -18,12 +18,12 @@ For a diffusers model, call skipdit_fast.tune(pipe.transformer, example_inputs) 
 from __future__ import annotations
 
 import json
-import sys
 
 import torch
 
 from ..files import write_atomic
-from .common import DTYPES, default_dtype, device_from_arg
+from .common import (DTYPES, UsageError, check_output_file, default_dtype, device_arg, device_from_arg,
+                     positive_int)
 
 # HunyuanDiT-v1.2, 1024 px (diffusers HunyuanDiT2DModel defaults): 128x128 latents, patch 2
 HUNYUANDIT = {"tokens": 4096, "hidden": 1408, "heads": 16, "head_dim": 88, "text_tokens": 77 + 256}
@@ -37,11 +37,11 @@ def add_arguments(p) -> None:
     what.add_argument("--model", choices=model_names(), metavar="NAME",
                       help="a skipdit_fast model (DiT-{S,B,L,XL}/{2,4,8}[-skip]; default DiT-XL/2-skip)")
     what.add_argument("--shapes", choices=SHAPES, help="the op shapes of a model run elsewhere (diffusers)")
-    p.add_argument("--image-size", type=int, default=256, help="--model: image size in pixels (default 256)")
-    p.add_argument("--batch", type=int, default=8, help="images per forward (default 8)")
+    p.add_argument("--image-size", type=positive_int, default=256, help="--model: image size in pixels (default 256)")
+    p.add_argument("--batch", type=positive_int, default=8, help="images per forward (default 8)")
     p.add_argument("--cfg", action="store_true", help="classifier-free guidance: the forward runs 2 x batch")
     p.add_argument("--grad", action="store_true", help="also the training shapes (forward + backward)")
-    p.add_argument("--device", default="auto", help="cpu, cuda, cuda:N or auto")
+    p.add_argument("--device", type=device_arg, default="auto", help="cpu, cuda, cuda:N or auto")
     p.add_argument("--dtype", choices=tuple(DTYPES), default=None, help="default: bf16 on CUDA, fp32 on CPU")
     p.add_argument("--force", action="store_true", help="measure again shapes decided before")
     p.add_argument("--json", metavar="PATH", help="write the decisions as JSON")
@@ -86,7 +86,13 @@ def _workload(args, device, dtype):
         return f"HunyuanDiT shapes, 1024 px, {n} per forward", mod, (x, text)
     from ..models import DiT
 
+    from ..models import DiTConfig
+
     name = args.model or "DiT-XL/2-skip"
+    try:
+        DiTConfig.from_name(name, image_size=args.image_size)
+    except ValueError as e:
+        raise UsageError(f"--image-size {args.image_size}: {e}") from None
     with torch.device(device):  # random weights made where they run (DiT-XL/2: 675M of them)
         model = DiT.from_name(name, image_size=args.image_size).to(dtype=dtype).eval()
     c = model.config
@@ -100,12 +106,11 @@ def main(args) -> int:
     from ..ops import autotune
     from ..ops.tuning import tune
 
-    if args.batch < 1:
-        print(f"skipdit-fast tune: --batch must be >= 1, got {args.batch}", file=sys.stderr)
-        return 2
     if not autotune.enabled():
-        print("skipdit-fast tune: SKIPDIT_FAST_AUTOTUNE=0 turns measuring off; unset it to tune", file=sys.stderr)
-        return 2
+        raise UsageError("SKIPDIT_FAST_AUTOTUNE=0 turns measuring off; unset it to tune")
+    for flag, path in (("--json", args.json), ("--markdown", args.markdown)):
+        if path:
+            check_output_file(path, flag)   # before the measuring, not after it
     device = device_from_arg(args.device)
     dtype = default_dtype(device, args.dtype)
     label, module, inputs = _workload(args, device, dtype)

@@ -75,7 +75,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="write bench.json, bench.md and speedup.png to ROOT/<date>-<device>/ and "
                         "refresh the latest-results section of ROOT/README.md")
     p.add_argument("--save-dir", metavar="DIR", help="like --save, into this folder")
-    p.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"),
+    from ..apps.common import device_arg, positive_float, positive_int
+
+    p.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"), type=device_arg,
                    help="auto: the GPU when there is one, else the CPU")
     p.add_argument("--dtype", default="auto", choices=("auto",) + tuple(DTYPES),
                    help="auto: bf16 on a GPU, fp32 on the CPU")
@@ -84,9 +86,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="torch.compile competitors: none; default mode; default + max-autotune on the "
                         "DESIGN.md target shapes; or max-autotune everywhere (auto: none with --quick, "
                         "targets on a GPU, default on the CPU)")
-    p.add_argument("--budget", type=float, default=None, metavar="SECONDS",
+    p.add_argument("--budget", type=positive_float, default=None, metavar="SECONDS",
                    help="stop starting new rows after this many seconds (the rest is listed as skipped)")
-    p.add_argument("--threads", type=int, default=None, help="torch CPU threads")
+    p.add_argument("--threads", type=positive_int, default=None, help="torch CPU threads")
 
 
 def _resolve_device(name: str) -> torch.device:
@@ -167,6 +169,16 @@ def _write_partial(result: dict, args) -> None:
 
 
 def main(args) -> int:
+    from ..apps.common import check_output_dir, check_output_file
+
+    for flag in ("--json", "--plot", "--markdown"):   # before the run, not after it
+        path = getattr(args, flag[2:])
+        if path:
+            check_output_file(path, flag)
+    if args.save:
+        check_output_dir(args.save, "--save")
+    if args.save_dir:
+        check_output_dir(args.save_dir, "--save-dir")
     result = run(args)
     report = format_report(result)
     print(report)

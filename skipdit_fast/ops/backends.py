@@ -387,7 +387,8 @@ def _explicit(q: Query, requested: str) -> Impl:
 
 def _check_dtype(q: Query) -> None:
     if q.dtype not in _FLOAT:  # bad input for every backend: the op's own error
-        raise TypeError(f"{q.op}: inputs must be float16, bfloat16, float32 or float64, got {q.dtype}")
+        raise TypeError(f"{q.op}: {defs.OPS[q.op].dtype_arg} must be float16, bfloat16, float32 or float64, "
+                        f"got {q.dtype}")
 
 
 def candidates(q: Query) -> list[Impl]:

@@ -29,6 +29,11 @@ def acc_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.float32 if dtype in (torch.float16, torch.bfloat16) else dtype
 
 
+def _tensor(op, name, t):
+    if not isinstance(t, torch.Tensor):
+        raise TypeError(f"{op}: {name} must be a torch.Tensor, got {type(t).__name__}")
+
+
 def _float(op, name, t):
     if t.dtype not in FLOAT_DTYPES:
         raise TypeError(f"{op}: {name} must be float16, bfloat16, float32 or float64, got {t.dtype}")
@@ -54,6 +59,11 @@ def _same_device(op, ref, name, t):
 
 def check_skip_fuse(op, x, skip, norm_weight, norm_bias, weight, bias, eps):
     """Returns (M, D, D_out)."""
+    for name, t in (("x", x), ("skip", skip), ("norm_weight", norm_weight), ("norm_bias", norm_bias),
+                    ("weight", weight)) + ((("bias", bias),) if bias is not None else ()):
+        _tensor(op, name, t)
+    if isinstance(eps, (str, bytes, bool)) or eps is None:
+        raise TypeError(f"{op}: eps must be a float, got {type(eps).__name__}")
     if not (math.isfinite(eps) and eps >= 0):
         raise ValueError(f"{op}: eps must be finite and >= 0, got {eps}")
     _float(op, "x", x)
@@ -93,6 +103,7 @@ def check_skip_fuse(op, x, skip, norm_weight, norm_bias, weight, bias, eps):
 
 def _like(op, name, t, shape, dtype, ref):
     """t must have `shape` and `dtype` and live on ref's device."""
+    _tensor(op, name, t)
     _same_device(op, ref, name, t)
     if tuple(t.shape) != tuple(shape):
         raise ValueError(f"{op}: {name} must have shape {list(shape)}, got {list(t.shape)}")
@@ -110,6 +121,8 @@ def check_skip_fuse_backward(op, grad_out, x, skip, norm_weight, norm_bias, weig
 
 def check_attention(op, q, k, v, scale):
     """Returns the softmax scale to use."""
+    for name, t in (("q", q), ("k", k), ("v", v)):
+        _tensor(op, name, t)
     _float(op, "q", q)
     for name, t in (("q", q), ("k", k), ("v", v)):
         if t.dim() != 4:
@@ -128,6 +141,8 @@ def check_attention(op, q, k, v, scale):
         raise ValueError(f"{op}: head dim must be a multiple of 8 up to 256, got {dh}")
     if scale is None:  # always finite; may be symbolic under torch.compile
         return dh ** -0.5
+    if isinstance(scale, (str, bytes, bool)):   # float() would take "0.3" and True
+        raise TypeError(f"{op}: scale must be a float or None, got {type(scale).__name__}")
     s = float(scale)
     if not math.isfinite(s):
         raise ValueError(f"{op}: scale must be finite, got {s}")
@@ -149,6 +164,8 @@ def check_cache_delta(op, a, b):
     # Reads like check_skip_fuse's x / skip checks on purpose: each check function
     # states its op's checks in the order and words of its C++ twin in csrc/ops.cpp
     # (the same bad input gets the same message from every backend).
+    _tensor(op, "a", a)
+    _tensor(op, "b", b)
     _float(op, "a", a)
     _last_contig(op, "a", a)
     _last_contig(op, "b", b)

@@ -40,6 +40,7 @@ class OpDef:
     # nothing is measured (SKIPDIT_FAST_AUTOTUNE=0, a trace or capture before tuning),
     # and the tie-break
     static_order: dict[str, tuple[str, ...]] = field(default_factory=dict)
+    dtype_arg: str = "x"                  # the argument whose dtype (and device) the backend choice reads
 
     def kernel_ops(self) -> tuple[str, ...]:
         """The torch.ops.skipdit ops with kernels: forward (and backward)."""
@@ -64,13 +65,13 @@ OPS: dict[str, OpDef] = {
                "attention_backward": fakes.attention_backward_fake},
               "skipdit_fast.kernels.attention",
               (triton_ops.attention_backward, triton_ops.attention_setup),
-              ("head_dim",), ("B*H", "Nq", "Nk"), dict(_ORDER)),
+              ("head_dim",), ("B*H", "Nq", "Nk"), dict(_ORDER), dtype_arg="q"),
         OpDef("cache_delta", "cache_delta", None, reference.cache_delta,
               reference.cache_delta, reference.cache_delta_subproblem,
               {"cache_delta": fakes.cache_delta_fake},
               "skipdit_fast.kernels.cache_delta",
               (triton_ops.cache_delta_backward, triton_ops.cache_delta_setup),
-              (), ("elements",), dict(_ORDER)),
+              (), ("elements",), dict(_ORDER), dtype_arg="a"),
     )
 }
 

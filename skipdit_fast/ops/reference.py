@@ -73,7 +73,13 @@ def sdpa_bshd(q, k, v, scale: float | None):
 
 
 def sdpa_attention(q, k, v, scale: float | None = None):
-    """The `torch` backend of attention: PyTorch's SDPA (its own kernel choice)."""
+    """The `torch` backend of attention: PyTorch's SDPA (its own kernel choice).
+
+    NaN: a NaN in q does not always propagate here. PyTorch's CPU SDPA kernel (torch
+    2.x, fp32) returns a finite output row for a query row holding a NaN, where the
+    fp64 reference (`reference` backend) and our `cpu` kernel return a NaN row
+    (tests/fuzz_cases.py probes it; a NaN in k or v propagates in all three). That is
+    PyTorch's behaviour, which this backend exists to reproduce."""
     return sdpa_bshd(q, k, v, check_attention("attention[torch]", q, k, v, scale))
 
 
