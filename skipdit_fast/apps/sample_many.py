@@ -37,7 +37,8 @@ import subprocess
 import sys
 import time
 
-from .common import DTYPES, Progress, default_dtype
+from .common import (DTYPES, Progress, default_dtype, device_arg, finite_float, nonneg_float, nonneg_int, positive_float,
+                     positive_int, steps_int)
 
 DEFAULT_MODEL = "tiny-skipdit"
 # test hook: "fail-rank:R" (rank R raises at its first shard), "kill-rank:R" (rank R is
@@ -52,24 +53,24 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    "DiT-{S,B,L,XL}/{2,4,8}[-skip] / Latte-... with --ckpt")
     p.add_argument("--ckpt", help="checkpoint (.pt or .safetensors, official keys) of a DiT / Latte by name")
     p.add_argument("--image-size", type=int, default=256, choices=(256, 512), help="DiT / Latte by name")
-    p.add_argument("--num-frames", type=int, help="Latte by name: frames (default: the checkpoint's, else 16)")
-    p.add_argument("--num-samples", type=int, default=50000, help="samples in all (default 50000)")
-    p.add_argument("--per-proc-batch", type=int, default=32, help="samples per forward batch (default 32)")
-    p.add_argument("--shard-size", type=int, help="samples per shard file (default: --per-proc-batch)")
-    p.add_argument("--steps", type=int, default=250, help="sampling steps (default 250)")
+    p.add_argument("--num-frames", type=positive_int, help="Latte by name: frames (default: the checkpoint's, else 16)")
+    p.add_argument("--num-samples", type=positive_int, default=50000, help="samples in all (default 50000)")
+    p.add_argument("--per-proc-batch", type=positive_int, default=32, help="samples per forward batch (default 32)")
+    p.add_argument("--shard-size", type=positive_int, help="samples per shard file (default: --per-proc-batch)")
+    p.add_argument("--steps", type=steps_int, default=250, help="sampling steps (default 250)")
     p.add_argument("--sampler", choices=("ddpm", "ddim"), default="ddpm")
-    p.add_argument("--cfg", type=float, default=1.5,
+    p.add_argument("--cfg", type=finite_float, default=1.5,
                    help="classifier-free guidance scale (default 1.5, DiT's FID setting; <= 1: none)")
-    p.add_argument("--cache-interval", type=int, default=0, help="Skip-Cache interval N (0: no cache)")
-    p.add_argument("--cache-branch", type=int, help="Skip-Cache branch K (default: the model's official one)")
-    p.add_argument("--cache-threshold", type=float, help="adaptive Skip-Cache: recompute above this cache_delta")
-    p.add_argument("--seed", type=int, default=0, help="global seed; sample i's seed comes from (seed, i)")
-    p.add_argument("--device", default="auto", help="auto (cuda:LOCAL_RANK when there is a GPU), cpu, cuda, cuda:N")
+    p.add_argument("--cache-interval", type=nonneg_int, default=0, help="Skip-Cache interval N (0: no cache)")
+    p.add_argument("--cache-branch", type=positive_int, help="Skip-Cache branch K (default: the model's official one)")
+    p.add_argument("--cache-threshold", type=nonneg_float, help="adaptive Skip-Cache: recompute above this cache_delta")
+    p.add_argument("--seed", type=nonneg_int, default=0, help="global seed; sample i's seed comes from (seed, i)")
+    p.add_argument("--device", type=device_arg, default="auto", help="auto (cuda:LOCAL_RANK when there is a GPU), cpu, cuda, cuda:N")
     p.add_argument("--dtype", choices=tuple(DTYPES), default=None, help="default: bf16 on CUDA, fp32 on CPU")
-    p.add_argument("--threads", type=int, help="torch threads per process (default: torch's)")
+    p.add_argument("--threads", type=positive_int, help="torch threads per process (default: torch's)")
     p.add_argument("--vae", help="diffusers AutoencoderKL folder: decode latents to RGB (models of latents)")
-    p.add_argument("--vae-chunk", type=int, default=8, help="images per VAE decode call (default 8)")
-    p.add_argument("--timeout", type=float, default=1800.0,
+    p.add_argument("--vae-chunk", type=positive_int, default=8, help="images per VAE decode call (default 8)")
+    p.add_argument("--timeout", type=positive_float, default=1800.0,
                    help="seconds a rank waits for the others at a collective before the job fails (default 1800)")
     p.add_argument("--out", default="samples", help="output folder (default samples/)")
     p.add_argument("--no-progress", action="store_true")
