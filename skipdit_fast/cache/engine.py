@@ -61,6 +61,7 @@ from typing import Any, Iterator, Protocol, Sequence, runtime_checkable
 import torch
 
 from .. import ops
+from . import checks
 
 FULL, CACHED = "full", "cached"
 
@@ -171,16 +172,10 @@ class SkipCache:
 
     def __init__(self, interval: int = 2, branch: int = 4, start: float = 1000, stop: float = 20, *,
                  strict_stop: bool = False, threshold: float | None = None, static: bool = False):
-        if int(interval) != interval or interval < 1:
-            raise ValueError(f"interval must be an integer >= 1, got {interval}")
-        if int(branch) != branch or branch < 1:
-            raise ValueError(f"branch must be an integer >= 1, got {branch}")
-        if threshold is not None and not threshold >= 0:
-            raise ValueError(f"threshold must be >= 0, got {threshold}")
-        self.interval, self.branch = int(interval), int(branch)
-        self.start, self.stop = start, stop
+        self.interval, self.branch = checks.positive_int("interval", interval), checks.positive_int("branch", branch)
+        self.start, self.stop = checks.timestep_bound("start", start), checks.timestep_bound("stop", stop)
         self.strict_stop = bool(strict_stop)
-        self.threshold = threshold
+        self.threshold = checks.threshold(threshold)
         self.static = static
         self._buf: torch.Tensor | None = None   # input of block depth-K at the last full step
         self._ref: torch.Tensor | None = None   # adaptive: shallow output at the last full step
