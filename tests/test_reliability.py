@@ -210,3 +210,163 @@ def test_bad_files(tmp_path):
     assert isinstance(load_pretrained(str(caps)), DiT)
     with pytest.raises(FileNotFoundError):
         load_checkpoint(tmp_path / "missing.pt")
+
+
+# ---- Skip-Cache sampling runs -----------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def skip_dit():
+    torch.manual_seed(0)
+    return DiT(DiTConfig(depth=4, hidden_size=32, num_heads=2, input_size=8, in_channels=4, num_classes=10,
+                         skip=True)).eval()
+
+
+def _steps(model, cache, timesteps, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    y = torch.tensor([1])
+    with torch.no_grad():
+        return [model(torch.randn(1, 4, 8, 8, generator=g), torch.tensor([tv]), y, cache=cache)
+                for tv in timesteps]
+
+
+SCHEDULE = list(range(980, -1, -20))  # a 50-step run: steps of 20
+
+
+def test_new_run_without_reset_is_refused(skip_dit):
+    from skipdit_fast.cache import SkipCacheRunError
+
+    cache = SkipCache(interval=2, branch=1)
+    _steps(skip_dit, cache, SCHEDULE[:10])           # interrupted between steps, at t=800
+    with pytest.raises(SkipCacheRunError, match="timestep 980 after 800 .* without cache.reset"):
+        _steps(skip_dit, cache, SCHEDULE[:3])        # the next run from the top
+    cache.reset()
+    _steps(skip_dit, cache, SCHEDULE[:10])
+    # an img2img-style run starting below the interrupted run's last timestep
+    with pytest.raises(SkipCacheRunError, match="timestep 300 after 800, a step of 500 where this run's steps"):
+        _steps(skip_dit, cache, [300, 280])
+    # a run that ended past `stop` dropped its features: the next needs no reset (official)
+    cache.reset()
+    _steps(skip_dit, cache, SCHEDULE)
+    _steps(skip_dit, cache, SCHEDULE[:4])
+    # the same timestep twice (Heun-style samplers) stays one run
+    cache.reset()
+    _steps(skip_dit, cache, [980, 960, 960, 940, 940])
+    assert cache.report().steps == 5
+
+
+def test_exception_inside_a_forward_ends_the_run(skip_dit):
+    from skipdit_fast.cache import SkipCacheRunError
+
+    cache = SkipCache(interval=2, branch=1)
+    _steps(skip_dit, cache, SCHEDULE[:4])
+    block = skip_dit.blocks[3]
+    handle = block.register_forward_pre_hook(lambda m, a: (_ for _ in ()).throw(KeyboardInterrupt))
+    try:
+        with pytest.raises(KeyboardInterrupt):
+            _steps(skip_dit, cache, [SCHEDULE[4]])
+    finally:
+        handle.remove()
+    with pytest.raises(SkipCacheRunError, match="previous forward with this cache raised"):
+        _steps(skip_dit, cache, [SCHEDULE[5]])       # even one that continues the schedule
+    cache.reset()
+    want = _steps(skip_dit, SkipCache(interval=2, branch=1), SCHEDULE[:4], seed=1)
+    got = _steps(skip_dit, cache, SCHEDULE[:4], seed=1)
+    assert all(torch.equal(a, b) for a, b in zip(got, want))
+
+
+def test_sampling_run_scope(skip_dit):
+    cache = SkipCache(interval=2, branch=1)
+    want = _steps(skip_dit, SkipCache(interval=2, branch=1), SCHEDULE[:6], seed=2)
+    with pytest.raises(RuntimeError, match="stop here"), cache.sampling_run():
+        _steps(skip_dit, cache, SCHEDULE[:10])
+        raise RuntimeError("stop here")
+    # the scope ended the run: the next forward starts a new one, whatever its timestep
+    got = _steps(skip_dit, cache, SCHEDULE[:6], seed=2)
+    assert cache.report().steps == 6 and all(torch.equal(a, b) for a, b in zip(got, want))
+
+
+def test_sample_ends_its_run_even_when_interrupted(skip_dit):
+    from skipdit_fast.sampling import sample
+
+    cache = SkipCache(interval=2, branch=1)
+
+    def interrupt(done, total):
+        if done == 3:
+            raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        sample(skip_dit, labels=[1], steps=20, cache=cache, progress=interrupt)
+    # a manual img2img-style run on the same cache afterwards: a new run, nothing reused
+    got = _steps(skip_dit, cache, [300, 250, 200], seed=3)
+    want = _steps(skip_dit, SkipCache(interval=2, branch=1), [300, 250, 200], seed=3)
+    assert cache.report().kinds[0] == "full" and all(torch.equal(a, b) for a, b in zip(got, want))
+    r1 = sample(skip_dit, labels=[1], steps=5, cache=cache, seed=4)
+    r2 = sample(skip_dit, labels=[1], steps=5, cache=SkipCache(interval=2, branch=1), seed=4)
+    assert torch.equal(r1.latents, r2.latents)
+
+
+def test_enable_skip_cache_interrupted_then_new_run(skip_dit):
+    import copy
+
+    from skipdit_fast import disable_skip_cache, enable_skip_cache
+    from skipdit_fast.cache import SkipCacheRunError
+
+    model = copy.deepcopy(skip_dit)
+    cache = enable_skip_cache(model, interval=2, branch=1)
+    try:
+        _steps(model, None, SCHEDULE[:10])            # interrupted between steps at t=800
+        with pytest.raises(SkipCacheRunError, match="timestep 300 after 800"):
+            _steps(model, None, [300, 280])           # img2img-style: refused, not mixed
+        _steps(model, None, SCHEDULE[:3])             # t went up: the hook starts a new run
+        assert cache.report().kinds == ["full", "cached", "full"]
+        handle = model.blocks[3].register_forward_pre_hook(lambda m, a: (_ for _ in ()).throw(KeyboardInterrupt))
+        with pytest.raises(KeyboardInterrupt):
+            _steps(model, None, [SCHEDULE[3]])
+        handle.remove()
+        _steps(model, None, [300, 280])               # after a forward that raised: a new run
+        assert cache.report().kinds == ["full", "cached"]
+    finally:
+        disable_skip_cache(model)
+
+
+def test_one_cache_two_threads_refused(skip_dit):
+    import threading
+
+    from skipdit_fast.cache import SkipCacheRunError
+
+    cache = SkipCache(interval=2, branch=1)
+    _steps(skip_dit, cache, SCHEDULE[:2])
+    errors = []
+
+    def other():
+        try:
+            _steps(skip_dit, cache, SCHEDULE[2:4])
+        except SkipCacheRunError as e:
+            errors.append(str(e))
+
+    th = threading.Thread(target=other)
+    th.start()
+    th.join()
+    assert len(errors) == 1 and "use one SkipCache per thread" in errors[0]
+    _steps(skip_dit, cache, SCHEDULE[2:4])            # the owning thread goes on
+    cache.reset()                                      # a new run may belong to another thread
+    th = threading.Thread(target=lambda: _steps(skip_dit, cache, SCHEDULE[:2]))
+    th.start()
+    th.join()
+    assert cache.report().steps == 2
+
+
+@pytest.mark.parametrize("kw, exc, match", [
+    (dict(cfg_scale=math.inf), ValueError, "cfg_scale must be a finite number, got inf"),
+    (dict(cfg_scale=math.nan), ValueError, "cfg_scale must be a finite number, got nan"),
+    (dict(cfg_scale="4"), TypeError, "cfg_scale must be a finite number"),
+    (dict(sampler="ddim", eta=math.nan), ValueError, r"eta must be a number in \[0, 1\], got nan"),
+    (dict(sampler="ddim", eta=math.inf), ValueError, r"eta must be a number in \[0, 1\]"),
+    (dict(sampler="ddim", eta=-1.0), ValueError, r"eta must be a number in \[0, 1\]"),
+    (dict(sampler="ddim", eta=1.5), ValueError, r"eta must be a number in \[0, 1\]"),
+])
+def test_sample_rejects_non_finite_guidance(skip_dit, kw, exc, match):
+    from skipdit_fast.sampling import sample
+
+    with pytest.raises(exc, match=match):
+        sample(skip_dit, labels=[1], steps=2, **kw)

@@ -49,3 +49,11 @@ def finite(name: str, value, minimum: float | None = None) -> float:
     if not math.isfinite(v) or (minimum is not None and v < minimum):
         raise ValueError(f"{name} must be {what}, got {value!r}")
     return v
+
+
+def unit_interval(name: str, value) -> float:
+    """A number in [0, 1]: DDIM's eta (above 1 its noise outgrows the step: NaN)."""
+    v = _real(name, value, "a number in [0, 1]")
+    if not 0 <= v <= 1:
+        raise ValueError(f"{name} must be a number in [0, 1], got {value!r}")
+    return v

@@ -62,6 +62,7 @@ import torch
 
 from .. import ops
 from . import checks
+from .runs import RunTracker
 
 FULL, CACHED = "full", "cached"
 
@@ -181,6 +182,7 @@ class SkipCache:
         self._ref: torch.Tensor | None = None   # adaptive: shallow output at the last full step
         self._forced: str | None = None
         self._t = 0.0
+        self._runs = RunTracker()
         self.reset()
 
     @classmethod
@@ -211,8 +213,21 @@ class SkipCache:
         self._run_key: tuple | None = None
         self._next_t: float | None = None
         self._report = SkipCacheReport()
+        self._runs.reset()
         if not self.static:
             self._buf = self._ref = None
+
+    @contextlib.contextmanager
+    def sampling_run(self) -> Iterator["SkipCache"]:
+        """`with cache.sampling_run(): <the steps of one run>`: starts a run (reset)
+        and ends it when left, normally or by an exception, so that the next forward
+        starts a new one by itself (cache/runs.py: what the cache refuses outside one)."""
+        self.reset()
+        self._runs.open_scope()
+        try:
+            yield self
+        finally:
+            self._runs.close_scope()
 
     def report(self) -> SkipCacheReport:
         return self._report
@@ -338,8 +353,16 @@ class SkipCache:
     def _begin(self, model, h, t) -> str:
         if self._forced is not None:  # capture: a fixed path, no state change
             return self._forced
-        self._check_model(model, h)
-        self._t = self._timestep(t)
+        tv = self._timestep(t)
+        if self._runs.begin(tv, self._valid):  # a sampling_run() scope ended: a new run
+            self.reset()
+            self._runs.begin(tv, False)
+        try:
+            self._check_model(model, h)
+        except ValueError:
+            self._runs.end()
+            raise
+        self._t = tv
         return self._plan(self._t)
 
     @torch._dynamo.disable
@@ -353,6 +376,7 @@ class SkipCache:
     def _end(self, kind: str, model, h) -> None:
         if self._forced is not None:
             return
+        self._runs.end()
         flops_fn = getattr(model, "block_flops", None)
         self._commit(kind, self._t, model.depth, flops_fn(h) if flops_fn is not None else None,
                      getattr(model, "cache_unit", "blocks"))
@@ -398,6 +422,10 @@ class SkipCache:
         if not self.static or self._buf is None:
             raise RuntimeError("step() replays captured graphs: needs static=True and captured buffers")
         t = float(t)
+        if self._runs.begin(t, self._valid):
+            self.reset()
+            self._runs.begin(t, False)
+        self._runs.end()
         kind = self._plan(t)
         flops_fn = getattr(model, "block_flops", None)
         flops = flops_fn(torch.empty(self._buf.shape, device="meta")) if flops_fn is not None else None
