@@ -370,3 +370,106 @@ def test_sample_rejects_non_finite_guidance(skip_dit, kw, exc, match):
 
     with pytest.raises(exc, match=match):
         sample(skip_dit, labels=[1], steps=2, **kw)
+
+
+# ---- autocast: patch() never changes what a model computes -------------------------------------
+
+def _needs_diffusers():
+    import importlib.util
+
+    if importlib.util.find_spec("diffusers") is None:
+        pytest.skip("diffusers is not installed (requirements-test.txt pins it)")
+    import os
+    import sys
+
+    sys.path.insert(0, os.path.dirname(__file__))
+    import diffusers_models
+
+    return diffusers_models
+
+
+def _hunyuan_under_autocast(device, dtype, backend):
+    import copy
+
+    import skipdit_fast as sf
+
+    M = _needs_diffusers()
+    model = M.hunyuan(num_layers=6).to(device)
+    x, t, kw = M.hunyuan_inputs(device=device)
+    with torch.no_grad():
+        full = model(x, t, **kw)[0]
+        with torch.autocast(device, dtype):
+            want = model(x, t, **kw)[0]
+        patched = copy.deepcopy(model)
+        report = sf.patch(patched, backend=backend)
+        assert report.counts() == {"attention": 12, "skip merge": 2}
+        with torch.autocast(device, dtype):
+            got = patched(x, t, **kw)[0]
+        assert (patched(x, t, **kw)[0] - full).abs().max() <= 1e-4 * full.abs().max()  # autocast off: fp32
+    assert got.dtype == want.dtype == dtype
+    # within what autocast itself changes (the bf16 rounding of the composition)
+    autocast_effect = (want.float() - full).abs().max().item()
+    err = (got.float() - want.float()).abs().max().item()
+    assert err <= 2 * autocast_effect + 1e-3, (err, autocast_effect)
+
+
+@pytest.mark.parametrize("backend", ["auto", "cpu", "reference", "torch"])
+def test_patched_hunyuan_under_cpu_autocast(backend):
+    _hunyuan_under_autocast("cpu", torch.bfloat16, backend)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("backend", ["auto", "cuda", "torch"])
+def test_patched_hunyuan_under_cuda_autocast(backend, dtype):
+    _hunyuan_under_autocast("cuda", dtype, backend)
+
+
+def _composition_skip_fuse(x, skip, nw, nb, w, b):
+    import torch.nn.functional as F
+
+    z = torch.cat([x, skip], -1)
+    return F.linear(F.layer_norm(z.float(), (z.shape[-1],), nw, nb, 1e-6), w, b)
+
+
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.gpu)])
+@pytest.mark.parametrize("backend", ["auto", "reference", "torch", "cpu"])
+def test_ops_under_autocast_follow_the_composition(device, backend):
+    import torch.nn.functional as F
+
+    from skipdit_fast import ops
+
+    if backend == "cpu" and device == "cuda":
+        backend = "cuda"
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(6, 64, generator=g).to(device)                 # fp32 residual stream
+    skip = torch.randn(6, 64, generator=g).to(device).bfloat16()  # a bf16 block output
+    nw, nb = torch.rand(128, generator=g).to(device) + 0.5, torch.randn(128, generator=g).to(device)
+    w, b = (torch.randn(32, 128, generator=g) / 11).to(device), torch.randn(32, generator=g).to(device)
+    q, k, v = (torch.randn(2, 16, 2, 32, generator=g).to(device) for _ in range(3))
+    with ops.use_backend(backend), torch.autocast(device, torch.bfloat16):
+        y = ops.skip_fuse(x, skip, nw, nb, w, b)
+        want = _composition_skip_fuse(x, skip, nw, nb, w, b)
+        o = ops.attention(q, k, v)
+        want_o = F.scaled_dot_product_attention(*(t.transpose(1, 2) for t in (q, k, v))).transpose(1, 2)
+        with pytest.raises(TypeError, match="skip dtype"), torch.autocast(device, enabled=False):
+            ops.skip_fuse(x, skip, nw, nb, w, b)  # without autocast a dtype mix is still an error
+        d = ops.skip_fuse(x.double(), skip.double(), nw.double(), nb.double(), w.double(), b.double())
+    assert y.dtype == want.dtype == torch.bfloat16 and o.dtype == want_o.dtype == torch.bfloat16
+    assert d.dtype == torch.float64  # autocast leaves fp64 alone, so do the ops
+    assert (y.float() - want.float()).abs().max() <= 0.02 * want.float().abs().max()
+    assert (o.float() - want_o.float()).abs().max() <= 0.02 * want_o.float().abs().max()
+
+
+def test_skip_dit_under_autocast_compiles():
+    m = DiT(DiTConfig(depth=2, hidden_size=64, num_heads=4, input_size=4, in_channels=4, num_classes=10,
+                      skip=True)).eval()
+    x, t, y = torch.randn(2, 4, 4, 4), torch.tensor([500, 500]), torch.tensor([1, 2])
+    with torch.no_grad():
+        full = m(x, t, y)
+        with torch.autocast("cpu", torch.bfloat16):
+            eager = m(x, t, y)
+            compiled = torch.compile(m, fullgraph=True)(x, t, y)
+    assert eager.dtype == compiled.dtype == torch.bfloat16
+    effect = (eager.float() - full).abs().max()
+    assert (compiled.float() - eager.float()).abs().max() <= 2 * effect + 1e-3
