@@ -473,3 +473,37 @@ def test_skip_dit_under_autocast_compiles():
     assert eager.dtype == compiled.dtype == torch.bfloat16
     effect = (eager.float() - full).abs().max()
     assert (compiled.float() - eager.float()).abs().max() <= 2 * effect + 1e-3
+
+
+# ---- ops: 0-d tensors, Triton's interpreter -------------------------------------------------------
+
+def _op_args(D=64):
+    return {"skip_fuse": [torch.randn(4, D), torch.randn(4, D), torch.ones(2 * D), torch.zeros(2 * D),
+                          torch.randn(D, 2 * D), torch.zeros(D)],
+            "attention": [torch.randn(1, 8, 2, 16) for _ in range(3)],
+            "cache_delta": [torch.randn(4, D), torch.randn(4, D)]}
+
+
+@pytest.mark.parametrize("backend", ["auto", "reference", "torch", "cpu"])
+@pytest.mark.parametrize("op, i", [(op, i) for op, args in _op_args().items() for i in range(len(args))])
+def test_zero_dim_tensor_to_any_op(op, i, backend):
+    from skipdit_fast import ops
+
+    args = _op_args()[op]
+    args[i] = torch.tensor(1.0)
+    with ops.use_backend(backend), pytest.raises(ValueError, match=f"{op}.*(at least one dimension|must be 4-D|"
+                                                                   "must have shape|must have the shape)"):
+        getattr(ops, op)(*args)
+
+
+def test_triton_skip_fuse_bf16_refused_in_the_interpreter():
+    from skipdit_fast import ops
+    from skipdit_fast.ops import triton_ops
+
+    if not triton_ops.interpreting() or triton_ops.triton_missing_reason():
+        pytest.skip("needs Triton's interpreter (TRITON_INTERPRET=1 and a triton that runs it)")
+    x, skip, nw, nb, w, b = (a.bfloat16() if a.shape[0] != 128 else a for a in _op_args()["skip_fuse"])
+    with ops.use_backend("triton"), pytest.raises(ops.BackendError, match="interpreter computes bf16"):
+        ops.skip_fuse(x, skip, nw, nb, w, b)
+    with pytest.raises(ValueError, match="skip_fuse_triton: Triton's interpreter computes bf16"):
+        torch.ops.skipdit.skip_fuse_triton(x, skip, nw, nb, w, b, 1e-6)
