@@ -29,6 +29,9 @@ Beyond the official code:
 - state per run: reset() (the samplers call it) starts a run; the first forward of a
   run fixes the model and the hidden-state shape (batch, tokens, width), dtype and
   device, and a different one inside the run is an error, not a silently wrong reuse;
+  `with cache.sampling_run():` scopes a run (sample() uses it), and what would mix two
+  runs (a new one without reset() while features are held, the run after a forward
+  that raised, a second thread) is a SkipCacheRunError (cache/runs.py);
 - classifier-free guidance: the cond and uncond halves go through one forward (the
   model's forward_with_cfg), so each half keeps its own cached features and one step
   advances the counter once. A pipeline that calls the model twice per step (cond,
