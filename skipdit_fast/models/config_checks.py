@@ -45,6 +45,9 @@ def check_config(config) -> None:
     if not (math.isfinite(r) and r > 0) or int(fields["hidden_size"] * r) < 1:
         raise ValueError(f"{where}: mlp_ratio must be finite and > 0 (an MLP of at least one unit), got {r}")
     D, H = fields["hidden_size"], fields["num_heads"]
+    if D % 4:
+        raise ValueError(f"{where}: hidden_size must be a multiple of 4 (the 2-D sin-cos position embedding "
+                         f"gives each axis D/2 channels of sines and cosines), got {D}")
     if D % H:
         raise ValueError(f"{where}: hidden_size {D} must be a multiple of num_heads {H}")
     L, p = fields["input_size"], fields["patch_size"]
