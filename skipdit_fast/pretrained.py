@@ -15,6 +15,8 @@ from pathlib import Path
 import torch
 
 from .models import MODEL_CLASSES, DiTConfig, LatteConfig, load_checkpoint
+from .models.checkpoint import safetensors_header
+from .models.metadata import check_config_against, config_from_metadata
 
 WEIGHTS_DIR = Path(__file__).resolve().parent / "weights"
 
@@ -71,22 +73,19 @@ def load_pretrained(name_or_path: str = "tiny-skipdit", device=None, dtype=torch
     """A model from safetensors written by Trainer.export: a shipped name
     ('tiny-skipdit', 'tiny-dit', 'tiny-latte-skip', 'tiny-latte') or a path. Strict:
     every key must match the config stored with the weights (model_class DiT when
-    the metadata does not say)."""
-    from safetensors import safe_open
-
+    the metadata does not say). The metadata is checked against the file's header
+    before the model is built (models.metadata): malformed metadata, a config that
+    does not describe the file's tensors, or a truncated or corrupt file is a
+    CheckpointError naming the field, never an allocation the file cannot fill."""
     path = Path(name_or_path)
     if name_or_path in SHIPPED:
         path = weights_path(name_or_path)
         if not path.exists():
             raise FileNotFoundError(f"{path} is missing: run `make train-default` to train the shipped models")
-    with safe_open(str(path), "pt") as f:
-        meta = f.metadata() or {}
-    if "model_config" not in meta:
-        raise ValueError(f"{path}: no model_config in the safetensors metadata (not written by `skipdit-fast train`)")
-    kind = meta.get("model_class", "DiT")
-    if kind not in _CLASS_NAMES:
-        raise ValueError(f"{path}: unknown model_class {kind!r} in the metadata; known: {', '.join(_CLASS_NAMES)}")
-    cfg_cls, cls = _CLASS_NAMES[kind]
-    model = cls(cfg_cls(**json.loads(meta["model_config"])))
+    # everything about the model is checked against the file's header before it is built
+    meta, shapes = safetensors_header(path)
+    config, cls = config_from_metadata(path, meta, _CLASS_NAMES)
+    check_config_against(path, config, cls, shapes)
+    model = cls(config)
     model.load_state_dict_strict(load_checkpoint(path))
     return model.to(device=device, dtype=dtype).eval()

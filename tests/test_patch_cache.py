@@ -14,6 +14,7 @@ import torch
 
 import skipdit_fast
 from skipdit_fast import SkipCache, disable_skip_cache, enable_skip_cache, patch
+from skipdit_fast.cache import SkipCacheRunError
 from skipdit_fast.sampling.diffusion import sample
 from skipdit_fast.models import DiT, DiTConfig
 
@@ -133,8 +134,11 @@ def test_hunyuan_run_boundaries_and_disable():
         assert torch.equal(hy(model, TIMES[1], inputs), native[1])
         cache = enable_skip_cache(model, interval=2, branch=2, auto_reset=False)
         [hy(model, t, inputs) for t in TIMES[:3]]
-        [hy(model, t, inputs) for t in TIMES[:2]]
-        assert cache.report().steps == 5  # one run: the caller resets
+        # the caller resets: a new run without reset() would reuse this run's features (refused)
+        with pytest.raises(SkipCacheRunError, match="without cache.reset"):
+            hy(model, TIMES[0], inputs)
+        cache.reset()
+        assert [hy(model, t, inputs) for t in TIMES[:2]] and cache.report().kinds == ["full", "cached"]
 
 
 @needs_diffusers

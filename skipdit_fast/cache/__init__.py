@@ -4,5 +4,6 @@ sampling steps (engine.py), and the caching baselines it is compared with
 baselines reuse the blocks' pieces), below the samplers and integrations."""
 
 from .engine import CACHED, FULL, SkipCache, SkipCacheReport, SkipModel
+from .runs import SkipCacheRunError
 
-__all__ = ["CACHED", "FULL", "SkipCache", "SkipCacheReport", "SkipModel"]
+__all__ = ["CACHED", "FULL", "SkipCache", "SkipCacheReport", "SkipCacheRunError", "SkipModel"]

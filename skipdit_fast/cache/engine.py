@@ -29,6 +29,9 @@ Beyond the official code:
 - state per run: reset() (the samplers call it) starts a run; the first forward of a
   run fixes the model and the hidden-state shape (batch, tokens, width), dtype and
   device, and a different one inside the run is an error, not a silently wrong reuse;
+  `with cache.sampling_run():` scopes a run (sample() uses it), and what would mix two
+  runs (a new one without reset() while features are held, the run after a forward
+  that raised, a second thread) is a SkipCacheRunError (cache/runs.py);
 - classifier-free guidance: the cond and uncond halves go through one forward (the
   model's forward_with_cfg), so each half keeps its own cached features and one step
   advances the counter once. A pipeline that calls the model twice per step (cond,
@@ -61,6 +64,8 @@ from typing import Any, Iterator, Protocol, Sequence, runtime_checkable
 import torch
 
 from .. import ops
+from . import checks
+from .runs import RunTracker
 
 FULL, CACHED = "full", "cached"
 
@@ -171,21 +176,16 @@ class SkipCache:
 
     def __init__(self, interval: int = 2, branch: int = 4, start: float = 1000, stop: float = 20, *,
                  strict_stop: bool = False, threshold: float | None = None, static: bool = False):
-        if int(interval) != interval or interval < 1:
-            raise ValueError(f"interval must be an integer >= 1, got {interval}")
-        if int(branch) != branch or branch < 1:
-            raise ValueError(f"branch must be an integer >= 1, got {branch}")
-        if threshold is not None and not threshold >= 0:
-            raise ValueError(f"threshold must be >= 0, got {threshold}")
-        self.interval, self.branch = int(interval), int(branch)
-        self.start, self.stop = start, stop
+        self.interval, self.branch = checks.positive_int("interval", interval), checks.positive_int("branch", branch)
+        self.start, self.stop = checks.timestep_bound("start", start), checks.timestep_bound("stop", stop)
         self.strict_stop = bool(strict_stop)
-        self.threshold = threshold
+        self.threshold = checks.threshold(threshold)
         self.static = static
         self._buf: torch.Tensor | None = None   # input of block depth-K at the last full step
         self._ref: torch.Tensor | None = None   # adaptive: shallow output at the last full step
         self._forced: str | None = None
         self._t = 0.0
+        self._runs = RunTracker()
         self.reset()
 
     @classmethod
@@ -216,8 +216,21 @@ class SkipCache:
         self._run_key: tuple | None = None
         self._next_t: float | None = None
         self._report = SkipCacheReport()
+        self._runs.reset()
         if not self.static:
             self._buf = self._ref = None
+
+    @contextlib.contextmanager
+    def sampling_run(self) -> Iterator["SkipCache"]:
+        """`with cache.sampling_run(): <the steps of one run>`: starts a run (reset)
+        and ends it when left, normally or by an exception, so that the next forward
+        starts a new one by itself (cache/runs.py: what the cache refuses outside one)."""
+        self.reset()
+        self._runs.open_scope()
+        try:
+            yield self
+        finally:
+            self._runs.close_scope()
 
     def report(self) -> SkipCacheReport:
         return self._report
@@ -343,8 +356,16 @@ class SkipCache:
     def _begin(self, model, h, t) -> str:
         if self._forced is not None:  # capture: a fixed path, no state change
             return self._forced
-        self._check_model(model, h)
-        self._t = self._timestep(t)
+        tv = self._timestep(t)
+        if self._runs.begin(tv, self._valid):  # a sampling_run() scope ended: a new run
+            self.reset()
+            self._runs.begin(tv, False)
+        try:
+            self._check_model(model, h)
+        except ValueError:
+            self._runs.end()
+            raise
+        self._t = tv
         return self._plan(self._t)
 
     @torch._dynamo.disable
@@ -358,6 +379,7 @@ class SkipCache:
     def _end(self, kind: str, model, h) -> None:
         if self._forced is not None:
             return
+        self._runs.end()
         flops_fn = getattr(model, "block_flops", None)
         self._commit(kind, self._t, model.depth, flops_fn(h) if flops_fn is not None else None,
                      getattr(model, "cache_unit", "blocks"))
@@ -403,6 +425,10 @@ class SkipCache:
         if not self.static or self._buf is None:
             raise RuntimeError("step() replays captured graphs: needs static=True and captured buffers")
         t = float(t)
+        if self._runs.begin(t, self._valid):
+            self.reset()
+            self._runs.begin(t, False)
+        self._runs.end()
         kind = self._plan(t)
         flops_fn = getattr(model, "block_flops", None)
         flops = flops_fn(torch.empty(self._buf.shape, device="meta")) if flops_fn is not None else None

@@ -14,6 +14,7 @@ import torch
 import torch.nn as nn
 
 from .. import ops
+from ..ops import autocast as _autocast
 from ..ops import autotune, backends
 
 ATTENTION, SKIP_MERGE = "attention", "skip merge"
@@ -183,12 +184,21 @@ class Runner:
     def attention(self, q, k, v, scale=None):
         if self.backend == "auto":
             return ops.attention(q, k, v, scale)
+        dtype = _autocast.target(q)  # under torch.autocast: as SDPA there (ops/autocast.py)
+        if dtype is not None:
+            with _autocast.disabled(q):
+                return self.attention(*_autocast.attention_args(dtype, q, k, v, scale))
         impl = self._pick("attention", q.device, q.dtype, ops._needs_grad(q, k, v), (q.shape[-1],))
         return impl.fn(q, k, v, scale)
 
     def skip_fuse(self, x, skip, norm_weight, norm_bias, weight, bias=None, eps=1e-6):
         if self.backend == "auto":
             return ops.skip_fuse(x, skip, norm_weight, norm_bias, weight, bias, eps)
+        dtype = _autocast.target(x)  # under torch.autocast: as cat + LayerNorm + linear there
+        if dtype is not None:
+            with _autocast.disabled(x):
+                return self.skip_fuse(*_autocast.skip_fuse_args(dtype, x, skip, norm_weight, norm_bias, weight,
+                                                                bias, eps))
         impl = self._pick("skip_fuse", x.device, x.dtype, ops._needs_grad(x, skip, norm_weight, norm_bias, weight, bias),
                           (x.shape[-1], weight.shape[0]))
         return impl.fn(x, skip, norm_weight, norm_bias, weight, bias, eps)

@@ -2,7 +2,8 @@
 SkipCache engine (skipdit_fast.cache): skipdit_fast.models.DiT / Latte with long skips, and
 through diffusers.py diffusers' HunyuanDiT2DModel and pipelines holding one. A
 sampling run starts when the pipeline sets its timesteps, or, for a bare model, when
-a forward's timestep is above the previous one's."""
+a forward's timestep is above the previous one's, or after a forward that raised (an
+interrupted run); what else would mix two runs the engine refuses (cache/runs.py)."""
 
 from __future__ import annotations
 
@@ -33,8 +34,8 @@ class _CacheHook:
             tv = float(t.reshape(-1)[0].item())
         else:
             tv = float(t)
-        if self.auto_reset and self.last_t is not None and tv > self.last_t:
-            self.cache.reset()
+        if self.auto_reset and (self.last_t is not None and tv > self.last_t or self.cache._runs.interrupted()):
+            self.cache.reset()  # a new run: a timestep above the last one, or the last forward raised
         self.last_t = tv
         self.cache.next_timestep(tv)
 
@@ -70,8 +71,9 @@ def enable_skip_cache(target, interval: int = 2, branch: int | None = None, *, s
     start / stop / strict_stop / threshold: SkipCache's arguments, those left at None
     the model's official ones (SkipCache.for_model: DiT branch 4, start 1000, stop 20;
     Latte branch 1 pair, start 900, stop 50 strict), or pass a ready `cache`. auto_reset: a
-    forward whose timestep is above the previous one starts a new sampling run (a
-    pipeline's set_timesteps always does). Enabling again replaces the cache."""
+    forward whose timestep is above the previous one, or the first after a forward
+    that raised, starts a new sampling run (a pipeline's set_timesteps always does);
+    a run that would reuse another's features otherwise is a SkipCacheRunError. Enabling again replaces the cache."""
     pipe = None if isinstance(target, nn.Module) else target
     model = _unwrap(target)
     if cache is None:

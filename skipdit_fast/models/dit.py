@@ -22,6 +22,7 @@ from __future__ import annotations
 from dataclasses import dataclass, replace
 
 from .base import DiTFamily
+from .config_checks import check_config, check_image_size
 from .layers import BlockState, merge, unpatchify
 
 # name -> (depth, hidden_size, num_heads); patch size from the name's "/p"
@@ -40,6 +41,9 @@ class LatentGrid:
     @property
     def num_patches(self) -> int:
         return (self.input_size // self.patch_size) ** 2
+
+    def __post_init__(self) -> None:
+        check_config(self)
 
 
 @dataclass(frozen=True)
@@ -75,6 +79,7 @@ def sized_name(name: str, family: str, image_size: int, names) -> dict:
     """The config fields a '<family>-<size>/<patch>[-skip]' name fixes (depth, width,
     heads, patch, latent size, skip); '<family>-skip' is the official alias of
     '<family>-XL/2-skip'. names() lists the family's names for the error."""
+    check_image_size(image_size)
     base = f"{family}-XL/2-skip" if name == f"{family}-skip" else name
     skip = base.endswith("-skip")
     core = base[: -len("-skip")] if skip else base

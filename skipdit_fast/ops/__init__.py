@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import torch
 
+from . import autocast as _autocast
 from . import defs, fakes, native, triton_ops
 from .backends import BackendError, get_backend, pick, set_backend, use_backend
 
@@ -57,8 +58,13 @@ def skip_fuse(x: torch.Tensor, skip: torch.Tensor, norm_weight: torch.Tensor,
 
     x is the deep (current) hidden state, skip the saved shallow one, both [..., D]
     with a contiguous last dim; norm_weight/norm_bias [2D] (fp32 or x's dtype);
-    weight [D_out, 2D]; bias [D_out] or None. Returns [..., D_out].
+    weight [D_out, 2D]; bias [D_out] or None. Returns [..., D_out]. Under an enabled
+    torch.autocast it runs as the composition does there (ops/autocast.py).
     """
+    dtype = _autocast.target(x)
+    if dtype is not None:
+        with _autocast.disabled(x):
+            return skip_fuse(*_autocast.skip_fuse_args(dtype, x, skip, norm_weight, norm_bias, weight, bias, eps))
     D = _size("skip_fuse", "x", x, -1)
     args = (x, skip, norm_weight, norm_bias, weight, bias, eps)
     impl = pick("skip_fuse", x.device, x.dtype, _needs_grad(x, skip, norm_weight, norm_bias, weight, bias),
@@ -70,7 +76,12 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
               scale: float | None = None) -> torch.Tensor:
     """Non-causal multi-head attention, BSHD layout: q [B, Nq, H, Dh], k and v
     [B, Nk, H, Dh] (strided views of a fused qkv tensor are fine). Returns a
-    contiguous [B, Nq, H, Dh]. scale defaults to Dh**-0.5."""
+    contiguous [B, Nq, H, Dh]. scale defaults to Dh**-0.5. Under an enabled
+    torch.autocast it runs in the autocast dtype, as SDPA does there."""
+    dtype = _autocast.target(q)
+    if dtype is not None:
+        with _autocast.disabled(q):
+            return attention(*_autocast.attention_args(dtype, q, k, v, scale))
     features = (_size("attention", "q", q, -1),)
     _size("attention", "k", k, 0)
     sizes = (q.shape[0] * q.shape[2], q.shape[1], k.shape[1]) if q.dim() == 4 and k.dim() == 4 else ()

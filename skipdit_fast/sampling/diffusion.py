@@ -23,7 +23,7 @@ from typing import Any, Callable, Protocol, Sequence
 import numpy as np
 import torch
 
-from ..cache import SkipCache, SkipCacheReport
+from ..cache import SkipCache, SkipCacheReport, checks, runs
 
 CHANNELS = -3  # the channel dim of latents [..., C, H, W]: images [B, C, H, W], videos [B, F, C, H, W]
 
@@ -193,6 +193,7 @@ def sample(model: Sampleable, labels: Sequence[int] | torch.Tensor | None = None
     """
     if sampler not in ("ddpm", "ddim"):
         raise ValueError(f"sampler must be 'ddpm' or 'ddim', got {sampler!r}")
+    cfg_scale, eta = checks.finite("cfg_scale", cfg_scale), checks.unit_interval("eta", eta)
     cfg = model.config
     param = next(model.parameters())
     device, dtype = param.device, param.dtype
@@ -239,6 +240,7 @@ def sample(model: Sampleable, labels: Sequence[int] | torch.Tensor | None = None
     was_training = model.training
     model.eval()
     t0 = time.perf_counter()
+    run = runs.scope(cache)  # one sampling run, ended when sample() returns or raises (cache/runs.py)
     try:
         for k, i in enumerate(reversed(range(diffusion.steps))):
             tv = diffusion.timesteps[i]
@@ -258,6 +260,7 @@ def sample(model: Sampleable, labels: Sequence[int] | torch.Tensor | None = None
             if progress is not None:
                 progress(k + 1, diffusion.steps)
     finally:
+        run.close()
         model.train(was_training)
     if device.type == "cuda":
         torch.cuda.synchronize(device)
