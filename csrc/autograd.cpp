@@ -99,6 +99,15 @@ at::Tensor skip_fuse_autograd(const at::Tensor& x, const at::Tensor& skip,
                               const at::Tensor& norm_weight, const at::Tensor& norm_bias,
                               const at::Tensor& weight, const std::optional<at::Tensor>& bias,
                               double eps) {
+  // autograd's Function::apply reads every input's device: an undefined one (None for a
+  // Tensor) must be named before it gets there
+  const char* op = "skipdit::skip_fuse";
+  check_defined(op, "x", x);
+  check_defined(op, "skip", skip);
+  check_defined(op, "norm_weight", norm_weight);
+  check_defined(op, "norm_bias", norm_bias);
+  check_defined(op, "weight", weight);
+  if (bias.has_value()) check_defined(op, "bias", *bias);
   return SkipFuseFunction::apply(x, skip, norm_weight, norm_bias, weight, bias, eps);
 }
 
@@ -136,14 +145,43 @@ class AttentionFunction : public torch::autograd::Function<AttentionFunction> {
       auto d = differentiable_grads({o}, {s[0], s[1], s[2]}, {g});
       return {d[0], d[1], d[2], at::Tensor()};
     }
+    if (s[4].is_cpu() && !s[4].isfinite().all().item<bool>()) {
+      auto [dq, dk, dv] = softmax_grads(g, s[0], s[1], s[2], scale);
+      return {dq, dk, dv, at::Tensor()};
+    }
     auto [dq, dk, dv] = bwd.call(g, s[0], s[1], s[2], s[3], s[4], scale);
     return {dq, dk, dv, at::Tensor()};
+  }
+
+ private:
+  // Gradients of attention_composition, written out (P = softmax(S), dS = P * (dP -
+  // rowsum(dP * P))), for a forward with a non-finite row (lse +inf or NaN: only
+  // non-finite inputs make one). attention_backward's contract, P = exp(S - lse), is 0
+  // at the row's -inf scores, so through it dK / dV of those keys come back finite where
+  // autograd of the reference (whose softmax row is NaN) gives NaN; the CPU autograd
+  // path takes this instead, so ops.attention's gradients have the reference's NaNs.
+  // (On CUDA the check would cost a device sync per backward: not done there.)
+  static std::tuple<at::Tensor, at::Tensor, at::Tensor> softmax_grads(
+      const at::Tensor& grad_out, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+      double scale) {
+    const auto acc = acc_type(q.scalar_type());
+    auto bhsd = [&](const at::Tensor& t) { return t.transpose(1, 2).to(acc); };
+    const at::Tensor qh = bhsd(q), kh = bhsd(k), vh = bhsd(v), go = bhsd(grad_out);
+    const at::Tensor p = at::softmax(at::matmul(qh, kh.transpose(-1, -2)) * scale, -1);
+    const at::Tensor dp = at::matmul(go, vh.transpose(-1, -2));
+    const at::Tensor ds = p * (dp - (dp * p).sum(-1, true));
+    auto bshd = [&](const at::Tensor& t) { return t.transpose(1, 2).to(q.scalar_type()).contiguous(); };
+    return {bshd(at::matmul(ds, kh) * scale), bshd(at::matmul(ds.transpose(-1, -2), qh) * scale),
+            bshd(at::matmul(p.transpose(-1, -2), go))};
   }
 };
 
 std::tuple<at::Tensor, at::Tensor> attention_forward_autograd(const at::Tensor& q,
                                                               const at::Tensor& k,
                                                               const at::Tensor& v, double scale) {
+  check_defined("skipdit::attention_forward", "q", q);
+  check_defined("skipdit::attention_forward", "k", k);
+  check_defined("skipdit::attention_forward", "v", v);
   auto r = AttentionFunction::apply(q, k, v, scale);
   return {r[0], r[1]};
 }
@@ -186,6 +224,8 @@ class CacheDeltaFunction : public torch::autograd::Function<CacheDeltaFunction> 
 };
 
 at::Tensor cache_delta_autograd(const at::Tensor& a, const at::Tensor& b) {
+  check_defined("skipdit::cache_delta", "a", a);
+  check_defined("skipdit::cache_delta", "b", b);
   return CacheDeltaFunction::apply(a, b);
 }
 

@@ -61,6 +61,13 @@ inline std::string torch_dtype_name(at::ScalarType t) {
   }
 }
 
+// A required Tensor argument given as None reaches a native op as an undefined tensor
+// (the dispatcher lets it through); every check below would fail on it with an error
+// that does not name the argument.
+inline void check_defined(const char* op, const char* name, const at::Tensor& t) {
+  TORCH_CHECK_TYPE(t.defined(), op, ": ", name, " must be a tensor, got None");
+}
+
 inline void check_float_dtype(const char* op, const char* name, const at::Tensor& t) {
   auto s = t.scalar_type();
   TORCH_CHECK_TYPE(s == at::kFloat || s == at::kHalf || s == at::kBFloat16 || s == at::kDouble,

@@ -24,6 +24,11 @@ SkipFuseShape check_skip_fuse(const char* op, const at::Tensor& x, const at::Ten
                               const at::Tensor& norm_weight, const at::Tensor& norm_bias,
                               const at::Tensor& weight, const std::optional<at::Tensor>& bias,
                               double eps) {
+  for (const auto& [name, t] : {std::pair<const char*, const at::Tensor*>{"x", &x}, {"skip", &skip},
+                                {"norm_weight", &norm_weight}, {"norm_bias", &norm_bias}, {"weight", &weight}}) {
+    check_defined(op, name, *t);
+  }
+  if (bias.has_value()) check_defined(op, "bias", *bias);
   TORCH_CHECK_VALUE(std::isfinite(eps) && eps >= 0, op, ": eps must be finite and >= 0, got ", eps);
   check_float_dtype(op, "x", x);
   check_last_dim_contiguous(op, "x", x);
@@ -74,6 +79,7 @@ SkipFuseShape check_skip_fuse_backward(const char* op, const at::Tensor& grad_ou
                                        const at::Tensor& norm_weight, const at::Tensor& norm_bias,
                                        const at::Tensor& weight,
                                        const std::optional<at::Tensor>& bias, double eps) {
+  check_defined(op, "grad_out", grad_out);
   const SkipFuseShape s = check_skip_fuse(op, x, skip, norm_weight, norm_bias, weight, bias, eps);
   const auto out_shape = skip_fuse_out_shape(x, s.D_out);
   TORCH_CHECK_VALUE(grad_out.sizes() == at::IntArrayRef(out_shape), op,
@@ -87,6 +93,9 @@ SkipFuseShape check_skip_fuse_backward(const char* op, const at::Tensor& grad_ou
 
 double check_attention(const char* op, const at::Tensor& q, const at::Tensor& k,
                        const at::Tensor& v, std::optional<double> scale) {
+  for (const auto& [name, t] : {std::pair<const char*, const at::Tensor*>{"q", &q}, {"k", &k}, {"v", &v}}) {
+    check_defined(op, name, *t);
+  }
   check_float_dtype(op, "q", q);
   for (const auto& [name, t] : {std::pair<const char*, const at::Tensor*>{"q", &q}, {"k", &k}, {"v", &v}}) {
     TORCH_CHECK_VALUE(t->dim() == 4, op, ": ", name, " must be 4-D [B, N, H, Dh] (BSHD), got shape ",
@@ -112,6 +121,10 @@ double check_attention(const char* op, const at::Tensor& q, const at::Tensor& k,
 double check_attention_backward(const char* op, const at::Tensor& grad_out, const at::Tensor& q,
                                 const at::Tensor& k, const at::Tensor& v, const at::Tensor& out,
                                 const at::Tensor& lse, double scale) {
+  for (const auto& [name, t] : {std::pair<const char*, const at::Tensor*>{"grad_out", &grad_out}, {"out", &out},
+                                {"lse", &lse}}) {
+    check_defined(op, name, *t);
+  }
   const double s = check_attention(op, q, k, v, scale);
   for (const auto& [name, t] :
        {std::pair<const char*, const at::Tensor*>{"grad_out", &grad_out}, {"out", &out}}) {
@@ -133,6 +146,8 @@ double check_attention_backward(const char* op, const at::Tensor& grad_out, cons
 }
 
 void check_cache_delta(const char* op, const at::Tensor& a, const at::Tensor& b) {
+  check_defined(op, "a", a);
+  check_defined(op, "b", b);
   check_float_dtype(op, "a", a);
   check_last_dim_contiguous(op, "a", a);
   check_last_dim_contiguous(op, "b", b);

@@ -588,28 +588,10 @@ def _special() -> list[Probe]:
 # the cases that fail today, with the reason (a bug named): (regex on the probe id,
 # reason); marked xfail in test_fuzz.py, counted as fails by tools/fuzz_report.py
 KNOWN_BUG_PATTERNS: list[tuple[str, str]] = [
-    (r"^ops\.(skip_fuse\[\w+\]: (?!x:)\w+|attention\[\w+\]: v|cache_delta\[\w+\]: b): (a list|a float|a numpy array)$",
-     "ops/__init__.py: _needs_grad reads .requires_grad of every argument before any check, so a non-tensor "
-     "argument is an AttributeError, not a TypeError naming it (_size checks x, q, k and a first; weight is "
-     "checked by _size only after _needs_grad has run)"),
-    (r"^ops\.(skip_fuse\[cpu\]: (skip|norm_weight|norm_bias)|attention\[cpu\]: v|cache_delta\[cpu\]: b): None$",
-     "None for a required tensor reaches the native op as an undefined tensor (ops/__init__.py passes it on; "
-     "the dispatcher accepts None for Tensor): csrc's checks do not test defined(), the error is RuntimeError "
-     "'tensor does not have a device'"),
-    (r"^skipdit::(skip_fuse\[native-cpu\]: (?!bias:)\w+|skip_fuse_backward\[native-cpu\]: (?!bias:|x:)\w+|"
-     r"attention(_forward)?\[native-cpu\]: \w+|attention_backward\[native-cpu\]: (?!q:)\w+|"
-     r"cache_delta\[native-cpu\]: b): None$",
-     "torch.ops.skipdit: None for a required Tensor arrives as an undefined tensor and csrc/ops.cpp's checks do "
-     "not test defined(): RuntimeError 'tensor does not have a device' / 'strides() called on an undefined "
-     "Tensor', or a misleading shape error 'got [0]'"),
     (r"^ops\.attention\[torch\]: q: (a NaN|a NaN query row)$",
      "the torch backend is PyTorch's SDPA: its CPU kernel returns a finite output row for a query row with a NaN "
      "where the fp64 reference (and our cpu kernel) give NaN: PyTorch's behaviour (reference.sdpa_attention "
      "documents it)"),
-    (r"^ops\.attention\.backward\[cpu\]: (q|k): an inf$",
-     "cpu attention backward: with a +inf score the forward row is NaN (as the reference's), but the backward "
-     "takes P = exp(s - lse) per element, 0 for the -inf scores of the row, so dV of those keys is finite where "
-     "autograd of the reference gives NaN (csrc attention backward: a row with a non-finite lse should give NaN)"),
 ]
 
 

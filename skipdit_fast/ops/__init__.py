@@ -38,7 +38,17 @@ __all__ = ["BackendError", "attention", "cache_delta", "get_backend", "set_backe
 
 
 def _needs_grad(*tensors) -> bool:
-    return torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
+    # a non-tensor argument is no gradient here: the chosen backend's checks name it
+    return torch.is_grad_enabled() and any(isinstance(t, torch.Tensor) and t.requires_grad for t in tensors)
+
+
+def _check_tensors(op: str, names: tuple[str, ...], *tensors) -> None:
+    """TypeError naming the argument that is not a tensor (None included: these are
+    required), before autocast or backend selection reads it; the dispatcher's own
+    message for a native op is a RuntimeError."""
+    for name, t in zip(names, tensors):
+        if not isinstance(t, torch.Tensor):
+            raise TypeError(f"{op}: {name} must be a torch.Tensor, got {type(t).__name__}")
 
 
 def _size(op: str, name: str, t, dim: int) -> int:
@@ -61,6 +71,10 @@ def skip_fuse(x: torch.Tensor, skip: torch.Tensor, norm_weight: torch.Tensor,
     weight [D_out, 2D]; bias [D_out] or None. Returns [..., D_out]. Under an enabled
     torch.autocast it runs as the composition does there (ops/autocast.py).
     """
+    _check_tensors("skip_fuse", ("x", "skip", "norm_weight", "norm_bias", "weight"), x, skip, norm_weight, norm_bias,
+                   weight)
+    if bias is not None and not isinstance(bias, torch.Tensor):
+        raise TypeError(f"skip_fuse: bias must be a torch.Tensor or None, got {type(bias).__name__}")
     dtype = _autocast.target(x)
     if dtype is not None:
         with _autocast.disabled(x):
@@ -78,6 +92,7 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
     [B, Nk, H, Dh] (strided views of a fused qkv tensor are fine). Returns a
     contiguous [B, Nq, H, Dh]. scale defaults to Dh**-0.5. Under an enabled
     torch.autocast it runs in the autocast dtype, as SDPA does there."""
+    _check_tensors("attention", ("q", "k", "v"), q, k, v)
     dtype = _autocast.target(q)
     if dtype is not None:
         with _autocast.disabled(q):
@@ -92,5 +107,6 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
 def cache_delta(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     """sum|a - b| / sum|b| as a 0-d fp32 tensor on a's device (fp64 for fp64 inputs),
     computed in one pass with no host synchronization."""
+    _check_tensors("cache_delta", ("a", "b"), a, b)
     _size("cache_delta", "a", a, -1)
     return pick("cache_delta", a.device, a.dtype, _needs_grad(a, b), sizes=(a.numel(),), args=(a, b)).fn(a, b)
