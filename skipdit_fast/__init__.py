@@ -39,6 +39,8 @@ _EXPORTS = {
     "Latte": ("skipdit_fast.models", "Latte"),
     "LatteConfig": ("skipdit_fast.models", "LatteConfig"),
     "SkipCache": ("skipdit_fast.cache", "SkipCache"),
+    "SkipCacheRunError": ("skipdit_fast.cache", "SkipCacheRunError"),
+    "CheckpointError": ("skipdit_fast.models.checkpoint", "CheckpointError"),
     "diffusion": ("skipdit_fast.sampling.diffusion", None),
     "PatchReport": ("skipdit_fast.integrations", "PatchReport"),
     "patch": ("skipdit_fast.integrations", "patch"),
@@ -46,8 +48,8 @@ _EXPORTS = {
     "enable_skip_cache": ("skipdit_fast.integrations", "enable_skip_cache"),
     "disable_skip_cache": ("skipdit_fast.integrations", "disable_skip_cache"),
 }
-_SUBPACKAGES = ("apps", "benchmark", "cache", "data", "evaluation", "integrations", "kernels", "models", "ops",
-                "pretrained", "sampling")
+_SUBPACKAGES = ("analysis", "apps", "benchmark", "cache", "data", "evaluation", "files", "integrations", "kernels",
+                "models", "ops", "pretrained", "sampling")
 
 __all__ = sorted([*_EXPORTS, "models", "ops"])
 
