@@ -44,7 +44,11 @@ Beyond the official code:
   the same shape, so a full step and a cached step can each be captured as a CUDA
   graph: capture them under `with cache.capture("full")` / `capture("cached")`, then
   per step call `kind = cache.step(t, model)` and replay graphs[kind];
-- a per-run report(): steps full / cached, blocks run, estimated FLOPs saved.
+- a per-run report(): steps full / cached, blocks run, estimated FLOPs saved;
+- a schedule (schedule=CacheSchedule or a schedule file, cache/schedule.py): forward
+  call i of a run is full or cached with the branch K its entry i says, in place of
+  interval / start / stop (a full step keeps the input of block depth-K for every K
+  the schedule uses); `skipdit-fast calibrate` writes one.
 
 The engine works for any model with the skip structure (protocol SkipModel below):
 ours (models.DiT and models.Latte with config.skip), images or videos alike (the
@@ -170,14 +174,24 @@ class SkipCache:
     """
 
     def __init__(self, interval: int = 2, branch: int = 4, start: float = 1000, stop: float = 20, *,
-                 strict_stop: bool = False, threshold: float | None = None, static: bool = False):
+                 strict_stop: bool = False, threshold: float | None = None, static: bool = False,
+                 schedule=None):
         if int(interval) != interval or interval < 1:
             raise ValueError(f"interval must be an integer >= 1, got {interval}")
         if int(branch) != branch or branch < 1:
             raise ValueError(f"branch must be an integer >= 1, got {branch}")
         if threshold is not None and not threshold >= 0:
             raise ValueError(f"threshold must be >= 0, got {threshold}")
+        self.schedule = None
+        if schedule is not None:
+            from .schedule import as_schedule
+
+            if threshold is not None or static:
+                raise ValueError("schedule: a scheduled SkipCache takes no threshold and no static=True")
+            self.schedule = as_schedule(schedule)
+            branch = self.schedule.max_branch or branch
         self.interval, self.branch = int(interval), int(branch)
+        self._k = self.branch                   # K of the current step
         self.start, self.stop = start, stop
         self.strict_stop = bool(strict_stop)
         self.threshold = threshold
@@ -203,6 +217,8 @@ class SkipCache:
         extra = ", strict_stop=True" if self.strict_stop else ""
         extra += f", threshold={self.threshold}" if self.adaptive else ""
         extra += ", static=True" if self.static else ""
+        if self.schedule is not None:
+            return f"SkipCache(schedule={self.schedule!r})"
         return (f"SkipCache(interval={self.interval}, branch={self.branch}, start={self.start}, "
                 f"stop={self.stop}{extra})")
 
@@ -218,6 +234,7 @@ class SkipCache:
         self._report = SkipCacheReport()
         if not self.static:
             self._buf = self._ref = None
+        self._bufs: dict[int, torch.Tensor] = {}  # schedule: K -> input of block depth-K
 
     def report(self) -> SkipCacheReport:
         return self._report
@@ -238,6 +255,11 @@ class SkipCache:
 
     def _plan(self, t: float) -> str:
         """FULL, CACHED, or (adaptive) 'check': run the shallow blocks, then decide."""
+        self._k = self.branch
+        if self.schedule is not None:
+            e = self.schedule.check_step(self._report.steps, t)
+            self._k = e.branch or self.branch
+            return e.kind
         if not self._valid or t >= self.start:
             return FULL
         if self.adaptive:
@@ -246,7 +268,7 @@ class SkipCache:
 
     def _commit(self, kind: str, t: float, depth: int, flops: Sequence[float] | None,
                 unit: str = "blocks") -> None:
-        r, K = self._report, self.branch
+        r, K = self._report, self._k
         r.unit = unit
         r.steps += 1
         r.kinds.append(kind)
@@ -267,7 +289,9 @@ class SkipCache:
                 r.flops_run += sum(flops[:K]) + sum(flops[depth - K:])
             self._cached_in_row += 1
         self._counter += 1
-        if t < self.stop if self.strict_stop else t <= self.stop:  # official: then drop the cache
+        if self.schedule is not None:
+            pass  # the schedule alone decides
+        elif t < self.stop if self.strict_stop else t <= self.stop:  # official: then drop the cache
             self._counter = 0
             self._valid = False
             self._cached_in_row = 0
@@ -317,12 +341,13 @@ class SkipCache:
     def run(self, model: SkipModel, h: torch.Tensor, state: Any, t) -> torch.Tensor:
         """Runs the blocks of one forward call (the model's forward calls this between
         its embedding and its output head) and returns the last block's output."""
-        depth, K = model.depth, self.branch
+        depth = model.depth
         kind = self._begin(model, h, t)
+        K = self._k
         if kind == FULL:
             out = self._full(model, h, state, K, depth)
         elif kind == CACHED:
-            if self._buf is None:
+            if (self._bufs.get(K) if self.schedule is not None else self._buf) is None:
                 raise RuntimeError("SkipCache: a cached step with nothing cached (capture a full step first)")
             out = self._cached(model, h, state, K, depth)
         else:  # adaptive: decide after the shallow blocks
@@ -363,6 +388,11 @@ class SkipCache:
                      getattr(model, "cache_unit", "blocks"))
 
     def _full(self, model, h, state, K, depth):
+        if self.schedule is not None:
+            from .schedule import run_full_keeping
+
+            out, self._bufs = run_full_keeping(model, h, state, self.schedule.used_branches)
+            return out
         s = model.run_blocks(h, 0, K, state)
         return self._rest_full(model, s, state, K, depth)
 
@@ -375,7 +405,8 @@ class SkipCache:
 
     def _cached(self, model, h, state, K, depth):
         model.run_blocks(h, 0, K, state)  # pushes the fresh shallow skips
-        return model.run_blocks(self._buf, depth - K, depth, state)
+        buf = self._bufs[K] if self.schedule is not None else self._buf
+        return model.run_blocks(buf, depth - K, depth, state)
 
     # ---- CUDA graphs -------------------------------------------------------------------------
     @contextlib.contextmanager
