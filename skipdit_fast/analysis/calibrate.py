@@ -47,12 +47,12 @@ class ErrorTable:
     timesteps: list[float]       # the timestep of each sampling step, in run order
     unit: str = "blocks"
     info: dict | None = None
-    amplification: np.ndarray | None = None   # [steps]: final drift per unit of drift injected at step i
+    amplification: np.ndarray | None = None   # [steps, branches]: final drift per unit injected at step i
 
     @property
     def weighted(self) -> np.ndarray:
         """err scaled by each step's measured amplification (what the schedule choice minimizes)."""
-        return self.err if self.amplification is None else self.err * self.amplification[:, None, None]
+        return self.err if self.amplification is None else self.err * self.amplification[:, None, :]
 
     @property
     def steps(self) -> int:
@@ -125,8 +125,8 @@ def measure_errors(model, labels: Sequence[int] | None = None, *, num_samples: i
     kept: list[dict[int, torch.Tensor]] = []
     timesteps = []
     probes: list[torch.Tensor] = []   # propagation: replica r was cached at step r, full since
-    injected = np.zeros(S)
-    k_probe = branches[0]
+    injected = np.zeros((S, len(branches)))
+    started: list[tuple[int, int]] = []  # (step, branch index) of each replica
 
     def rep(v, times):
         return None if v is None else v.repeat(times, *([1] * (v.dim() - 1)))
@@ -167,19 +167,20 @@ def measure_errors(model, labels: Sequence[int] | None = None, *, num_samples: i
                     e = _rms(xc, rep(x_next, G), n).cpu().numpy()
                     for gi, g in enumerate(gaps):
                         err[k_step, g, ki] = e[gi]
-                    if propagate and K == k_probe:  # the gap-1 cached step starts replica k_step
+                    if propagate:  # the gap-1 cached step starts replica (k_step, K)
                         probes.append(xc[:n])
-                        injected[k_step] = e[0]
+                        started.append((k_step, ki))
+                        injected[k_step, ki] = e[0]
             if len(kept) > max_gap:  # only the last max_gap steps' features are needed
                 kept[len(kept) - max_gap - 1] = {}
             x = x_next
     finally:
         model.train(was_training)
-    amp = np.ones(S)
+    amp = np.ones((S, len(branches)))
     if propagate:
-        for r in range(1, S):
-            d = float(_rms(probes[r - 1], x, n)[0])
-            amp[r] = d / injected[r] if injected[r] > 0 else 1.0
+        for (r, ki), p in zip(started, probes):
+            d = float(_rms(p, x, n)[0])
+            amp[r, ki] = d / injected[r, ki] if injected[r, ki] > 0 else 1.0
     info = {"steps": S, "sampler": sampler, "seed": seed, "samples": n,
             "labels": None if y is None else [int(v) for v in y.tolist()], "max_gap": max_gap}
     return ErrorTable(err, branches, depth, timesteps, getattr(model, "cache_unit", "blocks"), info, amp)

@@ -19,6 +19,7 @@ COMMANDS = {
     "train": ("skipdit_fast.apps.train", "train a tiny DiT / Latte (with or without skips), or the shipped models "
               "(--default)"),
     "probe": ("skipdit_fast.apps.probe", "feature stability across steps and error amplification, model vs model"),
+    "calibrate": ("skipdit_fast.apps.calibrate", "a Skip-Cache schedule for a speedup target, from measured errors"),
 }
 
 

@@ -56,6 +56,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--cache-branch", type=int,
                    help="Skip-Cache branch K (default: the model's official one, DiT 4 blocks, Latte 1 pair)")
     p.add_argument("--cache-threshold", type=float, help="adaptive Skip-Cache: recompute above this cache_delta")
+    p.add_argument("--cache-schedule", metavar="FILE",
+                   help="Skip-Cache with a schedule file (skipdit-fast calibrate writes one): per step full or "
+                   "cached with its K, in place of --cache-interval / --cache-branch")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", default="auto", help="cpu, cuda, cuda:N or auto")
     p.add_argument("--dtype", choices=tuple(DTYPES), default=None, help="default: bf16 on CUDA, fp32 on CPU")
@@ -218,7 +221,16 @@ def main(args: argparse.Namespace) -> int:
         what, kw, cfg_scale = f"{args.num_samples} videos", {"num_samples": args.num_samples}, 1.0
 
     cache = None
-    if args.cache_interval > 0:
+    if args.cache_schedule and args.cache_interval > 0:
+        return fail("--cache-schedule replaces --cache-interval / --cache-branch: give one of them")
+    if args.cache_schedule:
+        if not cfg.skip:
+            return fail(f"Skip-Cache needs a '-skip' model, {args.model} has no long skips")
+        try:
+            cache = SkipCache.for_model(model, schedule=args.cache_schedule)
+        except ValueError as e:
+            return fail(str(e))
+    elif args.cache_interval > 0:
         if not cfg.skip:
             return fail(f"Skip-Cache needs a '-skip' model, {args.model} has no long skips")
         extra = {} if args.cache_branch is None else {"branch": args.cache_branch}
@@ -245,7 +257,9 @@ def main(args: argparse.Namespace) -> int:
     else:
         write_png(out, make_grid(images))
 
-    cache_part = f"Skip-Cache N={args.cache_interval} K={cache.branch}: {result.report}" if cache else "no cache"
+    cache_part = "no cache" if not cache else (f"Skip-Cache schedule {args.cache_schedule}: {result.report}"
+                                               if args.cache_schedule else
+                                               f"Skip-Cache N={args.cache_interval} K={cache.branch}: {result.report}")
     frames = f", {cfg.num_frames} frames" if is_video else ""
     print(f"{what}{frames}, {args.model} ({weights}), {args.sampler} {args.steps} steps, "
           f"cfg {cfg_scale}, {str(dtype).replace('torch.', '')} on {device}: {result.seconds:.2f} s; "

@@ -301,6 +301,9 @@ class SkipCache:
     def _check_model(self, model, h: torch.Tensor) -> None:
         depth = model.depth
         max_k = getattr(model, "max_branch", depth // 2)
+        if self.schedule is not None and self.schedule.depth != depth:
+            raise ValueError(f"cache schedule depth is {self.schedule.depth} {self.schedule.unit}, this model has "
+                             f"depth {depth}: the schedule was made for another model")
         if self.branch > max_k:
             raise ValueError(f"SkipCache branch {self.branch} too large for this model "
                              f"(depth {depth}: at most {max_k})")
