@@ -189,7 +189,7 @@ class SkipCache:
             if threshold is not None or static:
                 raise ValueError("schedule: a scheduled SkipCache takes no threshold and no static=True")
             self.schedule = as_schedule(schedule)
-            branch = self.schedule.max_branch or branch
+            branch = self.schedule.max_branch or 1  # the deepest K it uses (all full: none)
         self.interval, self.branch = int(interval), int(branch)
         self._k = self.branch                   # K of the current step
         self.start, self.stop = start, stop
