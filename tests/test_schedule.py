@@ -222,3 +222,24 @@ def test_enable_skip_cache_schedule_on_hunyuan():
         disable_skip_cache(model)
         native = model(x, torch.full((x.shape[0],), times[0]), **kw)[0]
     assert torch.equal(outs[0], native) and not torch.equal(outs[1], outs[0])
+
+
+def test_hybrid_mode_runs_and_counts():
+    m = tiny()
+    want = sample(m, [1, 2], steps=STEPS, seed=0)
+    # all steps full: the kept-output path computes the same blocks
+    allfull = sample(m, [1, 2], steps=STEPS, seed=0, cache=SkipCache(1, 2, reuse_outer=True))
+    torch.testing.assert_close(allfull.latents, want.latents, rtol=1e-5, atol=1e-5)
+    cache = SkipCache(3, 2, start=2000, stop=-1, reuse_outer=True)
+    r = sample(m, [1, 2], steps=STEPS, seed=0, cache=cache).report
+    assert r.kinds == ["full", "cached", "cached"] * 2 + ["full", "cached"]
+    assert r.blocks_run == 3 * m.depth and r.blocks_total == STEPS * m.depth  # cached steps: no attention / MLP
+    plain = sample(m, [1, 2], steps=STEPS, seed=0, cache=SkipCache(3, 2, start=2000, stop=-1))
+    hybrid = sample(m, [1, 2], steps=STEPS, seed=0, cache=cache)
+    assert not torch.equal(hybrid.latents, plain.latents)
+    assert (hybrid.latents - want.latents).abs().mean() < 0.2 * want.latents.abs().mean()  # near the uncached one
+    sched = CacheSchedule.from_branches([0, 1, 3, 0, 2, 2, 0, 1], m.depth)  # with a schedule too
+    rs = sample(m, [1, 2], steps=STEPS, seed=0, cache=SkipCache(schedule=sched, reuse_outer=True)).report
+    assert rs.blocks_run == rs.full_steps * m.depth and rs.cached_steps == 5
+    with pytest.raises(ValueError, match="reuse_outer"):
+        SkipCache(2, 2, threshold=0.1, reuse_outer=True)

@@ -48,7 +48,10 @@ Beyond the official code:
 - a schedule (schedule=CacheSchedule or a schedule file, cache/schedule.py): forward
   call i of a run is full or cached with the branch K its entry i says, in place of
   interval / start / stop (a full step keeps the input of block depth-K for every K
-  the schedule uses); `skipdit-fast calibrate` writes one.
+  the schedule uses); `skipdit-fast calibrate` writes one;
+- hybrid mode (reuse_outer=True, cache/reuse.py): on a cached step the outer blocks
+  reuse their attention and MLP outputs from the last full step (FORA-style), so a
+  cached step runs no attention or MLP; the report counts 0 blocks for it.
 
 The engine works for any model with the skip structure (protocol SkipModel below):
 ours (models.DiT and models.Latte with config.skip), images or videos alike (the
@@ -175,7 +178,7 @@ class SkipCache:
 
     def __init__(self, interval: int = 2, branch: int = 4, start: float = 1000, stop: float = 20, *,
                  strict_stop: bool = False, threshold: float | None = None, static: bool = False,
-                 schedule=None):
+                 schedule=None, reuse_outer: bool = False):
         if int(interval) != interval or interval < 1:
             raise ValueError(f"interval must be an integer >= 1, got {interval}")
         if int(branch) != branch or branch < 1:
@@ -190,6 +193,9 @@ class SkipCache:
                 raise ValueError("schedule: a scheduled SkipCache takes no threshold and no static=True")
             self.schedule = as_schedule(schedule)
             branch = self.schedule.max_branch or 1  # the deepest K it uses (all full: none)
+        self.reuse_outer = bool(reuse_outer)       # hybrid mode: cache/reuse.py
+        if self.reuse_outer and (threshold is not None or static):
+            raise ValueError("reuse_outer (the hybrid mode) takes no threshold and no static=True")
         self.interval, self.branch = int(interval), int(branch)
         self._k = self.branch                   # K of the current step
         self.start, self.stop = start, stop
@@ -217,6 +223,7 @@ class SkipCache:
         extra = ", strict_stop=True" if self.strict_stop else ""
         extra += f", threshold={self.threshold}" if self.adaptive else ""
         extra += ", static=True" if self.static else ""
+        extra += ", reuse_outer=True" if self.reuse_outer else ""
         if self.schedule is not None:
             return f"SkipCache(schedule={self.schedule!r})"
         return (f"SkipCache(interval={self.interval}, branch={self.branch}, start={self.start}, "
@@ -235,6 +242,10 @@ class SkipCache:
         if not self.static:
             self._buf = self._ref = None
         self._bufs: dict[int, torch.Tensor] = {}  # schedule: K -> input of block depth-K
+        if self.reuse_outer:
+            from .reuse import OuterReuse
+
+            self._reuse = OuterReuse()
 
     def report(self) -> SkipCacheReport:
         return self._report
@@ -284,8 +295,8 @@ class SkipCache:
             self._cached_in_row = 0
         else:
             r.cached_steps += 1
-            r.blocks_run += 2 * K
-            if flops is not None:
+            r.blocks_run += 0 if self.reuse_outer else 2 * K  # hybrid: no attention / MLP runs
+            if flops is not None and not self.reuse_outer:
                 r.flops_run += sum(flops[:K]) + sum(flops[depth - K:])
             self._cached_in_row += 1
         self._counter += 1
@@ -347,6 +358,8 @@ class SkipCache:
         depth = model.depth
         kind = self._begin(model, h, t)
         K = self._k
+        if self.reuse_outer:
+            self._reuse.attach(state, kind == FULL)
         if kind == FULL:
             out = self._full(model, h, state, K, depth)
         elif kind == CACHED:
@@ -362,6 +375,8 @@ class SkipCache:
             else:
                 kind = CACHED
                 out = model.run_blocks(self._buf, depth - K, depth, state)
+        if self.reuse_outer:
+            self._reuse.detach(state)
         self._end(kind, model, h)
         return out
 
