@@ -56,6 +56,7 @@ if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
 from skipdit_fast import SkipCache  # noqa: E402
+from skipdit_fast.files import atomic_path, write_atomic  # noqa: E402
 from skipdit_fast.cache.baselines import CachedModel, ForaCache  # noqa: E402
 from skipdit_fast.sampling.diffusion import sample  # noqa: E402
 from skipdit_fast.data.digits import digits, split, to_unit  # noqa: E402
@@ -403,6 +404,245 @@ def readme(res: dict, train: dict, cmp_cpu, cmp_ideal, grid_files, out: Path) ->
     return "\n".join(L)
 
 
+# ---------------------------------------------------------------------------------
+# --pareto: every method at equal measured speedup, several seeds (issue 14)
+
+PARETO_LEVELS = (1.25, 1.5, 2.0, 2.5, 3.0, 4.0)
+PARETO_COLORS = {"skipdit+calibrated": "tab:red", "skipdit+skipcache": "tab:pink", "skipdit+adaptive": "tab:purple",
+                 "skipdit+fora": "tab:orange", "skipdit+fbcache": "tab:brown", "skipdit+hybrid": "tab:olive", "dit+fora": "tab:blue",
+                 "dit+fbcache": "tab:cyan", "dit+split": "tab:green"}
+
+
+def pareto_configs(args, calibrated: dict) -> list[tuple[str, str, str, object]]:
+    """(method, model, label, cache factory) for every setting of the study."""
+    from skipdit_fast.cache.baselines import FirstBlockCache
+
+    cfgs = []
+    for n, k in ((2, 1), (2, 2), (2, 3), (3, 1), (3, 2), (4, 1), (4, 2), (6, 1), (8, 1), (10, 1)):
+        cfgs.append(("skipdit+skipcache", "tiny-skipdit", f"N={n} K={k}",
+                     lambda m, n=n, k=k: SkipCache.for_model(m, interval=n, branch=k)))
+    for n, k in ((2, 2), (3, 1), (3, 2), (4, 1), (4, 2), (6, 2)):
+        cfgs.append(("skipdit+hybrid", "tiny-skipdit", f"N={n} K={k}",
+                     lambda m, n=n, k=k: SkipCache.for_model(m, interval=n, branch=k, reuse_outer=True)))
+    for th in (0.3, 0.4, 0.55, 0.8):
+        cfgs.append(("skipdit+adaptive", "tiny-skipdit", f"thr={th} K=1",
+                     lambda m, th=th: SkipCache.for_model(m, interval=10, branch=1, threshold=th)))
+    for name, mname in (("dit+fora", "tiny-dit"), ("skipdit+fora", "tiny-skipdit")):
+        for n in (2, 3, 4, 5, 6):
+            cfgs.append((name, mname, f"N={n}", lambda m, n=n: ForaCache(n)))
+    for name, mname in (("dit+fbcache", "tiny-dit"), ("skipdit+fbcache", "tiny-skipdit")):
+        for th in (0.15, 0.2, 0.3, 0.45):
+            cfgs.append((name, mname, f"thr={th}", lambda m, th=th: FirstBlockCache(th)))
+    for target, sched in calibrated.items():
+        cfgs.append(("skipdit+calibrated", "tiny-skipdit", f"target={target}x",
+                     lambda m, sched=sched: SkipCache(schedule=sched)))
+    return cfgs
+
+
+def run_pareto(args) -> dict:
+    from skipdit_fast.analysis.calibrate import choose_schedule, measure_errors
+    from skipdit_fast.cache.schedule import CacheSchedule
+
+    torch.manual_seed(0)
+    clf = DigitClassifier.load(None)
+    real, real_y, tr, te = real_data("image", clf)
+    real_feats = clf.features(real)
+    labels = torch.arange(10).repeat(args.per_class)
+    models = {name: CachedModel(load_pretrained(name)) for name in PAIRS["image"]}
+    out = {"settings": {"kind": "image-pareto", "steps": args.steps, "sampler": "ddpm", "samples": len(labels),
+                        "seeds": args.seeds, "repeats": args.repeats, "threads": torch.get_num_threads(),
+                        "calibration": {"seed": 1000, "labels": list(range(10)), "max_gap": 12,
+                                        "branches": [1, 2, 3], "targets": args.targets}},
+           "machine_start": machine_info(), "torch": torch.__version__, "baselines": {}, "runs": []}
+    t0 = time.perf_counter()
+    c0 = time.process_time()
+    if args.schedules:  # the calibrated schedules of an earlier run (its pareto.json)
+        prev = json.loads(Path(args.schedules).read_text())
+        calibrated = {float(t): CacheSchedule.from_dict(d) for t, d in prev["schedules"].items()}
+        out["calibration_wall_s"], out["calibration_cpu_s"] = prev["calibration_wall_s"], prev["calibration_cpu_s"]
+        out["settings"]["calibration"]["from"] = str(args.schedules)
+    else:
+        table = measure_errors(models["tiny-skipdit"].model, list(range(10)), steps=args.steps, seed=1000,
+                               max_gap=12, branches=[1, 2, 3])
+        calibrated = {t: choose_schedule(table, speedup=t, name="tiny-skipdit") for t in args.targets}
+        out["calibration_wall_s"], out["calibration_cpu_s"] = time.perf_counter() - t0, time.process_time() - c0
+    out["schedules"] = {str(t): s.to_dict() for t, s in calibrated.items()}
+    print(f"calibrated in {out['calibration_wall_s']:.1f} s: " +
+          "; ".join(f"{t}x {s!r}" for t, s in calibrated.items()), flush=True)
+    for m in models.values():
+        sample(m, labels[:10], steps=3, seed=0)
+    base = {}
+    for seed in args.seeds:
+        for name, m in models.items():
+            r, cpu = timed_sample(m, labels, args.steps, seed, repeats=args.repeats + 1)
+            base[name, seed] = (r.seconds, cpu, r.latents)
+            out["baselines"][f"{name} seed={seed}"] = {"model": name, "seed": seed, "wall_s": r.seconds, "cpu_s": cpu,
+                                                      **scores(clf, real_feats, r.latents, labels)}
+            print(f"{name} seed {seed} uncached: {r.seconds:.2f} s wall, {cpu:.2f} s CPU", flush=True)
+    for method, mname, label, make in pareto_configs(args, calibrated):
+        m = models[mname]
+        for seed in args.seeds:
+            cache = make(m)
+            # side by side: uncached and cached runs alternate, the fastest of each counts
+            bw, bc, bx = base[mname, seed]
+            r, cpu = None, math.inf
+            for _ in range(args.repeats):
+                u, ucpu = timed_sample(m, labels, args.steps, seed)
+                bw, bc = min(bw, u.seconds), min(bc, ucpu)
+                c, ccpu = timed_sample(m, labels, args.steps, seed, cache=cache)
+                if r is None or c.seconds < r.seconds:
+                    r = c
+                cpu = min(cpu, ccpu)
+            rep = r.report
+            blocks = (rep.blocks_total / rep.blocks_run) if rep.blocks_run else float("inf")
+            row = {"method": method, "model": mname, "setting": label, "seed": seed, "wall_s": r.seconds,
+                   "cpu_s": cpu, "speedup_wall": bw / r.seconds, "speedup_cpu": bc / cpu,
+                   "block_ratio": blocks, "full_steps": rep.full_steps, "cached_steps": rep.cached_steps,
+                   "psnr": psnr(to_unit(bx), to_unit(r.latents)),
+                   "ssim": ssim(to_unit(bx), to_unit(r.latents)), **scores(clf, real_feats, r.latents, labels)}
+            out["runs"].append(row)
+        rows = [x for x in out["runs"] if x["method"] == method and x["setting"] == label]
+        print(f"{method:18s} {label:14s}: speedup {np.mean([x['speedup_cpu'] for x in rows]):.2f}x CPU "
+              f"(blocks {rows[0]['block_ratio']:.2f}x), PSNR {np.mean([x['psnr'] for x in rows]):.1f} "
+              f"+- {np.std([x['psnr'] for x in rows]):.1f} dB, acc {np.mean([x['accuracy'] for x in rows]):.3f}, "
+              f"FD {np.mean([x['fd'] for x in rows]):.1f}", flush=True)
+    out["machine_end"] = machine_info()
+    return out
+
+
+def pareto_points(runs) -> list[dict]:
+    """One point per (method, setting): means and standard deviations over the seeds."""
+    pts = {}
+    for r in runs:
+        pts.setdefault((r["method"], r["setting"]), []).append(r)
+    res = []
+    for (method, setting), rows in pts.items():
+        d = {"method": method, "setting": setting, "model": rows[0]["model"], "seeds": len(rows)}
+        for key in ("speedup_cpu", "speedup_wall", "block_ratio", "psnr", "ssim", "accuracy", "fd"):
+            v = np.array([x[key] for x in rows], dtype=float)
+            d[key], d[key + "_std"] = float(v.mean()), float(v.std())
+        res.append(d)
+    return res
+
+
+def pareto_table(points, key="speedup_cpu", levels=PARETO_LEVELS) -> list[dict]:
+    """Per speedup level s and method: the point with the best mean PSNR among those
+    whose mean speedup (key) is >= s; None when the method never gets that fast."""
+    methods = list(dict.fromkeys(p["method"] for p in points))
+    table = []
+    for s in levels:
+        row = {"speedup": s}
+        for m in methods:
+            cand = [p for p in points if p["method"] == m and p[key] >= s]
+            row[m] = max(cand, key=lambda p: p["psnr"]) if cand else None
+        table.append(row)
+    return table
+
+
+def pareto_plot(points, res, out: Path) -> str:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    methods = list(dict.fromkeys(p["method"] for p in points))
+    fig, axes = plt.subplots(1, 3, figsize=(17, 4.8))
+    for ax, (ykey, ylabel) in zip(axes, (("psnr", "PSNR cached vs uncached (dB)"),
+                                         ("accuracy", "classifier accuracy"), ("fd", "FD to real digits"))):
+        for m in methods:
+            ps = sorted((p for p in points if p["method"] == m), key=lambda p: p["speedup_cpu"])
+            ax.errorbar([p["speedup_cpu"] for p in ps], [p[ykey] for p in ps],
+                        xerr=[p["speedup_cpu_std"] for p in ps], yerr=[p[ykey + "_std"] for p in ps],
+                        color=PARETO_COLORS.get(m), label=m, fmt="o" if m.startswith("dit") else "^", ms=4,
+                        lw=0.8, capsize=2, ls="-" if m in ("skipdit+calibrated", "dit+fora") else ":")
+        ax.set_xlabel("measured speedup (process CPU time ratio)")
+        ax.set_ylabel(ylabel)
+        ax.grid(alpha=0.3)
+    axes[0].legend(fontsize=7)
+    st = res["settings"]
+    fig.suptitle(f"tiny DiT / Skip-DiT on digits, DDPM {st['steps']} steps, {st['samples']} samples x "
+                 f"{len(st['seeds'])} seeds (mean +- std over seeds)")
+    fig.tight_layout()
+    p = out / "pareto.png"
+    fig.savefig(p, dpi=110)
+    plt.close(fig)
+    return p.name
+
+
+def pareto_readme(res, points, table_cpu, table_blocks) -> str:
+    st = res["settings"]
+    methods = list(dict.fromkeys(p["method"] for p in points))
+    L = [f"# Pareto study: every cache at equal measured speedup ({date.today()})", "",
+         f"Generated by `bench/fidelity.py --pareto` on {res['machine_start'].get('cpu_model', '?')} "
+         f"({res['machine_start']['cpus']} cores, {st['threads']} torch threads; shared with other jobs, load "
+         f"average {res['machine_start'].get('load_average')} at start, {res['machine_end'].get('load_average')} "
+         f"at end), torch {res['torch']}. Shipped tiny DiT and Skip-DiT, DDPM {st['steps']} steps, "
+         f"{st['samples']} samples ({st['samples'] // 10} per class) per seed, seeds {st['seeds']}; every cached "
+         f"run is compared with the uncached run of the same model and seed. Measured speedup = process CPU "
+         f"time ratio against that uncached run, timed side by side: for each setting and seed, {st['repeats']} "
+         "uncached and cached runs alternate and the fastest of each counts (the uncached one also against the "
+         "start-of-study baseline); "
+         f"block ratio = blocks an uncached run runs / blocks run (FORA: full steps only count; first-block "
+         f"check: block 0 on every step). Calibrated schedules: `skipdit_fast.analysis.calibrate` on one "
+         f"calibration run (seed 1000, labels 0-9, not an evaluation seed), block-count targets "
+         f"{st['calibration']['targets']}; calibration took {res['calibration_cpu_s']:.0f} CPU s "
+         f"({res['calibration_wall_s']:.0f} s wall), not counted in the speedups.", "",
+         "## Best PSNR at a measured speedup of at least s", "",
+         "Mean +- std over the seeds of the setting with the best mean PSNR among those whose mean measured speedup "
+         "is >= s (`-`: the method never gets that fast).", ""]
+    for title, tab in (("measured speedup (CPU time)", table_cpu), ("block ratio", table_blocks)):
+        L += [f"By {title}:", "", "| s | " + " | ".join(methods) + " |", "| --- " * (len(methods) + 1) + "|"]
+        for row in tab:
+            cells = []
+            for m in methods:
+                p = row[m]
+                cells.append("-" if p is None else f"{p['psnr']:.1f} +- {p['psnr_std']:.1f} ({p['setting']})")
+            L.append(f"| {row['speedup']:.2f} | " + " | ".join(cells) + " |")
+        best = []
+        for row in tab:
+            got = {m: row[m]["psnr"] for m in methods if row[m] is not None}
+            if got:
+                best.append(f"{row['speedup']:.2f}x: {max(got, key=got.get)}")
+        L += ["", f"Highest mean PSNR by {title}: " + "; ".join(best) + ".", ""]
+    L += ["## All settings (means over seeds)", "",
+          "| method | setting | speedup CPU | speedup wall | block ratio | PSNR dB | SSIM | accuracy | FD |",
+          "| --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
+    for p in points:
+        L.append(f"| {p['method']} | {p['setting']} | {p['speedup_cpu']:.2f} +- {p['speedup_cpu_std']:.2f} | "
+                 f"{p['speedup_wall']:.2f} | {p['block_ratio']:.2f} | {p['psnr']:.1f} +- {p['psnr_std']:.1f} | "
+                 f"{p['ssim']:.3f} | {p['accuracy']:.3f} | {p['fd']:.1f} |")
+    L += ["", "Uncached: " + "; ".join(f"{k}: acc {b['accuracy']:.3f}, FD {b['fd']:.1f}, {b['cpu_s']:.2f} CPU s"
+                                       for k, b in res["baselines"].items()), "",
+          "Calibrated schedules (F full, digit: cached with that K):", ""]
+    for t, d in res["schedules"].items():
+        ks = "".join("F" if e["kind"] == "full" else str(e["branch"]) for e in d["entries"])
+        L.append(f"- target {t}x: `{ks}` (predicted error {d['meta']['predicted_error']:.3f})")
+    L += ["", "![Pareto](pareto.png)", ""]
+    return "\n".join(L)
+
+
+def main_pareto(args) -> int:
+    out = Path(args.out or ROOT / "bench" / "results" / "fidelity-cpu")
+    out.mkdir(parents=True, exist_ok=True)
+    res = run_pareto(args)
+    points = pareto_points(res["runs"])
+    t_cpu, t_blocks = pareto_table(points), pareto_table(points, "block_ratio")
+    res["points"] = points
+    res["table_cpu"] = [{"speedup": r["speedup"], **{m: (None if v is None else {"setting": v["setting"],
+                         "psnr": v["psnr"], "psnr_std": v["psnr_std"], "speedup_cpu": v["speedup_cpu"]})
+                         for m, v in r.items() if m != "speedup"}} for r in t_cpu]
+    write_atomic(out / "pareto.json", json.dumps(res, indent=1, default=str) + "\n")
+    with atomic_path(out / "pareto.csv", suffix=".csv") as tmp:
+        with open(tmp, "w", newline="") as f:
+            w = csv.DictWriter(f, fieldnames=list(res["runs"][0]))
+            w.writeheader()
+            w.writerows(res["runs"])
+    pareto_plot(points, res, out)
+    write_atomic(out / "PARETO.md", pareto_readme(res, points, t_cpu, t_blocks))
+    print(f"wrote {out}/PARETO.md, pareto.json, pareto.csv, pareto.png")
+    return 0
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--video", action="store_true", help="the video study (tiny Latte / Latte-skip)")
@@ -417,7 +657,18 @@ def main(argv=None) -> int:
     p.add_argument("--repeats", type=int, default=2, help="timed runs per setting, the fastest counts "
                    "(the uncached baselines: one more)")
     p.add_argument("--quick", action="store_true", help="a smoke run: 10 steps, 2 per class, N = 2 3, K = 1")
+    p.add_argument("--pareto", action="store_true", help="every method (calibrated schedules, adaptive, FORA, "
+                   "first-block check) at equal measured speedup over --seeds; writes PARETO.md, pareto.*")
+    p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2], help="--pareto: evaluation seeds")
+    p.add_argument("--schedules", help="--pareto: take the calibrated schedules from this earlier pareto.json")
+    p.add_argument("--targets", type=float, nargs="+", default=[1.5, 2.0, 2.5, 3.0, 3.5, 4.0],
+                   help="--pareto: block-count targets of the calibrated schedules")
     args = p.parse_args(argv)
+    if args.pareto:
+        args.per_class = args.per_class or 3
+        if args.quick:
+            args.steps, args.per_class, args.seeds, args.targets = 10, 1, [0], [2.0]
+        return main_pareto(args)
     args.kind = "video" if args.video else "image"
     video = args.video
     args.per_class = args.per_class or (4 if video else 10)

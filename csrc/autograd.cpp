@@ -122,6 +122,15 @@ at::Tensor attention_composition(const at::Tensor& q, const at::Tensor& k, const
   return at::matmul(p, vh).transpose(1, 2).contiguous();
 }
 
+// A tensor seen by a tracer (fake / functional / functorch-wrapped, or with symbolic
+// sizes): its values cannot be read, so value-dependent branches are skipped for it.
+bool is_traced(const at::Tensor& t) {
+  const auto ks = t.key_set();
+  return ks.has(c10::DispatchKey::Python) || ks.has(c10::DispatchKey::Functionalize) ||
+         ks.has(c10::DispatchKey::FuncTorchGradWrapper) || ks.has(c10::DispatchKey::FuncTorchBatched) ||
+         t.unsafeGetTensorImpl()->has_symbolic_sizes_strides();
+}
+
 class AttentionFunction : public torch::autograd::Function<AttentionFunction> {
  public:
   static variable_list forward(AutogradContext* ctx, const at::Tensor& q, const at::Tensor& k,
@@ -145,7 +154,7 @@ class AttentionFunction : public torch::autograd::Function<AttentionFunction> {
       auto d = differentiable_grads({o}, {s[0], s[1], s[2]}, {g});
       return {d[0], d[1], d[2], at::Tensor()};
     }
-    if (s[4].is_cpu() && !s[4].isfinite().all().item<bool>()) {
+    if (s[4].is_cpu() && !is_traced(s[4]) && !s[4].isfinite().all().item<bool>()) {
       auto [dq, dk, dv] = softmax_grads(g, s[0], s[1], s[2], scale);
       return {dq, dk, dv, at::Tensor()};
     }

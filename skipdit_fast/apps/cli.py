@@ -21,6 +21,7 @@ COMMANDS = {
     "probe": ("skipdit_fast.apps.probe", "feature stability across steps and error amplification, model vs model"),
     "sample-many": ("skipdit_fast.apps.sample_many", "many samples (FID-50K) on torchrun ranks, resumable, merged npz"),
     "evaluate": ("skipdit_fast.apps.evaluate", "score a samples.npz: digit accuracy / FD, or PSNR / SSIM vs --ref"),
+    "calibrate": ("skipdit_fast.apps.calibrate", "a Skip-Cache schedule for a speedup target, from measured errors"),
 }
 
 

@@ -219,12 +219,16 @@ def run(args: argparse.Namespace, log=print) -> dict:
     _timing_lines(res, args, fast, len(base_t), log)
     _speedup_line(res, log)
     log(f"cached vs uncached: PSNR {res['psnr']:.1f} dB, SSIM {res['ssim']:.3f}")
-    if "accuracy_cache" in res:
-        log(f"digit classifier recognizes {100 * res['accuracy_nocache']:.0f}% (no cache) and "
-            f"{100 * res['accuracy_cache']:.0f}% (Skip-Cache) of the samples as their class "
-            f"(chance: {100 / cfg.num_classes:.0f}%)")
+    _accuracy_line(res, "digit classifier", "samples as their class", cfg.num_classes, log)
     log(f"wrote {paths[0]} and {paths[1]} (one column per digit 0..9)")
     return res
+
+
+def _accuracy_line(res: dict, classifier: str, what: str, num_classes: int, log) -> None:
+    """The classifier's verdict on both sample sets, when a classifier was found."""
+    if "accuracy_cache" in res:
+        log(f"{classifier} recognizes {100 * res['accuracy_nocache']:.0f}% (no cache) and "
+            f"{100 * res['accuracy_cache']:.0f}% (Skip-Cache) of the {what} (chance: {100 / num_classes:.0f}%)")
 
 
 def temporal_change(videos: torch.Tensor) -> float:
@@ -268,10 +272,7 @@ def run_video(args: argparse.Namespace, log=print) -> dict:
     log(f"temporal consistency: mean frame-to-frame change {res['temporal_change_nocache']:.4f} (no cache), "
         f"{res['temporal_change_cache']:.4f} (Skip-Cache): ratio "
         f"{res['temporal_change_cache'] / max(res['temporal_change_nocache'], 1e-12):.2f}")
-    if "accuracy_cache" in res:
-        log(f"frame classifier recognizes {100 * res['accuracy_nocache']:.0f}% (no cache) and "
-            f"{100 * res['accuracy_cache']:.0f}% (Skip-Cache) of the frames as their video's class "
-            f"(chance: {100 / cfg.num_classes:.0f}%)")
+    _accuracy_line(res, "frame classifier", "frames as their video's class", cfg.num_classes, log)
     log(f"wrote {paths[0]} and {paths[1]} (one row per digit 0..9)")
     return res
 

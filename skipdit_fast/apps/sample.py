@@ -32,7 +32,8 @@ from typing import TYPE_CHECKING
 if TYPE_CHECKING:
     import torch
 
-from .common import (DTYPES, VIDEO_FORMATS, Progress, UsageError, check_branch, check_output_file, default_dtype, device_arg,
+from .common import (DTYPES, VIDEO_FORMATS, Progress, UsageError, check_branch, check_input_file, check_output_file,
+                     default_dtype, device_arg,
                      device_from_arg, finite_float, make_grid, nonneg_float, nonneg_int, positive_float,
                      positive_int, read_checkpoint, steps_int, video_grid, write_png, write_video)
 
@@ -58,6 +59,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--cache-branch", type=positive_int,
                    help="Skip-Cache branch K (default: the model's official one, DiT 4 blocks, Latte 1 pair)")
     p.add_argument("--cache-threshold", type=nonneg_float, help="adaptive Skip-Cache: recompute above this cache_delta")
+    p.add_argument("--cache-schedule", metavar="FILE",
+                   help="Skip-Cache with a schedule file (skipdit-fast calibrate writes one): per step full or "
+                   "cached with its K, in place of --cache-interval / --cache-branch")
     p.add_argument("--seed", type=nonneg_int, default=0)
     p.add_argument("--device", type=device_arg, default="auto", help="cpu, cuda, cuda:N or auto")
     p.add_argument("--dtype", choices=tuple(DTYPES), default=None, help="default: bf16 on CUDA, fp32 on CPU")
@@ -221,6 +225,10 @@ def main(args: argparse.Namespace) -> int:
         check_vae(args.vae)
     if args.cache_interval == 0 and (args.cache_branch is not None or args.cache_threshold is not None):
         raise UsageError("--cache-branch / --cache-threshold need --cache-interval N >= 1 (0: no cache)")
+    if args.cache_schedule:
+        if args.cache_interval > 0:
+            raise UsageError("--cache-schedule replaces --cache-interval / --cache-branch: give one of them")
+        check_input_file(args.cache_schedule, "--cache-schedule")
     device = device_from_arg(args.device)
     dtype = default_dtype(device, args.dtype)
     torch.manual_seed(args.seed)  # random weights (no --ckpt) are reproducible too
@@ -243,7 +251,14 @@ def main(args: argparse.Namespace) -> int:
         what, kw, cfg_scale = f"{args.num_samples} videos", {"num_samples": args.num_samples}, 1.0
 
     cache = None
-    if args.cache_interval > 0:
+    if args.cache_schedule:
+        if not cfg.skip:
+            raise UsageError(f"--cache-schedule: Skip-Cache needs a '-skip' model, {args.model} has no long skips")
+        try:
+            cache = SkipCache.for_model(model, schedule=args.cache_schedule)
+        except ValueError as e:
+            raise UsageError(f"--cache-schedule {args.cache_schedule}: {e}") from e
+    elif args.cache_interval > 0:
         if not cfg.skip:
             raise UsageError(f"--cache-interval: Skip-Cache needs a '-skip' model, {args.model} has no long skips")
         extra = {} if args.cache_branch is None else {"branch": args.cache_branch}
@@ -268,7 +283,9 @@ def main(args: argparse.Namespace) -> int:
     else:
         write_png(out, make_grid(images))
 
-    cache_part = f"Skip-Cache N={args.cache_interval} K={cache.branch}: {result.report}" if cache else "no cache"
+    cache_part = "no cache" if not cache else (f"Skip-Cache schedule {args.cache_schedule}: {result.report}"
+                                               if args.cache_schedule else
+                                               f"Skip-Cache N={args.cache_interval} K={cache.branch}: {result.report}")
     frames = f", {cfg.num_frames} frames" if is_video else ""
     print(f"{what}{frames}, {args.model} ({weights}), {args.sampler} {args.steps} steps, "
           f"cfg {cfg_scale}, {str(dtype).replace('torch.', '')} on {device}: {result.seconds:.2f} s; "

@@ -47,7 +47,14 @@ Beyond the official code:
   the same shape, so a full step and a cached step can each be captured as a CUDA
   graph: capture them under `with cache.capture("full")` / `capture("cached")`, then
   per step call `kind = cache.step(t, model)` and replay graphs[kind];
-- a per-run report(): steps full / cached, blocks run, estimated FLOPs saved.
+- a per-run report(): steps full / cached, blocks run, estimated FLOPs saved;
+- a schedule (schedule=CacheSchedule or a schedule file, cache/schedule.py): forward
+  call i of a run is full or cached with the branch K its entry i says, in place of
+  interval / start / stop (a full step keeps the input of block depth-K for every K
+  the schedule uses); `skipdit-fast calibrate` writes one;
+- hybrid mode (reuse_outer=True, cache/reuse.py): on a cached step the outer blocks
+  reuse their attention and MLP outputs from the last full step (FORA-style), so a
+  cached step runs no attention or MLP; the report counts 0 blocks for it.
 
 The engine works for any model with the skip structure (protocol SkipModel below):
 ours (models.DiT and models.Latte with config.skip), images or videos alike (the
@@ -175,11 +182,26 @@ class SkipCache:
     """
 
     def __init__(self, interval: int = 2, branch: int = 4, start: float = 1000, stop: float = 20, *,
-                 strict_stop: bool = False, threshold: float | None = None, static: bool = False):
-        self.interval, self.branch = checks.positive_int("interval", interval), checks.positive_int("branch", branch)
+                 strict_stop: bool = False, threshold: float | None = None, static: bool = False,
+                 schedule=None, reuse_outer: bool = False):
+        interval, branch = checks.positive_int("interval", interval), checks.positive_int("branch", branch)
+        threshold = checks.threshold(threshold)
+        self.schedule = None
+        if schedule is not None:
+            from .schedule import as_schedule
+
+            if threshold is not None or static:
+                raise ValueError("schedule: a scheduled SkipCache takes no threshold and no static=True")
+            self.schedule = as_schedule(schedule)
+            branch = self.schedule.max_branch or 1  # the deepest K it uses (all full: none)
+        self.reuse_outer = bool(reuse_outer)       # hybrid mode: cache/reuse.py
+        if self.reuse_outer and (threshold is not None or static):
+            raise ValueError("reuse_outer (the hybrid mode) takes no threshold and no static=True")
+        self.interval, self.branch = interval, branch
+        self._k = self.branch                   # K of the current step
         self.start, self.stop = checks.timestep_bound("start", start), checks.timestep_bound("stop", stop)
         self.strict_stop = bool(strict_stop)
-        self.threshold = checks.threshold(threshold)
+        self.threshold = threshold
         self.static = static
         self._buf: torch.Tensor | None = None   # input of block depth-K at the last full step
         self._ref: torch.Tensor | None = None   # adaptive: shallow output at the last full step
@@ -203,6 +225,9 @@ class SkipCache:
         extra = ", strict_stop=True" if self.strict_stop else ""
         extra += f", threshold={self.threshold}" if self.adaptive else ""
         extra += ", static=True" if self.static else ""
+        extra += ", reuse_outer=True" if self.reuse_outer else ""
+        if self.schedule is not None:
+            return f"SkipCache(schedule={self.schedule!r})"
         return (f"SkipCache(interval={self.interval}, branch={self.branch}, start={self.start}, "
                 f"stop={self.stop}{extra})")
 
@@ -219,6 +244,11 @@ class SkipCache:
         self._runs.reset()
         if not self.static:
             self._buf = self._ref = None
+        self._bufs: dict[int, torch.Tensor] = {}  # schedule: K -> input of block depth-K
+        if self.reuse_outer:
+            from .reuse import OuterReuse
+
+            self._reuse = OuterReuse()
 
     @contextlib.contextmanager
     def sampling_run(self) -> Iterator["SkipCache"]:
@@ -251,6 +281,11 @@ class SkipCache:
 
     def _plan(self, t: float) -> str:
         """FULL, CACHED, or (adaptive) 'check': run the shallow blocks, then decide."""
+        self._k = self.branch
+        if self.schedule is not None:
+            e = self.schedule.check_step(self._report.steps, t)
+            self._k = e.branch or self.branch
+            return e.kind
         if not self._valid or t >= self.start:
             return FULL
         if self.adaptive:
@@ -259,7 +294,7 @@ class SkipCache:
 
     def _commit(self, kind: str, t: float, depth: int, flops: Sequence[float] | None,
                 unit: str = "blocks") -> None:
-        r, K = self._report, self.branch
+        r, K = self._report, self._k
         r.unit = unit
         r.steps += 1
         r.kinds.append(kind)
@@ -275,12 +310,14 @@ class SkipCache:
             self._cached_in_row = 0
         else:
             r.cached_steps += 1
-            r.blocks_run += 2 * K
-            if flops is not None:
+            r.blocks_run += 0 if self.reuse_outer else 2 * K  # hybrid: no attention / MLP runs
+            if flops is not None and not self.reuse_outer:
                 r.flops_run += sum(flops[:K]) + sum(flops[depth - K:])
             self._cached_in_row += 1
         self._counter += 1
-        if t < self.stop if self.strict_stop else t <= self.stop:  # official: then drop the cache
+        if self.schedule is not None:
+            pass  # the schedule alone decides
+        elif t < self.stop if self.strict_stop else t <= self.stop:  # official: then drop the cache
             self._counter = 0
             self._valid = False
             self._cached_in_row = 0
@@ -290,6 +327,9 @@ class SkipCache:
     def _check_model(self, model, h: torch.Tensor) -> None:
         depth = model.depth
         max_k = getattr(model, "max_branch", depth // 2)
+        if self.schedule is not None and self.schedule.depth != depth:
+            raise ValueError(f"cache schedule depth is {self.schedule.depth} {self.schedule.unit}, this model has "
+                             f"depth {depth}: the schedule was made for another model")
         if self.branch > max_k:
             raise ValueError(f"SkipCache branch {self.branch} too large for this model "
                              f"(depth {depth}: at most {max_k})")
@@ -330,12 +370,15 @@ class SkipCache:
     def run(self, model: SkipModel, h: torch.Tensor, state: Any, t) -> torch.Tensor:
         """Runs the blocks of one forward call (the model's forward calls this between
         its embedding and its output head) and returns the last block's output."""
-        depth, K = model.depth, self.branch
+        depth = model.depth
         kind = self._begin(model, h, t)
+        K = self._k
+        if self.reuse_outer:
+            self._reuse.attach(state, kind == FULL)
         if kind == FULL:
             out = self._full(model, h, state, K, depth)
         elif kind == CACHED:
-            if self._buf is None:
+            if (self._bufs.get(K) if self.schedule is not None else self._buf) is None:
                 raise RuntimeError("SkipCache: a cached step with nothing cached (capture a full step first)")
             out = self._cached(model, h, state, K, depth)
         else:  # adaptive: decide after the shallow blocks
@@ -347,6 +390,8 @@ class SkipCache:
             else:
                 kind = CACHED
                 out = model.run_blocks(self._buf, depth - K, depth, state)
+        if self.reuse_outer:
+            self._reuse.detach(state)
         self._end(kind, model, h)
         return out
 
@@ -385,6 +430,11 @@ class SkipCache:
                      getattr(model, "cache_unit", "blocks"))
 
     def _full(self, model, h, state, K, depth):
+        if self.schedule is not None:
+            from .schedule import run_full_keeping
+
+            out, self._bufs = run_full_keeping(model, h, state, self.schedule.used_branches)
+            return out
         s = model.run_blocks(h, 0, K, state)
         return self._rest_full(model, s, state, K, depth)
 
@@ -397,7 +447,8 @@ class SkipCache:
 
     def _cached(self, model, h, state, K, depth):
         model.run_blocks(h, 0, K, state)  # pushes the fresh shallow skips
-        return model.run_blocks(self._buf, depth - K, depth, state)
+        buf = self._bufs[K] if self.schedule is not None else self._buf
+        return model.run_blocks(buf, depth - K, depth, state)
 
     # ---- CUDA graphs -------------------------------------------------------------------------
     @contextlib.contextmanager

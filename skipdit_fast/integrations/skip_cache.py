@@ -62,7 +62,7 @@ def _dit_cached_forward(self, x, t, y=None, cache=None):
 
 def enable_skip_cache(target, interval: int = 2, branch: int | None = None, *, start: float | None = None,
                       stop: float | None = None, strict_stop: bool | None = None, threshold: float | None = None,
-                      cache: SkipCache | None = None, auto_reset: bool = True) -> SkipCache:
+                      cache: SkipCache | None = None, auto_reset: bool = True, schedule=None) -> SkipCache:
     """Turns Skip-Cache on for a model with long skips and returns its SkipCache
     (read .report() after a run). target: skipdit_fast.models.DiT or Latte
     (skip=True), a diffusers HunyuanDiT2DModel, or a pipeline holding one as
@@ -70,12 +70,19 @@ def enable_skip_cache(target, interval: int = 2, branch: int | None = None, *, s
     one forward, so each half keeps its own cached features). interval / branch /
     start / stop / strict_stop / threshold: SkipCache's arguments, those left at None
     the model's official ones (SkipCache.for_model: DiT branch 4, start 1000, stop 20;
-    Latte branch 1 pair, start 900, stop 50 strict), or pass a ready `cache`. auto_reset: a
+    Latte branch 1 pair, start 900, stop 50 strict), or pass a ready `cache`. schedule:
+    a CacheSchedule or a schedule file (skipdit-fast calibrate): per step full or
+    cached with its K, in place of interval / branch / start / stop. auto_reset: a
     forward whose timestep is above the previous one, or the first after a forward
     that raised, starts a new sampling run (a pipeline's set_timesteps always does);
-    a run that would reuse another's features otherwise is a SkipCacheRunError. Enabling again replaces the cache."""
+    a run that would reuse another's features otherwise is a SkipCacheRunError.
+    Enabling again replaces the cache."""
     pipe = None if isinstance(target, nn.Module) else target
     model = _unwrap(target)
+    if cache is not None and schedule is not None:
+        raise ValueError("enable_skip_cache: pass a schedule or a ready cache, not both")
+    if cache is None and schedule is not None:
+        cache = SkipCache.for_model(model, schedule=schedule)
     if cache is None:
         given = dict(branch=branch, start=start, stop=stop, strict_stop=strict_stop)
         cache = SkipCache.for_model(model, interval=interval, threshold=threshold,

@@ -1,0 +1,104 @@
+"""`skipdit-fast calibrate`: a Skip-Cache schedule for a speedup target
+(skipdit_fast.analysis.calibrate): one uncached calibration run measures the error of
+caching each step with each K after each gap, then the least-error schedule within
+the block budget is written as a schedule file for `skipdit-fast sample
+--cache-schedule FILE`, SkipCache(schedule=FILE) or enable_skip_cache(schedule=FILE).
+
+    skipdit-fast calibrate --model tiny-skipdit --speedup 2.5 --out sched.json
+    skipdit-fast calibrate --model DiT-XL/2-skip --ckpt DiT-XL-2-skip.pt --steps 250 --speedup 2 --out s.json
+
+The speedup is the block-count (ideal) one: the budget is steps * depth / speedup
+blocks (--budget gives it directly); the measured time ratio is lower by what the
+embedding, the head and the sampler cost.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+
+from .common import (check_output_file, device_arg, device_from_arg, float_range, nonneg_int, positive_int,
+                     steps_int)
+
+SHIPPED = ("tiny-skipdit", "tiny-latte-skip", "tiny-dit", "tiny-latte")
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--model", default="tiny-skipdit", help="a shipped model (tiny-skipdit, tiny-latte-skip) or a "
+                   "name such as DiT-XL/2-skip / Latte-XL/2-skip with --ckpt (default tiny-skipdit)")
+    p.add_argument("--ckpt", help="checkpoint of a non-shipped --model")
+    what = p.add_mutually_exclusive_group(required=True)
+    what.add_argument("--speedup", type=float_range(1.0), help="target block-count speedup (>= 1)")
+    what.add_argument("--budget", type=positive_int, help="target: at most this many blocks (units) per run")
+    p.add_argument("--steps", type=steps_int, default=50, help="sampling steps the schedule is for (default 50)")
+    p.add_argument("--sampler", choices=("ddpm", "ddim"), default="ddpm")
+    p.add_argument("--classes", type=nonneg_int, nargs="+", help="calibration labels (default: one per class, at most 10)")
+    p.add_argument("--num-samples", type=positive_int, default=4, help="unconditional models: calibration samples (default 4)")
+    p.add_argument("--seed", type=nonneg_int, default=0, help="seed of the calibration run")
+    p.add_argument("--max-gap", type=positive_int, default=12, help="longest run of steps on one full step's features "
+                   "(default 12)")
+    p.add_argument("--branches", type=positive_int, nargs="+", help="the K to consider (default: every K with 2K < depth)")
+    p.add_argument("--device", type=device_arg, default="cpu", help="cpu, cuda, cuda:N or auto (default cpu)")
+    p.add_argument("--out", required=True, help="the schedule file to write (JSON)")
+
+
+def _load(name: str, ckpt: str | None, device):
+    from ..models import DiT, Latte
+    from ..pretrained import load_pretrained
+
+    if name in SHIPPED:
+        if ckpt:
+            raise ValueError(f"{name} is a shipped model: it takes no --ckpt")
+        return load_pretrained(name, device=device)
+    model = (Latte if name.startswith("Latte") else DiT).from_name(name)
+    if ckpt:
+        model.load_checkpoint(ckpt)
+    else:
+        print(f"no --ckpt for {name}: random weights (the schedule then says nothing about a trained model)",
+              file=sys.stderr)
+    return model.to(device).eval()
+
+
+def main(args: argparse.Namespace) -> int:
+    from ..analysis.calibrate import choose_schedule, measure_errors
+
+    def fail(msg: str) -> int:
+        print(f"skipdit-fast calibrate: {msg}", file=sys.stderr)
+        return 2
+
+    if args.steps < 2:
+        return fail(f"--steps must be >= 2, got {args.steps}")
+    if args.speedup is not None and not args.speedup >= 1:
+        return fail(f"--speedup must be >= 1, got {args.speedup}")
+    check_output_file(args.out, "--out")   # before the calibration run, not after it
+    try:
+        device = device_from_arg(args.device)
+        model = _load(args.model, args.ckpt, device)
+    except (ValueError, OSError, RuntimeError) as e:
+        return fail(str(e))
+    cfg = model.config
+    if not cfg.skip:
+        return fail(f"Skip-Cache needs long skips: {args.model} has none")
+    kw = {}
+    if cfg.class_conditional:
+        labels = args.classes or list(range(min(10, cfg.num_classes)))
+        bad = [c for c in labels if not 0 <= c < cfg.num_classes]
+        if bad:
+            return fail(f"--classes must be in 0..{cfg.num_classes - 1}, got {bad}")
+    else:
+        if args.classes:
+            return fail(f"{args.model} is unconditional: use --num-samples, not --classes")
+        labels, kw = None, {"num_samples": args.num_samples}
+    t0 = time.perf_counter()
+    try:
+        table = measure_errors(model, labels, steps=args.steps, seed=args.seed, sampler=args.sampler,
+                               max_gap=args.max_gap, branches=args.branches, **kw)
+        sched = choose_schedule(table, speedup=args.speedup, budget=args.budget, name=args.model)
+    except ValueError as e:
+        return fail(str(e))
+    sched.meta["calibration_seconds"] = time.perf_counter() - t0
+    sched.save(args.out)
+    print(f"{args.model}: {sched} ; predicted error {sched.meta['predicted_error']:.4g} "
+          f"(calibrated in {sched.meta['calibration_seconds']:.1f} s); wrote {args.out}")
+    return 0

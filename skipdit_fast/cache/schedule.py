@@ -1,0 +1,253 @@
+"""Cache schedules: per sampling step, full or cached and with which branch K.
+
+    sched = CacheSchedule.from_branches([0, 2, 2, 0, 1, 1, 1, 0], depth=12)   # 0: full
+    sched.block_budget          # blocks a run with it runs: 12 + 4 + 4 + 12 + 2 + 2 + 2 + 12
+    sched.save("sched.json")    # versioned JSON, written atomically
+    cache = SkipCache(schedule="sched.json")   # or schedule=sched
+
+A schedule replaces SkipCache's interval / start / stop decisions: forward call i of
+a run is full or cached as entry i says (cached: blocks 0..K-1 and depth-K..depth-1,
+the input of block depth-K from the last full step). Step 0 must be full (nothing is
+cached before it). `skipdit-fast calibrate` (skipdit_fast.analysis.calibrate) writes
+one chosen from measured per-step errors under a block budget.
+
+File format (version 1):
+
+    {"format": "skipdit-fast-cache-schedule", "version": 1,
+     "depth": 12, "unit": "blocks", "steps": 50,
+     "entries": [{"kind": "full", "t": 999}, {"kind": "cached", "branch": 2, "t": 979}, ...],
+     "meta": {...}}                    # free-form: how it was made (calibrate writes its numbers)
+
+"t" (optional, per entry) is the timestep the sampler gives that step; when present
+the engine checks it, so a schedule made for 50 DDPM steps refuses a 100-step run at
+its first differing step instead of caching the wrong steps.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass, field
+from typing import Any, Sequence
+
+FORMAT, VERSION = "skipdit-fast-cache-schedule", 1
+FULL, CACHED = "full", "cached"
+
+
+class ScheduleError(ValueError):
+    """A schedule (file or object) that is not valid; the message names the field."""
+
+
+@dataclass(frozen=True)
+class ScheduleEntry:
+    kind: str                   # "full" or "cached"
+    branch: int | None = None   # K of a cached step
+    t: float | None = None      # the timestep of this step, if known
+
+    def blocks(self, depth: int) -> int:
+        return depth if self.kind == FULL else 2 * int(self.branch)
+
+
+def _int(value, where: str, lo: int, hi: int | None = None) -> int:
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise ScheduleError(f"{where} must be an integer, got {value!r}")
+    if value < lo or (hi is not None and value > hi):
+        rng = f">= {lo}" if hi is None else f"in {lo}..{hi}"
+        raise ScheduleError(f"{where} must be {rng}, got {value}")
+    return value
+
+
+@dataclass
+class CacheSchedule:
+    """Per-step decisions for one sampling run of a model with `depth` units."""
+
+    entries: list[ScheduleEntry]
+    depth: int
+    unit: str = "blocks"
+    meta: dict[str, Any] = field(default_factory=dict)
+
+    def __post_init__(self):
+        self.validate()
+
+    # ---- construction -----------------------------------------------------------------
+    @classmethod
+    def from_branches(cls, branches: Sequence[int], depth: int, timesteps: Sequence[float] | None = None,
+                      **kwargs) -> "CacheSchedule":
+        """branches[i] = 0: step i full; K > 0: cached with branch K."""
+        if timesteps is not None and len(timesteps) != len(branches):
+            raise ScheduleError(f"timesteps has {len(timesteps)} values for {len(branches)} steps")
+        entries = []
+        for i, k in enumerate(branches):
+            k = _int(k, f"branches[{i}]", 0)
+            t = None if timesteps is None else float(timesteps[i])
+            entries.append(ScheduleEntry(FULL, None, t) if k == 0 else ScheduleEntry(CACHED, k, t))
+        return cls(entries, depth, **kwargs)
+
+    @classmethod
+    def full(cls, steps: int, depth: int, **kwargs) -> "CacheSchedule":
+        return cls.from_branches([0] * steps, depth, **kwargs)
+
+    @classmethod
+    def interval(cls, steps: int, depth: int, interval: int, branch: int, **kwargs) -> "CacheSchedule":
+        """Fixed-interval Skip-Cache as a schedule (without the official start / stop)."""
+        return cls.from_branches([0 if i % interval == 0 else branch for i in range(steps)], depth, **kwargs)
+
+    # ---- what it says ----------------------------------------------------------------------
+    @property
+    def steps(self) -> int:
+        return len(self.entries)
+
+    @property
+    def branches(self) -> list[int]:
+        return [0 if e.kind == FULL else int(e.branch) for e in self.entries]
+
+    @property
+    def used_branches(self) -> list[int]:
+        """The K of the cached steps, sorted (the tensors a full step keeps)."""
+        return sorted({e.branch for e in self.entries if e.kind == CACHED})
+
+    @property
+    def max_branch(self) -> int:
+        return max(self.used_branches, default=0)
+
+    @property
+    def block_budget(self) -> int:
+        """Blocks (units) a run with this schedule runs; SkipCacheReport.blocks_run."""
+        return sum(e.blocks(self.depth) for e in self.entries)
+
+    @property
+    def ideal_speedup(self) -> float:
+        return self.steps * self.depth / self.block_budget
+
+    @property
+    def full_steps(self) -> int:
+        return sum(e.kind == FULL for e in self.entries)
+
+    def __repr__(self) -> str:
+        s = "".join("F" if k == 0 else str(k) for k in self.branches)
+        return (f"CacheSchedule({self.steps} steps, {self.full_steps} full, {self.unit} {self.block_budget}/"
+                f"{self.steps * self.depth} (ideal {self.ideal_speedup:.2f}x): {s})")
+
+    def validate(self) -> None:
+        _int(self.depth, "depth", 2)
+        if not isinstance(self.entries, list) or not self.entries:
+            raise ScheduleError("entries must be a non-empty list (one entry per sampling step)")
+        if not isinstance(self.unit, str):
+            raise ScheduleError(f"unit must be a string, got {self.unit!r}")
+        for i, e in enumerate(self.entries):
+            if e.kind not in (FULL, CACHED):
+                raise ScheduleError(f"entries[{i}].kind must be 'full' or 'cached', got {e.kind!r}")
+            if e.kind == CACHED:
+                _int(e.branch, f"entries[{i}].branch", 1, self.depth // 2)
+            elif e.branch is not None:
+                raise ScheduleError(f"entries[{i}].branch: a full step takes no branch, got {e.branch!r}")
+        if self.entries[0].kind != FULL:
+            raise ScheduleError("entries[0].kind must be 'full': nothing is cached before the first step")
+
+    def check_step(self, i: int, t: float) -> ScheduleEntry:
+        """The entry of forward call i (timestep t) of a run; a clear error when the
+        run is longer than the schedule or its timesteps are not the schedule's."""
+        if i >= self.steps:
+            raise ScheduleError(f"this cache schedule has steps={self.steps} entries and the sampling run has more "
+                                "forward calls: make the schedule for the sampler's step count (or call "
+                                "cache.reset() between runs)")
+        e = self.entries[i]
+        if e.t is not None and abs(e.t - float(t)) > 1e-3:
+            raise ScheduleError(f"cache schedule entries[{i}].t is {e.t:g} but the sampler's step {i} has timestep "
+                                f"{float(t):g}: the schedule was made for another step count (steps={self.steps}) "
+                                "or sampler")
+        return e
+
+    # ---- files -----------------------------------------------------------------------------
+    def to_dict(self) -> dict:
+        ents = []
+        for e in self.entries:
+            d: dict[str, Any] = {"kind": e.kind}
+            if e.kind == CACHED:
+                d["branch"] = int(e.branch)
+            if e.t is not None:
+                d["t"] = e.t
+            ents.append(d)
+        return {"format": FORMAT, "version": VERSION, "depth": self.depth, "unit": self.unit, "steps": self.steps,
+                "entries": ents, "meta": self.meta}
+
+    @classmethod
+    def from_dict(cls, d: Any, source: str = "cache schedule") -> "CacheSchedule":
+        if not isinstance(d, dict):
+            raise ScheduleError(f"{source}: expected a JSON object, got {type(d).__name__}")
+        if d.get("format") != FORMAT:
+            raise ScheduleError(f"{source}: format must be {FORMAT!r}, got {d.get('format')!r}")
+        if d.get("version") != VERSION:
+            raise ScheduleError(f"{source}: version must be {VERSION} (this skipdit_fast reads version {VERSION}), "
+                                f"got {d.get('version')!r}")
+        for key in ("depth", "entries"):
+            if key not in d:
+                raise ScheduleError(f"{source}: missing field {key!r}")
+        ents = d["entries"]
+        if not isinstance(ents, list):
+            raise ScheduleError(f"{source}: entries must be a list, got {type(ents).__name__}")
+        entries = []
+        for i, e in enumerate(ents):
+            if not isinstance(e, dict) or "kind" not in e:
+                raise ScheduleError(f"{source}: entries[{i}] must be an object with a 'kind', got {e!r}")
+            unknown = set(e) - {"kind", "branch", "t"}
+            if unknown:
+                raise ScheduleError(f"{source}: entries[{i}] has unknown fields {sorted(unknown)}")
+            t = e.get("t")
+            if t is not None and (isinstance(t, bool) or not isinstance(t, (int, float)) or t < 0):
+                raise ScheduleError(f"{source}: entries[{i}].t must be a number >= 0, got {t!r}")
+            entries.append(ScheduleEntry(e["kind"], e.get("branch"), None if t is None else float(t)))
+        if "steps" in d and d["steps"] != len(entries):
+            raise ScheduleError(f"{source}: steps is {d['steps']!r} but entries has {len(entries)}")
+        meta = d.get("meta", {})
+        if not isinstance(meta, dict):
+            raise ScheduleError(f"{source}: meta must be an object, got {type(meta).__name__}")
+        try:
+            return cls(entries, d["depth"], d.get("unit", "blocks"), meta)
+        except ScheduleError as err:
+            raise ScheduleError(f"{source}: {err}") from None
+
+    def save(self, path) -> None:
+        from ..files import write_atomic
+
+        write_atomic(path, json.dumps(self.to_dict(), indent=1) + "\n")
+
+    @classmethod
+    def load(cls, path) -> "CacheSchedule":
+        path = os.fspath(path)
+        try:
+            with open(path, encoding="utf-8") as f:
+                text = f.read()
+        except OSError as err:
+            raise ScheduleError(f"cache schedule {path}: cannot read it ({err.strerror or err})") from None
+        try:
+            d = json.loads(text)
+        except json.JSONDecodeError as err:
+            raise ScheduleError(f"cache schedule {path}: not JSON ({err})") from None
+        return cls.from_dict(d, f"cache schedule {path}")
+
+
+def as_schedule(schedule) -> CacheSchedule:
+    """A CacheSchedule from a CacheSchedule, a path (str / PathLike) or a dict."""
+    if isinstance(schedule, CacheSchedule):
+        schedule.validate()
+        return schedule
+    if isinstance(schedule, dict):
+        return CacheSchedule.from_dict(schedule)
+    if isinstance(schedule, (str, os.PathLike)):
+        return CacheSchedule.load(schedule)
+    raise TypeError(f"schedule must be a CacheSchedule, a path to a schedule file or a dict, "
+                    f"got {type(schedule).__name__}")
+
+
+def run_full_keeping(model, h, state, ks: Sequence[int]):
+    """A full step that keeps the input of block depth-K (before its merge) for every
+    K in ks: the blocks run in order in ranges split at depth-K. Returns (output,
+    {K: tensor})."""
+    depth = model.depth
+    kept, pos = {}, 0
+    for k in sorted(ks, reverse=True):  # ascending depth - K
+        h = model.run_blocks(h, pos, depth - k, state)
+        pos = depth - k
+        kept[k] = h
+    return model.run_blocks(h, pos, depth, state), kept

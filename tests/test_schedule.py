@@ -1,0 +1,245 @@
+"""Cache schedules (skipdit_fast.cache.schedule), SkipCache(schedule=...), calibration
+(skipdit_fast.analysis.calibrate, skipdit-fast calibrate), the first-block residual
+check baseline, and enable_skip_cache(schedule=...)."""
+
+from __future__ import annotations
+
+import copy
+import importlib.util
+import json
+import os
+import sys
+
+import pytest
+import torch
+
+from skipdit_fast import SkipCache, disable_skip_cache, enable_skip_cache
+from skipdit_fast.analysis.calibrate import budget_for, calibrate, choose_schedule, measure_errors
+from skipdit_fast.apps import cli
+from skipdit_fast.cache.baselines import CachedModel, FirstBlockCache
+from skipdit_fast.cache.schedule import CacheSchedule, ScheduleError
+from skipdit_fast.models import DiT, DiTConfig
+from skipdit_fast.sampling.diffusion import Diffusion, sample
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+
+pytestmark = pytest.mark.usefixtures("one_intra_op_thread")
+
+STEPS = 8
+
+
+def tiny(skip=True, depth=6, seed=0):
+    cfg = DiTConfig(depth=depth, hidden_size=32, num_heads=2, patch_size=2, input_size=8, num_classes=10, skip=skip)
+    torch.manual_seed(seed)
+    return DiT(cfg).eval()
+
+
+def test_all_full_schedule_is_the_uncached_run_bitwise():
+    m = tiny()
+    want = sample(m, [1, 2], steps=STEPS, seed=0)
+    for sched in (CacheSchedule.full(STEPS, m.depth),
+                  CacheSchedule.full(STEPS, m.depth, timesteps=list(reversed(Diffusion(STEPS).timesteps)))):
+        r = sample(m, [1, 2], steps=STEPS, seed=0, cache=SkipCache(schedule=sched))
+        assert torch.equal(r.latents, want.latents)
+        assert r.report.full_steps == STEPS and r.report.blocks_run == STEPS * m.depth
+
+
+def test_schedule_budget_equals_the_report_and_the_interval_mode():
+    m = tiny()
+    sched = CacheSchedule.from_branches([0, 1, 3, 0, 2, 2, 0, 1], m.depth)
+    assert sched.block_budget == 6 + 2 + 6 + 6 + 4 + 4 + 6 + 2
+    cache = SkipCache(schedule=sched)
+    r = sample(m, [1, 2], steps=STEPS, seed=0, cache=cache)
+    assert r.report.blocks_run == sched.block_budget and r.report.kinds == ["full" if k == 0 else "cached"
+                                                                             for k in sched.branches]
+    # the same run again (reset by the sampler) gives the same samples
+    assert torch.equal(sample(m, [1, 2], steps=STEPS, seed=0, cache=cache).latents, r.latents)
+    # a cached step with branch K equals the interval mode with that K (no start / stop)
+    fixed = sample(m, [1, 2], steps=STEPS, seed=0, cache=SkipCache(3, 2, start=2000, stop=-1))
+    got = sample(m, [1, 2], steps=STEPS, seed=0,
+                 cache=SkipCache(schedule=CacheSchedule.interval(STEPS, m.depth, 3, 2)))
+    assert torch.equal(got.latents, fixed.latents) and got.report.blocks_run == fixed.report.blocks_run
+    # per-step K matters: not the all-full result
+    assert not torch.equal(r.latents, sample(m, [1, 2], steps=STEPS, seed=0).latents)
+
+
+def test_schedule_file_round_trip_and_path_or_object(tmp_path):
+    m = tiny()
+    ts = list(reversed(Diffusion(STEPS).timesteps))
+    sched = CacheSchedule.from_branches([0, 2, 2, 0, 1, 3, 0, 1], m.depth, ts, meta={"note": "x"})
+    p = tmp_path / "s.json"
+    sched.save(p)
+    back = CacheSchedule.load(p)
+    assert back.to_dict() == sched.to_dict() and back.branches == sched.branches and back.meta == {"note": "x"}
+    assert not list(tmp_path.glob("*.tmp*"))  # written through a temporary name
+    a = sample(m, [3], steps=STEPS, seed=1, cache=SkipCache(schedule=sched))
+    b = sample(m, [3], steps=STEPS, seed=1, cache=SkipCache(schedule=str(p)))
+    assert torch.equal(a.latents, b.latents)
+
+
+def _bad(tmp_path, text):
+    p = tmp_path / "bad.json"
+    p.write_text(text)
+    return p
+
+
+def test_bad_schedule_files_name_the_field(tmp_path):
+    good = CacheSchedule.from_branches([0, 1, 1, 0], 6).to_dict()
+
+    def variant(**kw):
+        if "entries" in kw and "steps" not in kw:
+            kw["steps"] = len(kw["entries"])
+        return json.dumps({**good, **kw})
+
+    cases = [
+        ("{not json", "not JSON"),
+        (variant(version=2), "version"),
+        (variant(format="other"), "format"),
+        (variant(entries=[{"kind": "full"}, {"kind": "cached", "branch": 4}]), r"entries\[1\].branch"),
+        (variant(entries=[{"kind": "full"}, {"kind": "cached", "branch": -1}]), r"entries\[1\].branch"),
+        (variant(entries=[{"kind": "full"}, {"kind": "cached"}]), r"entries\[1\].branch"),
+        (variant(entries=[{"kind": "cached", "branch": 1}]), r"entries\[0\].kind"),
+        (variant(entries=[{"kind": "full"}, {"kind": "sometimes"}]), r"entries\[1\].kind"),
+        (variant(entries=[{"kind": "full", "t": -5}]), r"entries\[0\].t"),
+        (variant(depth=-3), "depth"),
+        (variant(steps=7), "steps"),
+        (variant(entries=[]), "entries"),
+        ("[1, 2]", "JSON object"),
+    ]
+    for text, field in cases:
+        with pytest.raises(ScheduleError, match=field):
+            SkipCache(schedule=_bad(tmp_path, text))
+    with pytest.raises(ScheduleError, match="cannot read"):
+        CacheSchedule.load(tmp_path / "missing.json")
+    with pytest.raises(TypeError, match="schedule must be"):
+        SkipCache(schedule=3)
+    with pytest.raises(ValueError, match="threshold"):
+        SkipCache(schedule=CacheSchedule.full(4, 6), threshold=0.1)
+
+
+def test_schedule_refuses_another_step_count_or_model():
+    m = tiny()
+    ts = list(reversed(Diffusion(STEPS).timesteps))
+    sched = CacheSchedule.from_branches([0, 1] * (STEPS // 2), m.depth, ts)
+    with pytest.raises(ScheduleError, match=r"entries\[1\].t"):
+        sample(m, [1], steps=STEPS * 2, seed=0, cache=SkipCache(schedule=sched))
+    short = CacheSchedule.from_branches([0, 1, 1], m.depth)  # no timesteps: the length still counts
+    with pytest.raises(ScheduleError, match="steps=3"):
+        sample(m, [1], steps=STEPS, seed=0, cache=SkipCache(schedule=short))
+    with pytest.raises(ValueError, match="depth"):
+        sample(tiny(depth=4), [1], steps=STEPS, seed=0, cache=SkipCache(schedule=sched))
+
+
+def test_measure_errors_follows_the_uncached_run_and_calibrate_meets_the_budget():
+    m = tiny()
+    table = measure_errors(m, [1, 2], steps=STEPS, seed=0, max_gap=7)
+    assert table.branches == [1, 2] and table.err.shape == (STEPS, 8, 2)
+    assert torch.isinf(torch.from_numpy(table.err[0])).all()  # step 0 cannot be cached
+    assert (table.err[1:, 1] >= 0).all() and (table.amplification > 0).all()
+    for speedup in (1.0, 1.5, 2.0, 2.4):
+        sched = choose_schedule(table, speedup=speedup)
+        assert sched.block_budget <= budget_for(speedup, STEPS, m.depth) and sched.entries[0].kind == "full"
+        r = sample(m, [1, 2], steps=STEPS, seed=3, cache=SkipCache(schedule=sched))
+        assert r.report.blocks_run == sched.block_budget
+        assert sched.meta["predicted_error"] == pytest.approx(table.predicted_error(sched))
+    assert choose_schedule(table, speedup=1.0).branches == [0] * STEPS  # no budget pressure: all full
+    # the DP's choice is no worse than fixed intervals under the same budget
+    for n, k in ((2, 1), (3, 2), (4, 1)):
+        fixed = CacheSchedule.interval(STEPS, m.depth, n, k)
+        best = choose_schedule(table, budget=fixed.block_budget)
+        assert table.predicted_error(best) <= table.predicted_error(fixed) + 1e-12
+    with pytest.raises(ValueError, match="no schedule"):
+        choose_schedule(table, budget=m.depth + 1)
+    with pytest.raises(ValueError, match="exactly one"):
+        choose_schedule(table)
+    with pytest.raises(ValueError, match="branches"):
+        measure_errors(m, [1], steps=STEPS, branches=[4])
+    s = calibrate(m, speedup=1.6, steps=STEPS, labels=[0], max_gap=3)
+    assert s.block_budget <= budget_for(1.6, STEPS, m.depth)
+
+
+def test_calibrate_command_writes_a_schedule_that_sample_uses(tmp_path, capsys):
+    out = tmp_path / "sched.json"
+    assert cli.main(["calibrate", "--speedup", "2", "--steps", "6", "--max-gap", "3", "--classes", "1",
+                     "--out", str(out)]) == 0
+    sched = CacheSchedule.load(out)
+    assert sched.steps == 6 and sched.block_budget <= budget_for(2, 6, sched.depth)
+    assert cli.main(["calibrate", "--speedup", "0.5", "--out", str(out)]) == 2
+    grid = tmp_path / "g.png"
+    assert cli.main(["sample", "--model", "DiT-S/2-skip", "--steps", "6", "--cfg", "1", "--classes", "1",
+                     "--cache-schedule", str(out), "--out", str(grid), "--no-progress"]) == 0
+    assert f"blocks {sched.block_budget}/" in capsys.readouterr().out
+    assert cli.main(["sample", "--model", "DiT-S/2-skip", "--steps", "7", "--cfg", "1", "--classes", "1",
+                     "--cache-schedule", str(out), "--out", str(grid), "--no-progress"]) == 2
+    assert "entries[1].t" in capsys.readouterr().err
+
+
+def test_first_block_check_runs_and_counts():
+    for skip in (False, True):
+        m = CachedModel(tiny(skip=skip))
+        want = sample(m, [1, 2], steps=STEPS, seed=0)
+        never = sample(m, [1, 2], steps=STEPS, seed=0, cache=FirstBlockCache(threshold=0.0))
+        assert torch.equal(never.latents, want.latents)
+        r = never.report
+        assert r.full_steps == STEPS and r.checks == STEPS - 1 and r.blocks_run == STEPS * 6
+        always = sample(m, [1, 2], steps=STEPS, seed=0, cache=FirstBlockCache(threshold=1e9, max_cached=2)).report
+        assert always.kinds == ["full", "cached", "cached"] * 2 + ["full", "cached"]
+        assert always.blocks_run == 3 * 6 + 5 * 1 and always.blocks_total == STEPS * 6
+    with pytest.raises(ValueError, match="threshold"):
+        FirstBlockCache(-1)
+
+
+def test_enable_skip_cache_with_a_schedule(tmp_path):
+    a = tiny()
+    b = copy.deepcopy(a)
+    sched = CacheSchedule.from_branches([0, 2, 1, 0, 2, 1, 1], a.depth)
+    sched.save(tmp_path / "s.json")
+    want = sample(a, [1, 3], steps=7, seed=0, cache=SkipCache(schedule=sched))
+    cache = enable_skip_cache(b, schedule=tmp_path / "s.json")
+    got = sample(b, [1, 3], steps=7, seed=0)
+    assert torch.equal(got.latents, want.latents) and cache.report().blocks_run == sched.block_budget
+    again = sample(b, [1, 3], steps=7, seed=0)  # a new run: reset by the timestep
+    assert torch.equal(again.latents, want.latents)
+    assert disable_skip_cache(b) is cache
+    with pytest.raises(ValueError, match="not both"):
+        enable_skip_cache(b, schedule=sched, cache=SkipCache())
+
+
+@pytest.mark.skipif(importlib.util.find_spec("diffusers") is None, reason="diffusers is not installed")
+def test_enable_skip_cache_schedule_on_hunyuan():
+    import diffusers_models as M
+
+    model = M.hunyuan(num_layers=10)
+    inputs = M.hunyuan_inputs()
+    x, _, kw = inputs
+    times = (900.0, 800.0, 700.0, 600.0, 500.0)
+    sched = CacheSchedule.from_branches([0, 2, 1, 0, 2], 10)
+    with torch.no_grad():
+        cache = enable_skip_cache(model, schedule=sched)
+        outs = [model(x, torch.full((x.shape[0],), t), **kw)[0] for t in times]
+        r = cache.report()
+        assert r.kinds == ["full", "cached", "cached", "full", "cached"] and r.blocks_run == sched.block_budget
+        disable_skip_cache(model)
+        native = model(x, torch.full((x.shape[0],), times[0]), **kw)[0]
+    assert torch.equal(outs[0], native) and not torch.equal(outs[1], outs[0])
+
+
+def test_hybrid_mode_runs_and_counts():
+    m = tiny()
+    want = sample(m, [1, 2], steps=STEPS, seed=0)
+    # all steps full: the kept-output path computes the same blocks
+    allfull = sample(m, [1, 2], steps=STEPS, seed=0, cache=SkipCache(1, 2, reuse_outer=True))
+    torch.testing.assert_close(allfull.latents, want.latents, rtol=1e-5, atol=1e-5)
+    cache = SkipCache(3, 2, start=2000, stop=-1, reuse_outer=True)
+    r = sample(m, [1, 2], steps=STEPS, seed=0, cache=cache).report
+    assert r.kinds == ["full", "cached", "cached"] * 2 + ["full", "cached"]
+    assert r.blocks_run == 3 * m.depth and r.blocks_total == STEPS * m.depth  # cached steps: no attention / MLP
+    plain = sample(m, [1, 2], steps=STEPS, seed=0, cache=SkipCache(3, 2, start=2000, stop=-1))
+    hybrid = sample(m, [1, 2], steps=STEPS, seed=0, cache=cache)
+    assert not torch.equal(hybrid.latents, plain.latents)
+    assert (hybrid.latents - want.latents).abs().mean() < 0.2 * want.latents.abs().mean()  # near the uncached one
+    sched = CacheSchedule.from_branches([0, 1, 3, 0, 2, 2, 0, 1], m.depth)  # with a schedule too
+    rs = sample(m, [1, 2], steps=STEPS, seed=0, cache=SkipCache(schedule=sched, reuse_outer=True)).report
+    assert rs.blocks_run == rs.full_steps * m.depth and rs.cached_steps == 5
+    with pytest.raises(ValueError, match="reuse_outer"):
+        SkipCache(2, 2, threshold=0.1, reuse_outer=True)
