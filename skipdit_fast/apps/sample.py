@@ -256,6 +256,9 @@ def main(args: argparse.Namespace) -> int:
             raise UsageError(f"--cache-schedule: Skip-Cache needs a '-skip' model, {args.model} has no long skips")
         try:
             cache = SkipCache.for_model(model, schedule=args.cache_schedule)
+            from ..sampling.diffusion import Diffusion
+
+            cache.schedule.check_timesteps(list(reversed(Diffusion(steps=args.steps).timesteps)))
         except ValueError as e:
             raise UsageError(f"--cache-schedule {args.cache_schedule}: {e}") from e
     elif args.cache_interval > 0:

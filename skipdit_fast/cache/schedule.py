@@ -144,6 +144,15 @@ class CacheSchedule:
         if self.entries[0].kind != FULL:
             raise ScheduleError("entries[0].kind must be 'full': nothing is cached before the first step")
 
+    def check_timesteps(self, timesteps: Sequence[float]) -> None:
+        """Before a run: ScheduleError unless the run's timesteps (in call order) are
+        the ones this schedule was made for (same count; same t where it records t)."""
+        if len(timesteps) != self.steps:
+            raise ScheduleError(f"this cache schedule has steps={self.steps} entries and the sampling run has "
+                                f"{len(timesteps)} steps: make the schedule for the sampler's step count")
+        for i, t in enumerate(timesteps):
+            self.check_step(i, t)
+
     def check_step(self, i: int, t: float) -> ScheduleEntry:
         """The entry of forward call i (timestep t) of a run; a clear error when the
         run is longer than the schedule or its timesteps are not the schedule's."""
