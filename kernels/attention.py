@@ -4,7 +4,8 @@
 
 q [B, Nq, H, Dh], k/v [B, Nk, H, Dh] are read in place through their strides (views
 of a fused qkv projection output included); o is written contiguous BSHD, lse as
-[B, H, Nq] fp32. Contract: DESIGN.md section 2; shapes/dtypes: skipdit_fast/_fake.py.
+[B, H, Nq] fp32. Shapes/dtypes: skipdit_fast/ops/fakes.py. The head-dim chunking and
+tile helpers are in _attention_tiles.py, the launch configurations in _attention_configs.py.
 
 Head dims without power-of-two padding. Triton tiles must be powers of two and
 tl.dot needs a contraction (K) dim >= 16 for 16-bit operands, but accepts any output
@@ -42,18 +43,17 @@ strides are runtime ints (never constexpr); sequence lengths are not specialized
 
 from __future__ import annotations
 
-import functools
-import os
-from dataclasses import dataclass
-
 import torch
 import triton
 import triton.language as tl
-from triton.runtime.errors import OutOfResources
 
 from skipdit_fast.ops.checks import acc_dtype, check_attention, check_attention_backward, new_output
 
 from . import limits
+from ._attention_configs import (Cfg, _arch, _sm_count, fwd_configs, fwd_short_configs, bwd_configs,
+                                bwd_short_configs, _choose, _n_bucket)
+from ._attention_tiles import (contraction_chunks, output_chunks, backward_chunks, _strides, _ld,
+                              _tile_of, _ld_chunks, _zeros_chunks, _st_chunks, _ld3, _st3)
 
 LOG2E = tl.constexpr(1.4426950408889634)
 LN2 = tl.constexpr(0.6931471805599453)
@@ -63,155 +63,6 @@ SHORT_MAX_N = 64  # both Nq and Nk at most this -> the short-sequence kernels
 # count or layout (Triton would otherwise specialize each on == 1 and on % 16, one
 # compile per pattern). Row alignment reaches the compiler through SU instead.
 _RUNTIME_INTS = ["Nq", "Nk", "H", "BH"] + [f"stride_{t}{d}" for t in "qkvod" for d in "bnh"]
-
-
-# ---------------------------------------------------------------------------
-# head-dim chunking
-
-def _pow2_chunks(width: int, minimum: int) -> tuple[int, int, int]:
-    """At most three powers of two, each >= minimum, largest first: the smallest
-    total >= width that such a split reaches, and among those the fewest chunks."""
-    best = None
-    t = -(-width // minimum) * minimum
-    while best is None or t <= best[0]:
-        bits = [1 << i for i in range(t.bit_length() - 1, -1, -1) if (t >> i) & 1]
-        if len(bits) <= 3 and (best is None or len(bits) < len(best[1])):
-            best = (t, bits)
-        t += minimum
-    return tuple(best[1] + [0] * (3 - len(best[1])))
-
-
-@functools.lru_cache(maxsize=None)
-def contraction_chunks(dh: int) -> tuple[int, int, int]:
-    """Chunks of the head dim where it is the tl.dot contraction dim (>= 16 each)."""
-    return _pow2_chunks(dh, 16)
-
-
-@functools.lru_cache(maxsize=None)
-def output_chunks(dh: int) -> tuple[int, int, int]:
-    """Chunks of the head dim where it is a tl.dot output width (>= 8 each)."""
-    return _pow2_chunks(dh, 8)
-
-
-@functools.lru_cache(maxsize=None)
-def backward_chunks(dh: int) -> tuple[int, int, int]:
-    """Chunks of the head dim in the backward kernels: the contraction chunks up to
-    128; above, one 256-wide chunk (several chunks there keep 4-6 fp32 accumulators
-    and their operands live at once and spill; Dh > 128 is not a fast path)."""
-    return contraction_chunks(dh) if dh <= 128 else (256, 0, 0)
-
-
-# ---------------------------------------------------------------------------
-# tile helpers
-
-@triton.jit
-def _strides(sb, sn, sh, SU: tl.constexpr):
-    """A [B, N, H, Dh] view's batch / token / head strides as int64 element counts (the
-    launcher passes them divided by SU, the row alignment the compiler may assume)."""
-    return sb.to(tl.int64) * SU, sn.to(tl.int64) * SU, sh.to(tl.int64) * SU
-
-
-@triton.jit
-def _ld(base, rows, stride, rmask, DOFF: tl.constexpr, DC: tl.constexpr, HEAD_DIM: tl.constexpr,
-        MASK_ROWS: tl.constexpr):
-    """[len(rows), DC] tile of columns DOFF.. of a row-major matrix at base (row
-    stride `stride`); columns >= HEAD_DIM, and rows where rmask is false when
-    MASK_ROWS, read as 0."""
-    cols = DOFF + tl.arange(0, DC)
-    ptrs = base + rows.to(tl.int64)[:, None] * stride + cols[None, :]
-    if DOFF + DC > HEAD_DIM:
-        if MASK_ROWS:
-            x = tl.load(ptrs, mask=rmask[:, None] & (cols < HEAD_DIM)[None, :], other=0.0)
-        else:
-            x = tl.load(ptrs, mask=(cols < HEAD_DIM)[None, :], other=0.0)
-    else:
-        if MASK_ROWS:
-            x = tl.load(ptrs, mask=rmask[:, None], other=0.0)
-        else:
-            x = tl.load(ptrs)
-    return x
-
-
-@triton.jit
-def _st(base, rows, stride, rmask, x, DOFF: tl.constexpr, DC: tl.constexpr, HEAD_DIM: tl.constexpr):
-    cols = DOFF + tl.arange(0, DC)
-    ptrs = base + rows.to(tl.int64)[:, None] * stride + cols[None, :]
-    if DOFF + DC > HEAD_DIM:
-        tl.store(ptrs, x, mask=rmask[:, None] & (cols < HEAD_DIM)[None, :])
-    else:
-        tl.store(ptrs, x, mask=rmask[:, None])
-
-
-@triton.jit
-def _tile_of(pid, N, H, BLOCK: tl.constexpr):
-    """(bh, start, b, h): the (batch * head) pair and the first row of program pid in a
-    grid of (B * H) x cdiv(N, BLOCK) row tiles."""
-    n_blocks = tl.cdiv(N, BLOCK)
-    bh = pid // n_blocks
-    start = (pid - bh * n_blocks) * BLOCK
-    return bh, start, (bh // H).to(tl.int64), (bh % H).to(tl.int64)
-
-
-@triton.jit
-def _ld_chunks(base, rows, stride, rmask, D0: tl.constexpr, D1: tl.constexpr, D2: tl.constexpr,
-               HEAD_DIM: tl.constexpr):
-    """The head dim in its (up to three) power-of-two column chunks: (x0, x1, x2), each
-    [len(rows), Di]; an empty chunk repeats x0 (never used, not loaded)."""
-    x0 = _ld(base, rows, stride, rmask, 0, D0, HEAD_DIM, True)
-    x1 = x0
-    x2 = x0
-    if D1 > 0:
-        x1 = _ld(base, rows, stride, rmask, D0, D1, HEAD_DIM, True)
-    if D2 > 0:
-        x2 = _ld(base, rows, stride, rmask, D0 + D1, D2, HEAD_DIM, True)
-    return x0, x1, x2
-
-
-@triton.jit
-def _zeros_chunks(ROWS: tl.constexpr, D0: tl.constexpr, D1: tl.constexpr, D2: tl.constexpr):
-    """fp32 accumulators shaped like _ld_chunks' tiles."""
-    z0 = tl.zeros([ROWS, D0], tl.float32)
-    z1 = z0
-    z2 = z0
-    if D1 > 0:
-        z1 = tl.zeros([ROWS, D1], tl.float32)
-    if D2 > 0:
-        z2 = tl.zeros([ROWS, D2], tl.float32)
-    return z0, z1, z2
-
-
-@triton.jit
-def _st_chunks(base, rows, stride, rmask, x0, x1, x2, D0: tl.constexpr, D1: tl.constexpr, D2: tl.constexpr,
-               HEAD_DIM: tl.constexpr):
-    _st(base, rows, stride, rmask, x0, 0, D0, HEAD_DIM)
-    if D1 > 0:
-        _st(base, rows, stride, rmask, x1, D0, D1, HEAD_DIM)
-    if D2 > 0:
-        _st(base, rows, stride, rmask, x2, D0 + D1, D2, HEAD_DIM)
-
-
-@triton.jit
-def _ld3(base, pair_off, pmask, rows, stride, n_rows, DOFF: tl.constexpr, DC: tl.constexpr,
-         HEAD_DIM: tl.constexpr):
-    """[G, len(rows), DC] tile: per pair g the rows of a row-major matrix at
-    base + pair_off[g]; rows >= n_rows, masked pairs and columns >= HEAD_DIM read 0."""
-    cols = DOFF + tl.arange(0, DC)
-    ptrs = base + pair_off[:, None, None] + (rows.to(tl.int64) * stride)[None, :, None] + cols[None, None, :]
-    mask = pmask[:, None, None] & (rows < n_rows)[None, :, None]
-    if DOFF + DC > HEAD_DIM:
-        mask = mask & (cols < HEAD_DIM)[None, None, :]
-    return tl.load(ptrs, mask=mask, other=0.0)
-
-
-@triton.jit
-def _st3(base, pair_off, pmask, rows, stride, n_rows, x, DOFF: tl.constexpr, DC: tl.constexpr,
-         HEAD_DIM: tl.constexpr):
-    cols = DOFF + tl.arange(0, DC)
-    ptrs = base + pair_off[:, None, None] + (rows.to(tl.int64) * stride)[None, :, None] + cols[None, None, :]
-    mask = pmask[:, None, None] & (rows < n_rows)[None, :, None]
-    if DOFF + DC > HEAD_DIM:
-        mask = mask & (cols < HEAD_DIM)[None, None, :]
-    tl.store(ptrs, x, mask=mask)
 
 
 # ---------------------------------------------------------------------------
@@ -628,158 +479,6 @@ def _attention_bwd_short_kernel(Q, K, V, O, DO, LSE, DQ, DK, DV, qk_scale, sm_sc
         _st3(DV, kout, pmask, rn, sn, Nk, tl.dot(pt, do2, input_precision=DOT_PREC).to(dtype),
              D0 + D1, D2, HEAD_DIM)
 
-
-# ---------------------------------------------------------------------------
-# launch configurations
-
-@dataclass(frozen=True)
-class Cfg:
-    """Tile shape and launch parameters of one kernel. For the blocked kernels
-    block_m/block_n are the query/key tile rows; for the short kernels block_m is
-    unused there and `pairs` is G, the (batch, head) pairs per program."""
-
-    block_m: int
-    block_n: int
-    num_warps: int
-    num_stages: int
-    pairs: int = 1
-
-
-@functools.lru_cache(maxsize=None)
-def _arch(device: torch.device) -> int:
-    """Compute capability as 80, 90, ...; 0 for the interpreter (CPU tensors)."""
-    if device.type != "cuda":
-        return 0
-    major, minor = torch.cuda.get_device_capability(device.index)
-    return 10 * major + minor
-
-
-@functools.lru_cache(maxsize=None)
-def _sm_count(device: torch.device) -> int:
-    return torch.cuda.get_device_properties(device.index).multi_processor_count
-
-
-@functools.lru_cache(maxsize=None)
-def fwd_configs(arch: int, dtype: torch.dtype, kdim: int) -> tuple[Cfg, ...]:
-    """Forward tile candidates, best guess first, for head dims whose contraction
-    chunks sum to kdim (72 -> 80, 88 -> 96). The first is used unless autotuning;
-    the launcher moves a 64-row candidate first when 128-row tiles would leave SMs
-    idle (B * H * Nq / 128 < #SMs, e.g. DiT-XL/2 at batch 1 + CFG: 2 x 16 x 2 tiles).
-
-    Hopper (sm_90): 8 warps = two warpgroups, each a 64-row wgmma slice of a
-    128-row query tile (Triton's own H100 tuning keeps 8-warp tiles at 128 x 128).
-    BLOCK_N = 128 for kdim <= 96 halves the per-block overhead of the online softmax
-    (row max/sum shuffles, the acc rescale: 72 FMAs a row per block): S is 128 x 128
-    fp32 = 64 registers a thread, 234 in all at Dh 72 (ptxas, 0 spills), and K + V
-    stages of 128 x (80 + 72) x 2 B = 38 KB, x 3 stages + Q 20 KB = 134 KB of smem:
-    one program an SM, 512 programs for each benchmark shape (Dh 72, N = 256 / 1024 /
-    4096 at B x H = 256 / 64 / 16), 3.9 waves on 132 SMs. kdim 128 takes
-    BLOCK_N = 64 (smem 3 x 32 KB + 32 KB). Ampere (sm_80): mma.sync reads both
-    operands from registers, 8 warps share the 128 x 64 tile (255 registers at
-    Dh 72-128, 0 spills)."""
-    if arch == 0:  # interpreter: few large programs run fastest
-        return (Cfg(64, 64, 4, 1),)
-    if dtype == torch.float32:
-        # IEEE fp32 dots run on FMA units and spill at any tile size; correct, slow,
-        # and refused by the backend registry (backends.LIMITS) for CUDA tensors
-        return (Cfg(64, 32, 4, 2),) if kdim <= 128 else (Cfg(32, 32, 4, 2),)
-    if arch >= 90:
-        if kdim <= 64:
-            return (Cfg(128, 128, 8, 3), Cfg(128, 64, 4, 3), Cfg(64, 128, 4, 3))
-        if kdim <= 96:
-            return (Cfg(128, 128, 8, 3), Cfg(128, 64, 8, 3), Cfg(64, 64, 4, 3), Cfg(128, 64, 4, 3))
-        if kdim <= 128:
-            return (Cfg(128, 64, 8, 3), Cfg(128, 128, 8, 2), Cfg(64, 64, 4, 3))
-        return (Cfg(128, 32, 8, 2), Cfg(64, 32, 4, 2))
-    if kdim <= 64:
-        return (Cfg(128, 64, 8, 3), Cfg(64, 64, 4, 3), Cfg(128, 64, 4, 3))
-    if kdim <= 96:
-        return (Cfg(128, 64, 8, 3), Cfg(64, 32, 4, 3), Cfg(128, 32, 8, 3))
-    if kdim <= 128:
-        return (Cfg(128, 64, 8, 3), Cfg(128, 32, 8, 3))
-    return (Cfg(32, 32, 8, 2), Cfg(16, 32, 4, 1))
-
-
-@functools.lru_cache(maxsize=None)
-def fwd_short_configs(arch: int, dtype: torch.dtype, kdim: int, bm: int) -> tuple[Cfg, ...]:
-    """Short-sequence forward: G pairs of bm rows per program. The temporal shape
-    (N = 16, Dh = 72, B x H = 16384) is memory bound: q, k, v, o = 4 x 16 x 72 x 2 B
-    = 9 KB a pair, 151 MB in all, ~50 us at 3 TB/s, against 1.2 GFLOP. G = 8 pairs
-    (128 rows) per 8-warp program is one pair per warp in each mma.sync; the program
-    issues all its q/k/v loads (55 KB) before any math, needs 64-80 registers a
-    thread (ptxas, Dh 64-96) and 40 KB of smem, so 3-4 programs share an SM and
-    ~200 KB of loads are in flight per SM. 2048 programs for the temporal shape."""
-    if arch == 0:
-        return (Cfg(bm, bm, 4, 1, pairs=max(1, 256 // bm)),)
-    rows = 128 if kdim <= 128 else 32
-    if dtype == torch.float32:
-        rows //= 2
-    g = max(1, rows // bm)
-    return (Cfg(bm, bm, 8 if g * bm >= 128 else 4, 1, pairs=g),
-            Cfg(bm, bm, 4, 1, pairs=max(1, g // 2)),
-            Cfg(bm, bm, 8, 1, pairs=2 * g))
-
-
-@functools.lru_cache(maxsize=None)
-def bwd_configs(arch: int, dtype: torch.dtype, kdim: int) -> tuple[Cfg, ...]:
-    """Backward tiles, shared by the dK/dV kernel (block_n keys resident, loop over
-    block_m queries) and the dQ kernel (block_m queries resident, loop over block_n
-    keys). Each keeps two (dK, dV) or one (dQ) fp32 accumulator of kdim columns plus
-    two score tiles live, hence smaller tiles than the forward."""
-    if arch == 0:
-        return (Cfg(64, 64, 4, 1),)
-    if dtype == torch.float32:
-        return (Cfg(32, 32, 4, 1),) if kdim > 128 else (Cfg(64, 32, 4, 2),)
-    if kdim <= 128 and arch >= 90:
-        # wgmma wants the resident tile at 128 rows (two warpgroups); the streamed one small
-        return (Cfg(32, 128, 8, 2), Cfg(32, 64, 4, 2), Cfg(64, 64, 8, 2))
-    if kdim <= 128:
-        # mma.sync keeps both operands in registers: 64 resident rows, 32 streamed, over
-        # 8 warps (ptxas: 160-244 registers; 64 x 64 spills at Dh 88)
-        return (Cfg(32, 64, 8, 2), Cfg(32, 64, 4, 2))
-    return (Cfg(32, 32, 8, 1), Cfg(32, 32, 4, 1))
-
-
-@functools.lru_cache(maxsize=None)
-def bwd_short_configs(arch: int, dtype: torch.dtype, kdim: int, bm: int) -> tuple[Cfg, ...]:
-    """Short-sequence backward: q, k, v, dO (+ O for delta) and three fp32 gradient
-    tiles of G pairs live at once, so half the forward's rows per program."""
-    if arch == 0:
-        return (Cfg(bm, bm, 4, 1, pairs=max(1, 256 // bm)),)
-    rows = 64 if kdim <= 128 else 16
-    if dtype == torch.float32:
-        rows //= 2
-    g = max(1, rows // bm)
-    return (Cfg(bm, bm, 4, 1, pairs=g), Cfg(bm, bm, 8, 1, pairs=2 * g))
-
-
-# Set SKIPDIT_FAST_AUTOTUNE=1 to time every candidate of a (kernel, arch, dtype,
-# head dim, N bucket) once on first use and keep the fastest; by default the first
-# candidate of each list runs (no timing runs during tests or the first call).
-_AUTOTUNE = os.environ.get("SKIPDIT_FAST_AUTOTUNE", "0") == "1"
-_TUNED: dict[tuple, Cfg] = {}
-
-
-def _choose(key: tuple, candidates: tuple[Cfg, ...], launch) -> Cfg:
-    """The first candidate, or with autotuning the fastest (timed by do_bench on
-    the real arguments; every kernel here is a pure function of its inputs, so
-    repeated launches are harmless)."""
-    if not _AUTOTUNE or len(candidates) == 1:
-        return candidates[0]
-    cfg = _TUNED.get(key)
-    if cfg is None:
-        times = []
-        for c in candidates:
-            try:
-                times.append((triton.testing.do_bench(lambda: launch(c), warmup=5, rep=20), c))
-            except OutOfResources:  # shared memory or registers: not a candidate here
-                continue
-        cfg = _TUNED[key] = min(times, key=lambda x: x[0])[1] if times else candidates[0]
-    return cfg
-
-
-def _n_bucket(n: int) -> int:
-    return min(triton.next_power_of_2(n), 8192)
 
 
 # ---------------------------------------------------------------------------

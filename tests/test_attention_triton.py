@@ -429,11 +429,12 @@ def test_autotune_choice(monkeypatch):
         fn()
         return {64: 2.0}.get(launched[-1].block_m, 1.0)
 
-    monkeypatch.setattr(attn, "_AUTOTUNE", True)
-    monkeypatch.setattr(attn, "_TUNED", {})
+    cfgs = pytest.importorskip("skipdit_fast.kernels._attention_configs")
+    monkeypatch.setattr(cfgs, "_AUTOTUNE", True)
+    monkeypatch.setattr(cfgs, "_TUNED", {})
     monkeypatch.setattr(triton.testing, "do_bench", fake_bench)
     assert attn._choose(("k",), cands, launch) == cands[1]
     n = len(launched)
     assert attn._choose(("k",), cands, launch) == cands[1] and len(launched) == n  # cached
-    monkeypatch.setattr(attn, "_AUTOTUNE", False)
+    monkeypatch.setattr(cfgs, "_AUTOTUNE", False)
     assert attn._choose(("other",), cands, launch) == cands[0]
