@@ -29,7 +29,7 @@ import torch
 import torch.nn as nn
 
 from .engine import CACHED, FULL, SkipCacheReport
-from ..models.layers import layer_norm, modulate
+from .reuse import reuse_block
 
 
 class ForaCache:
@@ -67,15 +67,7 @@ class ForaCache:
         return {"attn": list(self._attn), "mlp": list(self._mlp)}
 
     def _block(self, full: bool, i: int, block, h, c, seq_len):
-        """One DiT block with its attention / MLP output computed and kept (full) or
-        reused (cached); the modulation, gates and residuals always run."""
-        shift1, scale1, gate1, shift2, scale2, gate2 = block.modulation(c)
-        if full:
-            self._attn[i] = block.attn(modulate(layer_norm(h), shift1, scale1), seq_len)
-        h = h + gate1 * self._attn[i]
-        if full:
-            self._mlp[i] = block.mlp(modulate(layer_norm(h), shift2, scale2))
-        return h + gate2 * self._mlp[i]
+        return reuse_block(self._attn, self._mlp, full, i, block, h, c, seq_len)
 
     def run(self, model, h: torch.Tensor, state, t) -> torch.Tensor:
         n = len(model.blocks)

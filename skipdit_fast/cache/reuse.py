@@ -19,6 +19,20 @@ import torch
 from ..models.layers import layer_norm, modulate
 
 
+def reuse_block(attn, mlp, full: bool, i: int, block, h, c, seq_len):
+    """One DiT block with its attention / MLP outputs computed and kept in attn[i] /
+    mlp[i] (full) or reused from there (cached); the adaLN modulation, gates and
+    residuals always run. The FORA baseline (cache/baselines.py) and the hybrid mode
+    share it."""
+    shift1, scale1, gate1, shift2, scale2, gate2 = block.modulation(c)
+    if full:
+        attn[i] = block.attn(modulate(layer_norm(h), shift1, scale1), seq_len)
+    h = h + gate1 * attn[i]
+    if full:
+        mlp[i] = block.mlp(modulate(layer_norm(h), shift2, scale2))
+    return h + gate2 * mlp[i]
+
+
 class OuterReuse:
     """The per-run store of the hybrid mode: block index -> (attention, MLP) output
     of the last full step."""
@@ -32,13 +46,7 @@ class OuterReuse:
         self.mlp.clear()
 
     def _block(self, full: bool, i, block, h, c, seq_len):
-        shift1, scale1, gate1, shift2, scale2, gate2 = block.modulation(c)
-        if full:
-            self.attn[i] = block.attn(modulate(layer_norm(h), shift1, scale1), seq_len)
-        h = h + gate1 * self.attn[i]
-        if full:
-            self.mlp[i] = block.mlp(modulate(layer_norm(h), shift2, scale2))
-        return h + gate2 * self.mlp[i]
+        return reuse_block(self.attn, self.mlp, full, i, block, h, c, seq_len)
 
     def attach(self, state, full: bool) -> None:
         """Routes the step's blocks through the store (keep on a full step, reuse on
