@@ -56,7 +56,7 @@ if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
 from skipdit_fast import SkipCache  # noqa: E402
-from skipdit_fast.files import atomic_path, write_atomic  # noqa: E402
+from skipdit_fast.files import atomic_path, save_figure, write_atomic  # noqa: E402
 from skipdit_fast.cache.baselines import CachedModel, ForaCache  # noqa: E402
 from skipdit_fast.sampling.diffusion import sample  # noqa: E402
 from skipdit_fast.data.digits import digits, split, to_unit  # noqa: E402
@@ -64,6 +64,15 @@ from skipdit_fast.data.moving_digits import clip_split, moving_digits  # noqa: E
 from skipdit_fast.evaluation.digits import DigitClassifier, as_images, frame_classifier_path, scores  # noqa: E402
 from skipdit_fast.evaluation.metrics import frechet_distance, psnr, ssim  # noqa: E402
 from skipdit_fast.apps.train import machine_info  # noqa: E402
+
+
+def write_csv(path: Path, rows: list[dict]) -> None:
+    """rows (dicts with the first row's keys) as a CSV file, written atomically."""
+    with atomic_path(path, suffix=".csv") as tmp:
+        with open(tmp, "w", newline="") as f:
+            w = csv.DictWriter(f, fieldnames=list(rows[0]))
+            w.writeheader()
+            w.writerows(rows)
 from skipdit_fast.pretrained import PAIRS, WEIGHTS_DIR, load_pretrained  # noqa: E402
 
 METHODS = {
@@ -266,7 +275,7 @@ def plots(res: dict, train: dict, out: Path, methods=METHODS, pair=PAIRS["image"
                  f"{res['settings']['samples']} samples; labels N/K")
     fig.tight_layout()
     p = out / "psnr_vs_speedup.png"
-    fig.savefig(p, dpi=110)
+    save_figure(fig, p)
     plt.close(fig)
     written.append(p.name)
 
@@ -288,7 +297,7 @@ def plots(res: dict, train: dict, out: Path, methods=METHODS, pair=PAIRS["image"
         ax.legend()
     fig.tight_layout()
     p = out / "training_curves.png"
-    fig.savefig(p, dpi=110)
+    save_figure(fig, p)
     plt.close(fig)
     written.append(p.name)
     return written
@@ -564,7 +573,7 @@ def pareto_plot(points, res, out: Path) -> str:
                  f"{len(st['seeds'])} seeds (mean +- std over seeds)")
     fig.tight_layout()
     p = out / "pareto.png"
-    fig.savefig(p, dpi=110)
+    save_figure(fig, p)
     plt.close(fig)
     return p.name
 
@@ -632,11 +641,7 @@ def main_pareto(args) -> int:
                          "psnr": v["psnr"], "psnr_std": v["psnr_std"], "speedup_cpu": v["speedup_cpu"]})
                          for m, v in r.items() if m != "speedup"}} for r in t_cpu]
     write_atomic(out / "pareto.json", json.dumps(res, indent=1, default=str) + "\n")
-    with atomic_path(out / "pareto.csv", suffix=".csv") as tmp:
-        with open(tmp, "w", newline="") as f:
-            w = csv.DictWriter(f, fieldnames=list(res["runs"][0]))
-            w.writeheader()
-            w.writerows(res["runs"])
+    write_csv(out / "pareto.csv", res["runs"])
     pareto_plot(points, res, out)
     write_atomic(out / "PARETO.md", pareto_readme(res, points, t_cpu, t_blocks))
     print(f"wrote {out}/PARETO.md, pareto.json, pareto.csv, pareto.png")
@@ -687,14 +692,11 @@ def main(argv=None) -> int:
     cmp_ideal = compare_at_equal_speedup(res["runs"], "ideal_speedup", methods=study["methods"])
     res["equal_speedup_cpu"], res["equal_speedup_ideal"] = cmp_cpu, cmp_ideal
     res["training"] = {k: v for k, v in train.items() if k != "logs"}
-    (out / "fidelity.json").write_text(json.dumps(res, indent=1, default=str) + "\n")
-    with open(out / "fidelity.csv", "w", newline="") as f:
-        w = csv.DictWriter(f, fieldnames=list(res["runs"][0]))
-        w.writeheader()
-        w.writerows(res["runs"])
+    write_atomic(out / "fidelity.json", json.dumps(res, indent=1, default=str) + "\n")
+    write_csv(out / "fidelity.csv", res["runs"])
     plots(res, train, out, study["methods"], study["pair"])
     grid_files = write_grids(grids, out)
-    (out / "README.md").write_text(readme(res, train, cmp_cpu, cmp_ideal, grid_files, out))
+    write_atomic(out / "README.md", readme(res, train, cmp_cpu, cmp_ideal, grid_files, out))
     print(f"wrote {out}/README.md, fidelity.json, fidelity.csv, plots and grids")
     return 0
 

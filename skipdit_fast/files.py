@@ -9,7 +9,7 @@ import contextlib
 import os
 from typing import Iterator
 
-__all__ = ["atomic_path", "write_atomic"]
+__all__ = ["atomic_path", "save_figure", "write_atomic"]
 
 
 @contextlib.contextmanager
@@ -44,3 +44,12 @@ def write_atomic(path: str | os.PathLike, data: bytes | str, fsync: bool = False
     with atomic_path(path, fsync=fsync) as tmp:
         with open(tmp, "wb") as f:
             f.write(data)
+
+
+def save_figure(fig, path: str | os.PathLike, dpi: int = 110) -> str:
+    """fig.savefig (a matplotlib figure) to `path` through atomic_path, keeping the
+    extension that tells matplotlib the format; returns the path."""
+    path = os.fspath(path)
+    with atomic_path(path, suffix=os.path.splitext(path)[1]) as tmp:
+        fig.savefig(tmp, dpi=dpi)
+    return path

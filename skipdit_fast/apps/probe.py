@@ -18,7 +18,7 @@ import os
 import sys
 import time
 
-from ..files import atomic_path, write_atomic
+from ..files import save_figure, write_atomic
 from .common import (UsageError, check_branch, check_output_dir, device_arg, device_from_arg, int_range, nonneg_int,
                      positive_int, read_checkpoint, steps_int)
 
@@ -105,9 +105,7 @@ def write_plots(results: list[dict], out_dir: str) -> list[str]:
 
 
 def _save(fig, path: str) -> str:
-    with atomic_path(path, suffix=".png") as tmp:
-        fig.savefig(tmp, dpi=110)
-    return path
+    return save_figure(fig, path)
 
 
 def verdict(results: list[dict]) -> list[str]:

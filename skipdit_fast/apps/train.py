@@ -58,7 +58,7 @@ import numpy as np
 import torch
 
 from ..models import MODEL_CLASSES, from_config
-from ..files import atomic_path
+from ..files import atomic_path, write_atomic
 from ..pretrained import (PAIRS, SHIPPED, TINY, TINY_VIDEO, VIDEO_MODELS, WEIGHTS_DIR, config_metadata, model_config,
                           training_data, weights_path)
 from ..sampling import DiffusionLoss
@@ -301,11 +301,12 @@ class Trainer:
         stem = Path(stem)
         stem.parent.mkdir(parents=True, exist_ok=True)
         names = [f.name for f in fields(LogRow)]
-        with open(f"{stem}.csv", "w", newline="") as f:
-            w = csv.writer(f)
-            w.writerow(names)
-            for r in self.log:
-                w.writerow([_fmt(getattr(r, n)) for n in names])
+        with atomic_path(f"{stem}.csv", suffix=".csv") as tmp:
+            with open(tmp, "w", newline="") as f:
+                w = csv.writer(f)
+                w.writerow(names)
+                for r in self.log:
+                    w.writerow([_fmt(getattr(r, n)) for n in names])
         tail = self.log[-50:]
         summary = {
             "model": self.cfg.model, "train_config": asdict(self.cfg), "model_config": asdict(self.model_cfg),
@@ -318,7 +319,7 @@ class Trainer:
             "machine": machine_info(), "torch": torch.__version__, "threads": torch.get_num_threads(),
         }
         summary.update(extra or {})
-        Path(f"{stem}.json").write_text(json.dumps(summary, indent=1) + "\n")
+        write_atomic(f"{stem}.json", json.dumps(summary, indent=1) + "\n")
 
 
 def _fmt(v):
@@ -429,7 +430,7 @@ def train_default(out_dir: Path = WEIGHTS_DIR, work_dir: Path = Path("build/trai
         clf = fit_frame_classifier(VIDEO_MODELS[PAIRS["video"][1]])
         clf.save(out_dir / FRAME_CLASSIFIER)
         print(f"frame classifier: {100 * clf.test_accuracy:.1f}% on frames of held-out moving digits", file=sys.stderr)
-    (out_dir / "README.md").write_text(_weights_readme(out_dir))
+    write_atomic(out_dir / "README.md", _weights_readme(out_dir))
     return results
 
 
