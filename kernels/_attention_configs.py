@@ -1,6 +1,6 @@
 """Launch configurations of the attention kernels (kernels/attention.py): the
 candidate tiles per kernel, arch and dtype, and the choice among them (the first
-candidate, or with SKIPDIT_FAST_AUTOTUNE=1 the fastest, timed once per key)."""
+candidate, or with SKIPDIT_FAST_TILE_AUTOTUNE=1 the fastest, timed once per key)."""
 
 from __future__ import annotations
 
@@ -136,10 +136,12 @@ def bwd_short_configs(arch: int, dtype: torch.dtype, kdim: int, bm: int) -> tupl
     return (Cfg(bm, bm, 4, 1, pairs=g), Cfg(bm, bm, 8, 1, pairs=2 * g))
 
 
-# Set SKIPDIT_FAST_AUTOTUNE=1 to time every candidate of a (kernel, arch, dtype,
+# Set SKIPDIT_FAST_TILE_AUTOTUNE=1 to time every candidate of a (kernel, arch, dtype,
 # head dim, N bucket) once on first use and keep the fastest; by default the first
-# candidate of each list runs (no timing runs during tests or the first call).
-_AUTOTUNE = os.environ.get("SKIPDIT_FAST_AUTOTUNE", "0") == "1"
+# candidate of each list runs (no timing runs during tests or the first call). This is
+# not SKIPDIT_FAST_AUTOTUNE, which switches the `auto` backend's measuring
+# (ops/autotune.py) and is on unless set to 0.
+_AUTOTUNE = os.environ.get("SKIPDIT_FAST_TILE_AUTOTUNE", "0") == "1"
 _TUNED: dict[tuple, Cfg] = {}
 
 

@@ -412,8 +412,8 @@ def test_gpu_backend_refuses_fp32():
 
 
 def test_autotune_choice(monkeypatch):
-    """SKIPDIT_FAST_AUTOTUNE=1: every candidate is timed once per key, the fastest is
-    kept, and candidates that do not fit the device are skipped."""
+    """SKIPDIT_FAST_TILE_AUTOTUNE=1: every candidate is timed once per key, the fastest
+    is kept, and candidates that do not fit the device are skipped."""
     import triton
     from triton.runtime.errors import OutOfResources
 
