@@ -31,6 +31,7 @@ import time
 import torch
 
 from skipdit_fast import SkipCache
+from skipdit_fast.files import write_atomic
 from skipdit_fast.sampling.diffusion import sample
 from skipdit_fast.models import DiT, DiTConfig, Latte, LatteConfig
 
@@ -103,9 +104,9 @@ def main() -> None:
         rows.append(row)
         print(line + f" | {r.full_steps}/{r.cached_steps}")
     if args.json:
-        with open(args.json, "w") as f:
-            json.dump(dict(model=what, K=K, threads=torch.get_num_threads(), steps=args.steps, batch=args.batch,
-                           none_wall=times["none"], none_cpu=cpu["none"], rows=rows), f, indent=1)
+        write_atomic(args.json, json.dumps(dict(model=what, K=K, threads=torch.get_num_threads(), steps=args.steps,
+                                                batch=args.batch, none_wall=times["none"], none_cpu=cpu["none"],
+                                                rows=rows), indent=1) + "\n")
 
 
 if __name__ == "__main__":

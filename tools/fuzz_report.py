@@ -110,13 +110,14 @@ def main(argv=None) -> int:
             r = results[p.id]
             if r["outcome"] == "fail":
                 print(f"FAIL {p.id}: {r['detail']}" + (f"  [known: {p.xfail[:80]}...]" if p.xfail else ""))
+    # imported here, not at the top: TRITON_INTERPRET must be set before torch is imported
+    from skipdit_fast.files import write_atomic
+
     if args.json:
-        with open(args.json, "w") as f:
-            json.dump({"commit": commit, "results": {p.id: {**results[p.id], "expect": p.expect,
-                                                             "known_bug": p.xfail} for p in probes}}, f, indent=1)
+        write_atomic(args.json, json.dumps({"commit": commit, "results": {
+            p.id: {**results[p.id], "expect": p.expect, "known_bug": p.xfail} for p in probes}}, indent=1) + "\n")
     if args.markdown:
-        with open(args.markdown, "w") as f:
-            f.write(format_table(rows, markdown=True) + "\n")
+        write_atomic(args.markdown, format_table(rows, markdown=True) + "\n")
     return 0
 
 
