@@ -133,6 +133,7 @@ CASES = {
                                 "--ckpt"),
     "probe branch too large": (["probe", "--branch", "9", "--out-dir", "{dir}/p"], 1, "--branch"),
     "probe class out of range": (["probe", "--classes", "10", "--out-dir", "{dir}/p"], 1, "--classes"),
+    "probe class negative": (["probe", "--classes", "-1"], 2, "argument --classes"),
     "probe out-dir is a file": (["probe", "--out-dir", "{a-file}"], 1, "--out-dir"),
     # train
     "train threads -1": (["train", "--threads", "-1"], 2, "argument --threads"),

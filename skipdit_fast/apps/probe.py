@@ -19,8 +19,8 @@ import sys
 import time
 
 from ..files import save_figure, write_atomic
-from .common import (UsageError, check_branch, check_output_dir, device_arg, device_from_arg, int_range, nonneg_int,
-                     positive_int, read_checkpoint, steps_int)
+from .common import (TRAINING_TIMESTEPS, UsageError, check_branch, check_output_dir, device_arg, device_from_arg,
+                     int_range, nonneg_int, positive_int, read_checkpoint)
 
 SHIPPED = ("tiny-dit", "tiny-skipdit")
 
@@ -29,7 +29,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", action="append", help="a shipped model (tiny-dit, tiny-skipdit) or a DiT name such as "
                    "DiT-XL/2-skip; repeat to compare (default: tiny-dit and tiny-skipdit)")
     p.add_argument("--ckpt", action="append", help="checkpoint of each non-shipped --model, in order")
-    p.add_argument("--steps", type=int_range(2, 1000), default=50,
+    p.add_argument("--steps", type=int_range(2, TRAINING_TIMESTEPS), default=50,
                    help="DDPM steps of the probed run, 2..1000 (default 50)")
     p.add_argument("--branch", type=positive_int, default=2, help="K: the deep features are the input of block depth-K "
                    "(default 2)")
@@ -37,7 +37,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    "(default 10)")
     p.add_argument("--spectral-every", type=nonneg_int, default=1, help="estimate the amplification every n-th step "
                    "(default 1; 0: never)")
-    p.add_argument("--classes", type=int, nargs="+", help="labels to sample (default: one per class, at most 10)")
+    p.add_argument("--classes", type=nonneg_int, nargs="+",
+                   help="labels to sample (default: one per class, at most 10)")
     p.add_argument("--seed", type=nonneg_int, default=0)
     p.add_argument("--device", type=device_arg, default="cpu", help="cpu, cuda, cuda:N or auto (default cpu)")
     p.add_argument("--out-dir", default="probe-out", help="where probe.json and the plots go (default probe-out/)")
