@@ -14,9 +14,9 @@ import pytest
 import torch
 
 from skipdit_fast import SkipCache, disable_skip_cache, enable_skip_cache
-from skipdit_fast.analysis.calibrate import budget_for, calibrate, choose_schedule, measure_errors
+from skipdit_fast.analysis.calibrate import budget_for, calibrate, choose_schedule, measure_errors, search_schedule
 from skipdit_fast.apps import cli
-from skipdit_fast.cache.baselines import CachedModel, FirstBlockCache
+from skipdit_fast.cache.baselines import CachedModel, FirstBlockCache, ForaCache
 from skipdit_fast.cache.schedule import CacheSchedule, ScheduleError
 from skipdit_fast.models import DiT, DiTConfig
 from skipdit_fast.sampling.diffusion import Diffusion, sample
@@ -93,7 +93,14 @@ def test_bad_schedule_files_name_the_field(tmp_path):
 
     cases = [
         ("{not json", "not JSON"),
-        (variant(version=2), "version"),
+        (variant(version=3), "version"),
+        (variant(version=True), "version"),
+        (variant(entries=[{"kind": "full"}, {"kind": "reuse"}]), r"entries\[1\]: reuse steps .* need version 2"),
+        (variant(version=2, entries=[{"kind": "full"}, {"kind": "reuse", "branch": 1}]), r"entries\[1\].branch"),
+        (variant(version=2, entries=[{"kind": "full", "reuse_outer": True}]), r"entries\[0\].reuse_outer"),
+        (variant(version=2, entries=[{"kind": "full"}, {"kind": "cached", "branch": 1, "reuse_outer": 1}]),
+         r"entries\[1\].reuse_outer"),
+        (variant(version=2, entries=[{"kind": "reuse"}]), r"entries\[0\].kind"),
         (variant(format="other"), "format"),
         (variant(entries=[{"kind": "full"}, {"kind": "cached", "branch": 4}]), r"entries\[1\].branch"),
         (variant(entries=[{"kind": "full"}, {"kind": "cached", "branch": -1}]), r"entries\[1\].branch"),
@@ -133,16 +140,20 @@ def test_schedule_refuses_another_step_count_or_model():
 def test_measure_errors_follows_the_uncached_run_and_calibrate_meets_the_budget():
     m = tiny()
     table = measure_errors(m, [1, 2], steps=STEPS, seed=0, max_gap=7)
-    assert table.branches == [1, 2] and table.err.shape == (STEPS, 8, 2)
+    # cached K=1, 2; hybrid K=1, 2; reuse
+    assert table.branches == [1, 2] and table.err.shape == (STEPS, 8, 5)
+    assert [a.code for a in table.actions] == ["1", "2", "a", "b", "R"]
     assert torch.isinf(torch.from_numpy(table.err[0])).all()  # step 0 cannot be cached
     assert (table.err[1:, 1] >= 0).all() and (table.amplification > 0).all()
+    assert set(table.seconds) == {"F", "1", "2", "a", "b", "R"} and all(v > 0 for v in table.seconds.values())
     for speedup in (1.0, 1.5, 2.0, 2.4):
-        sched = choose_schedule(table, speedup=speedup)
+        sched = choose_schedule(table, speedup=speedup, cost="blocks")
+        assert all(e.kind != "reuse" and not e.reuse_outer for e in sched.entries)  # blocks: plain cached only
         assert sched.block_budget <= budget_for(speedup, STEPS, m.depth) and sched.entries[0].kind == "full"
         r = sample(m, [1, 2], steps=STEPS, seed=3, cache=SkipCache(schedule=sched))
         assert r.report.blocks_run == sched.block_budget
         assert sched.meta["predicted_error"] == pytest.approx(table.predicted_error(sched))
-    assert choose_schedule(table, speedup=1.0).branches == [0] * STEPS  # no budget pressure: all full
+    assert choose_schedule(table, speedup=1.0, cost="blocks").branches == [0] * STEPS  # no pressure: all full
     # the DP's choice is no worse than fixed intervals under the same budget
     for n, k in ((2, 1), (3, 2), (4, 1)):
         fixed = CacheSchedule.interval(STEPS, m.depth, n, k)
@@ -154,8 +165,77 @@ def test_measure_errors_follows_the_uncached_run_and_calibrate_meets_the_budget(
         choose_schedule(table)
     with pytest.raises(ValueError, match="branches"):
         measure_errors(m, [1], steps=STEPS, branches=[4])
-    s = calibrate(m, speedup=1.6, steps=STEPS, labels=[0], max_gap=3)
+    with pytest.raises(ValueError, match="modes"):
+        measure_errors(m, [1], steps=STEPS, modes=["fora"])
+    s = calibrate(m, speedup=1.6, steps=STEPS, labels=[0], max_gap=3, cost="blocks", rollouts=0)
     assert s.block_budget <= budget_for(1.6, STEPS, m.depth)
+    with pytest.raises(ValueError, match="plain cached steps only"):
+        calibrate(m, budget=30, steps=STEPS, labels=[0], modes=["reuse"])
+
+
+def test_time_plan_meets_the_target_in_measured_time_and_search_beats_its_start():
+    m = tiny()
+    labels = [1, 2, 3]
+    table = measure_errors(m, labels, steps=STEPS, seed=0, max_gap=7)
+    full = table.seconds["F"]
+    for speedup in (1.3, 1.8):  # (this tiny model's embedding and head bound what caching can save)
+        sched = choose_schedule(table, speedup=speedup)  # time: the default with measured step times
+        assert sched.meta["cost"] == "time" and sched.meta["predicted_speedup"] >= speedup
+        assert table.step_seconds(sched) <= STEPS * full / speedup
+        # the fixed intervals the search starts from are within the budget too
+        search = search_schedule(m, table, speedup=speedup, rollouts=6)
+        assert table.predicted_speedup(search) >= speedup
+        want = sample(m, labels, steps=STEPS, seed=0).latents
+        got = sample(m, labels, steps=STEPS, seed=0, cache=SkipCache(schedule=search)).latents
+        assert search.meta["measured_error"] == pytest.approx(float((got.double() - want.double()).pow(2).mean().sqrt()))
+        # never worse on the calibration run than what it was compared with (planned and fixed intervals)
+        assert search.meta["measured_error"] <= min(c["error"] for c in search.meta["compared"]) + 1e-12
+        assert search.meta["rollouts"] >= 3 and search.meta["start"]["error"] >= search.meta["measured_error"]
+    blocks = search_schedule(m, table, budget=30, rollouts=2)  # a block budget: plain cached steps only
+    assert blocks.block_budget <= 30 and not blocks.needs_reuse and blocks.meta["cost"] == "blocks"
+    with pytest.raises(ValueError, match="budget= is a block count"):
+        choose_schedule(table, budget=20, cost="time")
+    with pytest.raises(ValueError, match="rollouts"):
+        search_schedule(m, table, speedup=2, rollouts=-1)
+    no_times = measure_errors(m, labels, steps=STEPS, seed=0, max_gap=3, time_steps=False)
+    with pytest.raises(ValueError, match="measured step times"):
+        choose_schedule(no_times, speedup=2, cost="time")
+
+
+def test_reuse_and_hybrid_steps_are_the_fora_and_hybrid_modes_bitwise():
+    m = tiny()
+    fora = sample(CachedModel(m), [1, 2], steps=STEPS, seed=0, cache=ForaCache(3))
+    sched = CacheSchedule.from_code("FRRFRRFR", m.depth)
+    got = sample(m, [1, 2], steps=STEPS, seed=0, cache=SkipCache(schedule=sched))
+    assert torch.equal(got.latents, fora.latents)
+    assert got.report.kinds == ["full", "reuse", "reuse"] * 2 + ["full", "reuse"]
+    assert got.report.blocks_run == sched.block_budget == fora.report.blocks_run == 3 * m.depth
+    hybrid = sample(m, [1, 2], steps=STEPS, seed=0, cache=SkipCache(3, 2, start=2000, stop=-1, reuse_outer=True))
+    got = sample(m, [1, 2], steps=STEPS, seed=0, cache=SkipCache(schedule=CacheSchedule.from_code("FbbFbbFb", 6)))
+    assert torch.equal(got.latents, hybrid.latents) and got.report.blocks_run == hybrid.report.blocks_run
+    # all kinds in one run: plain steps run their blocks, hybrid / reuse none
+    mixed = CacheSchedule.from_code("F1aRF2bR", m.depth)
+    assert mixed.block_budget == 6 + 2 + 0 + 0 + 6 + 4 + 0 + 0 and mixed.needs_reuse
+    r = sample(m, [1, 2], steps=STEPS, seed=0, cache=SkipCache(schedule=mixed))
+    assert r.report.blocks_run == mixed.block_budget and r.report.kinds.count("reuse") == 2
+    assert not torch.equal(r.latents, got.latents)
+
+
+def test_schedule_code_and_versions(tmp_path):
+    s = CacheSchedule.from_code("F1aRF2b(h3)(3)", 6)
+    assert s.code == "F1aRF2bc3" and [e.kind for e in s.entries][:4] == ["full", "cached", "cached", "reuse"]
+    assert s.entries[2].reuse_outer and s.entries[2].branch == 1 and s.entries[7].branch == 3
+    assert CacheSchedule.from_code("F12", 6).to_dict()["version"] == 1  # what older readers load
+    assert s.to_dict()["version"] == 2
+    s.save(tmp_path / "s.json")
+    back = CacheSchedule.load(tmp_path / "s.json")
+    assert back.code == s.code and back.to_dict() == s.to_dict()
+    with pytest.raises(ScheduleError, match="position 2"):
+        CacheSchedule.from_code("F1x", 6)
+    with pytest.raises(ScheduleError, match="branch"):
+        CacheSchedule.from_code("F(h9)", 6)
+    with pytest.raises(ScheduleError, match="entries\\[0\\].kind"):
+        CacheSchedule.from_code("RF", 6)
 
 
 def test_calibrate_command_writes_a_schedule_that_sample_uses(tmp_path, capsys):
@@ -163,7 +243,14 @@ def test_calibrate_command_writes_a_schedule_that_sample_uses(tmp_path, capsys):
     assert cli.main(["calibrate", "--speedup", "2", "--steps", "6", "--max-gap", "3", "--classes", "1",
                      "--out", str(out)]) == 0
     sched = CacheSchedule.load(out)
-    assert sched.steps == 6 and sched.block_budget <= budget_for(2, 6, sched.depth)
+    assert sched.steps == 6 and sched.meta["predicted_speedup"] >= 2 and sched.meta["cost"] == "time"
+    blocks = tmp_path / "blocks.json"
+    assert cli.main(["calibrate", "--speedup", "2", "--steps", "6", "--max-gap", "3", "--classes", "1",
+                     "--cost", "blocks", "--rollouts", "2", "--out", str(blocks)]) == 0
+    assert CacheSchedule.load(blocks).block_budget <= budget_for(2, 6, sched.depth)
+    assert cli.main(["calibrate", "--speedup", "2", "--steps", "6", "--classes", "1", "--cost", "blocks",
+                     "--modes", "reuse", "--out", str(blocks)]) == 2
+    assert "plain cached steps only" in capsys.readouterr().err
     with pytest.raises(SystemExit) as e:   # argparse: one error line, exit 2
         cli.main(["calibrate", "--speedup", "0.5", "--out", str(out)])
     assert e.value.code == 2 and "argument --speedup" in capsys.readouterr().err

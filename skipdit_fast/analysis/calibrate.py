@@ -1,53 +1,121 @@
-"""Calibrated Skip-Cache schedules: measure what caching costs at each step, then
-choose per step full or cached (and K) under a block budget.
+"""Calibrated cache schedules: measure what each way of caching costs, in error and in
+time, at each step, then choose per step full, cached with K, hybrid with K or
+FORA-style reuse under a speedup target, and check the choice on real sampling runs.
+
+    sched = calibrate(model, speedup=2.5)            # measure, plan, verify by rollouts
+    sched.save("sched.json")                         # SkipCache(schedule="sched.json")
 
     table = measure_errors(model, labels=range(10), steps=50, seed=1)
-    sched = choose_schedule(table, speedup=2.5)     # or budget=<blocks>
-    sched.save("sched.json")                         # SkipCache(schedule="sched.json")
-    sched = calibrate(model, speedup=2.5)            # both at once
+    sched = choose_schedule(table, speedup=2.5)      # the plan alone (no rollouts)
+    sched = search_schedule(model, table, speedup=2.5, labels=range(10))   # plan + rollouts
 
-Error model. One uncached DDPM (or DDIM) run on the calibration labels gives, at every
-step i, its input x_i, its posterior mean m_i (what the sampler adds its noise to) and,
-for every K, the input of block depth-K. For step i cached with branch K on the deep
-features of the full step j = i - g (g = 1..max_gap), the table holds
+Actions. A step that is not full is one of the engine's modes (cache/schedule.py):
+"cached" with branch K (Skip-Cache: 2K blocks run), the same with reuse_outer
+(hybrid: those 2K blocks reuse their kept attention / MLP outputs) or "reuse" (FORA-
+style: every block reuses them). measure_errors(modes=...) says which are considered.
 
-    err[i, g, K] = RMS(m_i(cached) - m_i(full))
+Error table. One uncached DDPM (or DDIM) run on the calibration labels gives, at every
+step i, its input x_i, its posterior mean m_i (what the sampler adds its noise to),
+for every K the input of block depth-K and every block's attention / MLP output. For
+step i taken with action a on what the full step j = i - g (g = 1..max_gap) kept,
+
+    err[i, g, a] = RMS(m_i(action a) - m_i(full))
 
 over the calibration samples: the step's own contribution to the drift of the run,
-measured on the uncached trajectory. A schedule's predicted error is the sum of its
-cached steps' err (the drifts of the steps are assumed to add up, the deep features
-of a cached step depend only on its last full step). choose_schedule finds the
-schedule with the least predicted error whose block count (full: depth, cached: 2K)
-is at most the budget, by dynamic programming over (step, steps since the last full
-step, blocks used); step 0 is always full. Classifier-free guidance is not
-calibrated here (cfg_scale 1).
+measured on the uncached trajectory. amplification[i] (measured by carrying one
+perturbed copy of the run, cached at step i with the first action, to the end) is
+how much a drift injected at step i has grown at the end. A schedule's predicted
+error is the sum over its non-full steps of err * amplification.
+
+Cost. Each action's time is measured (a forward call in that mode on a batch of the
+calibration size, the sampler's update included, the median of several interleaved
+calls): the plan is in measured time, so a target speedup is a target time ratio, and
+hybrid / reuse steps (which run no attention or MLP, 0 blocks) have their real cost.
+cost="blocks" plans in block counts instead (full: depth, cached: 2K), with the plain
+cached steps only (a block count cannot price the others).
+
+Plan and search. choose_schedule finds the schedule with the least predicted error
+within the budget by dynamic programming over (step, steps since the last full step,
+cost used); step 0 is always full. The additive error model is only a model, so
+search_schedule checks it on real runs: the planned schedules (weighted and not) and
+the fixed-interval schedule of every action and period that fits the budget are each
+sampled on the calibration labels and seed with SkipCache(schedule=...) and compared
+with the uncached run (RMS of the final latents); from the best, a local search
+(change one step's action, move a full step by one, trade a full step for a cheaper
+one) tries the moves the error model ranks best, keeping a move when the measured
+error goes down, for at most `rollouts` runs. The result is the schedule with the
+least measured error on the calibration run, and its meta says what it was compared
+with. Rollouts may use classifier-free guidance (cfg_scale); the error table is
+measured at cfg_scale 1.
 """
 
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+import statistics
+import time
+from dataclasses import dataclass, field
 from typing import Sequence
 
 import numpy as np
 import torch
 
-from ..cache.schedule import CacheSchedule, run_full_keeping
+from ..cache.schedule import CACHED, FULL, REUSE, CacheSchedule, ScheduleEntry, run_full_keeping
 from ..sampling.diffusion import Diffusion
+
+MODES = ("cached", "hybrid", "reuse")
+
+
+@dataclass(frozen=True)
+class Action:
+    """What a non-full step does: kind "cached" (branch K, reuse_outer for hybrid) or "reuse"."""
+
+    kind: str
+    branch: int | None = None
+    reuse_outer: bool = False
+
+    def entry(self, t: float | None = None) -> ScheduleEntry:
+        return ScheduleEntry(self.kind, self.branch, t, self.reuse_outer)
+
+    @property
+    def code(self) -> str:
+        return self.entry().code
+
+    @property
+    def reuses(self) -> bool:
+        return self.kind == REUSE or self.reuse_outer
+
+    def blocks(self, depth: int) -> int:
+        return self.entry().blocks(depth)
+
+    def __str__(self) -> str:
+        if self.kind == REUSE:
+            return "reuse"
+        return f"{'hybrid' if self.reuse_outer else 'cached'} K={self.branch}"
+
+
+def action_of(entry: ScheduleEntry) -> Action:
+    return Action(entry.kind, entry.branch, entry.reuse_outer)
 
 
 @dataclass
 class ErrorTable:
-    """err[i, g, k]: error of caching step i on the full step i-g+... (see the module
-    docstring) with branch branches[k]; inf where i - g < 0. g = 1..max_gap at index g."""
+    """err[i, g, a]: error of taking step i with actions[a] on what the full step
+    i - g kept (see the module docstring); inf where i - g < 0. g = 1..max_gap at index g."""
 
-    err: np.ndarray              # [steps, max_gap + 1, len(branches)]
-    branches: list[int]
+    err: np.ndarray              # [steps, max_gap + 1, len(actions)]
+    actions: list[Action]
     depth: int
     timesteps: list[float]       # the timestep of each sampling step, in run order
     unit: str = "blocks"
     info: dict | None = None
-    amplification: np.ndarray | None = None   # [steps, branches]: final drift per unit injected at step i
+    amplification: np.ndarray | None = None   # [steps, actions]: final drift per unit injected at step i
+    seconds: dict[str, float] = field(default_factory=dict)  # measured time of a step: "F" and each action's code
+
+    @property
+    def branches(self) -> list[int]:
+        """The K of the plain cached actions."""
+        return [a.branch for a in self.actions if a.kind == CACHED and not a.reuse_outer]
 
     @property
     def weighted(self) -> np.ndarray:
@@ -62,20 +130,37 @@ class ErrorTable:
     def max_gap(self) -> int:
         return self.err.shape[1] - 1
 
-    def predicted_error(self, schedule: CacheSchedule) -> float:
-        """Sum of err over the schedule's cached steps (inf when a gap is past max_gap)."""
+    def index(self, action: Action) -> int | None:
+        try:
+            return self.actions.index(action)
+        except ValueError:
+            return None
+
+    def predicted_error(self, schedule: CacheSchedule, weighted: bool = True) -> float:
+        """Sum of (weighted) err over the schedule's non-full steps (inf when a gap is
+        past max_gap or a step's action was not measured)."""
         if schedule.steps != self.steps:
             raise ValueError(f"schedule has {schedule.steps} steps, the error table {self.steps}")
+        W = self.weighted if weighted else self.err
         total, last = 0.0, 0
-        for i, k in enumerate(schedule.branches):
-            if k == 0:
+        for i, e in enumerate(schedule.entries):
+            if e.kind == FULL:
                 last = i
                 continue
-            g = i - last
-            if g > self.max_gap or k not in self.branches:
+            g, a = i - last, self.index(action_of(e))
+            if g > self.max_gap or a is None:
                 return math.inf
-            total += float(self.weighted[i, g, self.branches.index(k)])
+            total += float(W[i, g, a])
         return total
+
+    def step_seconds(self, schedule: CacheSchedule) -> float:
+        """The run's predicted time from the measured step times."""
+        if not self.seconds:
+            raise ValueError("this error table has no measured step times (measure_errors(time_steps=False))")
+        return sum(self.seconds["F" if e.kind == FULL else e.code] for e in schedule.entries)
+
+    def predicted_speedup(self, schedule: CacheSchedule) -> float:
+        return self.steps * self.seconds["F"] / self.step_seconds(schedule)
 
 
 def _rms(a: torch.Tensor, b: torch.Tensor, n: int) -> torch.Tensor:
@@ -84,18 +169,9 @@ def _rms(a: torch.Tensor, b: torch.Tensor, n: int) -> torch.Tensor:
     return d.pow(2).mean(1).sqrt()
 
 
-@torch.no_grad()
-def measure_errors(model, labels: Sequence[int] | None = None, *, num_samples: int | None = None, steps: int = 50,
-                   seed: int = 0, sampler: str = "ddpm", max_gap: int = 12,
-                   branches: Sequence[int] | None = None, propagate: bool = True) -> ErrorTable:
-    """The error table of `model` (a model with the SkipModel block structure and
-    embed / head: models.DiT / Latte with skips, or cache.baselines.CachedModel's
-    .model for a vanilla one) on one uncached run from `seed`. branches: the K to
-    measure (default every K with 2K < depth up to the model's max_branch)."""
-    if sampler not in ("ddpm", "ddim"):
-        raise ValueError(f"sampler must be 'ddpm' or 'ddim', got {sampler!r}")
-    if int(max_gap) != max_gap or max_gap < 1:
-        raise ValueError(f"max_gap must be an integer >= 1, got {max_gap}")
+def make_actions(model, modes: Sequence[str] = MODES, branches: Sequence[int] | None = None) -> list[Action]:
+    """The actions of `modes` ("cached", "hybrid", "reuse") for `model`, every K of
+    `branches` (default every K with 2K < depth up to the model's max_branch)."""
     depth = model.depth
     max_k = getattr(model, "max_branch", depth // 2)
     if branches is None:
@@ -103,30 +179,68 @@ def measure_errors(model, labels: Sequence[int] | None = None, *, num_samples: i
     branches = sorted({int(k) for k in branches})
     if not branches or branches[0] < 1 or branches[-1] > max_k:
         raise ValueError(f"branches must be in 1..{max_k} for this model (depth {depth}), got {branches}")
+    if isinstance(modes, str) or not modes or set(modes) - set(MODES):
+        raise ValueError(f"modes must be a non-empty list of {list(MODES)}, got {modes!r}")
+    acts = []
+    if "cached" in modes:
+        acts += [Action(CACHED, k) for k in branches]
+    if "hybrid" in modes:
+        acts += [Action(CACHED, k, True) for k in branches]
+    if "reuse" in modes:
+        acts.append(Action(REUSE))
+    return acts
+
+
+def _inputs(model, labels, num_samples):
     cfg = model.config
-    param = next(model.parameters())
-    device, dtype = param.device, param.dtype
+    device = next(model.parameters()).device
     if getattr(cfg, "class_conditional", True):
         if labels is None:
             raise ValueError("this model is class-conditional: pass labels")
         y = torch.as_tensor(list(labels), dtype=torch.long, device=device)
-        n = y.numel()
-    else:
-        if num_samples is None or num_samples < 1:
-            raise ValueError(f"an unconditional model needs num_samples >= 1, got {num_samples}")
-        y, n = None, int(num_samples)
-    if n < 1:
-        raise ValueError("labels must not be empty")
+        if y.numel() < 1:
+            raise ValueError("labels must not be empty")
+        return y, y.numel()
+    if num_samples is None or num_samples < 1:
+        raise ValueError(f"an unconditional model needs num_samples >= 1, got {num_samples}")
+    return None, int(num_samples)
+
+
+@torch.no_grad()
+def measure_errors(model, labels: Sequence[int] | None = None, *, num_samples: int | None = None, steps: int = 50,
+                   seed: int = 0, sampler: str = "ddpm", max_gap: int = 12,
+                   branches: Sequence[int] | None = None, modes: Sequence[str] = MODES, propagate: bool = True,
+                   time_steps: bool = True, time_batch: int | None = None) -> ErrorTable:
+    """The error table of `model` (a model with the SkipModel block structure and
+    embed / head: models.DiT / Latte with skips, or cache.baselines.CachedModel's
+    .model for a vanilla one) on one uncached run from `seed`, for the actions of
+    `modes` and `branches` (make_actions). time_steps: also measure each action's
+    step time (measure_step_seconds) on a batch of time_batch (default: the
+    calibration batch) samples."""
+    from ..cache.reuse import OuterReuse
+
+    if sampler not in ("ddpm", "ddim"):
+        raise ValueError(f"sampler must be 'ddpm' or 'ddim', got {sampler!r}")
+    if int(max_gap) != max_gap or max_gap < 1:
+        raise ValueError(f"max_gap must be an integer >= 1, got {max_gap}")
+    actions = make_actions(model, modes, branches)
+    depth = model.depth
+    ks = sorted({a.branch for a in actions if a.kind == CACHED})
+    keep_outputs = any(a.reuses for a in actions)
+    cfg = model.config
+    param = next(model.parameters())
+    device, dtype = param.device, param.dtype
+    y, n = _inputs(model, labels, num_samples)
     gen = torch.Generator(device=device).manual_seed(seed)
     x = torch.randn((n, *cfg.latent_shape), generator=gen, device=device, dtype=torch.float32)
     diffusion = Diffusion(steps, learn_sigma=cfg.learn_sigma)
     S = diffusion.steps
-    err = np.full((S, max_gap + 1, len(branches)), np.inf)
-    kept: list[dict[int, torch.Tensor]] = []
+    err = np.full((S, max_gap + 1, len(actions)), np.inf)
+    kept: list[dict] = []            # per step: {"deep": {K: tensor}, "attn": {...}, "mlp": {...}}
     timesteps = []
-    probes: list[torch.Tensor] = []   # propagation: replica r was cached at step r, full since
-    injected = np.zeros((S, len(branches)))
-    started: list[tuple[int, int]] = []  # (step, branch index) of each replica
+    probes: list[torch.Tensor] = []  # propagation: replica r was perturbed at step r, full since
+    injected = np.zeros(S)
+    started: list[int] = []
 
     def rep(v, times):
         return None if v is None else v.repeat(times, *([1] * (v.dim() - 1)))
@@ -145,45 +259,108 @@ def measure_errors(model, labels: Sequence[int] | None = None, *, num_samples: i
             timesteps.append(float(tv))
             z = torch.randn(x.shape, generator=gen, device=device, dtype=x.dtype) \
                 if sampler == "ddpm" and i > 0 else None
-            P = len(probes)
-            xs = torch.cat([x, *probes]) if P and propagate else x
+            P = len(probes) if propagate else 0
+            xs = torch.cat([x, *probes]) if P else x
             t = torch.full((len(xs),), tv, dtype=torch.long, device=device)
-            h, state = model.embed(xs.to(dtype), t, rep(y, 1 + P) if propagate else y)
-            hout, deep = run_full_keeping(model, h, state, branches)
+            h, state = model.embed(xs.to(dtype), t, rep(y, 1 + P))
+            store = OuterReuse() if keep_outputs else None
+            if store is not None:
+                store.attach(state, True)
+            hout, deep = run_full_keeping(model, h, state, ks)
             out = model.head(hout, state).float()
             nxt = step(out, xs, i, z)
-            x_next, probes = nxt[:n], list(nxt[n:].split(n)) if P and propagate else []
-            kept.append({k: v[:n] for k, v in deep.items()})
+            x_next, probes = nxt[:n], list(nxt[n:].split(n)) if P else []
+            kept.append({"deep": {k: v[:n] for k, v in deep.items()},
+                         "attn": {b: v[:n] for b, v in store.attn.items()} if store else {},
+                         "mlp": {b: v[:n] for b, v in store.mlp.items()} if store else {}})
             gaps = [g for g in range(1, max_gap + 1) if k_step - g >= 0]
             if gaps:
                 G = len(gaps)
                 xin = x.to(dtype)
-                for ki, K in enumerate(branches):
+                for ai, a in enumerate(actions):
                     h2, st2 = model.embed(rep(xin, G), t[:1].expand(G * n), rep(y, G))
-                    model.run_blocks(h2, 0, K, st2)
-                    cached = torch.cat([kept[k_step - g][K] for g in gaps])
-                    o = model.head(model.run_blocks(cached, depth - K, depth, st2), st2).float()
+                    if a.reuses:
+                        r2 = OuterReuse()
+                        for name in ("attn", "mlp"):
+                            getattr(r2, name).update({b: torch.cat([kept[k_step - g][name][b] for g in gaps])
+                                                      for b in kept[k_step - 1][name]})
+                        r2.attach(st2, False)
+                    if a.kind == REUSE:
+                        hc = model.run_blocks(h2, 0, depth, st2)
+                    else:
+                        K = a.branch
+                        model.run_blocks(h2, 0, K, st2)
+                        cached = torch.cat([kept[k_step - g]["deep"][K] for g in gaps])
+                        hc = model.run_blocks(cached, depth - K, depth, st2)
+                    o = model.head(hc, st2).float()
                     xc = step(o, rep(x, G), i, z)
                     e = _rms(xc, rep(x_next, G), n).cpu().numpy()
-                    for gi, g in enumerate(gaps):
-                        err[k_step, g, ki] = e[gi]
-                    if propagate:  # the gap-1 cached step starts replica (k_step, K)
+                    err[k_step, gaps, ai] = e
+                    if propagate and ai == 0:  # the gap-1 step with the first action starts replica k_step
                         probes.append(xc[:n])
-                        started.append((k_step, ki))
-                        injected[k_step, ki] = e[0]
-            if len(kept) > max_gap:  # only the last max_gap steps' features are needed
+                        started.append(k_step)
+                        injected[k_step] = e[0]
+            if len(kept) > max_gap:  # only the last max_gap steps' tensors are needed
                 kept[len(kept) - max_gap - 1] = {}
             x = x_next
     finally:
         model.train(was_training)
-    amp = np.ones((S, len(branches)))
+    amp = np.ones((S, len(actions)))
     if propagate:
-        for (r, ki), p in zip(started, probes):
+        for r, p in zip(started, probes):
             d = float(_rms(p, x, n)[0])
-            amp[r, ki] = d / injected[r, ki] if injected[r, ki] > 0 else 1.0
+            amp[r, :] = d / injected[r] if injected[r] > 0 else 1.0
     info = {"steps": S, "sampler": sampler, "seed": seed, "samples": n,
-            "labels": None if y is None else [int(v) for v in y.tolist()], "max_gap": max_gap}
-    return ErrorTable(err, branches, depth, timesteps, getattr(model, "cache_unit", "blocks"), info, amp)
+            "labels": None if y is None else [int(v) for v in y.tolist()], "max_gap": max_gap,
+            "actions": [str(a) for a in actions]}
+    table = ErrorTable(err, actions, depth, timesteps, getattr(model, "cache_unit", "blocks"), info, amp)
+    if time_steps:
+        table.seconds = measure_step_seconds(model, actions, batch=time_batch or n, labels=labels)
+        info["step_seconds"] = dict(table.seconds)
+    return table
+
+
+@torch.no_grad()
+def measure_step_seconds(model, actions: Sequence[Action], *, batch: int, labels=None, rounds: int = 9,
+                         steps: int = 50) -> dict[str, float]:
+    """Median seconds of one sampling step of each kind ("F": full, else the
+    action's code) through SkipCache(schedule=...) on `batch` samples, the sampler's
+    DDPM update included; the kinds are interleaved over `rounds` rounds (a full step
+    before each, as in a run)."""
+    from ..cache import SkipCache
+
+    cfg = model.config
+    param = next(model.parameters())
+    device, dtype = param.device, param.dtype
+    diffusion = Diffusion(steps, learn_sigma=cfg.learn_sigma)
+    x = torch.randn((batch, *cfg.latent_shape), generator=torch.Generator(device=device).manual_seed(0),
+                    device=device).to(dtype)
+    y = None
+    if getattr(cfg, "class_conditional", True):
+        pool = list(labels) if labels is not None else list(range(cfg.num_classes))
+        y = torch.as_tensor([pool[j % len(pool)] for j in range(batch)], dtype=torch.long, device=device)
+    code = "F" + "".join(("F" + a.code) for a in actions) * rounds
+    sched = CacheSchedule.from_code(code, model.depth)
+    cache = SkipCache(schedule=sched)
+    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+    times: dict[str, list[float]] = {}
+    was_training = model.training
+    model.eval()
+    try:
+        with cache.sampling_run():
+            for j, e in enumerate(sched.entries):
+                tv = max(999 - j, 1)
+                t = torch.full((batch,), tv, dtype=torch.long, device=device)
+                sync()
+                t0 = time.perf_counter()
+                out = model(x, t, y, cache=cache).float()
+                diffusion.p_mean_variance(out, x.float(), steps // 2)
+                sync()
+                if j > 0:  # the first call warms up
+                    times.setdefault("F" if e.kind == FULL else e.code, []).append(time.perf_counter() - t0)
+    finally:
+        model.train(was_training)
+    return {k: statistics.median(v) for k, v in times.items()}
 
 
 def budget_for(speedup: float, steps: int, depth: int) -> int:
@@ -193,41 +370,82 @@ def budget_for(speedup: float, steps: int, depth: int) -> int:
     return int(math.floor(steps * depth / speedup + 1e-9))
 
 
-def choose_schedule(table: ErrorTable, *, speedup: float | None = None, budget: int | None = None,
-                    name: str | None = None) -> CacheSchedule:
-    """The schedule with the least predicted error (ErrorTable.predicted_error) that
-    runs at most `budget` blocks (or steps * depth / speedup); step 0 full."""
-    S, D, G = table.steps, table.depth, table.max_gap
+def _plan_costs(table: ErrorTable, cost: str) -> tuple[int, list[int], list[int]]:
+    """(full-step cost, per-action cost, eligible action indices) in integer units."""
+    D = table.depth
+    if cost == "blocks":
+        elig = [j for j, a in enumerate(table.actions) if a.blocks(D) > 0]
+        if not elig:
+            raise ValueError("cost='blocks' plans with plain cached steps only; the table has none "
+                             "(hybrid and reuse steps run no blocks: plan them with cost='time')")
+        return D, [a.blocks(D) for a in table.actions], elig
+    if cost != "time":
+        raise ValueError(f"cost must be 'time' or 'blocks', got {cost!r}")
+    if not table.seconds:
+        raise ValueError("cost='time' needs measured step times (measure_errors(time_steps=True))")
+    Q = 60 if table.steps <= 100 else 20   # units per full step
+    full = table.seconds["F"]
+    # rounded up: a schedule within the budget in units is within it in measured seconds
+    costs = [max(1, math.ceil(Q * table.seconds[a.code] / full - 1e-9)) for a in table.actions]
+    return Q, costs, [j for j in range(len(table.actions)) if costs[j] < Q]
+
+
+def _budget(table: ErrorTable, cost: str, speedup, budget) -> int:
     if (speedup is None) == (budget is None):
         raise ValueError("pass exactly one of speedup= and budget=")
-    B = budget_for(speedup, S, D) if budget is None else int(budget)
-    if budget is not None and (int(budget) != budget or budget < 0):
-        raise ValueError(f"budget must be an integer >= 0, got {budget}")
+    if budget is not None:
+        if cost != "blocks":
+            raise ValueError("budget= is a block count: use it with cost='blocks' (a time target is speedup=)")
+        if isinstance(budget, bool) or int(budget) != budget or budget < 0:
+            raise ValueError(f"budget must be an integer >= 0, got {budget}")
+        return int(budget)
+    full, _, _ = _plan_costs(table, cost)
+    return budget_for(speedup, table.steps, full)
+
+
+def _cost_of(table: ErrorTable, sched: CacheSchedule, cost: str) -> int:
+    full, costs, _ = _plan_costs(table, cost)
+    total = 0
+    for e in sched.entries:
+        if e.kind == FULL:
+            total += full
+        else:
+            j = table.index(action_of(e))
+            total += costs[j] if j is not None else action_of(e).blocks(table.depth) if cost == "blocks" else 10 ** 9
+    return total
+
+
+def choose_schedule(table: ErrorTable, *, speedup: float | None = None, budget: int | None = None,
+                    cost: str | None = None, weighted: bool = True, name: str | None = None) -> CacheSchedule:
+    """The schedule with the least predicted error (ErrorTable.predicted_error) within
+    the budget: cost="time" (default when the table has step times and no budget=
+    is given): predicted time <= uncached time / speedup; cost="blocks": at most
+    `budget` blocks (or steps * depth / speedup), plain cached steps only. Step 0 full."""
+    cost = cost or ("time" if table.seconds and budget is None else "blocks")
+    S, G = table.steps, table.max_gap
+    B = _budget(table, cost, speedup, budget)
+    full, costs, elig = _plan_costs(table, cost)
+    if full > B:
+        raise ValueError(f"budget {B} ({'blocks' if cost == 'blocks' else 'time units'}) is below one full step "
+                         f"({full}): no schedule fits")
     inf = math.inf
-    # dp[s, b]: least error after the current step, s = steps since the last full step, b blocks used
-    W = table.weighted
+    W = table.weighted if weighted else table.err
+    # dp[s, b]: least error after the current step, s = steps since the last full step, b = cost used
     dp = np.full((G + 1, B + 1), inf)
-    if D > B:
-        raise ValueError(f"budget {B} {table.unit} is below one full step ({D}): no schedule fits")
-    dp[0, D] = 0.0
+    dp[0, full] = 0.0
     back_s = np.zeros((S, G + 1, B + 1), dtype=np.int16)
-    back_k = np.zeros((S, G + 1, B + 1), dtype=np.int16)  # 0: full, else K
+    back_a = np.full((S, G + 1, B + 1), -1, dtype=np.int16)  # -1: full, else the action index
     for i in range(1, S):
         new = np.full_like(dp, inf)
-        # full step: from any s
-        if D <= B:
-            prev = dp[:, : B + 1 - D]
-            best_s = prev.argmin(0)
-            new[0, D:] = prev[best_s, np.arange(prev.shape[1])]
-            back_s[i, 0, D:] = best_s
-            back_k[i, 0, D:] = 0
+        prev = dp[:, : B + 1 - full]        # a full step, from any s
+        best_s = prev.argmin(0)
+        new[0, full:] = prev[best_s, np.arange(prev.shape[1])]
+        back_s[i, 0, full:] = best_s
         for s in range(G):
-            for ki, K in enumerate(table.branches):
-                c = 2 * K
-                if c > B:
-                    continue
-                e = W[i, s + 1, ki]
-                if not np.isfinite(e):
+            for j in elig:
+                c = costs[j]
+                e = W[i, s + 1, j]
+                if c > B or not np.isfinite(e):
                     continue
                 cand = dp[s, : B + 1 - c] + e
                 tgt = new[s + 1, c:]
@@ -235,36 +453,206 @@ def choose_schedule(table: ErrorTable, *, speedup: float | None = None, budget: 
                 if better.any():
                     tgt[better] = cand[better]
                     back_s[i, s + 1, c:][better] = s
-                    back_k[i, s + 1, c:][better] = K
+                    back_a[i, s + 1, c:][better] = j
         dp = new
     s_best, b_best = np.unravel_index(np.argmin(dp), dp.shape)
     if not np.isfinite(dp[s_best, b_best]):
-        raise ValueError(f"no schedule of {S} steps fits in {B} {table.unit} with gaps of at most {G} steps "
-                         f"(measure with a larger max_gap, or ask for less speedup)")
-    ks = [0] * S
+        raise ValueError(f"no schedule of {S} steps fits in {B} {'blocks' if cost == 'blocks' else 'time units'} "
+                         f"with gaps of at most {G} steps (measure with a larger max_gap, or ask for less speedup)")
+    entries = [ScheduleEntry(FULL, None, table.timesteps[0])]
+    picks = [-1] * S
     s, b = int(s_best), int(b_best)
     for i in range(S - 1, 0, -1):
-        k = int(back_k[i, s, b])
-        ks[i] = k
+        j = int(back_a[i, s, b])
+        picks[i] = j
         prev_s = int(back_s[i, s, b])
-        b -= D if k == 0 else 2 * k
+        b -= full if j < 0 else costs[j]
         s = prev_s
-    meta = {"made_by": "skipdit_fast.analysis.calibrate", "budget": B, "target_speedup": speedup,
-            "predicted_error": float(dp[s_best, b_best]), "error_model": "sum over cached steps of the RMS "
-            "change of the step's posterior mean, measured on the uncached run", "calibration": table.info}
+    for i in range(1, S):
+        j = picks[i]
+        entries.append(ScheduleEntry(FULL, None, table.timesteps[i]) if j < 0 else
+                       table.actions[j].entry(table.timesteps[i]))
+    meta = {"made_by": "skipdit_fast.analysis.calibrate", "cost": cost, "budget": B, "target_speedup": speedup,
+            "predicted_error": float(dp[s_best, b_best]), "error_model": "sum over non-full steps of the RMS "
+            "change of the step's posterior mean, measured on the uncached run" +
+            (", times the measured amplification of the step" if weighted else ""), "calibration": table.info}
     if name:
         meta["model"] = name
-    sched = CacheSchedule.from_branches(ks, D, table.timesteps, unit=table.unit, meta=meta)
-    assert sched.block_budget <= B
+    sched = CacheSchedule(entries, table.depth, table.unit, meta)
+    if cost == "time":
+        meta["predicted_speedup"] = table.predicted_speedup(sched)
+    assert _cost_of(table, sched, cost) <= B
     return sched
+
+
+# ---- rollouts: the schedules on real sampling runs ----------------------------------------------
+
+class Rollouts:
+    """Samples the calibration run with a schedule and measures its error: RMS of
+    the final latents against the uncached run (same labels, seed, sampler, CFG)."""
+
+    def __init__(self, model, labels=None, *, num_samples=None, steps=50, seed=0, sampler="ddpm",
+                 cfg_scale: float = 1.0):
+        from ..sampling.diffusion import sample
+
+        self._sample = sample
+        self.model = model
+        self.kw = dict(num_samples=num_samples, steps=steps, seed=seed, sampler=sampler, cfg_scale=cfg_scale)
+        self.labels = None if labels is None else list(labels)
+        self.ref = sample(model, self.labels, **self.kw).latents
+        self.count = 0
+        self.seen: dict[str, float] = {}
+
+    def error(self, sched: CacheSchedule) -> float:
+        from ..cache import SkipCache
+
+        key = sched.code
+        if key not in self.seen:
+            got = self._sample(self.model, self.labels, cache=SkipCache(schedule=sched), **self.kw).latents
+            self.seen[key] = float((got.double() - self.ref.double()).pow(2).mean().sqrt())
+            self.count += 1
+        return self.seen[key]
+
+
+def interval_schedules(table: ErrorTable, cost: str, B: int) -> list[tuple[str, CacheSchedule]]:
+    """Every fixed-interval schedule (period N = 2..max_gap+1, one action the cost
+    can price) within the budget."""
+    out = []
+    for a in (table.actions[j] for j in _plan_costs(table, cost)[2]):
+        for N in range(2, table.max_gap + 2):
+            code = "".join("F" if i % N == 0 else a.code for i in range(table.steps))
+            sched = CacheSchedule.from_code(code, table.depth, table.timesteps, unit=table.unit)
+            if _cost_of(table, sched, cost) <= B:
+                out.append((f"interval N={N} {a}", sched))
+    return out
+
+
+def _moves(table: ErrorTable, sched: CacheSchedule, cost: str, B: int, elig: list[int]):
+    """Schedules one move away from sched within the budget, best predicted first."""
+    ents = sched.entries
+    ts = table.timesteps
+    S = len(ents)
+    cands = {}
+
+    def add(new_entries, what):
+        s2 = CacheSchedule(new_entries, table.depth, table.unit)
+        if _cost_of(table, s2, cost) > B:
+            return
+        p = table.predicted_error(s2)
+        if np.isfinite(p) and s2.code not in cands:
+            cands[s2.code] = (p, what, s2)
+
+    acts = [table.actions[j] for j in elig]
+    for i in range(1, S):
+        e = ents[i]
+        if e.kind != FULL:
+            for a in acts:  # another action at step i
+                if a != action_of(e):
+                    add(ents[:i] + [a.entry(ts[i])] + ents[i + 1:], f"step {i}: {a}")
+            add(ents[:i] + [ScheduleEntry(FULL, None, ts[i])] + ents[i + 1:], f"step {i}: full")
+        else:
+            for d in (-1, 1):   # move the full step by one
+                j = i + d
+                if 1 <= j < S and ents[j].kind != FULL:
+                    new = list(ents)
+                    new[i] = ScheduleEntry(ents[j].kind, ents[j].branch, ts[i], ents[j].reuse_outer)
+                    new[j] = ScheduleEntry(FULL, None, ts[j])
+                    add(new, f"full step {i} -> {j}")
+            for a in acts:   # trade it for a cheaper step (frees budget for others)
+                add(ents[:i] + [a.entry(ts[i])] + ents[i + 1:], f"step {i} full -> {a}")
+    return sorted(cands.values(), key=lambda v: v[0])
+
+
+def search_schedule(model, table: ErrorTable, *, speedup: float | None = None, budget: int | None = None,
+                    cost: str | None = None, labels=None, num_samples: int | None = None, seed: int | None = None,
+                    sampler: str | None = None, cfg_scale: float = 1.0, rollouts: int = 64,
+                    name: str | None = None, log=None) -> CacheSchedule:
+    """choose_schedule, checked and improved on real runs (module docstring): the
+    schedule with the least measured error on the calibration run among the planned
+    ones, every fixed-interval one within the budget, and up to `rollouts` local-search
+    moves from the best. labels / num_samples / seed / sampler default to the table's."""
+    if isinstance(rollouts, bool) or int(rollouts) != rollouts or rollouts < 0:
+        raise ValueError(f"rollouts must be an integer >= 0, got {rollouts}")
+    cost = cost or ("time" if table.seconds and budget is None else "blocks")
+    B = _budget(table, cost, speedup, budget)
+    _, _, elig = _plan_costs(table, cost)
+    info = table.info or {}
+    if labels is None and num_samples is None:
+        labels, num_samples = info.get("labels"), (None if info.get("labels") else info.get("samples"))
+    t0 = time.perf_counter()
+    ro = Rollouts(model, labels, num_samples=num_samples, steps=table.steps,
+                  seed=info.get("seed", 0) if seed is None else seed,
+                  sampler=sampler or info.get("sampler", "ddpm"), cfg_scale=cfg_scale)
+    planned = [("plan (weighted)", choose_schedule(table, speedup=speedup, budget=budget, cost=cost)),
+               ("plan (unweighted)", choose_schedule(table, speedup=speedup, budget=budget, cost=cost,
+                                                     weighted=False))]
+    fixed = interval_schedules(table, cost, B)
+    if fixed:  # the fixed intervals that use the budget best (cheaper ones lose to them)
+        top = max(_cost_of(table, s, cost) for _, s in fixed)
+        fixed = [(w, s) for w, s in fixed if _cost_of(table, s, cost) >= 0.75 * top]
+    scored = [(ro.error(s), w, s) for w, s in planned + fixed]
+    scored.sort(key=lambda v: v[0])
+    best_err, best_what, best = scored[0]
+    start = {"what": best_what, "error": best_err}
+    moves_kept = []
+    tried = 0
+    while tried < rollouts:
+        improved = False
+        for _, what, cand in _moves(table, best, cost, B, elig):
+            if tried >= rollouts:
+                break
+            if cand.code in ro.seen:
+                continue
+            tried += 1
+            e = ro.error(cand)
+            if e < best_err:
+                best_err, best = e, cand
+                moves_kept.append(what)
+                improved = True
+                if log:
+                    log(f"  {what}: measured error {e:.4g}")
+                break
+        if not improved:
+            break
+    meta = dict(planned[0][1].meta)
+    meta.update({"measured_error": best_err, "error_metric": "RMS of the final latents against the uncached run "
+                 "on the calibration labels and seed", "start": start, "moves": moves_kept,
+                 "rollouts": ro.count, "search_seconds": time.perf_counter() - t0, "cfg_scale": cfg_scale,
+                 "predicted_error": table.predicted_error(best),
+                 "compared": sorted(({"what": w, "code": s.code, "error": e} for e, w, s in scored),
+                                    key=lambda d: d["error"])[:12]})
+    if cost == "time":
+        meta["predicted_speedup"] = table.predicted_speedup(best)
+    if name:
+        meta["model"] = name
+    best = CacheSchedule([ScheduleEntry(e.kind, e.branch, t, e.reuse_outer) for e, t in
+                          zip(best.entries, table.timesteps)], table.depth, table.unit, meta)
+    assert _cost_of(table, best, cost) <= B
+    return best
 
 
 def calibrate(model, *, speedup: float | None = None, budget: int | None = None, labels=None,
               num_samples: int | None = None, steps: int = 50, seed: int = 0, sampler: str = "ddpm",
-              max_gap: int = 12, branches=None, name: str | None = None) -> CacheSchedule:
-    """measure_errors then choose_schedule (labels default: one per class, at most 10)."""
+              max_gap: int = 12, branches=None, modes: Sequence[str] | None = None, cost: str | None = None,
+              rollouts: int = 64, cfg_scale: float = 1.0, time_batch: int | None = None,
+              name: str | None = None) -> CacheSchedule:
+    """measure_errors, then search_schedule (rollouts > 0) or choose_schedule
+    (rollouts=0). labels default: one per class, at most 10. modes default: every
+    step kind (MODES). cost="blocks" (or budget=) plans in block counts with the
+    plain cached steps only."""
     if labels is None and getattr(model.config, "class_conditional", True):
         labels = list(range(min(10, model.config.num_classes)))
+    if budget is not None or cost == "blocks":
+        if modes is not None and set(modes) != {"cached"}:
+            raise ValueError(f"cost='blocks' (or budget=) plans plain cached steps only, got modes={list(modes)}: "
+                             "hybrid and reuse steps run no blocks, plan them with cost='time'")
+        cost, modes = "blocks", ["cached"]
+    modes = MODES if modes is None else modes
     table = measure_errors(model, labels, num_samples=num_samples, steps=steps, seed=seed, sampler=sampler,
-                           max_gap=max_gap, branches=branches)
-    return choose_schedule(table, speedup=speedup, budget=budget, name=name)
+                           max_gap=max_gap, branches=branches, modes=modes, time_steps=cost != "blocks",
+                           time_batch=time_batch)
+    if rollouts:
+        return search_schedule(model, table, speedup=speedup, budget=budget, cost=cost, labels=labels,
+                               num_samples=num_samples, seed=seed, sampler=sampler, cfg_scale=cfg_scale,
+                               rollouts=rollouts, name=name)
+    return choose_schedule(table, speedup=speedup, budget=budget, cost=cost, name=name)

@@ -1,15 +1,18 @@
-"""`skipdit-fast calibrate`: a Skip-Cache schedule for a speedup target
+"""`skipdit-fast calibrate`: a cache schedule for a speedup target
 (skipdit_fast.analysis.calibrate): one uncached calibration run measures the error of
-caching each step with each K after each gap, then the least-error schedule within
-the block budget is written as a schedule file for `skipdit-fast sample
---cache-schedule FILE`, SkipCache(schedule=FILE) or enable_skip_cache(schedule=FILE).
+each step kind (cached with K, hybrid with K, FORA-style reuse) at each step after
+each gap, and the time of each kind is measured; the least-error schedule within the
+time budget is planned, then checked and improved on real sampling runs of the
+calibration labels (--rollouts), and written as a schedule file for `skipdit-fast
+sample --cache-schedule FILE`, SkipCache(schedule=FILE) or enable_skip_cache(schedule=FILE).
 
     skipdit-fast calibrate --model tiny-skipdit --speedup 2.5 --out sched.json
-    skipdit-fast calibrate --model DiT-XL/2-skip --ckpt DiT-XL-2-skip.pt --steps 250 --speedup 2 --out s.json
+    skipdit-fast calibrate --model DiT-XL/2-skip --ckpt DiT-XL-2-skip.pt --steps 250 --speedup 2 \
+        --cfg-scale 4 --out s.json
 
-The speedup is the block-count (ideal) one: the budget is steps * depth / speedup
-blocks (--budget gives it directly); the measured time ratio is lower by what the
-embedding, the head and the sampler cost.
+--speedup is a measured-time target (uncached step time * steps / planned time) on
+this device at --time-batch samples: calibrate where you sample. --cost blocks (or
+--budget N blocks) plans in block counts with plain cached steps only.
 """
 
 from __future__ import annotations
@@ -29,8 +32,20 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    "name such as DiT-XL/2-skip / Latte-XL/2-skip with --ckpt (default tiny-skipdit)")
     p.add_argument("--ckpt", help="checkpoint of a non-shipped --model")
     what = p.add_mutually_exclusive_group(required=True)
-    what.add_argument("--speedup", type=float_range(1.0), help="target block-count speedup (>= 1)")
-    what.add_argument("--budget", type=positive_int, help="target: at most this many blocks (units) per run")
+    what.add_argument("--speedup", type=float_range(1.0), help="target speedup (>= 1): measured time, or block "
+                      "count with --cost blocks")
+    what.add_argument("--budget", type=positive_int, help="target: at most this many blocks (units) per run "
+                      "(plans in blocks, plain cached steps only)")
+    p.add_argument("--cost", choices=("time", "blocks"), default="time", help="plan in measured step time (default; "
+                   "every step kind) or in block counts (plain cached steps only)")
+    p.add_argument("--modes", choices=("cached", "hybrid", "reuse"), nargs="+",
+                   help="the step kinds to consider (default all three; --cost blocks: cached only)")
+    p.add_argument("--rollouts", type=nonneg_int, default=48, help="local-search sampling runs that check and improve "
+                   "the plan (default 48; 0: the plan of the error model alone)")
+    p.add_argument("--cfg-scale", type=float_range(1.0), default=1.0, help="classifier-free guidance of the "
+                   "checking runs (default 1; the error table is measured without)")
+    p.add_argument("--time-batch", type=positive_int, help="batch the step times are measured at (default: the "
+                   "calibration batch); use the batch you sample with")
     p.add_argument("--steps", type=steps_int, default=50, help="sampling steps the schedule is for (default 50)")
     p.add_argument("--sampler", choices=("ddpm", "ddim"), default="ddpm")
     p.add_argument("--classes", type=nonneg_int, nargs="+", help="calibration labels (default: one per class, at most 10)")
@@ -61,7 +76,7 @@ def _load(name: str, ckpt: str | None, device):
 
 
 def main(args: argparse.Namespace) -> int:
-    from ..analysis.calibrate import choose_schedule, measure_errors
+    from ..analysis.calibrate import calibrate
 
     def fail(msg: str) -> int:
         print(f"skipdit-fast calibrate: {msg}", file=sys.stderr)
@@ -92,13 +107,18 @@ def main(args: argparse.Namespace) -> int:
         labels, kw = None, {"num_samples": args.num_samples}
     t0 = time.perf_counter()
     try:
-        table = measure_errors(model, labels, steps=args.steps, seed=args.seed, sampler=args.sampler,
-                               max_gap=args.max_gap, branches=args.branches, **kw)
-        sched = choose_schedule(table, speedup=args.speedup, budget=args.budget, name=args.model)
+        sched = calibrate(model, speedup=args.speedup, budget=args.budget, labels=labels, steps=args.steps,
+                          seed=args.seed, sampler=args.sampler, max_gap=args.max_gap, branches=args.branches,
+                          modes=args.modes, cost=args.cost, rollouts=args.rollouts, cfg_scale=args.cfg_scale,
+                          time_batch=args.time_batch, name=args.model, **kw)
     except ValueError as e:
         return fail(str(e))
-    sched.meta["calibration_seconds"] = time.perf_counter() - t0
+    m = sched.meta
+    m["calibration_seconds"] = time.perf_counter() - t0
     sched.save(args.out)
-    print(f"{args.model}: {sched} ; predicted error {sched.meta['predicted_error']:.4g} "
-          f"(calibrated in {sched.meta['calibration_seconds']:.1f} s); wrote {args.out}")
+    extra = f", predicted speedup {m['predicted_speedup']:.2f}x" if "predicted_speedup" in m else ""
+    if "measured_error" in m:
+        extra += f", calibration-run RMS error {m['measured_error']:.4g} ({m['rollouts']} runs)"
+    print(f"{args.model}: {sched} ; predicted error {m['predicted_error']:.4g}{extra} "
+          f"(calibrated in {m['calibration_seconds']:.1f} s); wrote {args.out}")
     return 0

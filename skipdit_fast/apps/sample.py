@@ -60,8 +60,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="Skip-Cache branch K (default: the model's official one, DiT 4 blocks, Latte 1 pair)")
     p.add_argument("--cache-threshold", type=nonneg_float, help="adaptive Skip-Cache: recompute above this cache_delta")
     p.add_argument("--cache-schedule", metavar="FILE",
-                   help="Skip-Cache with a schedule file (skipdit-fast calibrate writes one): per step full or "
-                   "cached with its K, in place of --cache-interval / --cache-branch")
+                   help="Skip-Cache with a schedule file (skipdit-fast calibrate writes one): per step full, "
+                   "cached or hybrid with its K, or reuse, in place of --cache-interval / --cache-branch")
     p.add_argument("--seed", type=nonneg_int, default=0)
     p.add_argument("--device", type=device_arg, default="auto", help="cpu, cuda, cuda:N or auto")
     p.add_argument("--dtype", choices=tuple(DTYPES), default=None, help="default: bf16 on CUDA, fp32 on CPU")

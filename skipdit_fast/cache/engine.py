@@ -49,9 +49,12 @@ Beyond the official code:
   per step call `kind = cache.step(t, model)` and replay graphs[kind];
 - a per-run report(): steps full / cached, blocks run, estimated FLOPs saved;
 - a schedule (schedule=CacheSchedule or a schedule file, cache/schedule.py): forward
-  call i of a run is full or cached with the branch K its entry i says, in place of
-  interval / start / stop (a full step keeps the input of block depth-K for every K
-  the schedule uses); `skipdit-fast calibrate` writes one;
+  call i of a run is what its entry i says, in place of interval / start / stop: full,
+  cached with a branch K (plain or hybrid), or a FORA-style reuse step (every block
+  reuses its kept attention / MLP output; the report's kinds say "reuse"); a full step
+  keeps the input of block depth-K for every K the schedule uses, and every block's
+  attention / MLP output when it has hybrid or reuse steps; `skipdit-fast calibrate`
+  writes one, chosen per step from measured errors and measured step times;
 - hybrid mode (reuse_outer=True, cache/reuse.py): on a cached step the outer blocks
   reuse their attention and MLP outputs from the last full step (FORA-style), so a
   cached step runs no attention or MLP; the report counts 0 blocks for it.
@@ -74,7 +77,7 @@ from .. import ops
 from . import checks
 from .runs import RunTracker
 
-FULL, CACHED = "full", "cached"
+FULL, CACHED, REUSE = "full", "cached", "reuse"
 
 
 @runtime_checkable
@@ -197,6 +200,9 @@ class SkipCache:
         self.reuse_outer = bool(reuse_outer)       # hybrid mode: cache/reuse.py
         if self.reuse_outer and (threshold is not None or static):
             raise ValueError("reuse_outer (the hybrid mode) takes no threshold and no static=True")
+        # full steps keep every block's attention / MLP output (hybrid or reuse steps follow)
+        self._keeps_outputs = self.reuse_outer or (self.schedule is not None and self.schedule.needs_reuse)
+        self._hybrid = self.reuse_outer          # the current cached step reuses its outer blocks' outputs
         self.interval, self.branch = interval, branch
         self._k = self.branch                   # K of the current step
         self.start, self.stop = checks.timestep_bound("start", start), checks.timestep_bound("stop", stop)
@@ -245,7 +251,7 @@ class SkipCache:
         if not self.static:
             self._buf = self._ref = None
         self._bufs: dict[int, torch.Tensor] = {}  # schedule: K -> input of block depth-K
-        if self.reuse_outer:
+        if self._keeps_outputs:
             from .reuse import OuterReuse
 
             self._reuse = OuterReuse()
@@ -282,9 +288,11 @@ class SkipCache:
     def _plan(self, t: float) -> str:
         """FULL, CACHED, or (adaptive) 'check': run the shallow blocks, then decide."""
         self._k = self.branch
+        self._hybrid = self.reuse_outer
         if self.schedule is not None:
             e = self.schedule.check_step(self._report.steps, t)
             self._k = e.branch or self.branch
+            self._hybrid = self.reuse_outer or e.reuse_outer
             return e.kind
         if not self._valid or t >= self.start:
             return FULL
@@ -310,8 +318,9 @@ class SkipCache:
             self._cached_in_row = 0
         else:
             r.cached_steps += 1
-            r.blocks_run += 0 if self.reuse_outer else 2 * K  # hybrid: no attention / MLP runs
-            if flops is not None and not self.reuse_outer:
+            plain = kind == CACHED and not self._hybrid   # hybrid and reuse: no attention / MLP runs
+            r.blocks_run += 2 * K if plain else 0
+            if flops is not None and plain:
                 r.flops_run += sum(flops[:K]) + sum(flops[depth - K:])
             self._cached_in_row += 1
         self._counter += 1
@@ -373,10 +382,13 @@ class SkipCache:
         depth = model.depth
         kind = self._begin(model, h, t)
         K = self._k
-        if self.reuse_outer:
+        reusing = self._keeps_outputs and (kind == FULL or kind == REUSE or self._hybrid)
+        if reusing:  # keep the outputs (full step) or reuse them
             self._reuse.attach(state, kind == FULL)
         if kind == FULL:
             out = self._full(model, h, state, K, depth)
+        elif kind == REUSE:  # FORA-style: every block on its kept attention / MLP outputs
+            out = model.run_blocks(h, 0, depth, state)
         elif kind == CACHED:
             if (self._bufs.get(K) if self.schedule is not None else self._buf) is None:
                 raise RuntimeError("SkipCache: a cached step with nothing cached (capture a full step first)")
@@ -390,7 +402,7 @@ class SkipCache:
             else:
                 kind = CACHED
                 out = model.run_blocks(self._buf, depth - K, depth, state)
-        if self.reuse_outer:
+        if reusing:
             self._reuse.detach(state)
         self._end(kind, model, h)
         return out

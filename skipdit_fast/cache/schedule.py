@@ -1,37 +1,58 @@
-"""Cache schedules: per sampling step, full or cached and with which branch K.
+"""Cache schedules: per sampling step, full, cached with which branch K (plain or
+hybrid), or FORA-style reuse.
 
     sched = CacheSchedule.from_branches([0, 2, 2, 0, 1, 1, 1, 0], depth=12)   # 0: full
+    sched = CacheSchedule.from_code("F22F1a1RF", depth=12)  # F full, 1-9 cached K, a-i hybrid K, R reuse
     sched.block_budget          # blocks a run with it runs: 12 + 4 + 4 + 12 + 2 + 2 + 2 + 12
     sched.save("sched.json")    # versioned JSON, written atomically
     cache = SkipCache(schedule="sched.json")   # or schedule=sched
 
 A schedule replaces SkipCache's interval / start / stop decisions: forward call i of
-a run is full or cached as entry i says (cached: blocks 0..K-1 and depth-K..depth-1,
-the input of block depth-K from the last full step). Step 0 must be full (nothing is
-cached before it). `skipdit-fast calibrate` (skipdit_fast.analysis.calibrate) writes
-one chosen from measured per-step errors under a block budget.
+a run does what entry i says. Step 0 must be full (nothing is cached before it).
+The step kinds are the modes of the one engine (cache/engine.py):
 
-File format (version 1):
+- "full": every block runs; it keeps the input of block depth-K for every K the
+  schedule's cached steps use and, when the schedule has hybrid or reuse steps, every
+  block's attention and MLP output (cache/reuse.py);
+- "cached" with branch K: Skip-Cache, blocks 0..K-1 and depth-K..depth-1 run, block
+  depth-K taking the kept input: 2K blocks; with "reuse_outer": true (hybrid) those
+  2K blocks also reuse their kept attention / MLP outputs, so no attention or MLP runs;
+- "reuse": FORA-style, every block reuses its kept attention and MLP outputs and runs
+  only its cheap parts (adaLN modulation, gates, residuals; the long-skip merges run).
 
-    {"format": "skipdit-fast-cache-schedule", "version": 1,
+Block counts (block_budget, SkipCacheReport.blocks_run) count the blocks whose
+attention and MLP ran: hybrid and reuse steps count 0, as the FORA baseline does; what
+such a step costs in time is measured by the calibration (analysis/calibrate.py), which
+plans in measured time. `skipdit-fast calibrate` writes a schedule.
+
+File format (version 2; version 1 files, without reuse steps, still load):
+
+    {"format": "skipdit-fast-cache-schedule", "version": 2,
      "depth": 12, "unit": "blocks", "steps": 50,
-     "entries": [{"kind": "full", "t": 999}, {"kind": "cached", "branch": 2, "t": 979}, ...],
+     "entries": [{"kind": "full", "t": 999}, {"kind": "cached", "branch": 2, "t": 979},
+                 {"kind": "cached", "branch": 1, "reuse_outer": true, "t": 959},
+                 {"kind": "reuse", "t": 939}, ...],
      "meta": {...}}                    # free-form: how it was made (calibrate writes its numbers)
 
-"t" (optional, per entry) is the timestep the sampler gives that step; when present
-the engine checks it, so a schedule made for 50 DDPM steps refuses a 100-step run at
-its first differing step instead of caching the wrong steps.
+A schedule without hybrid or reuse steps is written as version 1 (older readers load
+it). "t" (optional, per entry) is the timestep the sampler gives that step; when
+present the engine checks it, so a schedule made for 50 DDPM steps refuses a 100-step
+run at its first differing step instead of caching the wrong steps.
 """
 
 from __future__ import annotations
 
 import json
 import os
+import re
 from dataclasses import dataclass, field
 from typing import Any, Sequence
 
-FORMAT, VERSION = "skipdit-fast-cache-schedule", 1
-FULL, CACHED = "full", "cached"
+FORMAT, VERSION = "skipdit-fast-cache-schedule", 2
+READS = (1, 2)                       # the file versions this module loads
+FULL, CACHED, REUSE = "full", "cached", "reuse"
+KINDS = (FULL, CACHED, REUSE)
+_TOKEN = re.compile(r"F|R|[1-9]|[a-i]|\((h?)(\d+)\)")
 
 
 class ScheduleError(ValueError):
@@ -40,12 +61,28 @@ class ScheduleError(ValueError):
 
 @dataclass(frozen=True)
 class ScheduleEntry:
-    kind: str                   # "full" or "cached"
+    kind: str                   # "full", "cached" or "reuse"
     branch: int | None = None   # K of a cached step
     t: float | None = None      # the timestep of this step, if known
+    reuse_outer: bool = False   # a cached step in the hybrid mode
 
     def blocks(self, depth: int) -> int:
-        return depth if self.kind == FULL else 2 * int(self.branch)
+        """Blocks whose attention and MLP run (hybrid and reuse steps: none)."""
+        if self.kind == FULL:
+            return depth
+        return 0 if self.kind == REUSE or self.reuse_outer else 2 * int(self.branch)
+
+    @property
+    def code(self) -> str:
+        """One token of CacheSchedule.code: F, R, K (1-9 or (K)), hybrid a-i or (hK)."""
+        if self.kind == FULL:
+            return "F"
+        if self.kind == REUSE:
+            return "R"
+        k = int(self.branch)
+        if k <= 9:
+            return chr(ord("a") + k - 1) if self.reuse_outer else str(k)
+        return f"(h{k})" if self.reuse_outer else f"({k})"
 
 
 def _int(value, where: str, lo: int, hi: int | None = None) -> int:
@@ -84,6 +121,35 @@ class CacheSchedule:
         return cls(entries, depth, **kwargs)
 
     @classmethod
+    def from_code(cls, code: str, depth: int, timesteps: Sequence[float] | None = None,
+                  **kwargs) -> "CacheSchedule":
+        """From the compact form repr() and .code show: per step F (full), R (reuse),
+        1-9 (cached with that K), a-i (hybrid with K 1-9), (K) / (hK) for K >= 10."""
+        if not isinstance(code, str):
+            raise ScheduleError(f"code must be a string, got {type(code).__name__}")
+        entries, pos = [], 0
+        while pos < len(code):
+            m = _TOKEN.match(code, pos)
+            if m is None:
+                raise ScheduleError(f"code: unexpected {code[pos]!r} at position {pos} (F, R, 1-9, a-i, (K), (hK))")
+            tok, pos = m.group(0), m.end()
+            if tok == "F":
+                entries.append(ScheduleEntry(FULL))
+            elif tok == "R":
+                entries.append(ScheduleEntry(REUSE))
+            elif tok.isdigit():
+                entries.append(ScheduleEntry(CACHED, int(tok)))
+            elif tok.isalpha():
+                entries.append(ScheduleEntry(CACHED, ord(tok) - ord("a") + 1, reuse_outer=True))
+            else:
+                entries.append(ScheduleEntry(CACHED, int(m.group(2)), reuse_outer=bool(m.group(1))))
+        if timesteps is not None:
+            if len(timesteps) != len(entries):
+                raise ScheduleError(f"timesteps has {len(timesteps)} values for {len(entries)} steps")
+            entries = [ScheduleEntry(e.kind, e.branch, float(t), e.reuse_outer) for e, t in zip(entries, timesteps)]
+        return cls(entries, depth, **kwargs)
+
+    @classmethod
     def full(cls, steps: int, depth: int, **kwargs) -> "CacheSchedule":
         return cls.from_branches([0] * steps, depth, **kwargs)
 
@@ -99,12 +165,22 @@ class CacheSchedule:
 
     @property
     def branches(self) -> list[int]:
-        return [0 if e.kind == FULL else int(e.branch) for e in self.entries]
+        """Per step: 0 full or reuse, else the K of the cached step."""
+        return [int(e.branch) if e.kind == CACHED else 0 for e in self.entries]
+
+    @property
+    def code(self) -> str:
+        return "".join(e.code for e in self.entries)
 
     @property
     def used_branches(self) -> list[int]:
         """The K of the cached steps, sorted (the tensors a full step keeps)."""
         return sorted({e.branch for e in self.entries if e.kind == CACHED})
+
+    @property
+    def needs_reuse(self) -> bool:
+        """Whether full steps keep every block's attention / MLP output (hybrid or reuse steps)."""
+        return any(e.kind == REUSE or e.reuse_outer for e in self.entries)
 
     @property
     def max_branch(self) -> int:
@@ -124,7 +200,7 @@ class CacheSchedule:
         return sum(e.kind == FULL for e in self.entries)
 
     def __repr__(self) -> str:
-        s = "".join("F" if k == 0 else str(k) for k in self.branches)
+        s = self.code
         return (f"CacheSchedule({self.steps} steps, {self.full_steps} full, {self.unit} {self.block_budget}/"
                 f"{self.steps * self.depth} (ideal {self.ideal_speedup:.2f}x): {s})")
 
@@ -135,12 +211,17 @@ class CacheSchedule:
         if not isinstance(self.unit, str):
             raise ScheduleError(f"unit must be a string, got {self.unit!r}")
         for i, e in enumerate(self.entries):
-            if e.kind not in (FULL, CACHED):
-                raise ScheduleError(f"entries[{i}].kind must be 'full' or 'cached', got {e.kind!r}")
+            if e.kind not in KINDS:
+                raise ScheduleError(f"entries[{i}].kind must be 'full', 'cached' or 'reuse', got {e.kind!r}")
+            if not isinstance(e.reuse_outer, bool):
+                raise ScheduleError(f"entries[{i}].reuse_outer must be true or false, got {e.reuse_outer!r}")
             if e.kind == CACHED:
                 _int(e.branch, f"entries[{i}].branch", 1, self.depth // 2)
-            elif e.branch is not None:
-                raise ScheduleError(f"entries[{i}].branch: a full step takes no branch, got {e.branch!r}")
+            else:
+                if e.branch is not None:
+                    raise ScheduleError(f"entries[{i}].branch: a {e.kind} step takes no branch, got {e.branch!r}")
+                if e.reuse_outer:
+                    raise ScheduleError(f"entries[{i}].reuse_outer: only a cached step has it (a {e.kind} step)")
         if self.entries[0].kind != FULL:
             raise ScheduleError("entries[0].kind must be 'full': nothing is cached before the first step")
 
@@ -174,10 +255,13 @@ class CacheSchedule:
             d: dict[str, Any] = {"kind": e.kind}
             if e.kind == CACHED:
                 d["branch"] = int(e.branch)
+            if e.reuse_outer:
+                d["reuse_outer"] = True
             if e.t is not None:
                 d["t"] = e.t
             ents.append(d)
-        return {"format": FORMAT, "version": VERSION, "depth": self.depth, "unit": self.unit, "steps": self.steps,
+        version = VERSION if self.needs_reuse else 1   # what older readers can load, they get
+        return {"format": FORMAT, "version": version, "depth": self.depth, "unit": self.unit, "steps": self.steps,
                 "entries": ents, "meta": self.meta}
 
     @classmethod
@@ -186,9 +270,9 @@ class CacheSchedule:
             raise ScheduleError(f"{source}: expected a JSON object, got {type(d).__name__}")
         if d.get("format") != FORMAT:
             raise ScheduleError(f"{source}: format must be {FORMAT!r}, got {d.get('format')!r}")
-        if d.get("version") != VERSION:
-            raise ScheduleError(f"{source}: version must be {VERSION} (this skipdit_fast reads version {VERSION}), "
-                                f"got {d.get('version')!r}")
+        if d.get("version") not in READS or isinstance(d.get("version"), bool):
+            raise ScheduleError(f"{source}: version must be one of {list(READS)} (the versions this skipdit_fast "
+                                f"reads), got {d.get('version')!r}")
         for key in ("depth", "entries"):
             if key not in d:
                 raise ScheduleError(f"{source}: missing field {key!r}")
@@ -199,13 +283,16 @@ class CacheSchedule:
         for i, e in enumerate(ents):
             if not isinstance(e, dict) or "kind" not in e:
                 raise ScheduleError(f"{source}: entries[{i}] must be an object with a 'kind', got {e!r}")
-            unknown = set(e) - {"kind", "branch", "t"}
+            unknown = set(e) - {"kind", "branch", "t", "reuse_outer"}
             if unknown:
                 raise ScheduleError(f"{source}: entries[{i}] has unknown fields {sorted(unknown)}")
+            if d["version"] == 1 and (e.get("kind") == REUSE or "reuse_outer" in e):
+                raise ScheduleError(f"{source}: entries[{i}]: reuse steps and reuse_outer need version 2")
             t = e.get("t")
             if t is not None and (isinstance(t, bool) or not isinstance(t, (int, float)) or t < 0):
                 raise ScheduleError(f"{source}: entries[{i}].t must be a number >= 0, got {t!r}")
-            entries.append(ScheduleEntry(e["kind"], e.get("branch"), None if t is None else float(t)))
+            entries.append(ScheduleEntry(e["kind"], e.get("branch"), None if t is None else float(t),
+                                         e.get("reuse_outer", False)))
         if "steps" in d and d["steps"] != len(entries):
             raise ScheduleError(f"{source}: steps is {d['steps']!r} but entries has {len(entries)}")
         meta = d.get("meta", {})

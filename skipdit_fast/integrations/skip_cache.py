@@ -71,8 +71,9 @@ def enable_skip_cache(target, interval: int = 2, branch: int | None = None, *, s
     start / stop / strict_stop / threshold: SkipCache's arguments, those left at None
     the model's official ones (SkipCache.for_model: DiT branch 4, start 1000, stop 20;
     Latte branch 1 pair, start 900, stop 50 strict), or pass a ready `cache`. schedule:
-    a CacheSchedule or a schedule file (skipdit-fast calibrate): per step full or
-    cached with its K, in place of interval / branch / start / stop. auto_reset: a
+    a CacheSchedule or a schedule file (skipdit-fast calibrate): per step full,
+    cached or hybrid with its K, or reuse (hybrid and reuse steps need a model whose
+    blocks run through BlockState.block: ours), in place of interval / branch / start / stop. auto_reset: a
     forward whose timestep is above the previous one, or the first after a forward
     that raised, starts a new sampling run (a pipeline's set_timesteps always does);
     a run that would reuse another's features otherwise is a SkipCacheRunError.
