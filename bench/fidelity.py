@@ -58,6 +58,7 @@ if str(ROOT) not in sys.path:
 from skipdit_fast import SkipCache  # noqa: E402
 from skipdit_fast.files import atomic_path, save_figure, write_atomic  # noqa: E402
 from skipdit_fast.cache.baselines import CachedModel, ForaCache  # noqa: E402
+from skipdit_fast.cache.schedule import CacheSchedule  # noqa: E402
 from skipdit_fast.sampling.diffusion import sample  # noqa: E402
 from skipdit_fast.data.digits import digits, split, to_unit  # noqa: E402
 from skipdit_fast.data.moving_digits import clip_split, moving_digits  # noqa: E402
@@ -422,46 +423,70 @@ PARETO_COLORS = {"skipdit+calibrated": "tab:red", "skipdit+skipcache": "tab:pink
                  "dit+fbcache": "tab:cyan", "dit+split": "tab:green"}
 
 
-def pareto_configs(args, calibrated: dict) -> list[tuple[str, str, str, object]]:
+# per kind: (vanilla model, skip model), method prefixes, Skip-Cache (N, K), hybrid (N, K), branches
+PARETO_STUDIES = {
+    "image": dict(pair=PAIRS["image"], prefix=("dit", "skipdit"), what=("DiT", "Skip-DiT"), unit="blocks",
+                  skipcache=((2, 1), (2, 2), (2, 3), (3, 1), (3, 2), (4, 1), (4, 2), (6, 1), (8, 1), (10, 1)),
+                  hybrid=((2, 2), (3, 1), (3, 2), (4, 1), (4, 2), (6, 2)), branches=[1, 2, 3], adaptive=True,
+                  per_class=3, classifier=None),
+    "video": dict(pair=PAIRS["video"], prefix=("latte", "latteskip"), what=("Latte", "Latte-skip"),
+                  unit="block pairs", skipcache=((2, 1), (2, 2), (3, 1), (4, 1), (6, 1)),
+                  hybrid=((2, 1), (3, 1), (4, 1), (6, 1)), branches=[1, 2], adaptive=False, per_class=2,
+                  classifier="frames"),
+}
+
+
+def pareto_configs(args, calibrated: dict, kind: str = "image") -> list[tuple[str, str, str, object]]:
     """(method, model, label, cache factory) for every setting of the study."""
     from skipdit_fast.cache.baselines import FirstBlockCache
 
+    st = PARETO_STUDIES[kind]
+    (van, sk), (pv, ps) = st["pair"], st["prefix"]
     cfgs = []
-    for n, k in ((2, 1), (2, 2), (2, 3), (3, 1), (3, 2), (4, 1), (4, 2), (6, 1), (8, 1), (10, 1)):
-        cfgs.append(("skipdit+skipcache", "tiny-skipdit", f"N={n} K={k}",
+    for n, k in st["skipcache"]:
+        cfgs.append((f"{ps}+skipcache", sk, f"N={n} K={k}",
                      lambda m, n=n, k=k: SkipCache.for_model(m, interval=n, branch=k)))
-    for n, k in ((2, 2), (3, 1), (3, 2), (4, 1), (4, 2), (6, 2)):
-        cfgs.append(("skipdit+hybrid", "tiny-skipdit", f"N={n} K={k}",
+    for n, k in st["hybrid"]:
+        cfgs.append((f"{ps}+hybrid", sk, f"N={n} K={k}",
                      lambda m, n=n, k=k: SkipCache.for_model(m, interval=n, branch=k, reuse_outer=True)))
-    for th in (0.3, 0.4, 0.55, 0.8):
-        cfgs.append(("skipdit+adaptive", "tiny-skipdit", f"thr={th} K=1",
+    for th in ((0.3, 0.4, 0.55, 0.8) if st["adaptive"] else ()):
+        cfgs.append((f"{ps}+adaptive", sk, f"thr={th} K=1",
                      lambda m, th=th: SkipCache.for_model(m, interval=10, branch=1, threshold=th)))
-    for name, mname in (("dit+fora", "tiny-dit"), ("skipdit+fora", "tiny-skipdit")):
+    for name, mname in ((f"{pv}+fora", van), (f"{ps}+fora", sk)):
         for n in (2, 3, 4, 5, 6):
             cfgs.append((name, mname, f"N={n}", lambda m, n=n: ForaCache(n)))
-    for name, mname in (("dit+fbcache", "tiny-dit"), ("skipdit+fbcache", "tiny-skipdit")):
+    for name, mname in ((f"{pv}+fbcache", van), (f"{ps}+fbcache", sk)):
         for th in (0.15, 0.2, 0.3, 0.45):
             cfgs.append((name, mname, f"thr={th}", lambda m, th=th: FirstBlockCache(th)))
     for target, sched in calibrated.items():
-        cfgs.append(("skipdit+calibrated", "tiny-skipdit", f"target={target}x",
+        cfgs.append((f"{ps}+calibrated", sk, f"target={target}x",
                      lambda m, sched=sched: SkipCache(schedule=sched)))
     return cfgs
 
 
-def run_pareto(args) -> dict:
-    from skipdit_fast.analysis.calibrate import choose_schedule, measure_errors
-    from skipdit_fast.cache.schedule import CacheSchedule
+def _color(method: str):
+    """The image study's colour of a method (video prefixes mapped onto it)."""
+    return PARETO_COLORS.get(method.replace("latteskip+", "skipdit+").replace("latte+", "dit+"))
 
+
+def run_pareto(args) -> dict:
+    from skipdit_fast.analysis.calibrate import MODES, measure_errors, search_schedule
+
+    kind = "video" if args.video else "image"
+    pst = PARETO_STUDIES[kind]
+    skip_name = pst["pair"][1]
     torch.manual_seed(0)
-    clf = DigitClassifier.load(None)
-    real, real_y, tr, te = real_data("image", clf)
-    real_feats = clf.features(real)
+    clf = DigitClassifier.load(frame_classifier_path() if pst["classifier"] == "frames" else None)
+    real, real_y, tr, te = real_data(kind, clf)
+    real_feats = clf.features(as_images(real))
     labels = torch.arange(10).repeat(args.per_class)
-    models = {name: CachedModel(load_pretrained(name)) for name in PAIRS["image"]}
-    out = {"settings": {"kind": "image-pareto", "steps": args.steps, "sampler": "ddpm", "samples": len(labels),
+    models = {name: CachedModel(load_pretrained(name)) for name in pst["pair"]}
+    out = {"settings": {"kind": f"{kind}-pareto", "models": list(pst["pair"]), "what": list(pst["what"]),
+                        "unit": pst["unit"], "steps": args.steps, "sampler": "ddpm", "samples": len(labels),
                         "seeds": args.seeds, "repeats": args.repeats, "threads": torch.get_num_threads(),
-                        "calibration": {"seed": 1000, "labels": list(range(10)), "max_gap": 12,
-                                        "branches": [1, 2, 3], "targets": args.targets}},
+                        "calibration": {"seed": 1000, "labels": list(range(10)) * 2, "max_gap": 12,
+                                        "branches": pst["branches"], "modes": list(MODES), "rollouts": args.rollouts,
+                                        "time_batch": len(labels), "targets": args.targets}},
            "machine_start": machine_info(), "torch": torch.__version__, "baselines": {}, "runs": []}
     t0 = time.perf_counter()
     c0 = time.process_time()
@@ -471,9 +496,11 @@ def run_pareto(args) -> dict:
         out["calibration_wall_s"], out["calibration_cpu_s"] = prev["calibration_wall_s"], prev["calibration_cpu_s"]
         out["settings"]["calibration"]["from"] = str(args.schedules)
     else:
-        table = measure_errors(models["tiny-skipdit"].model, list(range(10)), steps=args.steps, seed=1000,
-                               max_gap=12, branches=[1, 2, 3])
-        calibrated = {t: choose_schedule(table, speedup=t, name="tiny-skipdit") for t in args.targets}
+        skipm = models[skip_name].model
+        table = measure_errors(skipm, list(range(10)) * 2, steps=args.steps, seed=1000, max_gap=12,
+                               branches=pst["branches"], time_batch=len(labels))
+        calibrated = {t: search_schedule(skipm, table, speedup=t, rollouts=args.rollouts, name=skip_name)
+                      for t in args.targets}
         out["calibration_wall_s"], out["calibration_cpu_s"] = time.perf_counter() - t0, time.process_time() - c0
     out["schedules"] = {str(t): s.to_dict() for t, s in calibrated.items()}
     print(f"calibrated in {out['calibration_wall_s']:.1f} s: " +
@@ -488,7 +515,7 @@ def run_pareto(args) -> dict:
             out["baselines"][f"{name} seed={seed}"] = {"model": name, "seed": seed, "wall_s": r.seconds, "cpu_s": cpu,
                                                       **scores(clf, real_feats, r.latents, labels)}
             print(f"{name} seed {seed} uncached: {r.seconds:.2f} s wall, {cpu:.2f} s CPU", flush=True)
-    for method, mname, label, make in pareto_configs(args, calibrated):
+    for method, mname, label, make in pareto_configs(args, calibrated, kind):
         m = models[mname]
         for seed in args.seeds:
             cache = make(m)
@@ -508,7 +535,7 @@ def run_pareto(args) -> dict:
                    "cpu_s": cpu, "speedup_wall": bw / r.seconds, "speedup_cpu": bc / cpu,
                    "block_ratio": blocks, "full_steps": rep.full_steps, "cached_steps": rep.cached_steps,
                    "psnr": psnr(to_unit(bx), to_unit(r.latents)),
-                   "ssim": ssim(to_unit(bx), to_unit(r.latents)), **scores(clf, real_feats, r.latents, labels)}
+                   "ssim": ssim(as_images(to_unit(bx)), as_images(to_unit(r.latents))), **scores(clf, real_feats, r.latents, labels)}
             out["runs"].append(row)
         rows = [x for x in out["runs"] if x["method"] == method and x["setting"] == label]
         print(f"{method:18s} {label:14s}: speedup {np.mean([x['speedup_cpu'] for x in rows]):.2f}x CPU "
@@ -562,14 +589,16 @@ def pareto_plot(points, res, out: Path) -> str:
             ps = sorted((p for p in points if p["method"] == m), key=lambda p: p["speedup_cpu"])
             ax.errorbar([p["speedup_cpu"] for p in ps], [p[ykey] for p in ps],
                         xerr=[p["speedup_cpu_std"] for p in ps], yerr=[p[ykey + "_std"] for p in ps],
-                        color=PARETO_COLORS.get(m), label=m, fmt="o" if m.startswith("dit") else "^", ms=4,
-                        lw=0.8, capsize=2, ls="-" if m in ("skipdit+calibrated", "dit+fora") else ":")
+                        color=_color(m), label=m, fmt="o" if m.startswith(("dit+", "latte+")) else "^", ms=4,
+                        lw=0.8, capsize=2, ls="-" if m.endswith("+calibrated") or m in ("dit+fora", "latte+fora")
+                        else ":")
         ax.set_xlabel("measured speedup (process CPU time ratio)")
         ax.set_ylabel(ylabel)
         ax.grid(alpha=0.3)
     axes[0].legend(fontsize=7)
     st = res["settings"]
-    fig.suptitle(f"tiny DiT / Skip-DiT on digits, DDPM {st['steps']} steps, {st['samples']} samples x "
+    what = st.get("what", ["DiT", "Skip-DiT"])
+    fig.suptitle(f"tiny {what[0]} / {what[1]} on {'moving ' if st['kind'].startswith('video') else ''}digits, DDPM {st['steps']} steps, {st['samples']} samples x "
                  f"{len(st['seeds'])} seeds (mean +- std over seeds)")
     fig.tight_layout()
     p = out / "pareto.png"
@@ -585,16 +614,21 @@ def pareto_readme(res, points, table_cpu, table_blocks) -> str:
          f"Generated by `bench/fidelity.py --pareto` on {res['machine_start'].get('cpu_model', '?')} "
          f"({res['machine_start']['cpus']} cores, {st['threads']} torch threads; shared with other jobs, load "
          f"average {res['machine_start'].get('load_average')} at start, {res['machine_end'].get('load_average')} "
-         f"at end), torch {res['torch']}. Shipped tiny DiT and Skip-DiT, DDPM {st['steps']} steps, "
+         f"at end), torch {res['torch']}. Shipped tiny {st.get('what', ['DiT'])[0]} and "
+         f"{st.get('what', [0, 'Skip-DiT'])[1]}, DDPM {st['steps']} steps, "
          f"{st['samples']} samples ({st['samples'] // 10} per class) per seed, seeds {st['seeds']}; every cached "
          f"run is compared with the uncached run of the same model and seed. Measured speedup = process CPU "
          f"time ratio against that uncached run, timed side by side: for each setting and seed, {st['repeats']} "
          "uncached and cached runs alternate and the fastest of each counts (the uncached one also against the "
          "start-of-study baseline); "
          f"block ratio = blocks an uncached run runs / blocks run (FORA: full steps only count; first-block "
-         f"check: block 0 on every step). Calibrated schedules: `skipdit_fast.analysis.calibrate` on one "
-         f"calibration run (seed 1000, labels 0-9, not an evaluation seed), block-count targets "
-         f"{st['calibration']['targets']}; calibration took {res['calibration_cpu_s']:.0f} CPU s "
+         f"check: block 0 on every step; hybrid and reuse steps run no block). Calibrated schedules: "
+         f"`skipdit_fast.analysis.calibrate` (measure_errors + search_schedule) on one calibration run (seed 1000, "
+         f"labels 0-9 twice, not an evaluation seed; every step kind of the engine: cached K, hybrid K, reuse; "
+         f"step times measured at batch {st['calibration'].get('time_batch', '?')}; up to "
+         f"{st['calibration'].get('rollouts', '?')} local-search rollouts per target), speedup targets "
+         f"{st['calibration']['targets']} in measured time (set a little above the table's levels, as the "
+         f"planned time is a prediction); calibration took {res['calibration_cpu_s']:.0f} CPU s "
          f"({res['calibration_wall_s']:.0f} s wall), not counted in the speedups.", "",
          "## Best PSNR at a measured speedup of at least s", "",
          "Mean +- std over the seeds of the setting with the best mean PSNR among those whose mean measured speedup "
@@ -622,16 +656,24 @@ def pareto_readme(res, points, table_cpu, table_blocks) -> str:
                  f"{p['ssim']:.3f} | {p['accuracy']:.3f} | {p['fd']:.1f} |")
     L += ["", "Uncached: " + "; ".join(f"{k}: acc {b['accuracy']:.3f}, FD {b['fd']:.1f}, {b['cpu_s']:.2f} CPU s"
                                        for k, b in res["baselines"].items()), "",
-          "Calibrated schedules (F full, digit: cached with that K):", ""]
+          "Calibrated schedules (F full, digit: cached with that K, a/b/c: hybrid with K 1/2/3, R: reuse):", ""]
     for t, d in res["schedules"].items():
-        ks = "".join("F" if e["kind"] == "full" else str(e["branch"]) for e in d["entries"])
-        L.append(f"- target {t}x: `{ks}` (predicted error {d['meta']['predicted_error']:.3f})")
+        sched = CacheSchedule.from_dict(d)
+        m = d["meta"]
+        extra = ""
+        if "measured_error" in m:
+            best_fixed = next((c for c in m["compared"] if c["what"].startswith("interval")), None)
+            extra = (f", predicted speedup {m['predicted_speedup']:.2f}x; calibration-run RMS error "
+                     f"{m['measured_error']:.4f} after {m['rollouts']} rollouts, start {m['start']['what']} "
+                     f"{m['start']['error']:.4f}" + (f", best fixed interval ({best_fixed['what']}) "
+                                                     f"{best_fixed['error']:.4f}" if best_fixed else ""))
+        L.append(f"- target {t}x: `{sched.code}` (predicted error {m['predicted_error']:.3f}{extra})")
     L += ["", "![Pareto](pareto.png)", ""]
     return "\n".join(L)
 
 
 def main_pareto(args) -> int:
-    out = Path(args.out or ROOT / "bench" / "results" / "fidelity-cpu")
+    out = Path(args.out or ROOT / "bench" / "results" / ("fidelity-cpu/video" if args.video else "fidelity-cpu"))
     out.mkdir(parents=True, exist_ok=True)
     res = run_pareto(args)
     points = pareto_points(res["runs"])
@@ -666,13 +708,14 @@ def main(argv=None) -> int:
                    "first-block check) at equal measured speedup over --seeds; writes PARETO.md, pareto.*")
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2], help="--pareto: evaluation seeds")
     p.add_argument("--schedules", help="--pareto: take the calibrated schedules from this earlier pareto.json")
-    p.add_argument("--targets", type=float, nargs="+", default=[1.5, 2.0, 2.5, 3.0, 3.5, 4.0],
-                   help="--pareto: block-count targets of the calibrated schedules")
+    p.add_argument("--targets", type=float, nargs="+", default=[1.3, 1.6, 2.1, 2.6, 3.1, 3.6, 4.2],
+                   help="--pareto: speedup targets (measured time) of the calibrated schedules")
+    p.add_argument("--rollouts", type=int, default=48, help="--pareto: local-search rollouts per calibrated target")
     args = p.parse_args(argv)
     if args.pareto:
-        args.per_class = args.per_class or 3
+        args.per_class = args.per_class or PARETO_STUDIES["video" if args.video else "image"]["per_class"]
         if args.quick:
-            args.steps, args.per_class, args.seeds, args.targets = 10, 1, [0], [2.0]
+            args.steps, args.per_class, args.seeds, args.targets, args.rollouts = 10, 1, [0], [2.0], 4
         return main_pareto(args)
     args.kind = "video" if args.video else "image"
     video = args.video

@@ -332,3 +332,16 @@ def test_hybrid_mode_runs_and_counts():
     assert rs.blocks_run == rs.full_steps * m.depth and rs.cached_steps == 5
     with pytest.raises(ValueError, match="reuse_outer"):
         SkipCache(2, 2, threshold=0.1, reuse_outer=True)
+
+
+def test_search_checks_schedules_with_classifier_free_guidance():
+    m = tiny()
+    labels = [1, 4]
+    table = measure_errors(m, labels, steps=STEPS, seed=2, max_gap=4)
+    sched = search_schedule(m, table, speedup=1.5, cfg_scale=3.0, rollouts=3)
+    assert sched.meta["cfg_scale"] == 3.0
+    want = sample(m, labels, steps=STEPS, seed=2, cfg_scale=3.0).latents
+    got = sample(m, labels, steps=STEPS, seed=2, cfg_scale=3.0, cache=SkipCache(schedule=sched))
+    err = float((got.latents.double() - want.double()).pow(2).mean().sqrt())
+    assert sched.meta["measured_error"] == pytest.approx(err)
+    assert got.report.steps == STEPS  # one forward (both CFG halves) per step
