@@ -134,6 +134,10 @@ CASES = {
     "probe branch too large": (["probe", "--branch", "9", "--out-dir", "{dir}/p"], 1, "--branch"),
     "probe class out of range": (["probe", "--classes", "10", "--out-dir", "{dir}/p"], 1, "--classes"),
     "probe class negative": (["probe", "--classes", "-1"], 2, "argument --classes"),
+    "probe seed past 64 bits": (["probe", "--seed", str(2 ** 64)], 2, "argument --seed"),
+    "sample seed past 64 bits": (["sample", "--seed", str(2 ** 64), "--out", "{dir}/g.png"], 2, "argument --seed"),
+    "calibrate seed past 64 bits": (["calibrate", "--speedup", "2", "--seed", str(2 ** 64), "--out", "{dir}/s.json"],
+                                    2, "argument --seed"),
     "probe out-dir is a file": (["probe", "--out-dir", "{a-file}"], 1, "--out-dir"),
     # train
     "train threads -1": (["train", "--threads", "-1"], 2, "argument --threads"),

@@ -365,6 +365,10 @@ def test_one_cache_two_threads_refused(skip_dit):
     (dict(sampler="ddim", eta=math.inf), ValueError, r"eta must be a number in \[0, 1\]"),
     (dict(sampler="ddim", eta=-1.0), ValueError, r"eta must be a number in \[0, 1\]"),
     (dict(sampler="ddim", eta=1.5), ValueError, r"eta must be a number in \[0, 1\]"),
+    (dict(seed=2 ** 64), ValueError, r"seed must be in .*2?\.\.18446744073709551615 \(a 64-bit generator seed\)"),
+    (dict(seed=1.5), TypeError, "seed must be an integer"),
+    (dict(seeds=[0.5]), TypeError, r"seeds\[0\] must be an integer"),
+    (dict(seeds=[-(2 ** 64)]), ValueError, r"seeds\[0\] must be in"),
 ])
 def test_sample_rejects_non_finite_guidance(skip_dit, kw, exc, match):
     from skipdit_fast.sampling import sample

@@ -21,7 +21,7 @@ import argparse
 import sys
 import time
 
-from .common import (check_output_file, device_arg, device_from_arg, float_range, nonneg_int, positive_int,
+from .common import (check_output_file, device_arg, device_from_arg, float_range, nonneg_int, positive_int, seed_int,
                      steps_int)
 
 SHIPPED = ("tiny-skipdit", "tiny-latte-skip", "tiny-dit", "tiny-latte")
@@ -50,7 +50,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--sampler", choices=("ddpm", "ddim"), default="ddpm")
     p.add_argument("--classes", type=nonneg_int, nargs="+", help="calibration labels (default: one per class, at most 10)")
     p.add_argument("--num-samples", type=positive_int, default=4, help="unconditional models: calibration samples (default 4)")
-    p.add_argument("--seed", type=nonneg_int, default=0, help="seed of the calibration run")
+    p.add_argument("--seed", type=seed_int, default=0, help="seed of the calibration run")
     p.add_argument("--max-gap", type=positive_int, default=12, help="longest run of steps on one full step's features "
                    "(default 12)")
     p.add_argument("--branches", type=positive_int, nargs="+", help="the K to consider (default: every K with 2K < depth)")

@@ -65,6 +65,7 @@ def int_range(lo: int | None = None, hi: int | None = None):
 positive_int = int_range(1)
 nonneg_int = int_range(0)
 steps_int = int_range(1, TRAINING_TIMESTEPS)   # sampling steps: 1..the training timesteps
+seed_int = int_range(0, 2 ** 64 - 1)           # a seed torch.Generator.manual_seed takes
 
 
 def float_range(lo: float | None = None, hi: float | None = None, lo_open: bool = False):

@@ -27,7 +27,7 @@ import time
 from typing import TYPE_CHECKING
 
 from .common import (DTYPES, Progress, UsageError, check_branch, check_input_file, check_output_dir, default_dtype,
-                     device_arg, device_from_arg, nonneg_int, positive_int, steps_int, video_grid, write_png,
+                     device_arg, device_from_arg, positive_int, seed_int, steps_int, video_grid, write_png,
                      write_video)
 
 if TYPE_CHECKING:
@@ -52,7 +52,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--branch", type=positive_int, help="Skip-Cache branch K (default 2 blocks; --video: 1 pair)")
     p.add_argument("--repeats", type=positive_int, default=2,
                    help="timed runs of each path, interleaved; the fastest counts (default 2)")
-    p.add_argument("--seed", type=nonneg_int, default=0)
+    p.add_argument("--seed", type=seed_int, default=0)
     p.add_argument("--device", type=device_arg, default="auto", help="cpu, cuda, cuda:N or auto (the GPU when there is one)")
     p.add_argument("--dtype", choices=tuple(DTYPES), help="default: bf16 on CUDA, fp32 on CPU")
     p.add_argument("--out-dir", default="demo-out", help="where the PNGs / GIFs go (default demo-out/)")

@@ -20,7 +20,7 @@ import time
 
 from ..files import save_figure, write_atomic
 from .common import (TRAINING_TIMESTEPS, UsageError, check_branch, check_output_dir, device_arg, device_from_arg,
-                     int_range, nonneg_int, positive_int, read_checkpoint)
+                     int_range, nonneg_int, positive_int, read_checkpoint, seed_int)
 
 SHIPPED = ("tiny-dit", "tiny-skipdit")
 
@@ -39,7 +39,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    "(default 1; 0: never)")
     p.add_argument("--classes", type=nonneg_int, nargs="+",
                    help="labels to sample (default: one per class, at most 10)")
-    p.add_argument("--seed", type=nonneg_int, default=0)
+    p.add_argument("--seed", type=seed_int, default=0)
     p.add_argument("--device", type=device_arg, default="cpu", help="cpu, cuda, cuda:N or auto (default cpu)")
     p.add_argument("--out-dir", default="probe-out", help="where probe.json and the plots go (default probe-out/)")
 

@@ -32,10 +32,10 @@ from typing import TYPE_CHECKING
 if TYPE_CHECKING:
     import torch
 
-from .common import (DTYPES, VIDEO_FORMATS, Progress, UsageError, check_branch, check_input_file, check_output_file,
-                     default_dtype, device_arg,
-                     device_from_arg, finite_float, make_grid, nonneg_float, nonneg_int, positive_float,
-                     positive_int, read_checkpoint, steps_int, video_grid, write_png, write_video)
+from .common import (DTYPES, Progress, UsageError, VIDEO_FORMATS, check_branch, check_input_file, check_output_file,
+                     default_dtype, device_arg, device_from_arg, finite_float, make_grid, nonneg_float, nonneg_int,
+                     positive_float, positive_int, read_checkpoint, seed_int, steps_int, video_grid, write_png,
+                     write_video)
 
 DEFAULT_CLASSES = [207, 360, 387, 974, 88, 979, 417, 279]  # DiT's sample.py
 UCF101_CLASSES = 101
@@ -62,7 +62,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--cache-schedule", metavar="FILE",
                    help="Skip-Cache with a schedule file (skipdit-fast calibrate writes one): per step full, "
                    "cached or hybrid with its K, or reuse, in place of --cache-interval / --cache-branch")
-    p.add_argument("--seed", type=nonneg_int, default=0)
+    p.add_argument("--seed", type=seed_int, default=0)
     p.add_argument("--device", type=device_arg, default="auto", help="cpu, cuda, cuda:N or auto")
     p.add_argument("--dtype", choices=tuple(DTYPES), default=None, help="default: bf16 on CUDA, fp32 on CPU")
     p.add_argument("--vae", help="diffusers AutoencoderKL (or AutoencoderKLTemporalDecoder) folder or id; "

@@ -481,7 +481,7 @@ def _weights_readme(out_dir: Path) -> str:
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    from .common import nonneg_int, positive_float, positive_int
+    from .common import positive_float, positive_int, seed_int
 
     p.add_argument("--default", action="store_true", help="train the shipped models into skipdit_fast/weights/")
     p.add_argument("--model", default="tiny-skipdit", choices=tuple(SHIPPED))
@@ -492,7 +492,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="total steps (default: the model's recipe, default_train_config)")
     p.add_argument("--batch-size", type=positive_int)
     p.add_argument("--lr", type=positive_float)
-    p.add_argument("--seed", type=nonneg_int)
+    p.add_argument("--seed", type=seed_int)
     p.add_argument("--out", help="output folder (default runs/train; not with --default)")
     p.add_argument("--no-resume", action="store_true", help="start over even if a checkpoint exists")
     p.add_argument("--no-progress", action="store_true")

@@ -23,6 +23,18 @@ def positive_int(name: str, value) -> int:
     return int(v)
 
 
+SEED_MIN, SEED_MAX = -(2 ** 63), 2 ** 64 - 1   # what torch.Generator.manual_seed takes
+
+
+def seed(name: str, value) -> int:
+    """A generator seed: an integer in -2**63 .. 2**64-1 (a bool or float is not one)."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
+        raise TypeError(f"{name} must be an integer, got {value!r} ({type(value).__name__})")
+    if not SEED_MIN <= int(value) <= SEED_MAX:
+        raise ValueError(f"{name} must be in {SEED_MIN}..{SEED_MAX} (a 64-bit generator seed), got {value}")
+    return int(value)
+
+
 def threshold(value) -> float | None:
     """SkipCache(threshold=): None (interval mode) or a number >= 0 (inf: the
     adaptive mode that refreshes only at the interval cap)."""

@@ -216,11 +216,11 @@ def sample(model: Sampleable, labels: Sequence[int] | torch.Tensor | None = None
             raise ValueError(f"an unconditional model needs num_samples >= 1, got {num_samples}")
         y, n = None, int(num_samples)
     if seeds is None:
-        gen = torch.Generator(device=device).manual_seed(seed)
+        gen = torch.Generator(device=device).manual_seed(checks.seed("seed", seed))
     else:
         if len(seeds) != n:
             raise ValueError(f"seeds must have one seed per sample ({n}), got {len(seeds)}")
-        gen = [torch.Generator(device=device).manual_seed(int(s)) for s in seeds]
+        gen = [torch.Generator(device=device).manual_seed(checks.seed(f"seeds[{j}]", s)) for j, s in enumerate(seeds)]
     shape = (n, *cfg.latent_shape)
     if noise is None:
         x = randn(shape, gen, device)
