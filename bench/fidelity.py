@@ -424,15 +424,21 @@ PARETO_COLORS = {"skipdit+calibrated": "tab:red", "skipdit+skipcache": "tab:pink
 
 
 # per kind: (vanilla model, skip model), method prefixes, Skip-Cache (N, K), hybrid (N, K), branches
+def _pareto_study(kind: str, **kw) -> dict:
+    """A Pareto study's settings: the models, names and unit of STUDIES[kind] and kw."""
+    st = STUDIES[kind]
+    return dict(pair=st["pair"], what=(st["what"], st["skip_what"]), unit=st["unit"], **kw)
+
+
 PARETO_STUDIES = {
-    "image": dict(pair=PAIRS["image"], prefix=("dit", "skipdit"), what=("DiT", "Skip-DiT"), unit="blocks",
-                  skipcache=((2, 1), (2, 2), (2, 3), (3, 1), (3, 2), (4, 1), (4, 2), (6, 1), (8, 1), (10, 1)),
-                  hybrid=((2, 2), (3, 1), (3, 2), (4, 1), (4, 2), (6, 2)), branches=[1, 2, 3], adaptive=True,
-                  per_class=3, classifier=None),
-    "video": dict(pair=PAIRS["video"], prefix=("latte", "latteskip"), what=("Latte", "Latte-skip"),
-                  unit="block pairs", skipcache=((2, 1), (2, 2), (3, 1), (4, 1), (6, 1)),
-                  hybrid=((2, 1), (3, 1), (4, 1), (6, 1)), branches=[1, 2], adaptive=False, per_class=2,
-                  classifier="frames"),
+    "image": _pareto_study("image", prefix=("dit", "skipdit"),
+                           skipcache=((2, 1), (2, 2), (2, 3), (3, 1), (3, 2), (4, 1), (4, 2), (6, 1), (8, 1), (10, 1)),
+                           hybrid=((2, 2), (3, 1), (3, 2), (4, 1), (4, 2), (6, 2)), branches=[1, 2, 3], adaptive=True,
+                           per_class=3, classifier=None),
+    "video": _pareto_study("video", prefix=("latte", "latteskip"),
+                           skipcache=((2, 1), (2, 2), (3, 1), (4, 1), (6, 1)),
+                           hybrid=((2, 1), (3, 1), (4, 1), (6, 1)), branches=[1, 2], adaptive=False, per_class=2,
+                           classifier="frames"),
 }
 
 
