@@ -183,7 +183,7 @@ def test_time_plan_meets_the_target_in_measured_time_and_search_beats_its_start(
         assert sched.meta["cost"] == "time" and sched.meta["predicted_speedup"] >= speedup
         assert table.step_seconds(sched) <= STEPS * full / speedup
         # the fixed intervals the search starts from are within the budget too
-        search = search_schedule(m, table, speedup=speedup, rollouts=6)
+        search = search_schedule(m, table, speedup=speedup, rollouts=6, validate_seeds=[])
         assert table.predicted_speedup(search) >= speedup
         want = sample(m, labels, steps=STEPS, seed=0).latents
         got = sample(m, labels, steps=STEPS, seed=0, cache=SkipCache(schedule=search)).latents
@@ -248,6 +248,13 @@ def test_calibrate_command_writes_a_schedule_that_sample_uses(tmp_path, capsys):
     assert cli.main(["calibrate", "--speedup", "2", "--steps", "6", "--max-gap", "3", "--classes", "1",
                      "--cost", "blocks", "--rollouts", "2", "--out", str(blocks)]) == 0
     assert CacheSchedule.load(blocks).block_budget <= budget_for(2, 6, sched.depth)
+    assert sched.meta["validation"]["seeds"] == [1] and len(sched.meta["retimed"]) >= 1
+    quick = tmp_path / "quick.json"
+    assert cli.main(["calibrate", "--speedup", "1.5", "--steps", "6", "--max-gap", "3", "--classes", "1", "2",
+                     "--rollouts", "1", "--validate-seeds", "--retime", "0", "--propagate-samples", "1",
+                     "--out", str(quick)]) == 0
+    q = CacheSchedule.load(quick).meta
+    assert q["validation"] is None and q["retimed"] == [] and q["calibration"]["propagate_samples"] == 1
     assert cli.main(["calibrate", "--speedup", "2", "--steps", "6", "--classes", "1", "--cost", "blocks",
                      "--modes", "reuse", "--out", str(blocks)]) == 2
     assert "plain cached steps only" in capsys.readouterr().err
@@ -345,3 +352,84 @@ def test_search_checks_schedules_with_classifier_free_guidance():
     err = float((got.latents.double() - want.double()).pow(2).mean().sqrt())
     assert sched.meta["measured_error"] == pytest.approx(err)
     assert got.report.steps == STEPS  # one forward (both CFG halves) per step
+
+
+def test_propagation_on_a_subset_of_samples():
+    m = tiny()
+    labels = [1, 2, 3, 4]
+    kw = dict(steps=STEPS, seed=0, max_gap=4, time_steps=False)
+    full = measure_errors(m, labels, **kw)
+    same = measure_errors(m, labels, propagate_samples=4, **kw)   # all of them: the same table
+    assert (full.err == same.err).all() and (full.amplification == same.amplification).all()
+    part = measure_errors(m, labels, propagate_samples=1, **kw)
+    # the errors are of the uncached run (the copies only share its batch)
+    assert torch.allclose(torch.from_numpy(part.err), torch.from_numpy(full.err), rtol=1e-4, atol=1e-6, equal_nan=True)
+    assert part.info["propagate_samples"] == 1 and (part.amplification > 0).all()
+    assert not (part.amplification == full.amplification).all()  # measured on sample 0 alone
+    for bad in (0, 1.5, True):
+        with pytest.raises(ValueError, match="propagate_samples"):
+            measure_errors(m, labels, propagate_samples=bad, **kw)
+
+
+def test_overhead_makes_the_predicted_speedup_the_measured_one():
+    from skipdit_fast.analysis.calibrate import _with_overhead
+
+    m = tiny()
+    table = measure_errors(m, [1, 2], steps=STEPS, seed=0, max_gap=4)
+    sched = choose_schedule(table, speedup=1.5)
+    pred = table.predicted_speedup(sched)
+    fixed, o = _with_overhead(table, sched, 0.9 * pred)
+    assert o > 0 and fixed.predicted_speedup(sched) == pytest.approx(0.9 * pred)
+    assert all(fixed.seconds[k] == pytest.approx(v + o) for k, v in table.seconds.items())
+    assert table.predicted_speedup(sched) == pred   # the table itself is left as it was
+    assert _with_overhead(table, sched, 1.1 * pred)[1] == 0.0   # faster than predicted: nothing added
+
+
+def test_search_searches_again_when_the_measured_speedup_misses(monkeypatch):
+    from skipdit_fast.analysis import calibrate as cal
+
+    m = tiny()
+    labels = [1, 2]
+    table = measure_errors(m, labels, steps=STEPS, seed=0, max_gap=4)
+    calls = []
+
+    def slow_then_on_target(self, sched, rounds=2):   # the first plan measures 5% short of the target
+        calls.append(sched.code)
+        return 1.3 * (0.95 if len(calls) == 1 else 1.0)
+
+    monkeypatch.setattr(cal.Rollouts, "speedup", slow_then_on_target)
+    s = search_schedule(m, table, speedup=1.3, rollouts=2, validate_seeds=[])
+    r = s.meta["retimed"]
+    assert len(r) == 2 and len(calls) == 2 and r[0]["overhead_added_s"] > 0 and "overhead_added_s" not in r[1]
+    assert s.meta["step_seconds"]["F"] == pytest.approx(table.seconds["F"] + r[0]["overhead_added_s"])
+    first = CacheSchedule.from_code(r[0]["code"], m.depth)
+    # the second search plans with the overhead, so it is at least as cheap in the first table's times
+    assert table.step_seconds(s) <= table.step_seconds(first) + 1e-12
+    monkeypatch.setattr(cal.Rollouts, "speedup", lambda self, sched, rounds=2: 1.28)   # always a little short
+    s = search_schedule(m, table, speedup=1.3, rollouts=1, retime=1, validate_seeds=[])
+    assert len(s.meta["retimed"]) == 1   # at most `retime` searches again
+    monkeypatch.setattr(cal.Rollouts, "speedup", lambda self, sched, rounds=2: 1.01)   # far short: out of reach
+    with pytest.warns(RuntimeWarning, match="below the target 1.3x"):
+        s = search_schedule(m, table, speedup=1.3, rollouts=1, validate_seeds=[])
+    assert "no schedule" in s.meta["retimed"][0]["target_missed"] and s.meta["predicted_speedup"] >= 1.3
+    with pytest.raises(ValueError, match="retime"):
+        search_schedule(m, table, speedup=1.3, retime=-1)
+
+
+def test_search_validates_on_other_seeds():
+    m = tiny()
+    labels = [1, 2]
+    table = measure_errors(m, labels, steps=STEPS, seed=0, max_gap=4)
+    s = search_schedule(m, table, speedup=1.5, rollouts=3, retime=0)   # default: seed 1
+    v = s.meta["validation"]
+    assert v["seeds"] == [1] and len(v["candidates"]) >= 2
+    picked = min(v["candidates"], key=lambda d: d["error"])
+    assert picked["what"] == v["picked"] and picked["code"] == s.code
+    want = sample(m, labels, steps=STEPS, seed=1).latents
+    got = sample(m, labels, steps=STEPS, seed=1, cache=SkipCache(schedule=s)).latents
+    assert picked["error"] == pytest.approx(float((got.double() - want.double()).pow(2).mean().sqrt()))
+    two = search_schedule(m, table, speedup=1.5, rollouts=0, retime=0, validate_seeds=[5, 6])
+    assert two.meta["validation"]["seeds"] == [5, 6]
+    assert search_schedule(m, table, speedup=1.5, rollouts=0, retime=0, validate_seeds=[]).meta["validation"] is None
+    with pytest.raises(ValueError, match="calibration seed"):
+        search_schedule(m, table, speedup=1.5, validate_seeds=[0])

@@ -43,10 +43,23 @@ sampled on the calibration labels and seed with SkipCache(schedule=...) and comp
 with the uncached run (RMS of the final latents); from the best, a local search
 (change one step's action, move a full step by one, trade a full step for a cheaper
 one) tries the moves the error model ranks best, keeping a move when the measured
-error goes down, for at most `rollouts` runs. The result is the schedule with the
-least measured error on the calibration run, and its meta says what it was compared
-with. Rollouts may use classifier-free guidance (cfg_scale); the error table is
-measured at cfg_scale 1.
+error goes down, for at most `rollouts` runs. Rollouts may use classifier-free
+guidance (cfg_scale); the error table is measured at cfg_scale 1.
+
+Two checks follow, as the step times and the calibration run are both samples.
+Retime: the searched schedule's speedup is measured on the calibration run (uncached
+and cached runs alternating, the fastest of each); when it misses the target, the
+per-step overhead that explains the miss (what the isolated step timings did not
+see: the sampler's noise, Python between steps) is added to every step time and the
+search runs again on the same rollouts, at most `retime` times. Validation: the
+searched schedule and the best start candidates (planned, fixed intervals) are
+sampled on other seeds (validate_seeds) and the least error there is returned, so
+the local search's gains must carry over from the calibration seed. meta says what
+was compared, measured and picked.
+
+Cost of the table: the propagation copies are one per step, so they cost steps^2 x
+propagate_samples sample-steps; propagate_samples < the calibration batch makes a
+large calibration batch affordable.
 """
 
 from __future__ import annotations
@@ -54,7 +67,8 @@ from __future__ import annotations
 import math
 import statistics
 import time
-from dataclasses import dataclass, field
+import warnings
+from dataclasses import dataclass, field, replace
 from typing import Sequence
 
 import numpy as np
@@ -210,13 +224,16 @@ def _inputs(model, labels, num_samples):
 def measure_errors(model, labels: Sequence[int] | None = None, *, num_samples: int | None = None, steps: int = 50,
                    seed: int = 0, sampler: str = "ddpm", max_gap: int = 12,
                    branches: Sequence[int] | None = None, modes: Sequence[str] = MODES, propagate: bool = True,
-                   time_steps: bool = True, time_batch: int | None = None) -> ErrorTable:
+                   time_steps: bool = True, time_batch: int | None = None,
+                   propagate_samples: int | None = None) -> ErrorTable:
     """The error table of `model` (a model with the SkipModel block structure and
     embed / head: models.DiT / Latte with skips, or cache.baselines.CachedModel's
     .model for a vanilla one) on one uncached run from `seed`, for the actions of
     `modes` and `branches` (make_actions). time_steps: also measure each action's
     step time (measure_step_seconds) on a batch of time_batch (default: the
-    calibration batch) samples."""
+    calibration batch) samples. propagate_samples: the perturbed copies that measure
+    the amplification carry the first this many samples only (default: all); they
+    are one copy per step, so their cost grows with steps^2 x this."""
     from ..cache.reuse import OuterReuse
 
     if sampler not in ("ddpm", "ddim"):
@@ -231,6 +248,12 @@ def measure_errors(model, labels: Sequence[int] | None = None, *, num_samples: i
     param = next(model.parameters())
     device, dtype = param.device, param.dtype
     y, n = _inputs(model, labels, num_samples)
+    if propagate_samples is None:
+        m = n
+    elif isinstance(propagate_samples, bool) or int(propagate_samples) != propagate_samples or propagate_samples < 1:
+        raise ValueError(f"propagate_samples must be an integer >= 1 (or None: all), got {propagate_samples!r}")
+    else:
+        m = min(n, int(propagate_samples))
     gen = torch.Generator(device=device).manual_seed(seed)
     x = torch.randn((n, *cfg.latent_shape), generator=gen, device=device, dtype=torch.float32)
     diffusion = Diffusion(steps, learn_sigma=cfg.learn_sigma)
@@ -245,10 +268,13 @@ def measure_errors(model, labels: Sequence[int] | None = None, *, num_samples: i
     def rep(v, times):
         return None if v is None else v.repeat(times, *([1] * (v.dim() - 1)))
 
-    def step(out, xs, i, z):
+    def ext(v, copies):  # v for the n samples, then its first m for each perturbed copy
+        return None if v is None or not copies else torch.cat([v, rep(v[:m], copies)])
+
+    def step(out, xs, i, z):  # z: the step's noise for every row of xs
         if sampler == "ddpm":
             mean, log_var, _, _ = diffusion.p_mean_variance(out, xs, i)
-            return mean if i == 0 else mean + torch.exp(0.5 * log_var) * rep(z, len(xs) // n)
+            return mean if i == 0 else mean + torch.exp(0.5 * log_var) * z
         return diffusion.ddim_step(out, xs, i, None)
 
     was_training = model.training
@@ -262,14 +288,14 @@ def measure_errors(model, labels: Sequence[int] | None = None, *, num_samples: i
             P = len(probes) if propagate else 0
             xs = torch.cat([x, *probes]) if P else x
             t = torch.full((len(xs),), tv, dtype=torch.long, device=device)
-            h, state = model.embed(xs.to(dtype), t, rep(y, 1 + P))
+            h, state = model.embed(xs.to(dtype), t, ext(y, P) if P else y)
             store = OuterReuse() if keep_outputs else None
             if store is not None:
                 store.attach(state, True)
             hout, deep = run_full_keeping(model, h, state, ks)
             out = model.head(hout, state).float()
-            nxt = step(out, xs, i, z)
-            x_next, probes = nxt[:n], list(nxt[n:].split(n)) if P else []
+            nxt = step(out, xs, i, ext(z, P) if P else z)
+            x_next, probes = nxt[:n], list(nxt[n:].split(m)) if P else []
             kept.append({"deep": {k: v[:n] for k, v in deep.items()},
                          "attn": {b: v[:n] for b, v in store.attn.items()} if store else {},
                          "mlp": {b: v[:n] for b, v in store.mlp.items()} if store else {}})
@@ -293,13 +319,13 @@ def measure_errors(model, labels: Sequence[int] | None = None, *, num_samples: i
                         cached = torch.cat([kept[k_step - g]["deep"][K] for g in gaps])
                         hc = model.run_blocks(cached, depth - K, depth, st2)
                     o = model.head(hc, st2).float()
-                    xc = step(o, rep(x, G), i, z)
+                    xc = step(o, rep(x, G), i, rep(z, G))
                     e = _rms(xc, rep(x_next, G), n).cpu().numpy()
                     err[k_step, gaps, ai] = e
                     if propagate and ai == 0:  # the gap-1 step with the first action starts replica k_step
-                        probes.append(xc[:n])
+                        probes.append(xc[:m])
                         started.append(k_step)
-                        injected[k_step] = e[0]
+                        injected[k_step] = float(_rms(xc[:m], x_next[:m], m)[0])
             if len(kept) > max_gap:  # only the last max_gap steps' tensors are needed
                 kept[len(kept) - max_gap - 1] = {}
             x = x_next
@@ -308,9 +334,9 @@ def measure_errors(model, labels: Sequence[int] | None = None, *, num_samples: i
     amp = np.ones((S, len(actions)))
     if propagate:
         for r, p in zip(started, probes):
-            d = float(_rms(p, x, n)[0])
+            d = float(_rms(p, x[:m], m)[0])
             amp[r, :] = d / injected[r] if injected[r] > 0 else 1.0
-    info = {"steps": S, "sampler": sampler, "seed": seed, "samples": n,
+    info = {"steps": S, "sampler": sampler, "seed": seed, "samples": n, "propagate_samples": m if propagate else 0,
             "labels": None if y is None else [int(v) for v in y.tolist()], "max_gap": max_gap,
             "actions": [str(a) for a in actions]}
     table = ErrorTable(err, actions, depth, timesteps, getattr(model, "cache_unit", "blocks"), info, amp)
@@ -489,7 +515,8 @@ def choose_schedule(table: ErrorTable, *, speedup: float | None = None, budget: 
 
 class Rollouts:
     """Samples the calibration run with a schedule and measures its error: RMS of
-    the final latents against the uncached run (same labels, seed, sampler, CFG)."""
+    the final latents against the uncached run (same labels, seeds, sampler, CFG),
+    over every seed of `seed` (an int or a list of them)."""
 
     def __init__(self, model, labels=None, *, num_samples=None, steps=50, seed=0, sampler="ddpm",
                  cfg_scale: float = 1.0):
@@ -497,21 +524,47 @@ class Rollouts:
 
         self._sample = sample
         self.model = model
-        self.kw = dict(num_samples=num_samples, steps=steps, seed=seed, sampler=sampler, cfg_scale=cfg_scale)
+        self.seeds = [seed] if isinstance(seed, int) else [int(s) for s in seed]
+        if not self.seeds:
+            raise ValueError("seed must be an integer or a non-empty list of them")
+        self.kw = dict(num_samples=num_samples, steps=steps, sampler=sampler, cfg_scale=cfg_scale)
         self.labels = None if labels is None else list(labels)
-        self.ref = sample(model, self.labels, **self.kw).latents
+        self.ref = [self._run(None, s) for s in self.seeds]
         self.count = 0
         self.seen: dict[str, float] = {}
 
-    def error(self, sched: CacheSchedule) -> float:
+    def _run(self, sched, seed):
         from ..cache import SkipCache
 
+        cache = None if sched is None else SkipCache(schedule=sched)
+        return self._sample(self.model, self.labels, cache=cache, seed=seed, **self.kw).latents
+
+    def error(self, sched: CacheSchedule) -> float:
         key = sched.code
         if key not in self.seen:
-            got = self._sample(self.model, self.labels, cache=SkipCache(schedule=sched), **self.kw).latents
-            self.seen[key] = float((got.double() - self.ref.double()).pow(2).mean().sqrt())
+            sq = [(self._run(sched, s).double() - r.double()).pow(2).mean() for s, r in zip(self.seeds, self.ref)]
+            self.seen[key] = float(torch.stack(sq).mean().sqrt())
             self.count += 1
         return self.seen[key]
+
+    def speedup(self, sched: CacheSchedule, rounds: int = 2) -> float:
+        """Measured speedup of `sched` on the first seed's run: uncached and cached runs
+        alternate `rounds` times, the fastest of each counts (process CPU time on a
+        CPU model, synchronized wall time on a GPU one)."""
+        dev = next(self.model.parameters()).device
+        if dev.type == "cuda":
+            def clock():
+                torch.cuda.synchronize(dev)
+                return time.perf_counter()
+        else:
+            clock = time.process_time
+        best = {None: math.inf, "s": math.inf}
+        for _ in range(max(1, rounds)):
+            for key, sc in ((None, None), ("s", sched)):
+                t0 = clock()
+                self._run(sc, self.seeds[0])
+                best[key] = min(best[key], clock() - t0)
+        return best[None] / best["s"]
 
 
 def interval_schedules(table: ErrorTable, cost: str, B: int) -> list[tuple[str, CacheSchedule]]:
@@ -563,26 +616,10 @@ def _moves(table: ErrorTable, sched: CacheSchedule, cost: str, B: int, elig: lis
     return sorted(cands.values(), key=lambda v: v[0])
 
 
-def search_schedule(model, table: ErrorTable, *, speedup: float | None = None, budget: int | None = None,
-                    cost: str | None = None, labels=None, num_samples: int | None = None, seed: int | None = None,
-                    sampler: str | None = None, cfg_scale: float = 1.0, rollouts: int = 64,
-                    name: str | None = None, log=None) -> CacheSchedule:
-    """choose_schedule, checked and improved on real runs (module docstring): the
-    schedule with the least measured error on the calibration run among the planned
-    ones, every fixed-interval one within the budget, and up to `rollouts` local-search
-    moves from the best. labels / num_samples / seed / sampler default to the table's."""
-    if isinstance(rollouts, bool) or int(rollouts) != rollouts or rollouts < 0:
-        raise ValueError(f"rollouts must be an integer >= 0, got {rollouts}")
-    cost = cost or ("time" if table.seconds and budget is None else "blocks")
-    B = _budget(table, cost, speedup, budget)
+def _search(table: ErrorTable, ro: Rollouts, cost: str, B: int, speedup, budget, rollouts: int, log):
+    """One search (search_schedule's docstring) on `table`: (best error, best, start,
+    moves kept, every start candidate scored)."""
     _, _, elig = _plan_costs(table, cost)
-    info = table.info or {}
-    if labels is None and num_samples is None:
-        labels, num_samples = info.get("labels"), (None if info.get("labels") else info.get("samples"))
-    t0 = time.perf_counter()
-    ro = Rollouts(model, labels, num_samples=num_samples, steps=table.steps,
-                  seed=info.get("seed", 0) if seed is None else seed,
-                  sampler=sampler or info.get("sampler", "ddpm"), cfg_scale=cfg_scale)
     planned = [("plan (weighted)", choose_schedule(table, speedup=speedup, budget=budget, cost=cost)),
                ("plan (unweighted)", choose_schedule(table, speedup=speedup, budget=budget, cost=cost,
                                                      weighted=False))]
@@ -614,20 +651,108 @@ def search_schedule(model, table: ErrorTable, *, speedup: float | None = None, b
                 break
         if not improved:
             break
-    meta = dict(planned[0][1].meta)
+    return best_err, best, start, moves_kept, scored
+
+
+def _with_overhead(table: ErrorTable, sched: CacheSchedule, measured: float) -> tuple[ErrorTable, float]:
+    """The table with the per-step overhead o (seconds, added to every kind of step)
+    that makes its predicted speedup of `sched` equal the measured one: with C the
+    predicted run time and S full steps' time S*F, S (F + o) / (C + S o) = measured."""
+    S, F = table.steps, table.seconds["F"]
+    C = table.step_seconds(sched)
+    o = (measured * C - S * F) / (S * (1 - measured)) if measured != 1 else 0.0
+    o = max(o, 0.0)
+    return replace(table, seconds={k: v + o for k, v in table.seconds.items()}), o
+
+
+def search_schedule(model, table: ErrorTable, *, speedup: float | None = None, budget: int | None = None,
+                    cost: str | None = None, labels=None, num_samples: int | None = None, seed: int | None = None,
+                    sampler: str | None = None, cfg_scale: float = 1.0, rollouts: int = 64,
+                    retime: int = 2, validate_seeds: Sequence[int] | None = None,
+                    name: str | None = None, log=None) -> CacheSchedule:
+    """choose_schedule, checked and improved on real runs (module docstring): the
+    schedule with the least measured error on the calibration run among the planned
+    ones, every fixed-interval one within the budget, and up to `rollouts` local-search
+    moves from the best. labels / num_samples / seed / sampler default to the table's.
+
+    retime (cost="time" with a speedup target): the chosen schedule's speedup is
+    measured on the calibration run (uncached and cached runs alternating); when it
+    misses the target, the per-step overhead that explains the miss is added to every
+    measured step time and the search runs again (its rollouts are remembered), at
+    most `retime` times. validate_seeds (default: the calibration seed + 1; [] for
+    none): the searched schedule and the best start candidates are sampled on these
+    seeds and the one with the least error there is returned, so the choice is not
+    fitted to the calibration seed's noise alone."""
+    if isinstance(rollouts, bool) or int(rollouts) != rollouts or rollouts < 0:
+        raise ValueError(f"rollouts must be an integer >= 0, got {rollouts}")
+    if isinstance(retime, bool) or int(retime) != retime or retime < 0:
+        raise ValueError(f"retime must be an integer >= 0, got {retime}")
+    cost = cost or ("time" if table.seconds and budget is None else "blocks")
+    B = _budget(table, cost, speedup, budget)
+    info = table.info or {}
+    if labels is None and num_samples is None:
+        labels, num_samples = info.get("labels"), (None if info.get("labels") else info.get("samples"))
+    seed = info.get("seed", 0) if seed is None else seed
+    if validate_seeds is None:  # a seed takes 0 .. 2**64 - 1 (cache.checks.seed)
+        validate_seeds = [seed + 1 if seed + 1 < 2 ** 64 else seed - 1]
+    validate_seeds = [int(s) for s in validate_seeds]
+    if seed in validate_seeds:
+        raise ValueError(f"validate_seeds must not hold the calibration seed {seed}, got {validate_seeds}")
+    t0 = time.perf_counter()
+    kw = dict(num_samples=num_samples, steps=table.steps, sampler=sampler or info.get("sampler", "ddpm"),
+              cfg_scale=cfg_scale)
+    ro = Rollouts(model, labels, seed=seed, **kw)
+    tab, retimed = table, []
+    found = _search(tab, ro, cost, B, speedup, budget, rollouts, log)
+    while cost == "time" and speedup is not None and len(retimed) < retime:
+        measured = ro.speedup(found[1])
+        retimed.append({"code": found[1].code, "measured_speedup": measured})
+        if measured >= speedup:
+            break
+        tab2, o = _with_overhead(tab, found[1], measured)
+        retimed[-1]["overhead_added_s"] = o
+        if log:
+            log(f"  measured {measured:.3f}x < {speedup}x: step times + {o:.3g} s, searching again")
+        try:
+            found = _search(tab2, ro, cost, B, speedup, budget, rollouts, log)
+        except ValueError as e:   # with the overhead no schedule reaches the target
+            retimed[-1]["target_missed"] = str(e)
+            warnings.warn(f"search_schedule: the best schedule measured {measured:.3f}x on the calibration run, "
+                          f"below the target {speedup}x, and with the measured per-step overhead no schedule "
+                          f"reaches it ({e}); returning it (meta['retimed'])", RuntimeWarning, stacklevel=2)
+            break
+        tab = tab2
+    best_err, best, start, moves_kept, scored = found
+    validation = None
+    if validate_seeds:
+        vro = Rollouts(model, labels, seed=validate_seeds, **kw)
+        cands = [("searched", best)] + [(w, s) for _, w, s in scored[:4]]
+        seen, validation = set(), []
+        for w, s in cands:
+            if s.code not in seen:
+                seen.add(s.code)
+                validation.append({"what": w, "code": s.code, "error": vro.error(s), "sched": s})
+        pick = min(validation, key=lambda d: d["error"])
+        best, best_err = pick["sched"], ro.error(pick["sched"])
+        for d in validation:
+            d.pop("sched")
+        validation = {"seeds": validate_seeds, "picked": pick["what"], "candidates": validation}
+    base = choose_schedule(tab, speedup=speedup, budget=budget, cost=cost)
+    meta = dict(base.meta)
     meta.update({"measured_error": best_err, "error_metric": "RMS of the final latents against the uncached run "
                  "on the calibration labels and seed", "start": start, "moves": moves_kept,
                  "rollouts": ro.count, "search_seconds": time.perf_counter() - t0, "cfg_scale": cfg_scale,
-                 "predicted_error": table.predicted_error(best),
+                 "predicted_error": tab.predicted_error(best), "retimed": retimed, "validation": validation,
                  "compared": sorted(({"what": w, "code": s.code, "error": e} for e, w, s in scored),
                                     key=lambda d: d["error"])[:12]})
     if cost == "time":
-        meta["predicted_speedup"] = table.predicted_speedup(best)
+        meta["predicted_speedup"] = tab.predicted_speedup(best)
+        meta["step_seconds"] = dict(tab.seconds)
     if name:
         meta["model"] = name
     best = CacheSchedule([ScheduleEntry(e.kind, e.branch, t, e.reuse_outer) for e, t in
                           zip(best.entries, table.timesteps)], table.depth, table.unit, meta)
-    assert _cost_of(table, best, cost) <= B
+    assert _cost_of(tab, best, cost) <= B
     return best
 
 
@@ -635,11 +760,13 @@ def calibrate(model, *, speedup: float | None = None, budget: int | None = None,
               num_samples: int | None = None, steps: int = 50, seed: int = 0, sampler: str = "ddpm",
               max_gap: int = 12, branches=None, modes: Sequence[str] | None = None, cost: str | None = None,
               rollouts: int = 64, cfg_scale: float = 1.0, time_batch: int | None = None,
+              retime: int = 2, validate_seeds: Sequence[int] | None = None, propagate_samples: int | None = None,
               name: str | None = None) -> CacheSchedule:
     """measure_errors, then search_schedule (rollouts > 0) or choose_schedule
     (rollouts=0). labels default: one per class, at most 10. modes default: every
     step kind (MODES). cost="blocks" (or budget=) plans in block counts with the
-    plain cached steps only."""
+    plain cached steps only. retime, validate_seeds: search_schedule's;
+    propagate_samples: measure_errors'."""
     if labels is None and getattr(model.config, "class_conditional", True):
         labels = list(range(min(10, model.config.num_classes)))
     if budget is not None or cost == "blocks":
@@ -650,9 +777,9 @@ def calibrate(model, *, speedup: float | None = None, budget: int | None = None,
     modes = MODES if modes is None else modes
     table = measure_errors(model, labels, num_samples=num_samples, steps=steps, seed=seed, sampler=sampler,
                            max_gap=max_gap, branches=branches, modes=modes, time_steps=cost != "blocks",
-                           time_batch=time_batch)
+                           time_batch=time_batch, propagate_samples=propagate_samples)
     if rollouts:
         return search_schedule(model, table, speedup=speedup, budget=budget, cost=cost, labels=labels,
                                num_samples=num_samples, seed=seed, sampler=sampler, cfg_scale=cfg_scale,
-                               rollouts=rollouts, name=name)
+                               rollouts=rollouts, retime=retime, validate_seeds=validate_seeds, name=name)
     return choose_schedule(table, speedup=speedup, budget=budget, cost=cost, name=name)

@@ -44,6 +44,12 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    "the plan (default 48; 0: the plan of the error model alone)")
     p.add_argument("--cfg-scale", type=float_range(1.0), default=1.0, help="classifier-free guidance of the "
                    "checking runs (default 1; the error table is measured without)")
+    p.add_argument("--retime", type=nonneg_int, default=2, help="times the plan may be searched again when its "
+                   "measured speedup on the calibration run misses --speedup (default 2; 0: trust the step times)")
+    p.add_argument("--validate-seeds", type=seed_int, nargs="*", help="seeds the searched schedule and the best "
+                   "start candidates are compared on (default: --seed + 1; no values: no validation)")
+    p.add_argument("--propagate-samples", type=positive_int, help="samples the amplification copies carry "
+                   "(default all; fewer make a large calibration batch cheaper)")
     p.add_argument("--time-batch", type=positive_int, help="batch the step times are measured at (default: the "
                    "calibration batch); use the batch you sample with")
     p.add_argument("--steps", type=steps_int, default=50, help="sampling steps the schedule is for (default 50)")
@@ -110,15 +116,20 @@ def main(args: argparse.Namespace) -> int:
         sched = calibrate(model, speedup=args.speedup, budget=args.budget, labels=labels, steps=args.steps,
                           seed=args.seed, sampler=args.sampler, max_gap=args.max_gap, branches=args.branches,
                           modes=args.modes, cost=args.cost, rollouts=args.rollouts, cfg_scale=args.cfg_scale,
-                          time_batch=args.time_batch, name=args.model, **kw)
+                          time_batch=args.time_batch, retime=args.retime, validate_seeds=args.validate_seeds,
+                          propagate_samples=args.propagate_samples, name=args.model, **kw)
     except ValueError as e:
         return fail(str(e))
     m = sched.meta
     m["calibration_seconds"] = time.perf_counter() - t0
     sched.save(args.out)
     extra = f", predicted speedup {m['predicted_speedup']:.2f}x" if "predicted_speedup" in m else ""
+    if m.get("retimed"):
+        extra += f", measured {m['retimed'][-1]['measured_speedup']:.2f}x on the calibration run"
     if "measured_error" in m:
         extra += f", calibration-run RMS error {m['measured_error']:.4g} ({m['rollouts']} runs)"
+    if m.get("validation"):
+        extra += f", picked on seeds {m['validation']['seeds']}: {m['validation']['picked']}"
     print(f"{args.model}: {sched} ; predicted error {m['predicted_error']:.4g}{extra} "
           f"(calibrated in {m['calibration_seconds']:.1f} s); wrote {args.out}")
     return 0
