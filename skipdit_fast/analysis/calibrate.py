@@ -65,6 +65,7 @@ large calibration batch affordable.
 from __future__ import annotations
 
 import math
+import numbers
 import statistics
 import time
 import warnings
@@ -74,6 +75,7 @@ from typing import Sequence
 import numpy as np
 import torch
 
+from ..cache.checks import SEED_MAX
 from ..cache.schedule import CACHED, FULL, REUSE, CacheSchedule, ScheduleEntry, run_full_keeping
 from ..sampling.diffusion import Diffusion
 
@@ -269,7 +271,7 @@ def measure_errors(model, labels: Sequence[int] | None = None, *, num_samples: i
         return None if v is None else v.repeat(times, *([1] * (v.dim() - 1)))
 
     def ext(v, copies):  # v for the n samples, then its first m for each perturbed copy
-        return None if v is None or not copies else torch.cat([v, rep(v[:m], copies)])
+        return v if v is None or not copies else torch.cat([v, rep(v[:m], copies)])
 
     def step(out, xs, i, z):  # z: the step's noise for every row of xs
         if sampler == "ddpm":
@@ -288,13 +290,13 @@ def measure_errors(model, labels: Sequence[int] | None = None, *, num_samples: i
             P = len(probes) if propagate else 0
             xs = torch.cat([x, *probes]) if P else x
             t = torch.full((len(xs),), tv, dtype=torch.long, device=device)
-            h, state = model.embed(xs.to(dtype), t, ext(y, P) if P else y)
+            h, state = model.embed(xs.to(dtype), t, ext(y, P))
             store = OuterReuse() if keep_outputs else None
             if store is not None:
                 store.attach(state, True)
             hout, deep = run_full_keeping(model, h, state, ks)
             out = model.head(hout, state).float()
-            nxt = step(out, xs, i, ext(z, P) if P else z)
+            nxt = step(out, xs, i, ext(z, P))
             x_next, probes = nxt[:n], list(nxt[n:].split(m)) if P else []
             kept.append({"deep": {k: v[:n] for k, v in deep.items()},
                          "attn": {b: v[:n] for b, v in store.attn.items()} if store else {},
@@ -524,7 +526,7 @@ class Rollouts:
 
         self._sample = sample
         self.model = model
-        self.seeds = [seed] if isinstance(seed, int) else [int(s) for s in seed]
+        self.seeds = [int(seed)] if isinstance(seed, numbers.Integral) else [int(s) for s in seed]
         if not self.seeds:
             raise ValueError("seed must be an integer or a non-empty list of them")
         self.kw = dict(num_samples=num_samples, steps=steps, sampler=sampler, cfg_scale=cfg_scale)
@@ -618,7 +620,7 @@ def _moves(table: ErrorTable, sched: CacheSchedule, cost: str, B: int, elig: lis
 
 def _search(table: ErrorTable, ro: Rollouts, cost: str, B: int, speedup, budget, rollouts: int, log):
     """One search (search_schedule's docstring) on `table`: (best error, best, start,
-    moves kept, every start candidate scored)."""
+    moves kept, every start candidate scored, the weighted plan)."""
     _, _, elig = _plan_costs(table, cost)
     planned = [("plan (weighted)", choose_schedule(table, speedup=speedup, budget=budget, cost=cost)),
                ("plan (unweighted)", choose_schedule(table, speedup=speedup, budget=budget, cost=cost,
@@ -651,7 +653,7 @@ def _search(table: ErrorTable, ro: Rollouts, cost: str, B: int, speedup, budget,
                 break
         if not improved:
             break
-    return best_err, best, start, moves_kept, scored
+    return best_err, best, start, moves_kept, scored, planned[0][1]
 
 
 def _with_overhead(table: ErrorTable, sched: CacheSchedule, measured: float) -> tuple[ErrorTable, float]:
@@ -693,8 +695,8 @@ def search_schedule(model, table: ErrorTable, *, speedup: float | None = None, b
     if labels is None and num_samples is None:
         labels, num_samples = info.get("labels"), (None if info.get("labels") else info.get("samples"))
     seed = info.get("seed", 0) if seed is None else seed
-    if validate_seeds is None:  # a seed takes 0 .. 2**64 - 1 (cache.checks.seed)
-        validate_seeds = [seed + 1 if seed + 1 < 2 ** 64 else seed - 1]
+    if validate_seeds is None:
+        validate_seeds = [seed + 1 if seed + 1 <= SEED_MAX else seed - 1]
     validate_seeds = [int(s) for s in validate_seeds]
     if seed in validate_seeds:
         raise ValueError(f"validate_seeds must not hold the calibration seed {seed}, got {validate_seeds}")
@@ -722,7 +724,7 @@ def search_schedule(model, table: ErrorTable, *, speedup: float | None = None, b
                           f"reaches it ({e}); returning it (meta['retimed'])", RuntimeWarning, stacklevel=2)
             break
         tab = tab2
-    best_err, best, start, moves_kept, scored = found
+    best_err, best, start, moves_kept, scored, plan = found
     validation = None
     if validate_seeds:
         vro = Rollouts(model, labels, seed=validate_seeds, **kw)
@@ -737,8 +739,7 @@ def search_schedule(model, table: ErrorTable, *, speedup: float | None = None, b
         for d in validation:
             d.pop("sched")
         validation = {"seeds": validate_seeds, "picked": pick["what"], "candidates": validation}
-    base = choose_schedule(tab, speedup=speedup, budget=budget, cost=cost)
-    meta = dict(base.meta)
+    meta = dict(plan.meta)
     meta.update({"measured_error": best_err, "error_metric": "RMS of the final latents against the uncached run "
                  "on the calibration labels and seed", "start": start, "moves": moves_kept,
                  "rollouts": ro.count, "search_seconds": time.perf_counter() - t0, "cfg_scale": cfg_scale,
