@@ -382,7 +382,10 @@ def test_overhead_makes_the_predicted_speedup_the_measured_one():
     assert o > 0 and fixed.predicted_speedup(sched) == pytest.approx(0.9 * pred)
     assert all(fixed.seconds[k] == pytest.approx(v + o) for k, v in table.seconds.items())
     assert table.predicted_speedup(sched) == pred   # the table itself is left as it was
-    assert _with_overhead(table, sched, 1.1 * pred)[1] == 0.0   # faster than predicted: nothing added
+    faster, o = _with_overhead(table, sched, 1.05 * pred)   # faster than predicted: a negative overhead
+    assert o < 0 and faster.predicted_speedup(sched) == pytest.approx(1.05 * pred)
+    floor, o = _with_overhead(table, sched, 100 * pred)     # held above -half the cheapest step
+    assert o == pytest.approx(-0.5 * min(table.seconds.values())) and min(floor.seconds.values()) > 0
 
 
 def test_search_searches_again_when_the_measured_speedup_misses(monkeypatch):
@@ -406,14 +409,45 @@ def test_search_searches_again_when_the_measured_speedup_misses(monkeypatch):
     # the second search plans with the overhead, so it is at least as cheap in the first table's times
     assert table.step_seconds(s) <= table.step_seconds(first) + 1e-12
     monkeypatch.setattr(cal.Rollouts, "speedup", lambda self, sched, rounds=2: 1.28)   # always a little short
-    s = search_schedule(m, table, speedup=1.3, rollouts=1, retime=1, validate_seeds=[])
-    assert len(s.meta["retimed"]) == 1   # at most `retime` searches again
+    with pytest.warns(RuntimeWarning, match="below the target 1.3x"):
+        s = search_schedule(m, table, speedup=1.3, rollouts=1, retime=1, validate_seeds=[])
+    assert len(s.meta["retimed"]) == 2   # at most `retime` searches again (each one timed)
+    assert sum(bool(r.get("picked")) for r in s.meta["retimed"]) == 1
     monkeypatch.setattr(cal.Rollouts, "speedup", lambda self, sched, rounds=2: 1.01)   # far short: out of reach
     with pytest.warns(RuntimeWarning, match="below the target 1.3x"):
         s = search_schedule(m, table, speedup=1.3, rollouts=1, validate_seeds=[])
     assert "no schedule" in s.meta["retimed"][0]["target_missed"] and s.meta["predicted_speedup"] >= 1.3
     with pytest.raises(ValueError, match="retime"):
         search_schedule(m, table, speedup=1.3, retime=-1)
+    for bad in (-0.1, float("nan"), True, "0.1"):
+        with pytest.raises(ValueError, match="overshoot"):
+            search_schedule(m, table, speedup=1.3, overshoot=bad)
+
+
+def test_search_spends_an_overshoot_and_keeps_what_met_the_target(monkeypatch):
+    from skipdit_fast.analysis import calibrate as cal
+
+    m = tiny()
+    table = measure_errors(m, [1, 2], steps=STEPS, seed=0, max_gap=4)
+    speeds = iter([1.8, 1.25, 1.32])   # far above the target, then short of it, then on it
+
+    monkeypatch.setattr(cal.Rollouts, "speedup", lambda self, sched, rounds=2: next(speeds))
+    s = search_schedule(m, table, speedup=1.3, rollouts=2, retime=2, validate_seeds=[])
+    r = s.meta["retimed"]
+    assert [x["measured_speedup"] for x in r] == [1.8, 1.25, 1.32]
+    assert r[0]["overhead_added_s"] < 0 < r[1]["overhead_added_s"]
+    # the first search left time unspent: the negative overhead makes every step cheaper in the second
+    assert s.meta["step_seconds"]["F"] < table.seconds["F"] or not r[1].get("picked")
+    met = [x for x in r if x["measured_speedup"] >= 1.3]
+    kept = min(met, key=lambda x: x["error"])
+    assert kept.get("picked") and s.code == kept["code"] and s.meta["measured_error"] == pytest.approx(kept["error"])
+    assert sum(bool(x.get("picked")) for x in r) == 1
+    speeds = iter([1.33])   # within overshoot: not searched again
+    s = search_schedule(m, table, speedup=1.3, rollouts=2, retime=2, validate_seeds=[])
+    assert len(s.meta["retimed"]) == 1 and s.meta["retimed"][0]["picked"]
+    speeds = iter([1.5, 1.45])   # overshoot 0.2 allows 1.5
+    s = search_schedule(m, table, speedup=1.3, rollouts=2, retime=2, overshoot=0.2, validate_seeds=[])
+    assert len(s.meta["retimed"]) == 1
 
 
 def test_search_validates_on_other_seeds():

@@ -48,10 +48,12 @@ guidance (cfg_scale); the error table is measured at cfg_scale 1.
 
 Two checks follow, as the step times and the calibration run are both samples.
 Retime: the searched schedule's speedup is measured on the calibration run (uncached
-and cached runs alternating, the fastest of each); when it misses the target, the
-per-step overhead that explains the miss (what the isolated step timings did not
-see: the sampler's noise, Python between steps) is added to every step time and the
-search runs again on the same rollouts, at most `retime` times. Validation: the
+and cached runs alternating, the fastest of each); when it misses the target or
+overshoots it by more than `overshoot`, the per-step overhead that explains the
+difference (what the isolated step timings did or did not see: the sampler's noise,
+Python between steps, caches warm in a loop) is added to every step time and the
+search runs again on the same rollouts, at most `retime` times; of the timed
+schedules that met the target, the least error is kept. Validation: the
 searched schedule and the best start candidates (planned, fixed intervals) are
 sampled on other seeds (validate_seeds) and the least error there is returned, so
 the local search's gains must carry over from the calibration seed. meta says what
@@ -659,18 +661,21 @@ def _search(table: ErrorTable, ro: Rollouts, cost: str, B: int, speedup, budget,
 def _with_overhead(table: ErrorTable, sched: CacheSchedule, measured: float) -> tuple[ErrorTable, float]:
     """The table with the per-step overhead o (seconds, added to every kind of step)
     that makes its predicted speedup of `sched` equal the measured one: with C the
-    predicted run time and S full steps' time S*F, S (F + o) / (C + S o) = measured."""
+    predicted run time and S full steps' time S*F, S (F + o) / (C + S o) = measured.
+    o < 0 when the run was faster than predicted (the isolated step timings saw
+    costs a whole run does not pay); it is held above -half the cheapest step time,
+    so every step keeps a positive cost."""
     S, F = table.steps, table.seconds["F"]
     C = table.step_seconds(sched)
     o = (measured * C - S * F) / (S * (1 - measured)) if measured != 1 else 0.0
-    o = max(o, 0.0)
+    o = max(o, -0.5 * min(table.seconds.values()))
     return replace(table, seconds={k: v + o for k, v in table.seconds.items()}), o
 
 
 def search_schedule(model, table: ErrorTable, *, speedup: float | None = None, budget: int | None = None,
                     cost: str | None = None, labels=None, num_samples: int | None = None, seed: int | None = None,
                     sampler: str | None = None, cfg_scale: float = 1.0, rollouts: int = 64,
-                    retime: int = 2, validate_seeds: Sequence[int] | None = None,
+                    retime: int = 2, overshoot: float = 0.05, validate_seeds: Sequence[int] | None = None,
                     name: str | None = None, log=None) -> CacheSchedule:
     """choose_schedule, checked and improved on real runs (module docstring): the
     schedule with the least measured error on the calibration run among the planned
@@ -679,9 +684,12 @@ def search_schedule(model, table: ErrorTable, *, speedup: float | None = None, b
 
     retime (cost="time" with a speedup target): the chosen schedule's speedup is
     measured on the calibration run (uncached and cached runs alternating); when it
-    misses the target, the per-step overhead that explains the miss is added to every
-    measured step time and the search runs again (its rollouts are remembered), at
-    most `retime` times. validate_seeds (default: the calibration seed + 1; [] for
+    misses the target, or exceeds it by more than the fraction `overshoot` (it then
+    spends less time than the target allows, which costs error), the per-step
+    overhead that explains the difference is added to every measured step time and
+    the search runs again (its rollouts are remembered), at most `retime` times. Of
+    the timed schedules that met the target the one with the least error is kept
+    (none met: the fastest, with a RuntimeWarning). validate_seeds (default: the calibration seed + 1; [] for
     none): the searched schedule and the best start candidates are sampled on these
     seeds and the one with the least error there is returned, so the choice is not
     fitted to the calibration seed's noise alone."""
@@ -689,6 +697,9 @@ def search_schedule(model, table: ErrorTable, *, speedup: float | None = None, b
         raise ValueError(f"rollouts must be an integer >= 0, got {rollouts}")
     if isinstance(retime, bool) or int(retime) != retime or retime < 0:
         raise ValueError(f"retime must be an integer >= 0, got {retime}")
+    if isinstance(overshoot, bool) or not isinstance(overshoot, numbers.Real) or not overshoot >= 0 \
+            or not math.isfinite(overshoot):
+        raise ValueError(f"overshoot must be a finite number >= 0 (a fraction of the target), got {overshoot}")
     cost = cost or ("time" if table.seconds and budget is None else "blocks")
     B = _budget(table, cost, speedup, budget)
     info = table.info or {}
@@ -704,26 +715,36 @@ def search_schedule(model, table: ErrorTable, *, speedup: float | None = None, b
     kw = dict(num_samples=num_samples, steps=table.steps, sampler=sampler or info.get("sampler", "ddpm"),
               cfg_scale=cfg_scale)
     ro = Rollouts(model, labels, seed=seed, **kw)
-    tab, retimed = table, []
+    tab, retimed, timed = table, [], []
     found = _search(tab, ro, cost, B, speedup, budget, rollouts, log)
-    while cost == "time" and speedup is not None and len(retimed) < retime:
+    while cost == "time" and speedup is not None and retime:
         measured = ro.speedup(found[1])
-        retimed.append({"code": found[1].code, "measured_speedup": measured})
-        if measured >= speedup:
+        retimed.append({"code": found[1].code, "measured_speedup": measured, "error": found[0]})
+        timed.append((found, tab))
+        if speedup <= measured <= speedup * (1 + overshoot) or len(retimed) > retime:
             break
         tab2, o = _with_overhead(tab, found[1], measured)
         retimed[-1]["overhead_added_s"] = o
         if log:
-            log(f"  measured {measured:.3f}x < {speedup}x: step times + {o:.3g} s, searching again")
+            log(f"  measured {measured:.3f}x for the target {speedup}x: step times {o:+.3g} s, searching again")
         try:
             found = _search(tab2, ro, cost, B, speedup, budget, rollouts, log)
         except ValueError as e:   # with the overhead no schedule reaches the target
             retimed[-1]["target_missed"] = str(e)
-            warnings.warn(f"search_schedule: the best schedule measured {measured:.3f}x on the calibration run, "
-                          f"below the target {speedup}x, and with the measured per-step overhead no schedule "
-                          f"reaches it ({e}); returning it (meta['retimed'])", RuntimeWarning, stacklevel=2)
             break
         tab = tab2
+    if timed:   # of the timed schedules that met the target, the least error; else the fastest
+        met = [k for k, r in enumerate(retimed) if r["measured_speedup"] >= speedup]
+        k = min(met, key=lambda k: retimed[k]["error"]) if met else \
+            max(range(len(retimed)), key=lambda k: retimed[k]["measured_speedup"])
+        retimed[k]["picked"] = True
+        found, tab = timed[k]
+        if not met:
+            warnings.warn(f"search_schedule: the fastest searched schedule measured "
+                          f"{retimed[k]['measured_speedup']:.3f}x on the calibration run, below the target "
+                          f"{speedup}x, and searching again with the measured per-step overhead did not reach it"
+                          + (f" ({retimed[-1]['target_missed']})" if "target_missed" in retimed[-1] else "")
+                          + "; returning it (meta['retimed'])", RuntimeWarning, stacklevel=2)
     best_err, best, start, moves_kept, scored, plan = found
     validation = None
     if validate_seeds:
@@ -761,12 +782,12 @@ def calibrate(model, *, speedup: float | None = None, budget: int | None = None,
               num_samples: int | None = None, steps: int = 50, seed: int = 0, sampler: str = "ddpm",
               max_gap: int = 12, branches=None, modes: Sequence[str] | None = None, cost: str | None = None,
               rollouts: int = 64, cfg_scale: float = 1.0, time_batch: int | None = None,
-              retime: int = 2, validate_seeds: Sequence[int] | None = None, propagate_samples: int | None = None,
-              name: str | None = None) -> CacheSchedule:
+              retime: int = 2, overshoot: float = 0.05, validate_seeds: Sequence[int] | None = None,
+              propagate_samples: int | None = None, name: str | None = None) -> CacheSchedule:
     """measure_errors, then search_schedule (rollouts > 0) or choose_schedule
     (rollouts=0). labels default: one per class, at most 10. modes default: every
     step kind (MODES). cost="blocks" (or budget=) plans in block counts with the
-    plain cached steps only. retime, validate_seeds: search_schedule's;
+    plain cached steps only. retime, overshoot, validate_seeds: search_schedule's;
     propagate_samples: measure_errors'."""
     if labels is None and getattr(model.config, "class_conditional", True):
         labels = list(range(min(10, model.config.num_classes)))
@@ -782,5 +803,6 @@ def calibrate(model, *, speedup: float | None = None, budget: int | None = None,
     if rollouts:
         return search_schedule(model, table, speedup=speedup, budget=budget, cost=cost, labels=labels,
                                num_samples=num_samples, seed=seed, sampler=sampler, cfg_scale=cfg_scale,
-                               rollouts=rollouts, retime=retime, validate_seeds=validate_seeds, name=name)
+                               rollouts=rollouts, retime=retime, overshoot=overshoot,
+                               validate_seeds=validate_seeds, name=name)
     return choose_schedule(table, speedup=speedup, budget=budget, cost=cost, name=name)

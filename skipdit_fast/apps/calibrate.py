@@ -45,7 +45,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--cfg-scale", type=float_range(1.0), default=1.0, help="classifier-free guidance of the "
                    "checking runs (default 1; the error table is measured without)")
     p.add_argument("--retime", type=nonneg_int, default=2, help="times the plan may be searched again when its "
-                   "measured speedup on the calibration run misses --speedup (default 2; 0: trust the step times)")
+                   "measured speedup on the calibration run misses --speedup or overshoots it by more than "
+                   "--overshoot (default 2; 0: trust the step times)")
+    p.add_argument("--overshoot", type=float_range(0.0), default=0.05, help="fraction above --speedup a measured "
+                   "speedup may be before the plan is searched again to spend the time it leaves (default 0.05)")
     p.add_argument("--validate-seeds", type=seed_int, nargs="*", help="seeds the searched schedule and the best "
                    "start candidates are compared on (default: --seed + 1; no values: no validation)")
     p.add_argument("--propagate-samples", type=positive_int, help="samples the amplification copies carry "
@@ -116,7 +119,8 @@ def main(args: argparse.Namespace) -> int:
         sched = calibrate(model, speedup=args.speedup, budget=args.budget, labels=labels, steps=args.steps,
                           seed=args.seed, sampler=args.sampler, max_gap=args.max_gap, branches=args.branches,
                           modes=args.modes, cost=args.cost, rollouts=args.rollouts, cfg_scale=args.cfg_scale,
-                          time_batch=args.time_batch, retime=args.retime, validate_seeds=args.validate_seeds,
+                          time_batch=args.time_batch, retime=args.retime, overshoot=args.overshoot,
+                          validate_seeds=args.validate_seeds,
                           propagate_samples=args.propagate_samples, name=args.model, **kw)
     except ValueError as e:
         return fail(str(e))
@@ -125,7 +129,8 @@ def main(args: argparse.Namespace) -> int:
     sched.save(args.out)
     extra = f", predicted speedup {m['predicted_speedup']:.2f}x" if "predicted_speedup" in m else ""
     if m.get("retimed"):
-        extra += f", measured {m['retimed'][-1]['measured_speedup']:.2f}x on the calibration run"
+        kept = next((r for r in m["retimed"] if r.get("picked")), m["retimed"][-1])
+        extra += f", measured {kept['measured_speedup']:.2f}x on the calibration run"
     if "measured_error" in m:
         extra += f", calibration-run RMS error {m['measured_error']:.4g} ({m['rollouts']} runs)"
     if m.get("validation"):
