@@ -640,8 +640,10 @@ def pareto_readme(res, points, table_cpu, table_blocks) -> str:
             + (f" or more than {100 * st['calibration']['overshoot']:.0f}% above it, the timed schedule that met "
                "the target with the least error kept" if st['calibration'].get('overshoot') else "")
             + "; " if st['calibration'].get('retime') else "")
-         + (f"the searched schedule and the 4 best start candidates then compared on seeds "
-            f"{st['calibration']['validate_seeds']}, the best there kept" if st['calibration'].get('validate_seeds')
+         + (f"the kept schedule, the other timed ones that met the target and the 4 best start candidates then "
+            f"compared on seeds {st['calibration']['validate_seeds']}, the best there that measured at least the "
+            "target on the calibration run kept (candidates never timed are timed first)"
+            if st['calibration'].get('validate_seeds')
             else "no validation seed") +
          f"), speedup targets "
          f"{st['calibration']['targets']} in measured time (the defaults are 3% above the table's levels: the "
@@ -690,7 +692,9 @@ def pareto_readme(res, points, table_cpu, table_blocks) -> str:
             if m.get("validation"):
                 v = m["validation"]
                 extra += f"; on seeds {v['seeds']} picked {v['picked']} (" + ", ".join(
-                    f"{c['what']} {c['error']:.4f}" for c in v["candidates"]) + ")"
+                    f"{c['what']} {c['error']:.4f}" + (f" at {c['measured_speedup']:.2f}x" if "measured_speedup" in c
+                                                       else "") + (" passed over" if c.get("passed_over") else "")
+                    for c in v["candidates"]) + ")"
         L.append(f"- target {t}x: `{sched.code}` (predicted error {m['predicted_error']:.3f}{extra})")
     L += ["", "![Pareto](pareto.png)", ""]
     return "\n".join(L)
@@ -739,8 +743,9 @@ def main(argv=None) -> int:
     p.add_argument("--retime", type=int, default=3, help="--pareto: searches again when the calibration run "
                    "measures below the target or above it by more than --overshoot (search_schedule(retime=))")
     p.add_argument("--overshoot", type=float, default=0.05, help="--pareto: search_schedule(overshoot=)")
-    p.add_argument("--validate-seeds", type=int, nargs="*", default=[1001], help="--pareto: seeds the calibrated "
-                   "schedule is picked on among the best candidates (none: no validation)")
+    p.add_argument("--validate-seeds", type=int, nargs="*", default=[1001, 1002, 1003], help="--pareto: seeds "
+                   "the calibrated schedule is picked on among the best candidates that met the target (none: no "
+                   "validation)")
     args = p.parse_args(argv)
     if args.pareto:
         args.per_class = args.per_class or PARETO_STUDIES["video" if args.video else "image"]["per_class"]

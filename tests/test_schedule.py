@@ -248,7 +248,7 @@ def test_calibrate_command_writes_a_schedule_that_sample_uses(tmp_path, capsys):
     assert cli.main(["calibrate", "--speedup", "2", "--steps", "6", "--max-gap", "3", "--classes", "1",
                      "--cost", "blocks", "--rollouts", "2", "--out", str(blocks)]) == 0
     assert CacheSchedule.load(blocks).block_budget <= budget_for(2, 6, sched.depth)
-    assert sched.meta["validation"]["seeds"] == [1] and len(sched.meta["retimed"]) >= 1
+    assert sched.meta["validation"]["seeds"] == [1, 2, 3] and len(sched.meta["retimed"]) >= 1
     quick = tmp_path / "quick.json"
     assert cli.main(["calibrate", "--speedup", "1.5", "--steps", "6", "--max-gap", "3", "--classes", "1", "2",
                      "--rollouts", "1", "--validate-seeds", "--retime", "0", "--propagate-samples", "1",
@@ -454,16 +454,48 @@ def test_search_validates_on_other_seeds():
     m = tiny()
     labels = [1, 2]
     table = measure_errors(m, labels, steps=STEPS, seed=0, max_gap=4)
-    s = search_schedule(m, table, speedup=1.5, rollouts=3, retime=0)   # default: seed 1
+    s = search_schedule(m, table, speedup=1.5, rollouts=3, retime=0)   # default: seeds 1, 2, 3
     v = s.meta["validation"]
-    assert v["seeds"] == [1] and len(v["candidates"]) >= 2
-    picked = min(v["candidates"], key=lambda d: d["error"])
-    assert picked["what"] == v["picked"] and picked["code"] == s.code
-    want = sample(m, labels, steps=STEPS, seed=1).latents
-    got = sample(m, labels, steps=STEPS, seed=1, cache=SkipCache(schedule=s)).latents
-    assert picked["error"] == pytest.approx(float((got.double() - want.double()).pow(2).mean().sqrt()))
+    assert v["seeds"] == [1, 2, 3] and len(v["candidates"]) >= 2
+    picked = min(v["candidates"], key=lambda d: d["error"])   # untimed: no target to meet
+    assert picked["what"] == v["picked"] and picked["code"] == s.code and "measured_speedup" not in picked
+    sq = []
+    for seed in (1, 2, 3):
+        want = sample(m, labels, steps=STEPS, seed=seed).latents
+        got = sample(m, labels, steps=STEPS, seed=seed, cache=SkipCache(schedule=s)).latents
+        sq.append((got.double() - want.double()).pow(2).mean())
+    assert picked["error"] == pytest.approx(float(torch.stack(sq).mean().sqrt()))
     two = search_schedule(m, table, speedup=1.5, rollouts=0, retime=0, validate_seeds=[5, 6])
     assert two.meta["validation"]["seeds"] == [5, 6]
     assert search_schedule(m, table, speedup=1.5, rollouts=0, retime=0, validate_seeds=[]).meta["validation"] is None
     with pytest.raises(ValueError, match="calibration seed"):
         search_schedule(m, table, speedup=1.5, validate_seeds=[0])
+
+
+def test_validation_picks_only_what_met_the_target(monkeypatch):
+    from skipdit_fast.analysis import calibrate as cal
+
+    m = tiny()
+    table = measure_errors(m, [1, 2], steps=STEPS, seed=0, max_gap=4)
+    calls = []
+
+    def kept_on_target_rest_short(self, sched, rounds=3):   # the retime's schedule meets it, no other does
+        calls.append(sched.code)
+        return 1.32 if len(calls) == 1 else 1.0
+
+    monkeypatch.setattr(cal.Rollouts, "speedup", kept_on_target_rest_short)
+    s = search_schedule(m, table, speedup=1.3, rollouts=2, retime=2, validate_seeds=[4, 5])
+    v, kept = s.meta["validation"], s.meta["retimed"][0]
+    assert v["picked"] == "searched" and s.code == kept["code"]
+    won = next(c for c in v["candidates"] if c["what"] == "searched")
+    better = [c for c in v["candidates"] if c["error"] < won["error"]]
+    # every candidate with less validation error was timed, measured short and passed over
+    assert all(c["measured_speedup"] == 1.0 and c["passed_over"] for c in better)
+    assert len(calls) == 1 + len(better) and won["measured_speedup"] == 1.32
+    monkeypatch.setattr(cal.Rollouts, "speedup", lambda self, sched, rounds=3: 1.31)   # every one meets it
+    s = search_schedule(m, table, speedup=1.3, rollouts=2, retime=2, validate_seeds=[4, 5])
+    v = s.meta["validation"]
+    best = min(v["candidates"], key=lambda d: d["error"])
+    assert v["picked"] == best["what"] and s.code == best["code"] and not any(c.get("passed_over")
+                                                                              for c in v["candidates"])
+    assert s.meta["predicted_speedup"] >= 1.3

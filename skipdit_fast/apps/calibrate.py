@@ -50,7 +50,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--overshoot", type=float_range(0.0), default=0.05, help="fraction above --speedup a measured "
                    "speedup may be before the plan is searched again to spend the time it leaves (default 0.05)")
     p.add_argument("--validate-seeds", type=seed_int, nargs="*", help="seeds the searched schedule and the best "
-                   "start candidates are compared on (default: --seed + 1; no values: no validation)")
+                   "candidates that met the target are compared on (default: the 3 after --seed; no values: no "
+                   "validation)")
     p.add_argument("--propagate-samples", type=positive_int, help="samples the amplification copies carry "
                    "(default all; fewer make a large calibration batch cheaper)")
     p.add_argument("--time-batch", type=positive_int, help="batch the step times are measured at (default: the "
