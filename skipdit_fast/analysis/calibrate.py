@@ -72,7 +72,6 @@ from __future__ import annotations
 
 import math
 import numbers
-import statistics
 import time
 import warnings
 from dataclasses import dataclass, field, replace
