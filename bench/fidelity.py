@@ -35,6 +35,13 @@ the frames of real moving-digit clips).
 
 Writes <out>/fidelity.json (every number), fidelity.csv, README.md (tables and what
 they show), psnr_vs_speedup.png, training_curves.png and sample grids (GIFs for video).
+
+--pareto: every cache at equal measured speedup over --seeds (PARETO.md, pareto.*),
+with calibrated schedules made first (or taken from an earlier run: --schedules);
+each level's margin of the calibrated schedule over the best other method is paired
+by seed (the seed's share of the spread cancels) with a 95% interval. --report
+a/pareto.json b/pareto.json ... writes that report for several runs of the same
+schedules on different seeds together, running nothing.
 """
 
 from __future__ import annotations
@@ -501,7 +508,8 @@ def run_pareto(args) -> dict:
         prev = json.loads(Path(args.schedules).read_text())
         calibrated = {float(t): CacheSchedule.from_dict(d) for t, d in prev["schedules"].items()}
         out["calibration_wall_s"], out["calibration_cpu_s"] = prev["calibration_wall_s"], prev["calibration_cpu_s"]
-        out["settings"]["calibration"]["from"] = str(args.schedules)
+        # what made them, not this command's calibration flags (it ran no calibration)
+        out["settings"]["calibration"] = dict(prev["settings"]["calibration"], **{"from": str(args.schedules)})
     else:
         skipm = models[skip_name].model
         table = measure_errors(skipm, list(range(10)) * 2, steps=args.steps, seed=1000, max_gap=12,
@@ -564,7 +572,8 @@ def pareto_points(runs) -> list[dict]:
         d = {"method": method, "setting": setting, "model": rows[0]["model"], "seeds": len(rows)}
         for key in ("speedup_cpu", "speedup_wall", "block_ratio", "psnr", "ssim", "accuracy", "fd"):
             v = np.array([x[key] for x in rows], dtype=float)
-            d[key], d[key + "_std"] = float(v.mean()), float(v.std())
+            with np.errstate(invalid="ignore"):   # inf PSNR (a run equal to the uncached one): std nan
+                d[key], d[key + "_std"] = float(v.mean()), float(v.std())
         res.append(d)
     return res
 
@@ -581,6 +590,64 @@ def pareto_table(points, key="speedup_cpu", levels=PARETO_LEVELS) -> list[dict]:
             row[m] = max(cand, key=lambda p: p["psnr"]) if cand else None
         table.append(row)
     return table
+
+
+# two-sided 95% quantiles of Student's t by degrees of freedom (rounded up; >= 60: 2.0)
+T95 = {1: 12.71, 2: 4.31, 3: 3.19, 4: 2.78, 5: 2.58, 6: 2.45, 7: 2.37, 8: 2.31, 9: 2.27, 10: 2.23}
+
+
+def t95(df: int) -> float:
+    return T95.get(df) or (2.18 if df < 15 else 2.13 if df < 30 else 2.05 if df < 60 else 2.0)
+
+
+def paired_margin(runs, a: tuple[str, str], b: tuple[str, str]) -> dict:
+    """PSNR of setting a minus setting b ((method, setting) each), paired by seed (the
+    same noise and labels: most of the seed-to-seed spread is shared): mean, standard
+    error and the half-width of its 95% confidence interval (Student's t, seeds - 1
+    degrees of freedom) over their common seeds; verdict "higher" / "lower" when the
+    interval excludes 0, else "tie within noise" ("equal" when every seed's samples
+    are the same)."""
+    pa = {r["seed"]: r["psnr"] for r in runs if (r["method"], r["setting"]) == tuple(a)}
+    pb = {r["seed"]: r["psnr"] for r in runs if (r["method"], r["setting"]) == tuple(b)}
+    d = np.array([pa[s] - pb[s] for s in sorted(set(pa) & set(pb))], dtype=float)
+    out = {"seeds": len(d), "mean": float(d.mean()) if len(d) else float("nan")}
+    if len(d) and np.all(d == 0):
+        out["verdict"] = "equal (the same samples)"
+        return out
+    if len(d) < 2 or not np.isfinite(d).all():
+        out["verdict"] = "not enough seeds" if len(d) < 2 else "not finite (a run equal to the uncached one)"
+        return out
+    sem = float(d.std(ddof=1) / math.sqrt(len(d)))
+    half = t95(len(d) - 1) * sem
+    out.update(sem=sem, ci95=half, verdict="higher" if out["mean"] - half > 0 else
+               "lower" if out["mean"] + half < 0 else "tie within noise")
+    return out
+
+
+def level_margins(runs, table, focus: str = "+calibrated") -> list[dict]:
+    """Per level of a pareto_table: the best setting of the method ending in `focus`
+    against the best other method's (by mean PSNR), paired by seed (paired_margin);
+    levels where either is missing are left out."""
+    out = []
+    for row in table:
+        got = {m: p for m, p in row.items() if m != "speedup" and p is not None}
+        mine = [m for m in got if m.endswith(focus)]
+        others = [m for m in got if not m.endswith(focus)]
+        if not mine or not others:
+            continue
+        f, o = mine[0], max(others, key=lambda m: got[m]["psnr"])
+        out.append({"speedup": row["speedup"], "method": f, "setting": got[f]["setting"], "other": o,
+                    "other_setting": got[o]["setting"],
+                    **paired_margin(runs, (f, got[f]["setting"]), (o, got[o]["setting"]))})
+    return out
+
+
+def margins_text(margins) -> str:
+    def one(g):
+        ci = f" +- {g['ci95']:.2f}" if "ci95" in g else ""
+        return (f"{g['speedup']:.2f}x: {g['mean']:+.2f}{ci} dB against {g['other']} {g['other_setting']} "
+                f"({g['verdict']})")
+    return "; ".join(one(g) for g in margins)
 
 
 def pareto_plot(points, res, out: Path) -> str:
@@ -620,6 +687,11 @@ def pareto_readme(res, points, table_cpu, table_blocks) -> str:
     methods = list(dict.fromkeys(p["method"] for p in points))
     L = [f"# Pareto study: every cache at equal measured speedup ({date.today()})", "",
          f"Generated by `bench/fidelity.py --pareto` on {res['machine_start'].get('cpu_model', '?')} "
+         + (f"(merged with --report from {', '.join(f'`{f}`' for f in res['merged_from'])}: the same "
+            "calibrated schedules on different seeds; the machine at the start of the first and the end of "
+            "the last) " if len(res.get("merged_from", ())) > 1 else "")
+         + (f"(calibrated schedules from `{st['calibration']['from']}`) " if st["calibration"].get("from") else "")
+         + 
          f"({res['machine_start']['cpus']} cores, {st['threads']} torch threads; shared with other jobs, load "
          f"average {res['machine_start'].get('load_average')} at start, {res['machine_end'].get('load_average')} "
          f"at end), torch {res['torch']}. Shipped tiny {st.get('what', ['DiT'])[0]} and "
@@ -666,6 +738,11 @@ def pareto_readme(res, points, table_cpu, table_blocks) -> str:
             if got:
                 best.append(f"{row['speedup']:.2f}x: {max(got, key=got.get)}")
         L += ["", f"Highest mean PSNR by {title}: " + "; ".join(best) + ".", ""]
+        margins = level_margins(res["runs"], tab)
+        if margins:
+            L += [f"{margins[0]['method']} minus the best other method at each level (by {title}), paired by "
+                  f"seed: mean +- the 95% confidence half-width over the {len(st['seeds'])} seeds (Student's t): "
+                  + margins_text(margins) + ".", ""]
     L += ["## All settings (means over seeds)", "",
           "| method | setting | speedup CPU | speedup wall | block ratio | PSNR dB | SSIM | accuracy | FD |",
           "| --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
@@ -700,21 +777,74 @@ def pareto_readme(res, points, table_cpu, table_blocks) -> str:
     return "\n".join(L)
 
 
-def main_pareto(args) -> int:
-    out = Path(args.out or ROOT / "bench" / "results" / ("fidelity-cpu/video" if args.video else "fidelity-cpu"))
+def merge_pareto(paths) -> dict:
+    """One study from several pareto.json files that evaluated the same calibrated
+    schedules (--schedules) with the same settings on different seeds: their runs
+    and baselines together, seeds in the given order. ValueError names what differs."""
+    if not paths:
+        raise ValueError("--report: give at least one pareto.json")
+    rs = []
+    for p in paths:
+        try:
+            rs.append(json.loads(Path(p).read_text()))
+        except (OSError, ValueError) as e:
+            raise ValueError(f"--report: cannot read {p} as a pareto.json: {e}") from None
+        if not {"settings", "runs", "schedules", "baselines"} <= set(rs[-1]):
+            raise ValueError(f"--report: {p} is not a bench/fidelity.py --pareto result (no settings / runs / "
+                             "schedules / baselines)")
+    res = json.loads(json.dumps(rs[0]))
+    st = res["settings"]
+    codes = {t: CacheSchedule.from_dict(d).code for t, d in res["schedules"].items()}
+    for p, r in zip(paths[1:], rs[1:]):
+        for k in ("kind", "models", "steps", "sampler", "samples"):
+            if r["settings"].get(k) != st.get(k):
+                raise ValueError(f"--report: {p} has settings {k}={r['settings'].get(k)!r}, {paths[0]} has "
+                                 f"{st.get(k)!r}: only runs of the same study merge")
+        other = {t: CacheSchedule.from_dict(d).code for t, d in r["schedules"].items()}
+        if other != codes:
+            raise ValueError(f"--report: {p} evaluated other calibrated schedules than {paths[0]} (run it with "
+                             f"--schedules {paths[0]})")
+        again = sorted(set(st["seeds"]) & set(r["settings"]["seeds"]))
+        if again:
+            raise ValueError(f"--report: seeds {again} are in {p} and in an earlier file: each seed once")
+        st["seeds"] = st["seeds"] + r["settings"]["seeds"]
+        res["runs"] += r["runs"]
+        res["baselines"].update(r["baselines"])
+        res["machine_end"] = r["machine_end"]
+    res["merged_from"] = [str(p) for p in paths]
+    return res
+
+
+def write_pareto(res, out: Path) -> None:
+    """PARETO.md, pareto.json, pareto.csv and pareto.png of a study (run_pareto's or
+    merge_pareto's result) in out."""
     out.mkdir(parents=True, exist_ok=True)
-    res = run_pareto(args)
     points = pareto_points(res["runs"])
     t_cpu, t_blocks = pareto_table(points), pareto_table(points, "block_ratio")
     res["points"] = points
     res["table_cpu"] = [{"speedup": r["speedup"], **{m: (None if v is None else {"setting": v["setting"],
                          "psnr": v["psnr"], "psnr_std": v["psnr_std"], "speedup_cpu": v["speedup_cpu"]})
                          for m, v in r.items() if m != "speedup"}} for r in t_cpu]
+    res["margins_cpu"], res["margins_blocks"] = level_margins(res["runs"], t_cpu), level_margins(res["runs"], t_blocks)
     write_atomic(out / "pareto.json", json.dumps(res, indent=1, default=str) + "\n")
     write_csv(out / "pareto.csv", res["runs"])
     pareto_plot(points, res, out)
     write_atomic(out / "PARETO.md", pareto_readme(res, points, t_cpu, t_blocks))
     print(f"wrote {out}/PARETO.md, pareto.json, pareto.csv, pareto.png")
+
+
+def main_pareto(args) -> int:
+    if args.report:
+        try:
+            res = merge_pareto(args.report)
+        except ValueError as e:
+            print(f"error: {e}", file=sys.stderr)
+            return 2
+        write_pareto(res, Path(args.out or Path(args.report[0]).parent))
+        return 0
+    res = run_pareto(args)
+    write_pareto(res, Path(args.out or ROOT / "bench" / "results" / ("fidelity-cpu/video" if args.video
+                                                                      else "fidelity-cpu")))
     return 0
 
 
@@ -736,6 +866,9 @@ def main(argv=None) -> int:
                    "first-block check) at equal measured speedup over --seeds; writes PARETO.md, pareto.*")
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2], help="--pareto: evaluation seeds")
     p.add_argument("--schedules", help="--pareto: take the calibrated schedules from this earlier pareto.json")
+    p.add_argument("--report", nargs="+", metavar="PARETO_JSON", help="--pareto: run nothing; write the report "
+                   "(PARETO.md, pareto.*; --out, default the first file's folder) of these pareto.json files, "
+                   "merged: the same study and schedules (--schedules) on different seeds")
     p.add_argument("--targets", type=float, nargs="+", default=[1.29, 1.55, 2.06, 2.58, 3.09, 4.12],
                    help="--pareto: speedup targets (measured time) of the calibrated schedules (default: 3%% above "
                    "the table's levels, as the calibration run's timing is a sample)")
@@ -747,6 +880,8 @@ def main(argv=None) -> int:
                    "the calibrated schedule is picked on among the best candidates that met the target (none: no "
                    "validation)")
     args = p.parse_args(argv)
+    if args.report and not args.pareto:
+        p.error("--report needs --pareto")
     if args.pareto:
         args.per_class = args.per_class or PARETO_STUDIES["video" if args.video else "image"]["per_class"]
         if args.quick:
