@@ -691,8 +691,7 @@ def pareto_readme(res, points, table_cpu, table_blocks) -> str:
             "calibrated schedules on different seeds; the machine at the start of the first and the end of "
             "the last) " if len(res.get("merged_from", ())) > 1 else "")
          + (f"(calibrated schedules from `{st['calibration']['from']}`) " if st["calibration"].get("from") else "")
-         + 
-         f"({res['machine_start']['cpus']} cores, {st['threads']} torch threads; shared with other jobs, load "
+         + f"({res['machine_start']['cpus']} cores, {st['threads']} torch threads; shared with other jobs, load "
          f"average {res['machine_start'].get('load_average')} at start, {res['machine_end'].get('load_average')} "
          f"at end), torch {res['torch']}. Shipped tiny {st.get('what', ['DiT'])[0]} and "
          f"{st.get('what', [0, 'Skip-DiT'])[1]}, DDPM {st['steps']} steps, "
@@ -724,7 +723,8 @@ def pareto_readme(res, points, table_cpu, table_blocks) -> str:
          "## Best PSNR at a measured speedup of at least s", "",
          "Mean +- std over the seeds of the setting with the best mean PSNR among those whose mean measured speedup "
          "is >= s (`-`: the method never gets that fast).", ""]
-    for title, tab in (("measured speedup (CPU time)", table_cpu), ("block ratio", table_blocks)):
+    for title, tab, margins in (("measured speedup (CPU time)", table_cpu, res["margins_cpu"]),
+                                ("block ratio", table_blocks, res["margins_blocks"])):
         L += [f"By {title}:", "", "| s | " + " | ".join(methods) + " |", "| --- " * (len(methods) + 1) + "|"]
         for row in tab:
             cells = []
@@ -738,7 +738,6 @@ def pareto_readme(res, points, table_cpu, table_blocks) -> str:
             if got:
                 best.append(f"{row['speedup']:.2f}x: {max(got, key=got.get)}")
         L += ["", f"Highest mean PSNR by {title}: " + "; ".join(best) + ".", ""]
-        margins = level_margins(res["runs"], tab)
         if margins:
             L += [f"{margins[0]['method']} minus the best other method at each level (by {title}), paired by "
                   f"seed: mean +- the 95% confidence half-width over the {len(st['seeds'])} seeds (Student's t): "
@@ -777,6 +776,11 @@ def pareto_readme(res, points, table_cpu, table_blocks) -> str:
     return "\n".join(L)
 
 
+def schedule_codes(res) -> dict:
+    """target -> code of a pareto result's calibrated schedules."""
+    return {t: CacheSchedule.from_dict(d).code for t, d in res["schedules"].items()}
+
+
 def merge_pareto(paths) -> dict:
     """One study from several pareto.json files that evaluated the same calibrated
     schedules (--schedules) with the same settings on different seeds: their runs
@@ -792,16 +796,15 @@ def merge_pareto(paths) -> dict:
         if not {"settings", "runs", "schedules", "baselines"} <= set(rs[-1]):
             raise ValueError(f"--report: {p} is not a bench/fidelity.py --pareto result (no settings / runs / "
                              "schedules / baselines)")
-    res = json.loads(json.dumps(rs[0]))
+    res = rs[0]   # parsed here, nobody else holds it: extended in place
     st = res["settings"]
-    codes = {t: CacheSchedule.from_dict(d).code for t, d in res["schedules"].items()}
+    codes = schedule_codes(res)
     for p, r in zip(paths[1:], rs[1:]):
         for k in ("kind", "models", "steps", "sampler", "samples"):
             if r["settings"].get(k) != st.get(k):
                 raise ValueError(f"--report: {p} has settings {k}={r['settings'].get(k)!r}, {paths[0]} has "
                                  f"{st.get(k)!r}: only runs of the same study merge")
-        other = {t: CacheSchedule.from_dict(d).code for t, d in r["schedules"].items()}
-        if other != codes:
+        if schedule_codes(r) != codes:
             raise ValueError(f"--report: {p} evaluated other calibrated schedules than {paths[0]} (run it with "
                              f"--schedules {paths[0]})")
         again = sorted(set(st["seeds"]) & set(r["settings"]["seeds"]))
