@@ -519,3 +519,56 @@ def test_validation_picks_only_what_met_the_target(monkeypatch):
     for w, sched in cal._near_intervals(table, B, 1.3, count=10):
         assert w.startswith("interval") and cal._cost_of(table, sched, "time") > B
         assert 1.3 > table.predicted_speedup(sched) >= 1.3 * (1 - cal.NEAR)
+
+
+def test_step_times_come_from_long_intervals_of_each_action(monkeypatch):
+    from skipdit_fast.analysis import calibrate as cal
+
+    m = tiny()
+    acts = cal.make_actions(m, ["cached", "reuse"], [1])
+    seen = []
+    real = cal.fastest_runs
+
+    def record(run, scheds, rounds, device):
+        seen.append({k: (v.code if v is not None else None) for k, v in scheds.items()})
+        return real(run, scheds, 1, device)
+
+    monkeypatch.setattr(cal, "fastest_runs", record)
+    sec = cal.measure_step_seconds(m, acts, batch=2, labels=[1], steps=STEPS, period=5)
+    # a full step, then period - 1 steps of the action: most of the run is the action
+    assert seen[-1] == {"F": None, "1": "F1111F11", "R": "FRRRRFRR"}
+    assert set(sec) == {"F", "1", "R"} and all(v >= 0 for v in sec.values())
+    cal.measure_step_seconds(m, acts, batch=2, labels=[1], steps=STEPS, period=50)   # held to the run
+    assert seen[-1]["R"] == "F" + "R" * (STEPS - 1)
+    for bad in (1, 2.5, True):
+        with pytest.raises(ValueError, match="period"):
+            cal.measure_step_seconds(m, acts, batch=2, labels=[1], steps=STEPS, period=bad)
+    table = measure_errors(m, [1, 2], steps=STEPS, seed=0, max_gap=3, modes=["reuse"], time_batch=3)
+    assert seen[-1]["R"] == "FRRRFRRR"   # measure_errors times the period max_gap + 1
+    assert table.info["time_batch"] == 3
+
+
+def test_speedups_are_measured_at_the_time_batch(monkeypatch):
+    from skipdit_fast.analysis import calibrate as cal
+
+    m = tiny()
+    ro = cal.Rollouts(m, [1, 2], steps=STEPS, seed=0, time_batch=5)
+    batches = []
+    real = ro._sample
+    ro._sample = lambda model, **kw: batches.append(len(kw["labels"])) or real(model, **kw)
+    sched = CacheSchedule.interval(STEPS, m.depth, 2, 1)
+    ro.error(sched)
+    assert batches == [2]   # the error on the calibration labels
+    ro.speedup(sched, rounds=1)
+    assert batches[1:] == [5, 5]   # the uncached and the cached run, at the time batch (labels repeated)
+    for bad in (0, 1.5, True):
+        with pytest.raises(ValueError, match="time_batch"):
+            cal.Rollouts(m, [1], steps=STEPS, time_batch=bad)
+    # search_schedule times at the batch the table's step times were measured at
+    table = fixed_times(measure_errors(m, [1, 2], steps=STEPS, seed=0, max_gap=3, time_batch=4))
+    made = []
+    monkeypatch.setattr(cal.Rollouts, "speedup", lambda self, s, rounds=3: made.append(self.time_kw) or 1.3)
+    search_schedule(m, table, speedup=1.3, rollouts=1, retime=1, validate_seeds=[])
+    assert made and len(made[0]["labels"]) == 4
+    search_schedule(m, table, speedup=1.3, rollouts=1, retime=1, validate_seeds=[], time_batch=6)
+    assert len(made[-1]["labels"]) == 6

@@ -27,9 +27,10 @@ perturbed copy of the run, cached at step i with the first action, to the end) i
 how much a drift injected at step i has grown at the end. A schedule's predicted
 error is the sum over its non-full steps of err * amplification.
 
-Cost. Each action's time is measured (a forward call in that mode on a batch of the
-calibration size, the sampler's update included, the median of several interleaved
-calls): the plan is in measured time, so a target speedup is a target time ratio, and
+Cost. Each action's time is measured in whole sampling runs (measure_step_seconds: the
+action's fixed interval of period max_gap + 1 against the uncached run, interleaved,
+the fastest of several; on a batch of time_batch samples, by default the calibration
+batch): the plan is in measured time, so a target speedup is a target time ratio, and
 hybrid / reuse steps (which run no attention or MLP, 0 blocks) have their real cost.
 cost="blocks" plans in block counts instead (full: depth, cached: 2K), with the plain
 cached steps only (a block count cannot price the others).
@@ -238,8 +239,8 @@ def measure_errors(model, labels: Sequence[int] | None = None, *, num_samples: i
     embed / head: models.DiT / Latte with skips, or cache.baselines.CachedModel's
     .model for a vanilla one) on one uncached run from `seed`, for the actions of
     `modes` and `branches` (make_actions). time_steps: also measure each action's
-    step time (measure_step_seconds) on a batch of time_batch (default: the
-    calibration batch) samples. propagate_samples: the perturbed copies that measure
+    step time (measure_step_seconds, in fixed intervals of period max_gap + 1) on a
+    batch of time_batch samples (default: the calibration batch; info['time_batch']). propagate_samples: the perturbed copies that measure
     the amplification carry the first this many samples only (default: all); they
     are one copy per step, so their cost grows with steps^2 x this."""
     from ..cache.reuse import OuterReuse
@@ -350,8 +351,9 @@ def measure_errors(model, labels: Sequence[int] | None = None, *, num_samples: i
     table = ErrorTable(err, actions, depth, timesteps, getattr(model, "cache_unit", "blocks"), info, amp)
     if time_steps:
         table.seconds = measure_step_seconds(model, actions, batch=time_batch or n, labels=labels, steps=S,
-                                             sampler=sampler)
+                                             sampler=sampler, period=max_gap + 1)
         info["step_seconds"] = dict(table.seconds)
+        info["time_batch"] = time_batch or n
     return table
 
 
@@ -384,18 +386,22 @@ def fastest_runs(run, scheds: dict, rounds: int, device: torch.device) -> dict:
 
 
 @torch.no_grad()
-def measure_step_seconds(model, actions: Sequence[Action], *, batch: int, labels=None, rounds: int = 3,
-                         steps: int = 50, sampler: str = "ddpm") -> dict[str, float]:
+def measure_step_seconds(model, actions: Sequence[Action], *, batch: int, labels=None, rounds: int = 5,
+                         steps: int = 50, sampler: str = "ddpm", period: int = 13) -> dict[str, float]:
     """Seconds of one sampling step of each kind ("F": full, else the action's
     code), measured in whole sampling runs of `steps` steps on `batch` samples, in
     run_clock's time (CPU seconds on a CPU model): an uncached run and, per action,
-    its fixed interval N=2 schedule (full, action, full, ...) through
-    SkipCache(schedule=...) alternate `rounds` times, the fastest of each counting.
-    F = the uncached run / steps; an action = (its run - its full steps x F) / its
-    other steps. A run's fixed costs are so spread over its steps, and a schedule's
-    predicted time is the sum of its steps' times: what the speedup of a whole run,
-    the target, measures (single steps timed in isolation put a reuse step 10-20%
-    under and a full step 14% over their cost in a run)."""
+    its fixed interval schedule of period `period` (full, then period - 1 steps of
+    the action, ...) through SkipCache(schedule=...) alternate `rounds` times, the
+    fastest of each counting. F = the uncached run / steps; an action = (its run -
+    its full steps x F) / its other steps. A run's fixed costs are so spread over
+    its steps, and a schedule's predicted time is the sum of its steps' times: what
+    the speedup of a whole run, the target, measures (single steps timed in
+    isolation put a reuse step 10-20% under and a full step 14% over their cost in
+    a run). The long period makes the action most of its run, so the run's noise
+    (a few % of a whole run on a shared CPU) is spread over many action steps: at
+    N=2 half a run is full steps, and the same noise moved a cheap action's estimate
+    by half its cost between calls (reuse 0.12 vs 0.24 of a full step)."""
     from ..cache import SkipCache
     from ..sampling.diffusion import sample
 
@@ -403,15 +409,18 @@ def measure_step_seconds(model, actions: Sequence[Action], *, batch: int, labels
         raise ValueError(f"rounds must be an integer >= 1, got {rounds}")
     if isinstance(steps, bool) or int(steps) != steps or steps < 2:
         raise ValueError(f"steps must be an integer >= 2 (a full step and one of each kind), got {steps}")
+    if isinstance(period, bool) or int(period) != period or period < 2:
+        raise ValueError(f"period must be an integer >= 2 (a full step, then the action), got {period}")
+    period = min(int(period), steps)
     if getattr(model.config, "class_conditional", True):
         pool = list(labels) if labels is not None else list(range(model.config.num_classes))
         kw = dict(labels=[int(pool[j % len(pool)]) for j in range(batch)])
     else:
         kw = dict(num_samples=batch)
-    n_full = (steps + 1) // 2
+    n_full = -(-steps // period)   # the steps i % period == 0
     runs = {"F": None}
     for a in actions:
-        runs[a.code] = CacheSchedule.from_code("".join("F" if i % 2 == 0 else a.code for i in range(steps)),
+        runs[a.code] = CacheSchedule.from_code("".join("F" if i % period == 0 else a.code for i in range(steps)),
                                                model.depth)
     was_training = model.training
     model.eval()
@@ -557,12 +566,17 @@ def choose_schedule(table: ErrorTable, *, speedup: float | None = None, budget: 
 class Rollouts:
     """Samples the calibration run with a schedule and measures its error: RMS of
     the final latents against the uncached run (same labels, seeds, sampler, CFG),
-    over every seed of `seed` (an int or a list of them)."""
+    over every seed of `seed` (an int or a list of them). time_batch: speedup()
+    times runs of this many samples (the labels repeated), the batch the step times
+    were measured at (default: the calibration batch)."""
 
     def __init__(self, model, labels=None, *, num_samples=None, steps=50, seed=0, sampler="ddpm",
-                 cfg_scale: float = 1.0):
+                 cfg_scale: float = 1.0, time_batch: int | None = None):
         from ..sampling.diffusion import sample
 
+        if time_batch is not None and (isinstance(time_batch, bool) or int(time_batch) != time_batch
+                                       or time_batch < 1):
+            raise ValueError(f"time_batch must be an integer >= 1 (or None: the calibration batch), got {time_batch!r}")
         self._sample = sample
         self.model = model
         self.seeds = [int(seed)] if isinstance(seed, numbers.Integral) else [int(s) for s in seed]
@@ -570,15 +584,22 @@ class Rollouts:
             raise ValueError("seed must be an integer or a non-empty list of them")
         self.kw = dict(num_samples=num_samples, steps=steps, sampler=sampler, cfg_scale=cfg_scale)
         self.labels = None if labels is None else list(labels)
+        self.time_kw = {"labels": self.labels, **self.kw}
+        if time_batch is not None:
+            if self.labels:
+                self.time_kw["labels"] = [self.labels[j % len(self.labels)] for j in range(int(time_batch))]
+            else:
+                self.time_kw["num_samples"] = int(time_batch)
         self.ref = [self._run(None, s) for s in self.seeds]
         self.count = 0
         self.seen: dict[str, float] = {}
 
-    def _run(self, sched, seed):
+    def _run(self, sched, seed, kw=None):
         from ..cache import SkipCache
 
         cache = None if sched is None else SkipCache(schedule=sched)
-        return self._sample(self.model, self.labels, cache=cache, seed=seed, **self.kw).latents
+        kw = kw or {"labels": self.labels, **self.kw}
+        return self._sample(self.model, cache=cache, seed=seed, **kw).latents
 
     def error(self, sched: CacheSchedule) -> float:
         key = sched.code
@@ -589,10 +610,10 @@ class Rollouts:
         return self.seen[key]
 
     def speedup(self, sched: CacheSchedule, rounds: int = 3) -> float:
-        """Measured speedup of `sched` on the first seed's run: uncached and cached runs
-        alternate `rounds` times, the fastest of each counts (process CPU time on a
-        CPU model, synchronized wall time on a GPU one)."""
-        best = fastest_runs(lambda sc: self._run(sc, self.seeds[0]), {None: None, "s": sched}, rounds,
+        """Measured speedup of `sched` on the first seed's run at the time batch:
+        uncached and cached runs alternate `rounds` times, the fastest of each counts
+        (process CPU time on a CPU model, synchronized wall time on a GPU one)."""
+        best = fastest_runs(lambda sc: self._run(sc, self.seeds[0], self.time_kw), {None: None, "s": sched}, rounds,
                             next(self.model.parameters()).device)
         return best[None] / best["s"]
 
@@ -754,7 +775,7 @@ def search_schedule(model, table: ErrorTable, *, speedup: float | None = None, b
                     cost: str | None = None, labels=None, num_samples: int | None = None, seed: int | None = None,
                     sampler: str | None = None, cfg_scale: float = 1.0, rollouts: int = 64,
                     retime: int = 2, overshoot: float = 0.05, validate_seeds: Sequence[int] | None = None,
-                    name: str | None = None, log=None) -> CacheSchedule:
+                    time_batch: int | None = None, name: str | None = None, log=None) -> CacheSchedule:
     """choose_schedule, checked and improved on real runs (module docstring): the
     schedule with the least measured error on the calibration run among the planned
     ones, every fixed-interval one within the budget, and up to `rollouts` local-search
@@ -774,7 +795,11 @@ def search_schedule(model, table: ErrorTable, *, speedup: float | None = None, b
     on these seeds and the one with the least error there is returned, so the choice
     is not fitted to the calibration seed's noise alone; after a retime only one that
     measured at least the target on the calibration run (untimed ones are timed when
-    their turn comes) — meta['validation'] lists them all."""
+    their turn comes) — meta['validation'] lists them all. time_batch: the batch
+    the speedups are measured at (default: the one the table's step times were,
+    table.info['time_batch']; else the calibration batch): the costs of the kinds
+    of step relative to a full one change with the batch (a cached K=1 step cost
+    0.2 of a full one at 20 samples and 0.35 at 30 on the tiny Skip-DiT on a CPU)."""
     if isinstance(rollouts, bool) or int(rollouts) != rollouts or rollouts < 0:
         raise ValueError(f"rollouts must be an integer >= 0, got {rollouts}")
     if isinstance(retime, bool) or int(retime) != retime or retime < 0:
@@ -797,7 +822,8 @@ def search_schedule(model, table: ErrorTable, *, speedup: float | None = None, b
     t0 = time.perf_counter()
     kw = dict(num_samples=num_samples, steps=table.steps, sampler=sampler or info.get("sampler", "ddpm"),
               cfg_scale=cfg_scale)
-    ro = Rollouts(model, labels, seed=seed, **kw)
+    ro = Rollouts(model, labels, seed=seed, time_batch=info.get("time_batch") if time_batch is None else time_batch,
+                  **kw)
     tab, retimed, timed = table, [], []
     found = _search(tab, ro, cost, B, speedup, budget, rollouts, log)
     while cost == "time" and speedup is not None and retime:
