@@ -37,7 +37,8 @@ Writes <out>/fidelity.json (every number), fidelity.csv, README.md (tables and w
 they show), psnr_vs_speedup.png, training_curves.png and sample grids (GIFs for video).
 
 --pareto: every cache at equal measured speedup over --seeds (PARETO.md, pareto.*),
-with calibrated schedules made first (or taken from an earlier run: --schedules);
+with calibrated schedules made first and written to <out>/calibrated.json as soon
+as they are (or taken from an earlier run's pareto.json or calibrated.json: --schedules);
 each level's margin of the calibrated schedule over the best other method is paired
 by seed (the seed's share of the spread cancels) with a 95% interval. --report
 a/pareto.json b/pareto.json ... writes that report for several runs of the same
@@ -482,7 +483,10 @@ def _color(method: str):
     return PARETO_COLORS.get(method.replace("latteskip+", "skipdit+").replace("latte+", "dit+"))
 
 
-def run_pareto(args) -> dict:
+def run_pareto(args, out_dir: Path | None = None) -> dict:
+    """The Pareto study of args. A fresh calibration is also written to
+    out_dir/calibrated.json as soon as it ends (what --schedules reads), so an
+    evaluation that is interrupted can be rerun without calibrating again."""
     from skipdit_fast.analysis.calibrate import MODES, measure_errors, search_schedule
 
     kind = "video" if args.video else "image"
@@ -519,6 +523,10 @@ def run_pareto(args) -> dict:
                       for t in args.targets}
         out["calibration_wall_s"], out["calibration_cpu_s"] = time.perf_counter() - t0, time.process_time() - c0
     out["schedules"] = {str(t): s.to_dict() for t, s in calibrated.items()}
+    if out_dir is not None and not args.schedules:
+        keep = ("settings", "machine_start", "torch", "schedules", "calibration_wall_s", "calibration_cpu_s")
+        write_atomic(out_dir / "calibrated.json", json.dumps({k: out[k] for k in keep}, indent=1, default=str) + "\n")
+        print(f"wrote {out_dir}/calibrated.json (--schedules takes it)", flush=True)
     print(f"calibrated in {out['calibration_wall_s']:.1f} s: " +
           "; ".join(f"{t}x {s!r}" for t, s in calibrated.items()), flush=True)
     for m in models.values():
@@ -845,9 +853,9 @@ def main_pareto(args) -> int:
             return 2
         write_pareto(res, Path(args.out or Path(args.report[0]).parent))
         return 0
-    res = run_pareto(args)
-    write_pareto(res, Path(args.out or ROOT / "bench" / "results" / ("fidelity-cpu/video" if args.video
-                                                                      else "fidelity-cpu")))
+    out = Path(args.out or ROOT / "bench" / "results" / ("fidelity-cpu/video" if args.video else "fidelity-cpu"))
+    res = run_pareto(args, out)
+    write_pareto(res, out)
     return 0
 
 
@@ -868,7 +876,8 @@ def main(argv=None) -> int:
     p.add_argument("--pareto", action="store_true", help="every method (calibrated schedules, adaptive, FORA, "
                    "first-block check) at equal measured speedup over --seeds; writes PARETO.md, pareto.*")
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2], help="--pareto: evaluation seeds")
-    p.add_argument("--schedules", help="--pareto: take the calibrated schedules from this earlier pareto.json")
+    p.add_argument("--schedules", help="--pareto: take the calibrated schedules from this earlier "
+                   "pareto.json or calibrated.json (a calibration writes one before the evaluation starts)")
     p.add_argument("--report", nargs="+", metavar="PARETO_JSON", help="--pareto: run nothing; write the report "
                    "(PARETO.md, pareto.*; --out, default the first file's folder) of these pareto.json files, "
                    "merged: the same study and schedules (--schedules) on different seeds")

@@ -117,3 +117,36 @@ def test_report_of_a_file_that_is_not_json(fid, tmp_path):
         fid.merge_pareto([str(bad)])
     with pytest.raises(SystemExit):
         fid.main(["--report", str(bad)])   # --report without --pareto
+
+
+def test_calibration_is_written_before_the_evaluation_and_reruns_from_it(fid, tmp_path, monkeypatch):
+    """A study killed during its evaluation (most of an hour after a long calibration)
+    leaves calibrated.json, and --schedules takes it instead of calibrating again."""
+    quick = ["--pareto", "--quick", "--retime", "0", "--validate-seeds", "--out", str(tmp_path)]
+
+    def killed(*a, **k):
+        raise KeyboardInterrupt
+
+    configs = fid.pareto_configs
+    monkeypatch.setattr(fid, "pareto_configs", killed)
+    with pytest.raises(KeyboardInterrupt):
+        fid.main(quick)
+    cal = json.loads((tmp_path / "calibrated.json").read_text())
+    assert not (tmp_path / "pareto.json").exists() and list(cal["schedules"]) == ["2.0"]
+    sched = CacheSchedule.from_dict(cal["schedules"]["2.0"])
+    assert sched.steps == 10 and cal["calibration_cpu_s"] > 0
+
+    def searched(*a, **k):
+        raise AssertionError("calibrated again")
+
+    import skipdit_fast.analysis.calibrate as calibrate
+    monkeypatch.setattr(calibrate, "measure_errors", searched)
+    monkeypatch.setattr(fid, "pareto_configs",   # the calibrated schedule only
+                        lambda *a: [c for c in configs(*a) if c[0].endswith("+calibrated")])
+    out = tmp_path / "again"
+    assert fid.main(quick[:-1] + [str(out), "--schedules", str(tmp_path / "calibrated.json")]) == 0
+    res = json.loads((out / "pareto.json").read_text())
+    assert res["schedules"] == cal["schedules"] and not (out / "calibrated.json").exists()
+    assert res["settings"]["calibration"]["from"] == str(tmp_path / "calibrated.json")
+    assert res["calibration_cpu_s"] == cal["calibration_cpu_s"]
+    assert [r["setting"] for r in res["runs"]] == ["target=2.0x"]
