@@ -7,6 +7,7 @@ from __future__ import annotations
 import copy
 import importlib.util
 import json
+import math
 import os
 import sys
 
@@ -33,6 +34,7 @@ def fixed_times(table, cheap=0.3):
     of it): for the tests whose subject is not the timing, as a tiny model's measured
     times are mostly its embedding and head, and noisy on a loaded machine."""
     table.seconds = {"F": 0.01, **{a.code: 0.01 * cheap for a in table.actions}}
+    table.keep_seconds = 0.0
     return table
 
 
@@ -536,8 +538,9 @@ def test_step_times_come_from_long_intervals_of_each_action(monkeypatch):
     monkeypatch.setattr(cal, "fastest_runs", record)
     sec = cal.measure_step_seconds(m, acts, batch=2, labels=[1], steps=STEPS, period=5)
     # a full step, then period - 1 steps of the action: most of the run is the action
-    assert seen[-1] == {"F": None, "1": "F1111F11", "R": "FRRRRFRR"}
-    assert set(sec) == {"F", "1", "R"} and all(v >= 0 for v in sec.values())
+    # and the cheapest reuse action at period 2 too, which tells the keeping cost apart
+    assert seen[-1] == {"F": None, "1": "F1111F11", "R": "FRRRRFRR", "keep": "FRFRFRFR"}
+    assert set(sec) == {"F", "1", "R", "keep"} and all(v >= 0 for v in sec.values())
     cal.measure_step_seconds(m, acts, batch=2, labels=[1], steps=STEPS, period=50)   # held to the run
     assert seen[-1]["R"] == "F" + "R" * (STEPS - 1)
     for bad in (1, 2.5, True):
@@ -572,3 +575,89 @@ def test_speedups_are_measured_at_the_time_batch(monkeypatch):
     assert made and len(made[0]["labels"]) == 4
     search_schedule(m, table, speedup=1.3, rollouts=1, retime=1, validate_seeds=[], time_batch=6)
     assert len(made[-1]["labels"]) == 6
+
+
+def test_full_steps_keep_only_where_a_reuse_step_reads_them():
+    m = tiny()
+    code = "FRFF1FbF"   # step 0 keeps for R, step 5 for b; steps 2, 3 and 7 keep nothing
+    sched = CacheSchedule.from_code(code, m.depth)
+    assert sched.keeping_steps == {0, 5}
+    assert CacheSchedule.from_code("F1F2", m.depth).keeping_steps == frozenset()
+    assert CacheSchedule.from_code("F1RF", m.depth).keeping_steps == {0}   # the gap's later step reads it
+    every = SkipCache(schedule=sched)
+    every._keeping = None   # as before: every full step keeps
+    want = sample(m, [1, 2], steps=STEPS, seed=0, cache=every)
+    lean = SkipCache(schedule=sched)
+    got = sample(m, [1, 2], steps=STEPS, seed=0, cache=lean)
+    assert torch.equal(got.latents, want.latents) and got.report.kinds == want.report.kinds
+    # the last full step keeps nothing, and it frees what the one before kept
+    assert every._reuse.attn and not lean._reuse.attn and not lean._reuse.mlp
+
+
+def test_plan_pays_the_keeping_cost_once_per_gap_and_is_optimal():
+    """The DP against every schedule of a small table: the least predicted error within
+    the budget, with each keeping full step charged its keep cost."""
+    import itertools
+
+    import numpy as np
+
+    from skipdit_fast.analysis import calibrate as cal
+
+    S, G = 6, 3
+    acts = [cal.Action("cached", 1), cal.Action("cached", 1, reuse_outer=True), cal.Action("reuse")]
+    rng = np.random.default_rng(0)
+    err = rng.uniform(0.1, 1.0, (S, G + 1, len(acts)))
+    err[:, 0] = np.inf
+    for g in range(1, G + 1):
+        err[:g, g] = np.inf
+    table = cal.ErrorTable(err, acts, 4, list(range(S)), seconds={"F": 1.0, "1": 0.5, "a": 0.2, "R": 0.1},
+                           keep_seconds=0.3)
+    Q, costs, _, keep = cal._plan_costs(table, "time")
+    assert keep == math.ceil(0.3 * Q)
+    for speedup in (1.3, 1.6, 1.9, 2.5):
+        B = cal._budget(table, "time", speedup, None)
+        best = math.inf
+        for tail in itertools.product("F1aR", repeat=S - 1):
+            sc = CacheSchedule.from_code("F" + "".join(tail), 4)
+            if cal._cost_of(table, sc, "time") <= B:
+                best = min(best, table.predicted_error(sc))
+        if speedup == 2.5:   # two full steps and two keeps at the least: out of reach
+            assert best == math.inf
+            with pytest.raises(ValueError, match="no schedule"):
+                choose_schedule(table, speedup=speedup)
+            continue
+        got = choose_schedule(table, speedup=speedup)
+        assert cal._cost_of(table, got, "time") <= B
+        assert table.predicted_error(got) == pytest.approx(best) == pytest.approx(got.meta["predicted_error"])
+    sc = CacheSchedule.from_code("FRRFaF", 4)   # 2 keeping full steps, 3 F
+    assert table.step_seconds(sc) == pytest.approx(3 * 1.0 + 0.1 * 2 + 0.2 + 2 * 0.3)
+    assert cal._cost_of(table, sc, "time") == 3 * Q + 2 * costs[2] + costs[1] + 2 * keep
+
+
+def test_keeping_cost_is_solved_from_the_two_periods(monkeypatch):
+    from skipdit_fast.analysis import calibrate as cal
+
+    m = tiny()
+    modes = ["cached", "hybrid", "reuse"]
+    acts = cal.make_actions(m, modes, [1])
+    F, cost, keep = 1.0, {"1": 0.4, "a": 0.2, "R": 0.1}, 0.07
+
+    def model_times(run, scheds, rounds, device):   # run times of an exact additive model
+        out = {}
+        for k, sc in scheds.items():
+            if sc is None:
+                out[k] = STEPS * F
+                continue
+            out[k] = sum(F if e.kind == "full" else cost[e.code] for e in sc.entries)
+            out[k] += keep * len(sc.keeping_steps)
+        return out
+
+    monkeypatch.setattr(cal, "fastest_runs", model_times)
+    sec = cal.measure_step_seconds(m, acts, batch=2, labels=[1], steps=STEPS, period=3)
+    assert sec["keep"] == pytest.approx(keep) and sec["F"] == pytest.approx(F)
+    assert all(sec[c] == pytest.approx(v) for c, v in cost.items())
+    plain = cal.measure_step_seconds(m, acts[:1], batch=2, labels=[1], steps=STEPS, period=3)
+    assert "keep" not in plain and plain["1"] == pytest.approx(0.4)   # no reuse action: nothing keeps
+    table = measure_errors(m, [1, 2], steps=STEPS, seed=0, max_gap=3, modes=modes, branches=[1])
+    assert table.keep_seconds == pytest.approx(keep) and "keep" not in table.seconds
+    assert table.info["keep_seconds"] == pytest.approx(keep)

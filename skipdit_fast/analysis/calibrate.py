@@ -32,6 +32,10 @@ action's fixed interval of period max_gap + 1 against the uncached run, interlea
 the fastest of several; on a batch of time_batch samples, by default the calibration
 batch): the plan is in measured time, so a target speedup is a target time ratio, and
 hybrid / reuse steps (which run no attention or MLP, 0 blocks) have their real cost.
+A full step whose gap has a hybrid or reuse step keeps every block's attention / MLP
+output, which costs time too (keep_seconds, charged once per such full step; the
+cheapest reuse action is also timed at period 2, where half the run is such full
+steps, to tell the two costs apart).
 cost="blocks" plans in block counts instead (full: depth, cached: 2K), with the plain
 cached steps only (a block count cannot price the others).
 
@@ -87,6 +91,7 @@ from ..sampling.diffusion import Diffusion
 MODES = ("cached", "hybrid", "reuse")
 VALIDATE_SEEDS = 3   # search_schedule's default count of validation seeds
 NEAR = 0.05   # validation also times fixed intervals predicted this fraction short of the target
+PLAN_UNITS = 6000   # cost="time": an uncached run is about this many plan units (steps x units per full step)
 
 
 @dataclass(frozen=True)
@@ -134,6 +139,9 @@ class ErrorTable:
     info: dict | None = None
     amplification: np.ndarray | None = None   # [steps, actions]: final drift per unit injected at step i
     seconds: dict[str, float] = field(default_factory=dict)  # measured time of a step: "F" and each action's code
+    # measured extra time of a full step that keeps every block's attention / MLP output
+    # (CacheSchedule.keeping_steps: a hybrid or reuse step follows before the next full one)
+    keep_seconds: float = 0.0
 
     @property
     def branches(self) -> list[int]:
@@ -177,10 +185,12 @@ class ErrorTable:
         return total
 
     def step_seconds(self, schedule: CacheSchedule) -> float:
-        """The run's predicted time from the measured step times."""
+        """The run's predicted time from the measured step times: its steps' times,
+        and keep_seconds for each full step that keeps (schedule.keeping_steps)."""
         if not self.seconds:
             raise ValueError("this error table has no measured step times (measure_errors(time_steps=False))")
-        return sum(self.seconds["F" if e.kind == FULL else e.code] for e in schedule.entries)
+        return (sum(self.seconds["F" if e.kind == FULL else e.code] for e in schedule.entries)
+                + self.keep_seconds * len(schedule.keeping_steps))
 
     def predicted_speedup(self, schedule: CacheSchedule) -> float:
         return self.steps * self.seconds["F"] / self.step_seconds(schedule)
@@ -350,9 +360,12 @@ def measure_errors(model, labels: Sequence[int] | None = None, *, num_samples: i
             "actions": [str(a) for a in actions]}
     table = ErrorTable(err, actions, depth, timesteps, getattr(model, "cache_unit", "blocks"), info, amp)
     if time_steps:
-        table.seconds = measure_step_seconds(model, actions, batch=time_batch or n, labels=labels, steps=S,
-                                             sampler=sampler, period=max_gap + 1)
-        info["step_seconds"] = dict(table.seconds)
+        sec = measure_step_seconds(model, actions, batch=time_batch or n, labels=labels, steps=S,
+                                   sampler=sampler, period=max_gap + 1)
+        table.keep_seconds = sec.pop("keep", 0.0)
+        table.seconds = sec
+        info["step_seconds"] = dict(sec)
+        info["keep_seconds"] = table.keep_seconds
         info["time_batch"] = time_batch or n
     return table
 
@@ -394,7 +407,13 @@ def measure_step_seconds(model, actions: Sequence[Action], *, batch: int, labels
     its fixed interval schedule of period `period` (full, then period - 1 steps of
     the action, ...) through SkipCache(schedule=...) alternate `rounds` times, the
     fastest of each counting. F = the uncached run / steps; an action = (its run -
-    its full steps x F) / its other steps. A run's fixed costs are so spread over
+    its full steps x F) / its other steps. The full steps of a hybrid or reuse
+    action's run keep every block's attention / MLP output: for the cheapest such
+    action (reuse before hybrid K=1, ...) its period-2 run is timed too, and its two
+    runs, n (F + keep) + (steps - n) x action at the two periods, give "keep" (the
+    extra time of a keeping full step, held >= 0; in the result when there is such an
+    action and period > 2), which the other such actions' estimates then subtract
+    with their full steps. A run's fixed costs are so spread over
     its steps, and a schedule's predicted time is the sum of its steps' times: what
     the speedup of a whole run, the target, measures (single steps timed in
     isolation put a reuse step 10-20% under and a full step 14% over their cost in
@@ -417,11 +436,16 @@ def measure_step_seconds(model, actions: Sequence[Action], *, batch: int, labels
         kw = dict(labels=[int(pool[j % len(pool)]) for j in range(batch)])
     else:
         kw = dict(num_samples=batch)
-    n_full = -(-steps // period)   # the steps i % period == 0
-    runs = {"F": None}
-    for a in actions:
-        runs[a.code] = CacheSchedule.from_code("".join("F" if i % period == 0 else a.code for i in range(steps)),
-                                               model.depth)
+
+    def interval(code, n):
+        return CacheSchedule.from_code("".join("F" if i % n == 0 else code for i in range(steps)), model.depth)
+
+    n_full, n_short = -(-steps // period), -(-steps // 2)   # the full steps (i % period == 0) of a run
+    runs = {"F": None, **{a.code: interval(a.code, period) for a in actions}}
+    reusing = sorted((a for a in actions if a.reuses), key=lambda a: (a.kind != REUSE, a.branch or 0))
+    probe = reusing[0] if reusing and period > 2 else None
+    if probe is not None:   # its full steps keep, half the run at period 2
+        runs["keep"] = interval(probe.code, 2)
     was_training = model.training
     model.eval()
     try:
@@ -432,10 +456,17 @@ def measure_step_seconds(model, actions: Sequence[Action], *, batch: int, labels
     finally:
         model.train(was_training)
     full = best["F"] / steps
+    keep = 0.0
+    if probe is not None:
+        # t = n keep + (steps - n) x probe at both periods (n = n_full, n_short): solved for keep
+        t_long, t_short = best[probe.code] - n_full * full, best["keep"] - n_short * full
+        keep = max(0.0, (t_long * (steps - n_short) - t_short * (steps - n_full)) / (steps * (n_full - n_short)))
     out = {"F": full}
-    for code in runs:
-        if code != "F":
-            out[code] = max(best[code] - n_full * full, 0.0) / (steps - n_full)
+    for a in actions:
+        kept = n_full * (full + (keep if a.reuses else 0.0))
+        out[a.code] = max(best[a.code] - kept, 0.0) / (steps - n_full)
+    if probe is not None:
+        out["keep"] = keep
     return out
 
 
@@ -446,24 +477,29 @@ def budget_for(speedup: float, steps: int, depth: int) -> int:
     return int(math.floor(steps * depth / speedup + 1e-9))
 
 
-def _plan_costs(table: ErrorTable, cost: str) -> tuple[int, list[int], list[int]]:
-    """(full-step cost, per-action cost, eligible action indices) in integer units."""
+def _plan_costs(table: ErrorTable, cost: str) -> tuple[int, list[int], list[int], int]:
+    """(full-step cost, per-action cost, eligible action indices, cost of keeping at a
+    full step) in integer units."""
     D = table.depth
     if cost == "blocks":
         elig = [j for j, a in enumerate(table.actions) if a.blocks(D) > 0]
         if not elig:
             raise ValueError("cost='blocks' plans with plain cached steps only; the table has none "
                              "(hybrid and reuse steps run no blocks: plan them with cost='time')")
-        return D, [a.blocks(D) for a in table.actions], elig
+        return D, [a.blocks(D) for a in table.actions], elig, 0
     if cost != "time":
         raise ValueError(f"cost must be 'time' or 'blocks', got {cost!r}")
     if not table.seconds:
         raise ValueError("cost='time' needs measured step times (measure_errors(time_steps=True))")
-    Q = 60 if table.steps <= 100 else 20   # units per full step
+    # units per full step: each step's cost is rounded up, by up to 1/Q of a full step
+    # (at Q=60, up to 0.4 full steps over the 25 reuse steps of an N=2 schedule), and the
+    # plan's tables are [steps, 2, gaps, budget] (about PLAN_UNITS / target budget units)
+    Q = max(20, min(240, PLAN_UNITS // table.steps))
     full = table.seconds["F"]
     # rounded up: a schedule within the budget in units is within it in measured seconds
     costs = [max(1, math.ceil(Q * table.seconds[a.code] / full - 1e-9)) for a in table.actions]
-    return Q, costs, [j for j in range(len(table.actions)) if costs[j] < Q]
+    keep = math.ceil(Q * table.keep_seconds / full - 1e-9) if table.keep_seconds > 0 else 0
+    return Q, costs, [j for j in range(len(table.actions)) if costs[j] < Q], keep
 
 
 def _budget(table: ErrorTable, cost: str, speedup, budget) -> int:
@@ -475,13 +511,13 @@ def _budget(table: ErrorTable, cost: str, speedup, budget) -> int:
         if isinstance(budget, bool) or int(budget) != budget or budget < 0:
             raise ValueError(f"budget must be an integer >= 0, got {budget}")
         return int(budget)
-    full, _, _ = _plan_costs(table, cost)
+    full = _plan_costs(table, cost)[0]
     return budget_for(speedup, table.steps, full)
 
 
 def _cost_of(table: ErrorTable, sched: CacheSchedule, cost: str) -> int:
-    full, costs, _ = _plan_costs(table, cost)
-    total = 0
+    full, costs, _, keep = _plan_costs(table, cost)
+    total = keep * len(sched.keeping_steps)
     for e in sched.entries:
         if e.kind == FULL:
             total += full
@@ -500,56 +536,66 @@ def choose_schedule(table: ErrorTable, *, speedup: float | None = None, budget: 
     cost = cost or ("time" if table.seconds and budget is None else "blocks")
     S, G = table.steps, table.max_gap
     B = _budget(table, cost, speedup, budget)
-    full, costs, elig = _plan_costs(table, cost)
+    full, costs, elig, keep = _plan_costs(table, cost)
     if full > B:
         raise ValueError(f"budget {B} ({'blocks' if cost == 'blocks' else 'time units'}) is below one full step "
                          f"({full}): no schedule fits")
     inf = math.inf
     W = table.weighted if weighted else table.err
-    # dp[s, b]: least error after the current step, s = steps since the last full step, b = cost used
-    dp = np.full((G + 1, B + 1), inf)
+    reuses = [a.reuses for a in table.actions]
+    # dp[z, b]: least error after the current step in state z = r (G + 1) + s, s = steps
+    # since the last full step, r = 1 when a hybrid / reuse step of this gap made that full
+    # step keep (its `keep` units paid once); b = cost used
+    Z = 2 * (G + 1)
+    dp = np.full((Z, B + 1), inf)
     dp[0, full] = 0.0
-    back_s = np.zeros((S, G + 1, B + 1), dtype=np.int16)
-    back_a = np.full((S, G + 1, B + 1), -1, dtype=np.int16)  # -1: full, else the action index
+    back_z = np.zeros((S, Z, B + 1), dtype=np.int16)
+    back_a = np.full((S, Z, B + 1), -1, dtype=np.int8 if len(table.actions) < 127 else np.int16)  # -1: full
     for i in range(1, S):
         new = np.full_like(dp, inf)
-        prev = dp[:, : B + 1 - full]        # a full step, from any s
-        best_s = prev.argmin(0)
-        new[0, full:] = prev[best_s, np.arange(prev.shape[1])]
-        back_s[i, 0, full:] = best_s
-        for s in range(G):
-            for j in elig:
-                c = costs[j]
-                e = W[i, s + 1, j]
-                if c > B or not np.isfinite(e):
+        prev = dp[:, : B + 1 - full]        # a full step, from any state
+        best_z = prev.argmin(0)
+        new[0, full:] = prev[best_z, np.arange(prev.shape[1])]
+        back_z[i, 0, full:] = best_z
+        for r in (0, 1):
+            for s in range(G):
+                z = r * (G + 1) + s
+                if not np.isfinite(dp[z]).any():
                     continue
-                cand = dp[s, : B + 1 - c] + e
-                tgt = new[s + 1, c:]
-                better = cand < tgt
-                if better.any():
-                    tgt[better] = cand[better]
-                    back_s[i, s + 1, c:][better] = s
-                    back_a[i, s + 1, c:][better] = j
+                for j in elig:
+                    r2 = 1 if reuses[j] else r
+                    c = costs[j] + (keep if reuses[j] and not r else 0)
+                    e = W[i, s + 1, j]
+                    if c > B or not np.isfinite(e):
+                        continue
+                    z2 = r2 * (G + 1) + s + 1
+                    cand = dp[z, : B + 1 - c] + e
+                    tgt = new[z2, c:]
+                    better = cand < tgt
+                    if better.any():
+                        tgt[better] = cand[better]
+                        back_z[i, z2, c:][better] = z
+                        back_a[i, z2, c:][better] = j
         dp = new
-    s_best, b_best = np.unravel_index(np.argmin(dp), dp.shape)
-    if not np.isfinite(dp[s_best, b_best]):
+    z_best, b_best = np.unravel_index(np.argmin(dp), dp.shape)
+    if not np.isfinite(dp[z_best, b_best]):
         raise ValueError(f"no schedule of {S} steps fits in {B} {'blocks' if cost == 'blocks' else 'time units'} "
                          f"with gaps of at most {G} steps (measure with a larger max_gap, or ask for less speedup)")
     entries = [ScheduleEntry(FULL, None, table.timesteps[0])]
     picks = [-1] * S
-    s, b = int(s_best), int(b_best)
+    z, b = int(z_best), int(b_best)
     for i in range(S - 1, 0, -1):
-        j = int(back_a[i, s, b])
+        j = int(back_a[i, z, b])
         picks[i] = j
-        prev_s = int(back_s[i, s, b])
-        b -= full if j < 0 else costs[j]
-        s = prev_s
+        prev_z = int(back_z[i, z, b])
+        b -= full if j < 0 else costs[j] + (keep if reuses[j] and prev_z <= G else 0)
+        z = prev_z
     for i in range(1, S):
         j = picks[i]
         entries.append(ScheduleEntry(FULL, None, table.timesteps[i]) if j < 0 else
                        table.actions[j].entry(table.timesteps[i]))
     meta = {"made_by": "skipdit_fast.analysis.calibrate", "cost": cost, "budget": B, "target_speedup": speedup,
-            "predicted_error": float(dp[s_best, b_best]), "error_model": "sum over non-full steps of the RMS "
+            "predicted_error": float(dp[z_best, b_best]), "error_model": "sum over non-full steps of the RMS "
             "change of the step's posterior mean, measured on the uncached run" +
             (", times the measured amplification of the step" if weighted else ""), "calibration": table.info}
     if name:
@@ -670,7 +716,7 @@ def _moves(table: ErrorTable, sched: CacheSchedule, cost: str, B: int, elig: lis
 def _search(table: ErrorTable, ro: Rollouts, cost: str, B: int, speedup, budget, rollouts: int, log):
     """One search (search_schedule's docstring) on `table`: (best error, best, start,
     moves kept, every start candidate scored, the weighted plan)."""
-    _, _, elig = _plan_costs(table, cost)
+    elig = _plan_costs(table, cost)[2]
     planned = [("plan (weighted)", choose_schedule(table, speedup=speedup, budget=budget, cost=cost)),
                ("plan (unweighted)", choose_schedule(table, speedup=speedup, budget=budget, cost=cost,
                                                      weighted=False))]
@@ -706,8 +752,8 @@ def _search(table: ErrorTable, ro: Rollouts, cost: str, B: int, speedup, budget,
 
 
 def _with_overhead(table: ErrorTable, sched: CacheSchedule, measured: float) -> tuple[ErrorTable, float]:
-    """The table with the per-step overhead o (seconds, added to every kind of step)
-    that makes its predicted speedup of `sched` equal the measured one: with C the
+    """The table with the per-step overhead o (seconds, added to every kind of step;
+    keep_seconds is left as measured) that makes its predicted speedup of `sched` equal the measured one: with C the
     predicted run time and S full steps' time S*F, S (F + o) / (C + S o) = measured.
     o < 0 when the run was faster than predicted (the isolated step timings saw
     costs a whole run does not pay); it is held above -half the cheapest step time,
@@ -871,6 +917,7 @@ def search_schedule(model, table: ErrorTable, *, speedup: float | None = None, b
     if cost == "time":
         meta["predicted_speedup"] = tab.predicted_speedup(best)
         meta["step_seconds"] = dict(tab.seconds)
+        meta["keep_seconds"] = tab.keep_seconds
     if name:
         meta["model"] = name
     best = CacheSchedule([ScheduleEntry(e.kind, e.branch, t, e.reuse_outer) for e, t in

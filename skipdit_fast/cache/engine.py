@@ -53,7 +53,9 @@ Beyond the official code:
   cached with a branch K (plain or hybrid), or a FORA-style reuse step (every block
   reuses its kept attention / MLP output; the report's kinds say "reuse"); a full step
   keeps the input of block depth-K for every K the schedule uses, and every block's
-  attention / MLP output when it has hybrid or reuse steps; `skipdit-fast calibrate`
+  attention / MLP output when a hybrid or reuse step follows before the next full
+  step (CacheSchedule.keeping_steps; keeping has a cost, which calibrate
+  measures); `skipdit-fast calibrate`
   writes one, chosen per step from measured errors and measured step times;
 - hybrid mode (reuse_outer=True, cache/reuse.py): on a cached step the outer blocks
   reuse their attention and MLP outputs from the last full step (FORA-style), so a
@@ -200,8 +202,11 @@ class SkipCache:
         self.reuse_outer = bool(reuse_outer)       # hybrid mode: cache/reuse.py
         if self.reuse_outer and (threshold is not None or static):
             raise ValueError("reuse_outer (the hybrid mode) takes no threshold and no static=True")
-        # full steps keep every block's attention / MLP output (hybrid or reuse steps follow)
+        # full steps keep every block's attention / MLP output (hybrid or reuse steps follow);
+        # a schedule's only where a hybrid or reuse step reads them (CacheSchedule.keeping_steps)
         self._keeps_outputs = self.reuse_outer or (self.schedule is not None and self.schedule.needs_reuse)
+        self._keeping = (None if self.reuse_outer or self.schedule is None
+                         else self.schedule.keeping_steps)   # None: every full step keeps
         self._hybrid = self.reuse_outer          # the current cached step reuses its outer blocks' outputs
         self.interval, self.branch = interval, branch
         self._k = self.branch                   # K of the current step
@@ -382,9 +387,12 @@ class SkipCache:
         depth = model.depth
         kind = self._begin(model, h, t)
         K = self._k
-        reusing = self._keeps_outputs and (kind == FULL or kind == REUSE or self._hybrid)
+        reusing = self._keeps_outputs and (kind == REUSE or self._hybrid or kind == FULL and (
+            self._keeping is None or self._report.steps in self._keeping))
         if reusing:  # keep the outputs (full step) or reuse them
             self._reuse.attach(state, kind == FULL)
+        elif self._keeps_outputs and kind == FULL:   # no step reads this one's: free the last ones
+            self._reuse.clear()
         if kind == FULL:
             out = self._full(model, h, state, K, depth)
         elif kind == REUSE:  # FORA-style: every block on its kept attention / MLP outputs

@@ -183,6 +183,20 @@ class CacheSchedule:
         return any(e.kind == REUSE or e.reuse_outer for e in self.entries)
 
     @property
+    def keeping_steps(self) -> frozenset[int]:
+        """The full steps that keep every block's attention / MLP output: those whose
+        gap (the steps up to the next full one) has a hybrid or reuse step, which
+        reads what they kept. The other full steps keep nothing (SkipCache frees the
+        store there), so a schedule pays for keeping only where it reuses."""
+        out, last = set(), None
+        for i, e in enumerate(self.entries):
+            if e.kind == FULL:
+                last = i
+            elif (e.kind == REUSE or e.reuse_outer) and last is not None:
+                out.add(last)
+        return frozenset(out)
+
+    @property
     def max_branch(self) -> int:
         return max(self.used_branches, default=0)
 
