@@ -30,8 +30,8 @@ if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
 from skipdit_fast import SkipCache  # noqa: E402
-from skipdit_fast.analysis.calibrate import (ErrorTable, fastest_runs, make_actions,  # noqa: E402
-                                             measure_step_seconds)
+from skipdit_fast.analysis.calibrate import (ErrorTable, fastest_runs, interval_code,  # noqa: E402
+                                             make_actions, measure_step_seconds)
 from skipdit_fast.cache.schedule import CacheSchedule  # noqa: E402
 from skipdit_fast.files import write_atomic  # noqa: E402
 from skipdit_fast.pretrained import load_pretrained  # noqa: E402
@@ -42,8 +42,7 @@ def schedules_of(model, steps: int, files) -> dict[str, CacheSchedule]:
     out = {}
     for a in make_actions(model):
         for n in (2, 4, 13):
-            code = "".join("F" if i % n == 0 else a.code for i in range(steps))
-            out[f"interval N={n} {a}"] = CacheSchedule.from_code(code, model.depth)
+            out[f"interval N={n} {a}"] = CacheSchedule.from_code(interval_code(a.code, steps, n), model.depth)
     for f in files:
         d = json.loads(Path(f).read_text())
         for t, sd in d["schedules"].items():

@@ -122,6 +122,12 @@ class Action:
         return f"{'hybrid' if self.reuse_outer else 'cached'} K={self.branch}"
 
 
+def interval_code(code: str, steps: int, period: int) -> str:
+    """The schedule code of a fixed interval: full at every step i % period == 0, the
+    step kind `code` between."""
+    return "".join("F" if i % period == 0 else code for i in range(steps))
+
+
 def action_of(entry: ScheduleEntry) -> Action:
     return Action(entry.kind, entry.branch, entry.reuse_outer)
 
@@ -438,7 +444,7 @@ def measure_step_seconds(model, actions: Sequence[Action], *, batch: int, labels
         kw = dict(num_samples=batch)
 
     def interval(code, n):
-        return CacheSchedule.from_code("".join("F" if i % n == 0 else code for i in range(steps)), model.depth)
+        return CacheSchedule.from_code(interval_code(code, steps, n), model.depth)
 
     n_full, n_short = -(-steps // period), -(-steps // 2)   # the full steps (i % period == 0) of a run
     runs = {"F": None, **{a.code: interval(a.code, period) for a in actions}}
@@ -670,8 +676,8 @@ def interval_schedules(table: ErrorTable, cost: str, B: int) -> list[tuple[str, 
     out = []
     for a in (table.actions[j] for j in _plan_costs(table, cost)[2]):
         for N in range(2, table.max_gap + 2):
-            code = "".join("F" if i % N == 0 else a.code for i in range(table.steps))
-            sched = CacheSchedule.from_code(code, table.depth, table.timesteps, unit=table.unit)
+            sched = CacheSchedule.from_code(interval_code(a.code, table.steps, N), table.depth, table.timesteps,
+                                            unit=table.unit)
             if _cost_of(table, sched, cost) <= B:
                 out.append((f"interval N={N} {a}", sched))
     return out
