@@ -50,7 +50,7 @@ def schedules_of(model, steps: int, files) -> dict[str, CacheSchedule]:
             if s.steps != steps or s.depth != model.depth:
                 raise ValueError(f"--schedules {f}: target {t} has {s.steps} steps and depth {s.depth}, "
                                  f"not --steps {steps} and the model's depth {model.depth}")
-            out[f"calibrated {t}x ({Path(f).parent.name}/{Path(f).name})"] = CacheSchedule.from_code(s.code, s.depth)
+            out[f"calibrated {t}x ({Path(f).parent.name}/{Path(f).name})"] = s
     return out
 
 

@@ -549,6 +549,10 @@ def choose_schedule(table: ErrorTable, *, speedup: float | None = None, budget: 
     inf = math.inf
     W = table.weighted if weighted else table.err
     reuses = [a.reuses for a in table.actions]
+
+    def units(j, r):   # action j's cost in a gap whose full step keeps already (r) or not yet
+        return costs[j] + (keep if reuses[j] and not r else 0)
+
     # dp[z, b]: least error after the current step in state z = r (G + 1) + s, s = steps
     # since the last full step, r = 1 when a hybrid / reuse step of this gap made that full
     # step keep (its `keep` units paid once); b = cost used
@@ -570,7 +574,7 @@ def choose_schedule(table: ErrorTable, *, speedup: float | None = None, budget: 
                     continue
                 for j in elig:
                     r2 = 1 if reuses[j] else r
-                    c = costs[j] + (keep if reuses[j] and not r else 0)
+                    c = units(j, r)
                     e = W[i, s + 1, j]
                     if c > B or not np.isfinite(e):
                         continue
@@ -594,7 +598,7 @@ def choose_schedule(table: ErrorTable, *, speedup: float | None = None, budget: 
         j = int(back_a[i, z, b])
         picks[i] = j
         prev_z = int(back_z[i, z, b])
-        b -= full if j < 0 else costs[j] + (keep if reuses[j] and prev_z <= G else 0)
+        b -= full if j < 0 else units(j, prev_z > G)
         z = prev_z
     for i in range(1, S):
         j = picks[i]
