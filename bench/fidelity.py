@@ -427,11 +427,12 @@ def readme(res: dict, train: dict, cmp_cpu, cmp_ideal, grid_files, out: Path) ->
 
 PARETO_LEVELS = (1.25, 1.5, 2.0, 2.5, 3.0, 4.0)
 PARETO_COLORS = {"skipdit+calibrated": "tab:red", "skipdit+skipcache": "tab:pink", "skipdit+adaptive": "tab:purple",
-                 "skipdit+fora": "tab:orange", "skipdit+fbcache": "tab:brown", "skipdit+hybrid": "tab:olive", "dit+fora": "tab:blue",
+                 "skipdit+fora": "tab:orange", "skipdit+fbcache": "tab:brown", "skipdit+hybrid": "tab:olive", "skipdit+extrap": "tab:gray", "dit+fora": "tab:blue",
                  "dit+fbcache": "tab:cyan", "dit+split": "tab:green"}
 
 
-# per kind: (vanilla model, skip model), method prefixes, Skip-Cache (N, K), hybrid (N, K), branches
+# per kind: (vanilla model, skip model), method prefixes, Skip-Cache (N, K), hybrid (N, K), extrapolated
+# reuse N, branches
 def _pareto_study(kind: str, **kw) -> dict:
     """A Pareto study's settings: the models, names and unit of STUDIES[kind] and kw."""
     st = STUDIES[kind]
@@ -441,17 +442,20 @@ def _pareto_study(kind: str, **kw) -> dict:
 PARETO_STUDIES = {
     "image": _pareto_study("image", prefix=("dit", "skipdit"),
                            skipcache=((2, 1), (2, 2), (2, 3), (3, 1), (3, 2), (4, 1), (4, 2), (6, 1), (8, 1), (10, 1)),
-                           hybrid=((2, 2), (3, 1), (3, 2), (4, 1), (4, 2), (6, 2)), branches=[1, 2, 3], adaptive=True,
+                           hybrid=((2, 2), (3, 1), (3, 2), (4, 1), (4, 2), (6, 2)), extrap=(2, 3, 4, 5),
+                           branches=[1, 2, 3], adaptive=True,
                            per_class=3, classifier=None),
     "video": _pareto_study("video", prefix=("latte", "latteskip"),
                            skipcache=((2, 1), (2, 2), (3, 1), (4, 1), (6, 1)),
-                           hybrid=((2, 1), (3, 1), (4, 1), (6, 1)), branches=[1, 2], adaptive=False, per_class=2,
+                           hybrid=((2, 1), (3, 1), (4, 1), (6, 1)), extrap=(2, 3, 4), branches=[1, 2], adaptive=False,
+                           per_class=2,
                            classifier="frames"),
 }
 
 
 def pareto_configs(args, calibrated: dict, kind: str = "image") -> list[tuple[str, str, str, object]]:
     """(method, model, label, cache factory) for every setting of the study."""
+    from skipdit_fast.analysis.calibrate import interval_code
     from skipdit_fast.cache.baselines import FirstBlockCache
 
     st = PARETO_STUDIES[kind]
@@ -463,6 +467,9 @@ def pareto_configs(args, calibrated: dict, kind: str = "image") -> list[tuple[st
     for n, k in st["hybrid"]:
         cfgs.append((f"{ps}+hybrid", sk, f"N={n} K={k}",
                      lambda m, n=n, k=k: SkipCache.for_model(m, interval=n, branch=k, reuse_outer=True)))
+    for n in st["extrap"]:   # the extrapolated reuse step kind (cache/reuse.py) at a fixed interval
+        cfgs.append((f"{ps}+extrap", sk, f"N={n}", lambda m, n=n: SkipCache(
+            schedule=CacheSchedule.from_code(interval_code("X", args.steps, n), m.depth))))
     for th in ((0.3, 0.4, 0.55, 0.8) if st["adaptive"] else ()):
         cfgs.append((f"{ps}+adaptive", sk, f"thr={th} K=1",
                      lambda m, th=th: SkipCache.for_model(m, interval=10, branch=1, threshold=th)))
@@ -709,9 +716,11 @@ def pareto_readme(res, points, table_cpu, table_blocks) -> str:
          "uncached and cached runs alternate and the fastest of each counts (the uncached one also against the "
          "start-of-study baseline); "
          f"block ratio = blocks an uncached run runs / blocks run (FORA: full steps only count; first-block "
-         f"check: block 0 on every step; hybrid and reuse steps run no block). Calibrated schedules: "
+         f"check: block 0 on every step; hybrid and (extrapolated) reuse steps run no block; extrap: every "
+         f"step between full ones an extrapolated reuse step). Calibrated schedules: "
          f"`skipdit_fast.analysis.calibrate` (measure_errors + search_schedule) on one calibration run (seed 1000, "
-         f"labels 0-9 twice, not an evaluation seed; every step kind of the engine: cached K, hybrid K, reuse; "
+         f"labels 0-9 twice, not an evaluation seed; every step kind of the engine: "
+         f"{', '.join(st['calibration'].get('modes', ['cached', 'hybrid', 'reuse']))} (K {st['calibration'].get('branches')}); "
          f"step times measured at batch {st['calibration'].get('time_batch', '?')}; up to "
          f"{st['calibration'].get('rollouts', '?')} local-search rollouts per target; "
          + (f"searched again up to {st['calibration']['retime']} times with the per-step overhead that explains "
@@ -725,8 +734,9 @@ def pareto_readme(res, points, table_cpu, table_blocks) -> str:
             if st['calibration'].get('validate_seeds')
             else "no validation seed") +
          f"), speedup targets "
-         f"{st['calibration']['targets']} in measured time (the defaults are 3% above the table's levels: the "
-         f"calibration run's timing is a sample of the evaluation runs'); calibration took {res['calibration_cpu_s']:.0f} CPU s "
+         f"{st['calibration']['targets']} in measured time (the defaults are 6% above the table's levels: the "
+         f"calibration run's timing is a sample of the evaluation runs', and 3% above fell short of two levels "
+         f"once); calibration took {res['calibration_cpu_s']:.0f} CPU s "
          f"({res['calibration_wall_s']:.0f} s wall), not counted in the speedups.", "",
          "## Best PSNR at a measured speedup of at least s", "",
          "Mean +- std over the seeds of the setting with the best mean PSNR among those whose mean measured speedup "
@@ -759,7 +769,8 @@ def pareto_readme(res, points, table_cpu, table_blocks) -> str:
                  f"{p['ssim']:.3f} | {p['accuracy']:.3f} | {p['fd']:.1f} |")
     L += ["", "Uncached: " + "; ".join(f"{k}: acc {b['accuracy']:.3f}, FD {b['fd']:.1f}, {b['cpu_s']:.2f} CPU s"
                                        for k, b in res["baselines"].items()), "",
-          "Calibrated schedules (F full, digit: cached with that K, a/b/c: hybrid with K 1/2/3, R: reuse):", ""]
+          "Calibrated schedules (F full, digit: cached with that K, a/b/c: hybrid with K 1/2/3, R: reuse, "
+          "X: extrapolated reuse):", ""]
     for t, d in res["schedules"].items():
         sched = CacheSchedule.from_dict(d)
         m = d["meta"]
@@ -881,9 +892,10 @@ def main(argv=None) -> int:
     p.add_argument("--report", nargs="+", metavar="PARETO_JSON", help="--pareto: run nothing; write the report "
                    "(PARETO.md, pareto.*; --out, default the first file's folder) of these pareto.json files, "
                    "merged: the same study and schedules (--schedules) on different seeds")
-    p.add_argument("--targets", type=float, nargs="+", default=[1.29, 1.55, 2.06, 2.58, 3.09, 4.12],
-                   help="--pareto: speedup targets (measured time) of the calibrated schedules (default: 3%% above "
-                   "the table's levels, as the calibration run's timing is a sample)")
+    p.add_argument("--targets", type=float, nargs="+", default=[1.33, 1.6, 2.12, 2.66, 3.18, 4.25],
+                   help="--pareto: speedup targets (measured time) of the calibrated schedules (default: 6%% above "
+                   "the table's levels, as the calibration run's timing is a sample: at 3%% above, two of six "
+                   "fell below their levels on the evaluation seeds once)")
     p.add_argument("--rollouts", type=int, default=48, help="--pareto: local-search rollouts per calibrated target")
     p.add_argument("--retime", type=int, default=3, help="--pareto: searches again when the calibration run "
                    "measures below the target or above it by more than --overshoot (search_schedule(retime=))")

@@ -103,7 +103,13 @@ def test_bad_schedule_files_name_the_field(tmp_path):
 
     cases = [
         ("{not json", "not JSON"),
-        (variant(version=3), "version"),
+        (variant(version=4), "version"),
+        (variant(version=2, entries=[{"kind": "full"}, {"kind": "reuse", "extrapolate": True}]),
+         r"entries\[1\]: extrapolate needs version 3"),
+        (variant(version=3, entries=[{"kind": "full"}, {"kind": "cached", "branch": 1, "extrapolate": True}]),
+         r"entries\[1\].extrapolate: only a reuse step"),
+        (variant(version=3, entries=[{"kind": "full"}, {"kind": "reuse", "extrapolate": "yes"}]),
+         r"entries\[1\].extrapolate must be true or false"),
         (variant(version=True), "version"),
         (variant(entries=[{"kind": "full"}, {"kind": "reuse"}]), r"entries\[1\]: reuse steps .* need version 2"),
         (variant(version=2, entries=[{"kind": "full"}, {"kind": "reuse", "branch": 1}]), r"entries\[1\].branch"),
@@ -150,12 +156,20 @@ def test_schedule_refuses_another_step_count_or_model():
 def test_measure_errors_follows_the_uncached_run_and_calibrate_meets_the_budget():
     m = tiny()
     table = measure_errors(m, [1, 2], steps=STEPS, seed=0, max_gap=7)
-    # cached K=1, 2; hybrid K=1, 2; reuse
-    assert table.branches == [1, 2] and table.err.shape == (STEPS, 8, 5)
-    assert [a.code for a in table.actions] == ["1", "2", "a", "b", "R"]
+    # cached K=1, 2; hybrid K=1, 2; reuse; extrapolated reuse
+    assert table.branches == [1, 2] and table.err.shape == (STEPS, 8, 6)
+    assert [a.code for a in table.actions] == ["1", "2", "a", "b", "R", "X"]
     assert torch.isinf(torch.from_numpy(table.err[0])).all()  # step 0 cannot be cached
     assert (table.err[1:, 1] >= 0).all() and (table.amplification > 0).all()
-    assert set(table.seconds) == {"F", "1", "2", "a", "b", "R"} and all(v > 0 for v in table.seconds.values())
+    assert set(table.seconds) == {"F", "1", "2", "a", "b", "R", "X"} and all(v > 0 for v in table.seconds.values())
+    # extrapolated reuse: plain reuse until there are two full steps (step i - 2g >= 0)
+    R, X = table.err[:, :, 4], table.err[:, :, 5]
+    for i in range(1, STEPS):
+        for g in range(1, min(i, 7) + 1):
+            if i < 2 * g:
+                assert X[i, g] == R[i, g]
+            else:
+                assert X[i, g] != R[i, g]
     for speedup in (1.0, 1.5, 2.0, 2.4):
         sched = choose_schedule(table, speedup=speedup, cost="blocks")
         assert all(e.kind != "reuse" and not e.reuse_outer for e in sched.entries)  # blocks: plain cached only

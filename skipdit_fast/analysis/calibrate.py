@@ -11,8 +11,9 @@ FORA-style reuse under a speedup target, and check the choice on real sampling r
 
 Actions. A step that is not full is one of the engine's modes (cache/schedule.py):
 "cached" with branch K (Skip-Cache: 2K blocks run), the same with reuse_outer
-(hybrid: those 2K blocks reuse their kept attention / MLP outputs) or "reuse" (FORA-
-style: every block reuses them). measure_errors(modes=...) says which are considered.
+(hybrid: those 2K blocks reuse their kept attention / MLP outputs), "reuse" (FORA-
+style: every block reuses them) or "extrapolate" (reuse extrapolated from the last two
+full steps, cache/reuse.py). measure_errors(modes=...) says which are considered.
 
 Error table. One uncached DDPM (or DDIM) run on the calibration labels gives, at every
 step i, its input x_i, its posterior mean m_i (what the sampler adds its noise to),
@@ -22,7 +23,8 @@ step i taken with action a on what the full step j = i - g (g = 1..max_gap) kept
     err[i, g, a] = RMS(m_i(action a) - m_i(full))
 
 over the calibration samples: the step's own contribution to the drift of the run,
-measured on the uncached trajectory. amplification[i] (measured by carrying one
+measured on the uncached trajectory (an extrapolated reuse step: from the full steps
+i - g and i - 2g, the fixed interval's case; the table holds no other previous gap). amplification[i] (measured by carrying one
 perturbed copy of the run, cached at step i with the first action, to the end) is
 how much a drift injected at step i has grown at the end. A schedule's predicted
 error is the sum over its non-full steps of err * amplification.
@@ -88,7 +90,7 @@ from ..cache.checks import SEED_MAX
 from ..cache.schedule import CACHED, FULL, REUSE, CacheSchedule, ScheduleEntry, run_full_keeping
 from ..sampling.diffusion import Diffusion
 
-MODES = ("cached", "hybrid", "reuse")
+MODES = ("cached", "hybrid", "reuse", "extrapolate")
 VALIDATE_SEEDS = 3   # search_schedule's default count of validation seeds
 NEAR = 0.05   # validation also times fixed intervals predicted this fraction short of the target
 PLAN_UNITS = 6000   # cost="time": an uncached run is about this many plan units (steps x units per full step)
@@ -96,14 +98,16 @@ PLAN_UNITS = 6000   # cost="time": an uncached run is about this many plan units
 
 @dataclass(frozen=True)
 class Action:
-    """What a non-full step does: kind "cached" (branch K, reuse_outer for hybrid) or "reuse"."""
+    """What a non-full step does: kind "cached" (branch K, reuse_outer for hybrid) or
+    "reuse" (extrapolate: from the last two full steps)."""
 
     kind: str
     branch: int | None = None
     reuse_outer: bool = False
+    extrapolate: bool = False
 
     def entry(self, t: float | None = None) -> ScheduleEntry:
-        return ScheduleEntry(self.kind, self.branch, t, self.reuse_outer)
+        return ScheduleEntry(self.kind, self.branch, t, self.reuse_outer, self.extrapolate)
 
     @property
     def code(self) -> str:
@@ -118,7 +122,7 @@ class Action:
 
     def __str__(self) -> str:
         if self.kind == REUSE:
-            return "reuse"
+            return "extrapolated reuse" if self.extrapolate else "reuse"
         return f"{'hybrid' if self.reuse_outer else 'cached'} K={self.branch}"
 
 
@@ -129,7 +133,7 @@ def interval_code(code: str, steps: int, period: int) -> str:
 
 
 def action_of(entry: ScheduleEntry) -> Action:
-    return Action(entry.kind, entry.branch, entry.reuse_outer)
+    return Action(entry.kind, entry.branch, entry.reuse_outer, entry.extrapolate)
 
 
 @dataclass
@@ -209,7 +213,7 @@ def _rms(a: torch.Tensor, b: torch.Tensor, n: int) -> torch.Tensor:
 
 
 def make_actions(model, modes: Sequence[str] = MODES, branches: Sequence[int] | None = None) -> list[Action]:
-    """The actions of `modes` ("cached", "hybrid", "reuse") for `model`, every K of
+    """The actions of `modes` ("cached", "hybrid", "reuse", "extrapolate") for `model`, every K of
     `branches` (default every K with 2K < depth up to the model's max_branch)."""
     depth = model.depth
     max_k = getattr(model, "max_branch", depth // 2)
@@ -227,6 +231,8 @@ def make_actions(model, modes: Sequence[str] = MODES, branches: Sequence[int] | 
         acts += [Action(CACHED, k, True) for k in branches]
     if "reuse" in modes:
         acts.append(Action(REUSE))
+    if "extrapolate" in modes:
+        acts.append(Action(REUSE, extrapolate=True))
     return acts
 
 
@@ -269,6 +275,7 @@ def measure_errors(model, labels: Sequence[int] | None = None, *, num_samples: i
     depth = model.depth
     ks = sorted({a.branch for a in actions if a.kind == CACHED})
     keep_outputs = any(a.reuses for a in actions)
+    extrapolating = any(a.extrapolate for a in actions)
     cfg = model.config
     param = next(model.parameters())
     device, dtype = param.device, param.dtype
@@ -335,7 +342,13 @@ def measure_errors(model, labels: Sequence[int] | None = None, *, num_samples: i
                         for name in ("attn", "mlp"):
                             getattr(r2, name).update({b: torch.cat([kept[k_step - g][name][b] for g in gaps])
                                                       for b in kept[k_step - 1][name]})
-                        r2.attach(st2, False)
+                        if a.extrapolate:   # from the full steps i - g and i - 2g (plain reuse before 2g)
+                            for name in ("attn", "mlp"):
+                                getattr(r2, "prev_" + name).update({b: torch.cat(
+                                    [kept[k_step - 2 * g if k_step >= 2 * g else k_step - g][name][b] for g in gaps])
+                                    for b in kept[k_step - 1][name]})
+                            r2.step, r2.prev_step = 1, 0   # coefficient damping * g / g for every gap
+                        r2.attach(st2, False, step=2, extrapolate=a.extrapolate)
                     if a.kind == REUSE:
                         hc = model.run_blocks(h2, 0, depth, st2)
                     else:
@@ -351,8 +364,9 @@ def measure_errors(model, labels: Sequence[int] | None = None, *, num_samples: i
                         probes.append(xc[:m])
                         started.append(k_step)
                         injected[k_step] = float(_rms(xc[:m], x_next[:m], m)[0])
-            if len(kept) > max_gap:  # only the last max_gap steps' tensors are needed
-                kept[len(kept) - max_gap - 1] = {}
+            horizon = 2 * max_gap if extrapolating else max_gap
+            if len(kept) > horizon:  # only the last max_gap (extrapolating: 2 max_gap) steps' tensors are needed
+                kept[len(kept) - horizon - 1] = {}
             x = x_next
     finally:
         model.train(was_training)
@@ -448,7 +462,7 @@ def measure_step_seconds(model, actions: Sequence[Action], *, batch: int, labels
 
     n_full, n_short = -(-steps // period), -(-steps // 2)   # the full steps (i % period == 0) of a run
     runs = {"F": None, **{a.code: interval(a.code, period) for a in actions}}
-    reusing = sorted((a for a in actions if a.reuses), key=lambda a: (a.kind != REUSE, a.branch or 0))
+    reusing = sorted((a for a in actions if a.reuses), key=lambda a: (a.kind != REUSE, a.extrapolate, a.branch or 0))
     probe = reusing[0] if reusing and period > 2 else None
     if probe is not None:   # its full steps keep, half the run at period 2
         runs["keep"] = interval(probe.code, 2)
@@ -549,43 +563,48 @@ def choose_schedule(table: ErrorTable, *, speedup: float | None = None, budget: 
     inf = math.inf
     W = table.weighted if weighted else table.err
     reuses = [a.reuses for a in table.actions]
+    extrap = [a.extrapolate for a in table.actions]
 
-    def units(j, r):   # action j's cost in a gap whose full step keeps already (r) or not yet
-        return costs[j] + (keep if reuses[j] and not r else 0)
+    def units(j, z):   # action j's cost from state z (keeping paid where it is not yet)
+        p, r = divmod(z // (G + 1), 2)
+        return costs[j] + (keep if reuses[j] and not r else 0) + (keep if extrap[j] and not p else 0)
 
-    # dp[z, b]: least error after the current step in state z = r (G + 1) + s, s = steps
-    # since the last full step, r = 1 when a hybrid / reuse step of this gap made that full
-    # step keep (its `keep` units paid once); b = cost used
-    Z = 2 * (G + 1)
+    # dp[z, b]: least error after the current step in state z = (2 p + r) (G + 1) + s, s =
+    # steps since the last full step, r = 1 when a hybrid / reuse step of this gap made that
+    # full step keep (its `keep` units paid once), p = 1 when the full step before it keeps
+    # (paid; or there is none), which an extrapolated reuse step needs; b = cost used
+    Z = 4 * (G + 1)
     dp = np.full((Z, B + 1), inf)
-    dp[0, full] = 0.0
+    dp[2 * (G + 1), full] = 0.0   # step 0: no full step before it
     back_z = np.zeros((S, Z, B + 1), dtype=np.int16)
     back_a = np.full((S, Z, B + 1), -1, dtype=np.int8 if len(table.actions) < 127 else np.int16)  # -1: full
     for i in range(1, S):
         new = np.full_like(dp, inf)
-        prev = dp[:, : B + 1 - full]        # a full step, from any state
-        best_z = prev.argmin(0)
-        new[0, full:] = prev[best_z, np.arange(prev.shape[1])]
-        back_z[i, 0, full:] = best_z
-        for r in (0, 1):
-            for s in range(G):
-                z = r * (G + 1) + s
-                if not np.isfinite(dp[z]).any():
-                    continue
-                for j in elig:
-                    r2 = 1 if reuses[j] else r
-                    c = units(j, r)
-                    e = W[i, s + 1, j]
-                    if c > B or not np.isfinite(e):
+        for r in (0, 1):   # a full step, from any state whose gap kept (r) or not: then p = r
+            zs = np.array([(2 * p + r) * (G + 1) + s for p in (0, 1) for s in range(G + 1)])
+            prev = dp[zs, : B + 1 - full]
+            best = prev.argmin(0)
+            new[2 * r * (G + 1), full:] = prev[best, np.arange(prev.shape[1])]
+            back_z[i, 2 * r * (G + 1), full:] = zs[best]
+        for p in (0, 1):
+            for r in (0, 1):
+                for s in range(G):
+                    z = (2 * p + r) * (G + 1) + s
+                    if not np.isfinite(dp[z]).any():
                         continue
-                    z2 = r2 * (G + 1) + s + 1
-                    cand = dp[z, : B + 1 - c] + e
-                    tgt = new[z2, c:]
-                    better = cand < tgt
-                    if better.any():
-                        tgt[better] = cand[better]
-                        back_z[i, z2, c:][better] = z
-                        back_a[i, z2, c:][better] = j
+                    for j in elig:
+                        c = units(j, z)
+                        e = W[i, s + 1, j]
+                        if c > B or not np.isfinite(e):
+                            continue
+                        z2 = (2 * (1 if extrap[j] else p) + (1 if reuses[j] else r)) * (G + 1) + s + 1
+                        cand = dp[z, : B + 1 - c] + e
+                        tgt = new[z2, c:]
+                        better = cand < tgt
+                        if better.any():
+                            tgt[better] = cand[better]
+                            back_z[i, z2, c:][better] = z
+                            back_a[i, z2, c:][better] = j
         dp = new
     z_best, b_best = np.unravel_index(np.argmin(dp), dp.shape)
     if not np.isfinite(dp[z_best, b_best]):
@@ -598,7 +617,7 @@ def choose_schedule(table: ErrorTable, *, speedup: float | None = None, budget: 
         j = int(back_a[i, z, b])
         picks[i] = j
         prev_z = int(back_z[i, z, b])
-        b -= full if j < 0 else units(j, prev_z > G)
+        b -= full if j < 0 else units(j, prev_z)
         z = prev_z
     for i in range(1, S):
         j = picks[i]
@@ -715,7 +734,7 @@ def _moves(table: ErrorTable, sched: CacheSchedule, cost: str, B: int, elig: lis
                 j = i + d
                 if 1 <= j < S and ents[j].kind != FULL:
                     new = list(ents)
-                    new[i] = ScheduleEntry(ents[j].kind, ents[j].branch, ts[i], ents[j].reuse_outer)
+                    new[i] = replace(ents[j], t=ts[i])
                     new[j] = ScheduleEntry(FULL, None, ts[j])
                     add(new, f"full step {i} -> {j}")
             for a in acts:   # trade it for a cheaper step (frees budget for others)
@@ -930,8 +949,8 @@ def search_schedule(model, table: ErrorTable, *, speedup: float | None = None, b
         meta["keep_seconds"] = tab.keep_seconds
     if name:
         meta["model"] = name
-    best = CacheSchedule([ScheduleEntry(e.kind, e.branch, t, e.reuse_outer) for e, t in
-                          zip(best.entries, table.timesteps)], table.depth, table.unit, meta)
+    best = CacheSchedule([replace(e, t=t) for e, t in zip(best.entries, table.timesteps)], table.depth,
+                         table.unit, meta)
     # within the budget, or (a near interval) measured at least the target
     assert _cost_of(tab, best, cost) <= B or (validation and (validation["picked_speedup"] or 0) >= speedup)
     return best

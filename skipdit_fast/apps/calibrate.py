@@ -1,6 +1,6 @@
 """`skipdit-fast calibrate`: a cache schedule for a speedup target
 (skipdit_fast.analysis.calibrate): one uncached calibration run measures the error of
-each step kind (cached with K, hybrid with K, FORA-style reuse) at each step after
+each step kind (cached with K, hybrid with K, FORA-style reuse, extrapolated reuse) at each step after
 each gap, and the time of each kind is measured; the least-error schedule within the
 time budget is planned, then checked and improved on real sampling runs of the
 calibration labels (--rollouts), and written as a schedule file for `skipdit-fast
@@ -28,6 +28,8 @@ SHIPPED = ("tiny-skipdit", "tiny-latte-skip", "tiny-dit", "tiny-latte")
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
+    from ..analysis.calibrate import MODES
+
     p.add_argument("--model", default="tiny-skipdit", help="a shipped model (tiny-skipdit, tiny-latte-skip) or a "
                    "name such as DiT-XL/2-skip / Latte-XL/2-skip with --ckpt (default tiny-skipdit)")
     p.add_argument("--ckpt", help="checkpoint of a non-shipped --model")
@@ -38,8 +40,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                       "(plans in blocks, plain cached steps only)")
     p.add_argument("--cost", choices=("time", "blocks"), default="time", help="plan in measured step time (default; "
                    "every step kind) or in block counts (plain cached steps only)")
-    p.add_argument("--modes", choices=("cached", "hybrid", "reuse"), nargs="+",
-                   help="the step kinds to consider (default all three; --cost blocks: cached only)")
+    p.add_argument("--modes", choices=MODES, nargs="+",
+                   help="the step kinds to consider (default all: " + ", ".join(MODES) + "; --cost blocks: cached "
+                   "only)")
     p.add_argument("--rollouts", type=nonneg_int, default=48, help="local-search sampling runs that check and improve "
                    "the plan (default 48; 0: the plan of the error model alone)")
     p.add_argument("--cfg-scale", type=float_range(1.0), default=1.0, help="classifier-free guidance of the "

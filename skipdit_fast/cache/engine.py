@@ -51,11 +51,12 @@ Beyond the official code:
 - a schedule (schedule=CacheSchedule or a schedule file, cache/schedule.py): forward
   call i of a run is what its entry i says, in place of interval / start / stop: full,
   cached with a branch K (plain or hybrid), or a FORA-style reuse step (every block
-  reuses its kept attention / MLP output; the report's kinds say "reuse"); a full step
+  reuses its kept attention / MLP output, or with extrapolate extrapolates it from the
+  last two full steps; the report's kinds say "reuse"); a full step
   keeps the input of block depth-K for every K the schedule uses, and every block's
   attention / MLP output when a hybrid or reuse step follows before the next full
-  step (CacheSchedule.keeping_steps; keeping has a cost, which calibrate
-  measures); `skipdit-fast calibrate`
+  step or an extrapolated one after it (CacheSchedule.keeping_steps; keeping has a
+  cost, which calibrate measures); `skipdit-fast calibrate`
   writes one, chosen per step from measured errors and measured step times;
 - hybrid mode (reuse_outer=True, cache/reuse.py): on a cached step the outer blocks
   reuse their attention and MLP outputs from the last full step (FORA-style), so a
@@ -207,6 +208,9 @@ class SkipCache:
         self._keeps_outputs = self.reuse_outer or (self.schedule is not None and self.schedule.needs_reuse)
         self._keeping = (None if self.reuse_outer or self.schedule is None
                          else self.schedule.keeping_steps)   # None: every full step keeps
+        # full steps that hold on to the last full step's outputs (extrapolated reuse follows)
+        self._holding = frozenset() if self.schedule is None else self.schedule.extrapolating_steps
+        self._extrapolate = False                # the current reuse step extrapolates
         self._hybrid = self.reuse_outer          # the current cached step reuses its outer blocks' outputs
         self.interval, self.branch = interval, branch
         self._k = self.branch                   # K of the current step
@@ -298,6 +302,7 @@ class SkipCache:
             e = self.schedule.check_step(self._report.steps, t)
             self._k = e.branch or self.branch
             self._hybrid = self.reuse_outer or e.reuse_outer
+            self._extrapolate = e.extrapolate
             return e.kind
         if not self._valid or t >= self.start:
             return FULL
@@ -390,7 +395,9 @@ class SkipCache:
         reusing = self._keeps_outputs and (kind == REUSE or self._hybrid or kind == FULL and (
             self._keeping is None or self._report.steps in self._keeping))
         if reusing:  # keep the outputs (full step) or reuse them
-            self._reuse.attach(state, kind == FULL)
+            i = self._report.steps
+            self._reuse.attach(state, kind == FULL, step=i, hold_previous=i in self._holding,
+                               extrapolate=kind == REUSE and self._extrapolate)
         elif self._keeps_outputs and kind == FULL:   # no step reads this one's: free the last ones
             self._reuse.clear()
         if kind == FULL:

@@ -1,8 +1,9 @@
 """Cache schedules: per sampling step, full, cached with which branch K (plain or
-hybrid), or FORA-style reuse.
+hybrid), or FORA-style reuse (plain or extrapolated).
 
     sched = CacheSchedule.from_branches([0, 2, 2, 0, 1, 1, 1, 0], depth=12)   # 0: full
-    sched = CacheSchedule.from_code("F22F1a1RF", depth=12)  # F full, 1-9 cached K, a-i hybrid K, R reuse
+    sched = CacheSchedule.from_code("F22F1a1RFX", depth=12)  # F full, 1-9 cached K, a-i hybrid K, R reuse,
+                                                            # X extrapolated reuse
     sched.block_budget          # blocks a run with it runs: 12 + 4 + 4 + 12 + 2 + 2 + 2 + 12
     sched.save("sched.json")    # versioned JSON, written atomically
     cache = SkipCache(schedule="sched.json")   # or schedule=sched
@@ -18,24 +19,28 @@ The step kinds are the modes of the one engine (cache/engine.py):
   depth-K taking the kept input: 2K blocks; with "reuse_outer": true (hybrid) those
   2K blocks also reuse their kept attention / MLP outputs, so no attention or MLP runs;
 - "reuse": FORA-style, every block reuses its kept attention and MLP outputs and runs
-  only its cheap parts (adaLN modulation, gates, residuals; the long-skip merges run).
+  only its cheap parts (adaLN modulation, gates, residuals; the long-skip merges run);
+  with "extrapolate": true (code X) the kept outputs are extrapolated to the step from
+  the last two full steps (cache/reuse.py: first order, damped), so the full step
+  before the last one keeps them too; with a single full step so far, plain reuse.
 
 Block counts (block_budget, SkipCacheReport.blocks_run) count the blocks whose
 attention and MLP ran: hybrid and reuse steps count 0, as the FORA baseline does; what
 such a step costs in time is measured by the calibration (analysis/calibrate.py), which
 plans in measured time. `skipdit-fast calibrate` writes a schedule.
 
-File format (version 2; version 1 files, without reuse steps, still load):
+File format (version 3; versions 1 and 2 still load):
 
     {"format": "skipdit-fast-cache-schedule", "version": 2,
      "depth": 12, "unit": "blocks", "steps": 50,
      "entries": [{"kind": "full", "t": 999}, {"kind": "cached", "branch": 2, "t": 979},
                  {"kind": "cached", "branch": 1, "reuse_outer": true, "t": 959},
-                 {"kind": "reuse", "t": 939}, ...],
+                 {"kind": "reuse", "t": 939}, {"kind": "reuse", "extrapolate": true, "t": 919}, ...],
      "meta": {...}}                    # free-form: how it was made (calibrate writes its numbers)
 
-A schedule without hybrid or reuse steps is written as version 1 (older readers load
-it). "t" (optional, per entry) is the timestep the sampler gives that step; when
+A file gets the lowest version that can hold it, so older readers load what they can
+run: version 1 without hybrid or reuse steps, version 2 without extrapolated reuse
+steps, else 3 (a reader of version 2 would take an extrapolated step for a plain one). "t" (optional, per entry) is the timestep the sampler gives that step; when
 present the engine checks it, so a schedule made for 50 DDPM steps refuses a 100-step
 run at its first differing step instead of caching the wrong steps.
 """
@@ -45,14 +50,14 @@ from __future__ import annotations
 import json
 import os
 import re
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any, Sequence
 
-FORMAT, VERSION = "skipdit-fast-cache-schedule", 2
-READS = (1, 2)                       # the file versions this module loads
+FORMAT, VERSION = "skipdit-fast-cache-schedule", 3
+READS = (1, 2, 3)                    # the file versions this module loads
 FULL, CACHED, REUSE = "full", "cached", "reuse"
 KINDS = (FULL, CACHED, REUSE)
-_TOKEN = re.compile(r"F|R|[1-9]|[a-i]|\((h?)(\d+)\)")
+_TOKEN = re.compile(r"F|R|X|[1-9]|[a-i]|\((h?)(\d+)\)")
 
 
 class ScheduleError(ValueError):
@@ -65,6 +70,7 @@ class ScheduleEntry:
     branch: int | None = None   # K of a cached step
     t: float | None = None      # the timestep of this step, if known
     reuse_outer: bool = False   # a cached step in the hybrid mode
+    extrapolate: bool = False   # a reuse step that extrapolates from the last two full steps
 
     def blocks(self, depth: int) -> int:
         """Blocks whose attention and MLP run (hybrid and reuse steps: none)."""
@@ -74,11 +80,12 @@ class ScheduleEntry:
 
     @property
     def code(self) -> str:
-        """One token of CacheSchedule.code: F, R, K (1-9 or (K)), hybrid a-i or (hK)."""
+        """One token of CacheSchedule.code: F, R, X (extrapolated reuse), K (1-9 or (K)),
+        hybrid a-i or (hK)."""
         if self.kind == FULL:
             return "F"
         if self.kind == REUSE:
-            return "R"
+            return "X" if self.extrapolate else "R"
         k = int(self.branch)
         if k <= 9:
             return chr(ord("a") + k - 1) if self.reuse_outer else str(k)
@@ -124,19 +131,21 @@ class CacheSchedule:
     def from_code(cls, code: str, depth: int, timesteps: Sequence[float] | None = None,
                   **kwargs) -> "CacheSchedule":
         """From the compact form repr() and .code show: per step F (full), R (reuse),
-        1-9 (cached with that K), a-i (hybrid with K 1-9), (K) / (hK) for K >= 10."""
+        X (extrapolated reuse), 1-9 (cached with that K), a-i (hybrid with K 1-9),
+        (K) / (hK) for K >= 10."""
         if not isinstance(code, str):
             raise ScheduleError(f"code must be a string, got {type(code).__name__}")
         entries, pos = [], 0
         while pos < len(code):
             m = _TOKEN.match(code, pos)
             if m is None:
-                raise ScheduleError(f"code: unexpected {code[pos]!r} at position {pos} (F, R, 1-9, a-i, (K), (hK))")
+                raise ScheduleError(f"code: unexpected {code[pos]!r} at position {pos} "
+                                    "(F, R, X, 1-9, a-i, (K), (hK))")
             tok, pos = m.group(0), m.end()
             if tok == "F":
                 entries.append(ScheduleEntry(FULL))
-            elif tok == "R":
-                entries.append(ScheduleEntry(REUSE))
+            elif tok in "RX":
+                entries.append(ScheduleEntry(REUSE, extrapolate=tok == "X"))
             elif tok.isdigit():
                 entries.append(ScheduleEntry(CACHED, int(tok)))
             elif tok.isalpha():
@@ -146,7 +155,7 @@ class CacheSchedule:
         if timesteps is not None:
             if len(timesteps) != len(entries):
                 raise ScheduleError(f"timesteps has {len(timesteps)} values for {len(entries)} steps")
-            entries = [ScheduleEntry(e.kind, e.branch, float(t), e.reuse_outer) for e, t in zip(entries, timesteps)]
+            entries = [replace(e, t=float(t)) for e, t in zip(entries, timesteps)]
         return cls(entries, depth, **kwargs)
 
     @classmethod
@@ -186,14 +195,31 @@ class CacheSchedule:
     def keeping_steps(self) -> frozenset[int]:
         """The full steps that keep every block's attention / MLP output: those whose
         gap (the steps up to the next full one) has a hybrid or reuse step, which
-        reads what they kept. The other full steps keep nothing (SkipCache frees the
-        store there), so a schedule pays for keeping only where it reuses."""
-        out, last = set(), None
+        reads what they kept, and the full step before each of extrapolating_steps
+        (an extrapolated step reads both). The other full steps keep nothing
+        (SkipCache frees the store there), so a schedule pays for keeping only where
+        it reuses."""
+        out, fulls = set(), []
         for i, e in enumerate(self.entries):
             if e.kind == FULL:
-                last = i
-            elif (e.kind == REUSE or e.reuse_outer) and last is not None:
-                out.add(last)
+                fulls.append(i)
+            elif e.kind == REUSE or e.reuse_outer:
+                out.add(fulls[-1])
+                if e.extrapolate and len(fulls) > 1:
+                    out.add(fulls[-2])
+        return frozenset(out)
+
+    @property
+    def extrapolating_steps(self) -> frozenset[int]:
+        """The full steps whose gap has an extrapolated reuse step (and a full step
+        before them to extrapolate from): there the kept outputs of the full step
+        before are held on, not replaced."""
+        out, fulls = set(), []
+        for i, e in enumerate(self.entries):
+            if e.kind == FULL:
+                fulls.append(i)
+            elif e.extrapolate and len(fulls) > 1:
+                out.add(fulls[-1])
         return frozenset(out)
 
     @property
@@ -229,6 +255,10 @@ class CacheSchedule:
                 raise ScheduleError(f"entries[{i}].kind must be 'full', 'cached' or 'reuse', got {e.kind!r}")
             if not isinstance(e.reuse_outer, bool):
                 raise ScheduleError(f"entries[{i}].reuse_outer must be true or false, got {e.reuse_outer!r}")
+            if not isinstance(e.extrapolate, bool):
+                raise ScheduleError(f"entries[{i}].extrapolate must be true or false, got {e.extrapolate!r}")
+            if e.extrapolate and e.kind != REUSE:
+                raise ScheduleError(f"entries[{i}].extrapolate: only a reuse step has it (a {e.kind} step)")
             if e.kind == CACHED:
                 _int(e.branch, f"entries[{i}].branch", 1, self.depth // 2)
             else:
@@ -271,10 +301,13 @@ class CacheSchedule:
                 d["branch"] = int(e.branch)
             if e.reuse_outer:
                 d["reuse_outer"] = True
+            if e.extrapolate:
+                d["extrapolate"] = True
             if e.t is not None:
                 d["t"] = e.t
             ents.append(d)
-        version = VERSION if self.needs_reuse else 1   # what older readers can load, they get
+        # the lowest version that holds it: what older readers can run, they load
+        version = 3 if any(e.extrapolate for e in self.entries) else 2 if self.needs_reuse else 1
         return {"format": FORMAT, "version": version, "depth": self.depth, "unit": self.unit, "steps": self.steps,
                 "entries": ents, "meta": self.meta}
 
@@ -297,16 +330,18 @@ class CacheSchedule:
         for i, e in enumerate(ents):
             if not isinstance(e, dict) or "kind" not in e:
                 raise ScheduleError(f"{source}: entries[{i}] must be an object with a 'kind', got {e!r}")
-            unknown = set(e) - {"kind", "branch", "t", "reuse_outer"}
+            unknown = set(e) - {"kind", "branch", "t", "reuse_outer", "extrapolate"}
             if unknown:
                 raise ScheduleError(f"{source}: entries[{i}] has unknown fields {sorted(unknown)}")
             if d["version"] == 1 and (e.get("kind") == REUSE or "reuse_outer" in e):
                 raise ScheduleError(f"{source}: entries[{i}]: reuse steps and reuse_outer need version 2")
+            if d["version"] < 3 and "extrapolate" in e:
+                raise ScheduleError(f"{source}: entries[{i}]: extrapolate needs version 3")
             t = e.get("t")
             if t is not None and (isinstance(t, bool) or not isinstance(t, (int, float)) or t < 0):
                 raise ScheduleError(f"{source}: entries[{i}].t must be a number >= 0, got {t!r}")
             entries.append(ScheduleEntry(e["kind"], e.get("branch"), None if t is None else float(t),
-                                         e.get("reuse_outer", False)))
+                                         e.get("reuse_outer", False), e.get("extrapolate", False)))
         if "steps" in d and d["steps"] != len(entries):
             raise ScheduleError(f"{source}: steps is {d['steps']!r} but entries has {len(entries)}")
         meta = d.get("meta", {})
